@@ -1,0 +1,2 @@
+//! The `blockrep` binary.
+fn main() {}

@@ -1,0 +1,2 @@
+//! Typed wrapper over the lvm2 command-line tools.
+#![deny(missing_docs)]

@@ -1,0 +1,2 @@
+//! blockrep's framed, authenticated TCP protocol.
+#![deny(missing_docs)]

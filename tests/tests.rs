@@ -1,0 +1,1 @@
+//! Integration tests: one test binary that drives the real `blockrep` executable.
