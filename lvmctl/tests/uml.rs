@@ -1,0 +1,282 @@
+//! lvmctl against the real lvm2, inside a User-Mode Linux guest, and the UML harness's own tests.
+//!
+//! `real_lvm_operations` runs twice: on the host it boots a guest whose scenario makes a VG on a disk image and
+//! runs this same test binary (by its host path, through hostfs) with `BLOCKREP_IN_UML=1`; in the guest it does
+//! the real operations and asserts on them. With `LVMCTL_CAPTURE_FIXTURES=<dir>` the guest also writes the raw
+//! reports and stderr it saw into `<dir>` (that is how `lvmctl/tests/fixtures/` was made).
+
+#[path = "../../tests/uml/harness.rs"]
+mod uml;
+
+use std::time::Duration;
+
+const IN_UML: &str = "BLOCKREP_IN_UML";
+const CAPTURE: &str = "LVMCTL_CAPTURE_FIXTURES";
+
+macro_rules! skip_without_uml {
+    () => {
+        if let Some(reason) = uml::unavailable() {
+            eprintln!("skipping: {reason}");
+            return;
+        }
+    };
+}
+
+#[test]
+fn real_lvm_operations() {
+    if std::env::var_os(IN_UML).is_some() {
+        in_guest::run();
+        return;
+    }
+    skip_without_uml!();
+    let exe = std::env::current_exe().unwrap();
+    let scenario = format!(
+        "set -e\n\
+         pvcreate -q /dev/ubda\n\
+         vgcreate -q vg0 /dev/ubda\n\
+         {IN_UML}=1 {exe} --exact real_lvm_operations --nocapture --test-threads=1\n",
+        exe = exe.display()
+    );
+    let mut boot = uml::Boot::new(scenario).disk("disk0", 128 << 20).timeout(Duration::from_secs(300));
+    if let Some(dir) = std::env::var_os(CAPTURE) {
+        let dir = std::fs::canonicalize(dir).expect("LVMCTL_CAPTURE_FIXTURES must be an existing directory");
+        boot = boot.env(CAPTURE, dir.to_str().unwrap());
+    }
+    let u = uml::Uml::new("lvmctl");
+    let r = u.run(&boot);
+    eprintln!("guest ran for {:?}", r.elapsed);
+    r.assert_success();
+    // The in-guest test really ran (and was not filtered away).
+    assert!(r.console.contains("test result: ok. 1 passed"), "{}", r.console_tail(40));
+}
+
+#[test]
+fn harness_returns_scenario_status_and_keeps_disks_across_a_power_cut() {
+    skip_without_uml!();
+    let u = uml::Uml::new("harness");
+    // First boot: write a marker to the disk, sync it, then hang until the host cuts the power.
+    let first = uml::Boot::new(
+        "printf BLOCKREP-MARKER | dd of=/dev/ubda bs=512 conv=sync,fsync 2>/dev/null\n\
+         echo MARKER-WRITTEN\n\
+         sleep 600\n",
+    )
+    .disk("disk0", 16 << 20)
+    .timeout(Duration::from_secs(120));
+    let mut g = u.start(&first);
+    assert!(g.wait_for_console("MARKER-WRITTEN", Duration::from_secs(60)), "{}", g.console());
+    g.kill();
+    let r = g.wait();
+    assert_eq!(r.status, 125, "a killed guest has no SCENARIO_RC: {r:?}");
+    assert_eq!(r.scenario_rc, None);
+    assert!(r.elapsed < Duration::from_secs(60), "{:?}", r.elapsed);
+    assert!(u.disk_path("disk0").exists());
+
+    // Second boot on the same image: the marker survived; the scenario's exit status comes back.
+    let second = uml::Boot::new(
+        "head -c 15 /dev/ubda > \"$UML_DIR/read-back\"\n\
+         echo \"X=$X\"\n\
+         exit 7\n",
+    )
+    .disk("disk0", 16 << 20)
+    .env("X", "it's a value")
+    .timeout(Duration::from_secs(60));
+    let r = u.run(&second);
+    assert_eq!((r.status, r.scenario_rc), (7, Some(7)), "{}", r.console_tail(30));
+    assert!(r.console.contains("X=it's a value"), "{}", r.console_tail(30));
+    assert_eq!(std::fs::read_to_string(u.dir().join("read-back")).unwrap(), "BLOCKREP-MARKER");
+}
+
+#[test]
+fn harness_kills_a_hung_guest_at_the_timeout() {
+    skip_without_uml!();
+    let r = uml::run_guest(&[], "echo hanging\nsleep 600\n", Duration::from_secs(5));
+    assert!(r.timed_out(), "{r:?}");
+    assert_eq!(r.scenario_rc, None);
+    assert!(r.console.contains("hanging"), "{}", r.console_tail(20));
+    assert!(r.elapsed < Duration::from_secs(30), "{:?}", r.elapsed);
+}
+
+/// The real operations; only compiled into a useful path when run inside the guest.
+mod in_guest {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::path::Path;
+    use std::process::Command;
+
+    use lvmctl::{Lv, Lvm, LvmError, NameError, SnapshotSize, NO_UDEV_CONFIG, SHADOW_TAG};
+
+    const MIB: u64 = 1 << 20;
+    const VG: &str = "vg0";
+
+    fn capture(name: &str, text: &str) {
+        if let Some(dir) = std::env::var_os(super::CAPTURE) {
+            std::fs::write(Path::new(&dir).join(name), text).unwrap();
+            eprintln!("captured fixture {name}");
+        }
+    }
+
+    fn names(lvm: &Lvm) -> Vec<String> {
+        let mut v: Vec<String> = lvm.lvs(Some(VG)).unwrap().into_iter().map(|l| l.name).collect();
+        v.sort();
+        v
+    }
+
+    fn write_at(lv: &Lv, offset: u64, data: &[u8]) {
+        let mut f = std::fs::OpenOptions::new().write(true).open(lv.path.as_ref().unwrap()).unwrap();
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        f.write_all(data).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    fn read_at(lv: &Lv, offset: u64, len: usize) -> Vec<u8> {
+        let mut f = std::fs::File::open(lv.path.as_ref().unwrap()).unwrap();
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        let mut buf = vec![0; len];
+        f.read_exact(&mut buf).unwrap();
+        buf
+    }
+
+    /// Runs the tool directly, bypassing lvmctl's checks, to see what lvm itself says.
+    fn raw_lvm(args: &[&str]) -> (bool, String) {
+        let out = Command::new("/usr/sbin/lvm").args(args).env("LVM_SUPPRESS_FD_WARNINGS", "1").output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    pub fn run() {
+        let lvm = Lvm::new().unwrap().config(NO_UDEV_CONFIG);
+
+        // A fresh VG on the 128 MiB disk image.
+        let vg = lvm.vg(VG).unwrap();
+        assert_eq!(vg.extent_size, 4 * MIB);
+        assert_eq!(vg.free, vg.size);
+        assert!(vg.size >= 120 * MIB && vg.size <= 128 * MIB, "{vg:?}");
+        assert!(lvm.lvs(Some(VG)).unwrap().is_empty());
+
+        // A plain LV to be the origin.
+        let data = lvm.create_lv(VG, "data", 32 * MIB, &[]).unwrap();
+        assert_eq!((data.size, data.origin.as_deref(), data.tags.len()), (32 * MIB, None, 0));
+        assert!(data.path.as_ref().unwrap().exists(), "{data:?}");
+        let before = vec![0xA5u8; MIB as usize];
+        write_at(&data, 0, &before);
+
+        // Snapshot by percent (20% of 32 MiB = 6.4 MiB -> 2 extents); it freezes the origin's content.
+        let snap = lvm.create_snapshot(VG, "data", "data_snap", SnapshotSize::Percent(20)).unwrap();
+        assert_eq!(snap.size, 8 * MIB);
+        assert!(snap.is_snapshot());
+        assert_eq!(snap.origin.as_deref(), Some("data"));
+        let st = lvm.snapshot_status(VG, "data_snap").unwrap();
+        assert!(!st.invalid && st.fill_percent < 1.0, "{st:?}");
+        capture("vgs.json", &lvm.vgs_json(None).unwrap());
+        capture("lvs_snapshot.json", &lvm.lvs_json(Some(VG), None).unwrap());
+        assert_eq!(lvm.vg(VG).unwrap().free, vg.size - 40 * MIB);
+
+        write_at(&data, 0, &vec![0x5Au8; MIB as usize]);
+        assert_eq!(read_at(&snap, 0, MIB as usize), before, "the snapshot must keep the old content");
+        assert_eq!(read_at(&data, 0, 1), [0x5A]);
+        let st = lvm.snapshot_status(VG, "data_snap").unwrap();
+        assert!(!st.invalid && st.fill_percent > 1.0 && st.fill_percent < 100.0, "{st:?}");
+
+        // An origin with a snapshot is not removed (lvremove would take the snapshot with it).
+        let e = lvm.remove_lv(VG, "data").unwrap_err();
+        assert!(matches!(&e, LvmError::HasSnapshots { snapshots, .. } if snapshots == &["vg0/data_snap"]), "{e}");
+        lvm.remove_lv(VG, "data_snap").unwrap();
+        assert_eq!(names(&lvm), ["data"]);
+        assert_eq!(lvm.vg(VG).unwrap().free, vg.size - 32 * MIB);
+
+        // Snapshot by bytes (rounded up to one extent), then overflow it: the kernel invalidates it.
+        let small = lvm.create_snapshot(VG, "data", "data_small", SnapshotSize::Bytes(3 * MIB)).unwrap();
+        assert_eq!(small.size, 4 * MIB);
+        write_at(&data, 0, &vec![0x3Cu8; 8 * MIB as usize]);
+        let st = lvm.snapshot_status(VG, "data_small").unwrap();
+        assert!(st.invalid, "{st:?}");
+        assert_eq!(st.fill_percent, 100.0);
+        capture("lvs_snapshot_invalid.json", &lvm.lvs_json(Some(VG), None).unwrap());
+        lvm.remove_lv(VG, "data_small").unwrap();
+
+        // A tagged shadow LV, renamed and tagged again.
+        let shadow = lvm.create_lv(VG, "shadow_data", 32 * MIB, &[SHADOW_TAG, "blockrep_vol=data"]).unwrap();
+        assert_eq!(shadow.size, data.size);
+        assert!(shadow.has_tag(SHADOW_TAG) && shadow.has_tag("blockrep_vol=data"), "{shadow:?}");
+        capture("lvs_tagged.json", &lvm.lvs_json(Some(VG), None).unwrap());
+        lvm.rename_lv(VG, "shadow_data", "shadow_data2").unwrap();
+        lvm.add_tag(VG, "shadow_data2", "gen_1").unwrap();
+        let renamed = lvm.lv(VG, "shadow_data2").unwrap();
+        assert!(renamed.has_tag(SHADOW_TAG) && renamed.has_tag("gen_1"), "{renamed:?}");
+        assert_eq!(renamed.path.as_deref(), Some(Path::new("/dev/vg0/shadow_data2")));
+        assert!(lvm.find_lv(VG, "shadow_data").unwrap().is_none());
+
+        // Missing LV / VG: specific errors that carry lvm's stderr.
+        let e = lvm.lv(VG, "shadow_data").unwrap_err();
+        assert!(matches!(&e, LvmError::LvNotFound { .. }), "{e:?}");
+        let stderr = e.stderr().unwrap();
+        assert!(stderr.contains("Failed to find logical volume \"vg0/shadow_data\""), "{stderr}");
+        assert!(e.to_string().contains("vg0/shadow_data does not exist") && e.to_string().contains("lvm said"), "{e}");
+        capture("lvs_missing_lv.stderr", stderr);
+        let e = lvm.remove_lv(VG, "nope").unwrap_err();
+        assert!(matches!(&e, LvmError::LvNotFound { .. }), "{e:?}");
+        let e = lvm.rename_lv(VG, "nope", "nope2").unwrap_err();
+        assert!(matches!(&e, LvmError::LvNotFound { .. }), "{e:?}");
+        capture("lvrename_missing_lv.stderr", e.stderr().unwrap());
+        let e = lvm.vg("nosuch").unwrap_err();
+        assert!(matches!(&e, LvmError::VgNotFound { .. }), "{e:?}");
+        assert!(e.stderr().unwrap().contains("Volume group \"nosuch\" not found"), "{e:?}");
+        capture("vgs_missing_vg.stderr", e.stderr().unwrap());
+        let e = lvm.create_snapshot(VG, "nope", "nope_snap", SnapshotSize::default()).unwrap_err();
+        assert!(matches!(&e, LvmError::LvNotFound { .. }), "{e:?}");
+        let e = lvm.create_snapshot(VG, "data", "shadow_data2", SnapshotSize::default()).unwrap_err();
+        assert!(matches!(&e, LvmError::LvExists { .. }), "{e:?}");
+        let e = lvm.snapshot_status(VG, "data").unwrap_err();
+        assert!(matches!(&e, LvmError::NotASnapshot { .. }), "{e:?}");
+
+        // Not enough space: refused with the numbers, nothing created.
+        let listed = names(&lvm);
+        let free = lvm.vg(VG).unwrap().free;
+        assert_eq!(free, vg.size - 64 * MIB);
+        let e = lvm.create_snapshot(VG, "data", "big_snap", SnapshotSize::Bytes(free + 1)).unwrap_err();
+        match &e {
+            LvmError::InsufficientSpace { free: f, needed, .. } => assert_eq!((*f, *needed), (free, free + 4 * MIB)),
+            other => panic!("{other:?}"),
+        }
+        assert!(e.to_string().starts_with(&format!("VG vg0 has {free} bytes free, the snapshot")), "{e}");
+        let e = lvm.create_lv(VG, "big", free + 4 * MIB, &[SHADOW_TAG]).unwrap_err();
+        assert!(matches!(e, LvmError::InsufficientSpace { .. }), "{e:?}");
+        let e = lvm.create_lv(VG, "odd", 5 * MIB, &[SHADOW_TAG]).unwrap_err();
+        assert!(matches!(e, LvmError::SizeNotExtentMultiple { .. }), "{e:?}");
+        assert_eq!(names(&lvm), listed);
+        // What lvm itself says when asked anyway.
+        let big = format!("{}b", free + 4 * MIB);
+        let (ok, stderr) = raw_lvm(&["lvcreate", "--yes", "-L", &big, "-n", "big", VG]);
+        assert!(!ok && stderr.contains("insufficient free space"), "{stderr}");
+        capture("lvcreate_no_space.stderr", &stderr);
+
+        // Names: lvmctl refuses what lvm refuses, before running it; lvm agrees.
+        // (Each lvm run costs a few hundred ms in the guest: lvm itself is asked about three of them.)
+        for bad in ["bad name", "-x", "snapshot1", "pvmove_x", "x_tdata", "x_cdata", "x_rimage_0", ".."] {
+            let e = lvm.create_lv(VG, bad, 4 * MIB, &[]).unwrap_err();
+            assert!(matches!(e, LvmError::InvalidName(_)), "{bad}: {e:?}");
+            if !matches!(bad, "bad name" | "snapshot1" | "x_tdata") {
+                continue;
+            }
+            let (ok, stderr) = raw_lvm(&["lvcreate", "--yes", "-L", "4m", "-n", bad, VG]);
+            assert!(!ok, "lvm accepted {bad:?}");
+            if bad == "bad name" {
+                capture("lvcreate_bad_name.stderr", &stderr);
+            }
+            if bad == "x_tdata" {
+                capture("lvcreate_reserved_name.stderr", &stderr);
+            }
+        }
+        let e = lvm.create_lv(VG, "ok", 4 * MIB, &["bad tag"]).unwrap_err();
+        assert!(matches!(e, LvmError::InvalidName(NameError::BadChar { ch: ' ', .. })), "{e:?}");
+        assert_eq!(names(&lvm), listed);
+        // Names lvm accepts even though they look reserved-ish; lvmctl accepts them too.
+        let odd = lvm.create_lv(VG, "a+b.c-d_snapshot", 4 * MIB, &[]).unwrap();
+        lvm.remove_lv(VG, &odd.name).unwrap();
+
+        // Clean up to the origin only.
+        lvm.remove_lv(VG, "shadow_data2").unwrap();
+        assert_eq!(names(&lvm), ["data"]);
+        lvm.remove_lv(VG, "data").unwrap();
+        assert!(lvm.lvs(Some(VG)).unwrap().is_empty());
+        assert_eq!(lvm.vg(VG).unwrap().free, vg.size);
+    }
+}
