@@ -33,7 +33,7 @@ pub mod report;
 
 pub use lvm::{
     Lvm, LvmError, SnapshotSize, DEFAULT_SNAPSHOT_PERCENT, DEFAULT_TIMEOUT, DEFAULT_TOOL_PATHS, NO_UDEV_CONFIG,
-    SHADOW_TAG,
+    SHADOW_TAG, SNAPSHOT_TAG,
 };
 pub use name::NameError;
 pub use report::{Lv, ReportError, SnapshotStatus, Vg};

@@ -27,6 +27,10 @@ pub const NO_UDEV_CONFIG: &str =
 /// Tag that marks an LV as a blockrep shadow volume (created by `blockrep shadow create`).
 pub const SHADOW_TAG: &str = "blockrep_shadow";
 
+/// Tag [`Lvm::create_snapshot`] puts on every snapshot it creates, so a leftover snapshot from a crashed run can
+/// be told apart from a snapshot someone else made ([`Lv::has_tag`]).
+pub const SNAPSHOT_TAG: &str = "blockrep_snapshot";
+
 /// Default snapshot size: this percentage of the origin's size.
 pub const DEFAULT_SNAPSHOT_PERCENT: u8 = 20;
 
@@ -474,7 +478,8 @@ impl Lvm {
         Ok(self.lvs(Some(vg))?.into_iter().find(|l| l.name == name))
     }
 
-    /// Creates the classic snapshot `vg/snap_name` of `vg/origin` with a copy-on-write store of `size`.
+    /// Creates the classic snapshot `vg/snap_name` of `vg/origin` with a copy-on-write store of `size`, tagged
+    /// [`SNAPSHOT_TAG`].
     ///
     /// Checks the names, that the origin exists and the snapshot does not, and that the VG has room, before
     /// running `lvcreate`; returns the new snapshot as lvm reports it.
@@ -513,8 +518,19 @@ impl Lvm {
         let size_arg = format!("{needed}b");
         let origin_arg = format!("{vg}/{origin}");
         tracing::info!(vg, origin, snapshot = snap_name, bytes = needed, "creating LVM snapshot");
-        self.run(&["lvcreate", "--yes", "--snapshot", "--size", &size_arg, "--name", snap_name, &origin_arg])
-            .map_err(|e| classify(e, Some(vg), Some(origin)))?;
+        self.run(&[
+            "lvcreate",
+            "--yes",
+            "--snapshot",
+            "--size",
+            &size_arg,
+            "--name",
+            snap_name,
+            "--addtag",
+            SNAPSHOT_TAG,
+            &origin_arg,
+        ])
+        .map_err(|e| classify(e, Some(vg), Some(origin)))?;
         self.lv(vg, snap_name)
     }
 

@@ -310,6 +310,7 @@ mod tests {
         assert_eq!(origin.snapshot_status(), None);
         let snap = lvs.iter().find(|l| l.is_snapshot()).unwrap();
         assert_eq!(snap.origin.as_deref(), Some("data"));
+        assert_eq!(snap.tags, ["blockrep_snapshot"]);
         let st = snap.snapshot_status().unwrap();
         assert!(!st.invalid && st.fill_percent < 100.0, "{st:?}");
     }

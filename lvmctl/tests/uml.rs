@@ -96,13 +96,76 @@ fn harness_kills_a_hung_guest_at_the_timeout() {
     assert!(r.elapsed < Duration::from_secs(30), "{:?}", r.elapsed);
 }
 
+#[test]
+fn scenario_helpers_snapshot_of_a_busy_ext4_is_frozen_and_clean() {
+    skip_without_uml!();
+    // The shape of the end-to-end scenario: an ext4 origin that a writer keeps changing, a snapshot taken under
+    // it, which must stay byte-identical and pass fsck while the origin moves on.
+    let scenario = r#"
+make_vg vg0 /dev/ubda
+make_lv vg0 src 32M
+make_ext4_with_files /dev/vg0/src src 16
+start_writer "$UML_DIR/src"
+sleep 1
+check lvcreate -q --yes -s -L 32M -n snap vg0/src
+h1=$(hash_dev /dev/vg0/snap)
+o1=$(hash_dev /dev/vg0/src)
+sleep 1
+h2=$(hash_dev /dev/vg0/snap)
+o2=$(hash_dev /dev/vg0/src)
+stop_writer
+[ "$h1" = "$h2" ] || fail "the snapshot changed while the writer ran"
+[ "$o1" != "$o2" ] || fail "the writer did not change the origin"
+attr=$(lvs --noheadings -o lv_attr vg0/snap | tr -d ' ')
+result snap_attr "$attr"
+check e2fsck -n -f /dev/vg0/snap
+mkdir -p "$UML_DIR/snapmnt"
+check mount -t ext4 -o ro /dev/vg0/snap "$UML_DIR/snapmnt"
+result files "$(ls "$UML_DIR/snapmnt" | grep -c '^file[0-9]*$')"
+result rounds "$(wc -l < "$UML_DIR/src/writer.log")"
+umount "$UML_DIR/snapmnt"
+umount "$UML_DIR/src"
+"#;
+    let r = uml::run_guest(&[("disk0", 96 << 20)], scenario, Duration::from_secs(180));
+    eprintln!("guest ran for {:?}", r.elapsed);
+    r.assert_success();
+    assert_eq!(r.result("files"), Some("16"), "{:?}", r.results);
+    assert_eq!(r.result("snap_attr").map(|a| a.chars().nth(4)), Some(Some('a')), "{:?}", r.results);
+    let rounds: u32 = r.result("rounds").unwrap().parse().unwrap();
+    assert!(rounds >= 1, "the writer did not finish a round");
+}
+
+#[test]
+fn two_guests_on_a_private_lan_reach_each_other() {
+    skip_without_uml!();
+    if !uml::is_root() {
+        eprintln!("skipping: network namespaces need root (CI runs as root)");
+        return;
+    }
+    let lan = uml::Lan::new("h4");
+    let scenario = |me: u8, peer: u8| {
+        format!("net_up vec0 10.77.0.{me}/24\nwait_ping 10.77.0.{peer} 60\nresult reached 10.77.0.{peer}\n")
+    };
+    let (a, b) = (uml::Uml::new("lan-a"), uml::Uml::new("lan-b"));
+    let boot = |me, peer, tap: &str| {
+        uml::Boot::new(scenario(me, peer)).netns(lan.name()).append(lan.tap(tap)).timeout(Duration::from_secs(120))
+    };
+    let ga = a.start(&boot(1, 2, "tapA"));
+    let gb = b.start(&boot(2, 1, "tapB"));
+    let (ra, rb) = (ga.wait(), gb.wait());
+    ra.assert_success();
+    rb.assert_success();
+    assert_eq!(ra.result("reached"), Some("10.77.0.2"));
+    assert_eq!(rb.result("reached"), Some("10.77.0.1"));
+}
+
 /// The real operations; only compiled into a useful path when run inside the guest.
 mod in_guest {
     use std::io::{Read, Seek, SeekFrom, Write};
     use std::path::Path;
     use std::process::Command;
 
-    use lvmctl::{Lv, Lvm, LvmError, NameError, SnapshotSize, NO_UDEV_CONFIG, SHADOW_TAG};
+    use lvmctl::{Lv, Lvm, LvmError, NameError, SnapshotSize, NO_UDEV_CONFIG, SHADOW_TAG, SNAPSHOT_TAG};
 
     const MIB: u64 = 1 << 20;
     const VG: &str = "vg0";
@@ -163,6 +226,7 @@ mod in_guest {
         assert_eq!(snap.size, 8 * MIB);
         assert!(snap.is_snapshot());
         assert_eq!(snap.origin.as_deref(), Some("data"));
+        assert_eq!(snap.tags, [SNAPSHOT_TAG]);
         let st = lvm.snapshot_status(VG, "data_snap").unwrap();
         assert!(!st.invalid && st.fill_percent < 1.0, "{st:?}");
         capture("vgs.json", &lvm.vgs_json(None).unwrap());

@@ -262,9 +262,15 @@ impl Guest {
             .filter_map(|l| l.trim_end_matches('\r').strip_prefix("SCENARIO_RC="))
             .filter_map(|v| v.parse().ok())
             .next_back();
+        let results = std::fs::read_to_string(self.dir.join("results"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+            .collect();
         GuestResult {
             status: status.code().unwrap_or(-1),
             scenario_rc,
+            results,
             console,
             script_stderr: stderr,
             elapsed: self.started.elapsed(),
@@ -290,6 +296,8 @@ pub struct GuestResult {
     pub status: i32,
     /// The `SCENARIO_RC=` the guest printed, if it got that far.
     pub scenario_rc: Option<i32>,
+    /// `KEY=VALUE` pairs the scenario recorded with `result KEY VALUE` (tests/uml/lib.sh), in order.
+    pub results: Vec<(String, String)>,
     /// The whole console log: kernel messages and the scenario's stdout and stderr.
     pub console: String,
     /// What run-guest.sh itself printed on stderr.
@@ -304,19 +312,30 @@ impl GuestResult {
         self.status == 124
     }
 
+    /// The last value the scenario recorded for `key` with `result`.
+    pub fn result(&self, key: &str) -> Option<&str> {
+        self.results.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
     /// The last `n` lines of the console.
     pub fn console_tail(&self, n: usize) -> String {
         let lines: Vec<&str> = self.console.lines().collect();
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
+    /// The lines the scenario's `fail` helper printed.
+    pub fn failures(&self) -> Vec<&str> {
+        self.console.lines().filter_map(|l| l.strip_prefix("SCENARIO_FAIL: ")).collect()
+    }
+
     /// Panics, showing the console tail, unless the scenario ran and exited 0.
     pub fn assert_success(&self) {
         assert!(
             self.status == 0 && self.scenario_rc == Some(0),
-            "guest scenario failed: run-guest.sh status {}, SCENARIO_RC {:?}, after {:?}\n{}--- console (tail) ---\n{}",
+            "guest scenario failed: run-guest.sh status {}, SCENARIO_RC {:?}, failures {:?}, after {:?}\n{}--- console (tail) ---\n{}",
             self.status,
             self.scenario_rc,
+            self.failures(),
             self.elapsed,
             self.script_stderr,
             self.console_tail(80)
@@ -333,4 +352,56 @@ pub fn run_guest(disks: &[(&str, u64)], scenario: &str, timeout: Duration) -> Gu
         boot = boot.disk(name, *size);
     }
     uml.run(&boot)
+}
+
+/// Whether this process runs as root (network namespaces need it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A private LAN for guests: a network namespace holding a bridge `br0`, with one tap device per guest. Start a
+/// guest on it with `Boot::new(..).netns(lan.name()).append(lan.tap("tapA"))`; inside, the interface is `vec0`
+/// (tests/uml/lib.sh: `net_up vec0 10.77.0.1/24`). Use only addresses on this LAN. Deleted on drop. Needs root.
+#[derive(Debug)]
+pub struct Lan {
+    name: String,
+}
+
+impl Lan {
+    /// Creates the namespace (named after `tag` and this process) and its bridge.
+    pub fn new(tag: &str) -> Lan {
+        let name = format!("br-{tag}-{}", std::process::id());
+        ip(&["netns", "add", &name]);
+        let lan = Lan { name };
+        ip(&["-n", &lan.name, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &lan.name, "link", "set", "br0", "up"]);
+        ip(&["-n", &lan.name, "link", "set", "lo", "up"]);
+        lan
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Creates tap device `tap` on the bridge and returns the kernel argument that gives a guest its `vec0`.
+    pub fn tap(&self, tap: &str) -> String {
+        ip(&["-n", &self.name, "tuntap", "add", tap, "mode", "tap"]);
+        ip(&["-n", &self.name, "link", "set", tap, "master", "br0", "up"]);
+        format!("vec0:transport=tap,ifname={tap},gro=1")
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        let _ = Command::new(IP).args(["netns", "del", &self.name]).status();
+    }
+}
+
+const IP: &str = "/usr/sbin/ip";
+
+fn ip(args: &[&str]) {
+    let out = Command::new(IP).args(args).output().unwrap_or_else(|e| panic!("cannot run {IP}: {e}"));
+    assert!(out.status.success(), "`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
 }

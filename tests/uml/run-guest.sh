@@ -12,10 +12,13 @@
 #                    kept as it is when present (to boot again on the same disks after a kill). The first --disk
 #                    is /dev/ubda in the guest, the second /dev/ubdb, ...
 #   --scenario FILE  /bin/sh script sourced in a subshell by the guest's init (PID 1) after it mounted /proc, /sys,
-#                    /dev, tmpfs on /run and /etc/lvm, wrote an lvm.conf for a guest without udev and loaded
-#                    dm-snapshot. Its exit status (or that of its last command) is the result. It sees
-#                    UML_DIR=DIR, the --env variables, PATH=/usr/sbin:/usr/bin:/sbin:/bin and
-#                    LVM_SUPPRESS_FD_WARNINGS=1.
+#                    /dev, tmpfs on /run and /etc/lvm, wrote an lvm.conf for a guest without udev, loaded
+#                    dm-snapshot, brought up lo and sourced tests/uml/lib.sh (helpers: fail, check, result,
+#                    make_vg, make_lv, hash_dev, tree_hash, make_ext4_with_files, start_writer, stop_writer,
+#                    net_up, wait_ping). Its exit status (or that of its last command) is the result. It sees
+#                    UML_DIR=DIR, UML_MODS (for modprobe -d), the --env variables,
+#                    PATH=/usr/sbin:/usr/bin:/sbin:/bin and LVM_SUPPRESS_FD_WARNINGS=1. `result KEY VALUE`
+#                    appends KEY=VALUE to DIR/results.
 #   --timeout SECS   kill the guest after SECS seconds (default 120).
 #   --mem SIZE       guest memory (default 256M).
 #   --umid ID        UML instance id (default: derived from DIR); every concurrently running guest needs its own.
@@ -33,6 +36,7 @@
 set -euo pipefail
 
 die() { echo "run-guest.sh: $*" >&2; exit 2; }
+here=$(cd "$(dirname "$0")" && pwd -P)
 
 dir="" scenario="" timeout=120 mem=256M umid="" netns=""
 disks=() envs=() appends=()
@@ -107,10 +111,12 @@ mount -t sysfs sys /sys
 mountpoint -q /dev || mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /run
 mount -t tmpfs tmp /etc/lvm   # lvm2 writes archives and backups here: keep them off the host
+ip link set lo up 2>/dev/null  # for servers on 127.0.0.1 inside the guest
 printf 'activation {\n udev_sync = 0\n udev_rules = 0\n monitoring = 0\n}\ndevices {\n obtain_device_list_from_udev = 0\n}\n' > /etc/lvm/lvm.conf
 INIT
   echo "modprobe -d '$dir/mods' dm-snapshot || echo 'init: modprobe dm-snapshot failed'"
-  echo "( set +e; . '$scenario' )"
+  echo "export UML_MODS='$dir/mods'   # modprobe -d \$UML_MODS dm-flakey, netem, ..."
+  echo "( set +e; . '$here/lib.sh'; . '$scenario' )"
   cat <<'INIT'
 rc=$?
 sync
@@ -126,7 +132,7 @@ if [ -n "$netns" ]; then
   wrap=("$ip" netns exec "$netns")
 fi
 
-rm -f "$dir/console.log" "$dir/guest.pid"
+rm -f "$dir/console.log" "$dir/guest.pid" "$dir/results"
 # setsid: linux.uml leads its own process group, so one kill reaches all its helper processes.
 "${wrap[@]}" setsid "$uml" mem="$mem" umid="$umid" uml_dir="$dir" quiet root=/dev/root rootfstype=hostfs rootflags=/ rw \
   "${ubd_args[@]}" "${appends[@]}" init="$dir/init.sh" con0=null,fd:1 con=null \
