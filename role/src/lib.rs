@@ -31,5 +31,5 @@ pub mod switchover;
 pub use boot::LvRenamer;
 pub use config::Config;
 pub use plan::{demote, promote, Guards, NoGuards, Options, PlanError, Report};
-pub use state::{accepts_syncs, check_state_dir, status, Role, RoleState, Status};
+pub use state::{accepts_syncs, check_state_dir, mark_first_full_sync, status, Role, RoleState, Status};
 pub use switchover::{switchover, Peer, SwitchoverError};

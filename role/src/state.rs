@@ -156,11 +156,15 @@ pub struct RoleState {
     pub last_switchover: Option<Switchover>,
     /// The plan in progress (or interrupted).
     pub plan: Option<PlanProgress>,
+    /// When this node completed its first full sync as standby (Unix seconds); automatic promotion (keepalived,
+    /// Pacemaker) stays off until then.
+    #[serde(default)]
+    pub first_full_sync: Option<u64>,
 }
 
 impl Default for RoleState {
     fn default() -> Self {
-        RoleState { role: Role::Standby, accept_syncs: true, last_switchover: None, plan: None }
+        RoleState { role: Role::Standby, accept_syncs: true, last_switchover: None, plan: None, first_full_sync: None }
     }
 }
 
@@ -258,6 +262,18 @@ pub fn accepts_syncs(state_dir: &Path) -> Result<bool, StateError> {
     Ok(s.accept_syncs && s.role == Role::Standby)
 }
 
+/// Records that this standby completed its first full sync (the lead's `serve` calls this after committing the
+/// first complete generation of every volume). Idempotent; keeps the first time.
+pub fn mark_first_full_sync(state_dir: &Path) -> Result<(), StateError> {
+    let mut s = load(state_dir)?;
+    if s.first_full_sync.is_none() {
+        s.first_full_sync =
+            Some(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()));
+        store(state_dir, &s)?;
+    }
+    Ok(())
+}
+
 /// `status` data, serializable as one JSON object.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -269,6 +285,10 @@ pub struct Status {
     pub last_switchover: Option<Switchover>,
     /// Plan in progress or interrupted; `plan.failed` says where it stopped.
     pub plan: Option<PlanProgress>,
+    /// Whether the first full sync completed (contrib/keepalived and contrib/pacemaker check this field).
+    pub first_full_sync_done: bool,
+    /// When it completed, Unix seconds.
+    pub first_full_sync: Option<u64>,
 }
 
 /// Reads the status of this node.
@@ -279,6 +299,8 @@ pub fn status(state_dir: &Path) -> Result<Status, StateError> {
         accepts_syncs: s.accept_syncs && s.role == Role::Standby,
         last_switchover: s.last_switchover,
         plan: s.plan,
+        first_full_sync_done: s.first_full_sync.is_some(),
+        first_full_sync: s.first_full_sync,
     })
 }
 
@@ -372,6 +394,7 @@ mod tests {
                 done: vec!["guards".into(), "role-promoting".into()],
                 failed: Some(FailedStep { step: "vip".into(), error: "e".into(), time: 8 }),
             }),
+            first_full_sync: Some(3),
         }
     }
 
@@ -387,6 +410,7 @@ mod tests {
         let st = serde_json::to_value(status(d.path()).unwrap()).unwrap();
         assert_eq!(st["role"], "promoting");
         assert_eq!(st["plan"]["failed"]["step"], "vip");
+        assert_eq!(st["first_full_sync_done"], true);
     }
 
     #[test]
