@@ -741,8 +741,11 @@ impl SpoolWriter {
         Ok(())
     }
 
-    /// Appends the commit record for `root` and fsyncs. After this returns, the transfer is committed.
+    /// Fsyncs the records, then appends the commit record for `root` and fsyncs again. After this returns, the
+    /// transfer is committed.
     pub fn commit(&mut self, root: &BlockHash) -> Result<CommitInfo, SpoolError> {
+        // Records first, durably: the commit record must never reach the disk before the records it commits.
+        self.sync()?;
         let c = CommitInfo {
             generation: self.header.generation,
             root: *root,
