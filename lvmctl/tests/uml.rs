@@ -54,30 +54,36 @@ fn real_lvm_operations() {
 fn harness_returns_scenario_status_and_keeps_disks_across_a_power_cut() {
     skip_without_uml!();
     let u = uml::Uml::new("harness");
-    // First boot: write a marker to the disk, sync it, then hang until the host cuts the power.
+    // First boot: an LV with a marker written through to the disk image, then hang until the power is cut.
     let first = uml::Boot::new(
-        "printf BLOCKREP-MARKER | dd of=/dev/ubda bs=512 conv=sync,fsync 2>/dev/null\n\
+        "make_vg vg0 /dev/ubda\n\
+         make_lv vg0 shadow 8M\n\
+         printf BLOCKREP-MARKER | dd of=/dev/vg0/shadow bs=512 conv=sync,fsync 2>/dev/null || fail dd\n\
          echo MARKER-WRITTEN\n\
          sleep 600\n",
     )
-    .disk("disk0", 16 << 20)
+    .disk("disk0", 32 << 20)
     .timeout(Duration::from_secs(120));
     let mut g = u.start(&first);
     assert!(g.wait_for_console("MARKER-WRITTEN", Duration::from_secs(60)), "{}", g.console());
+    let pgid = g.pid().unwrap();
+    assert!(uml::live_processes_in_group(pgid).len() > 1, "the running guest's processes are not visible");
     g.kill();
     let r = g.wait();
     assert_eq!(r.status, 125, "a killed guest has no SCENARIO_RC: {r:?}");
     assert_eq!(r.scenario_rc, None);
     assert!(r.elapsed < Duration::from_secs(60), "{:?}", r.elapsed);
-    assert!(u.disk_path("disk0").exists());
+    // No process of the guest is left.
+    assert_eq!(uml::live_processes_in_group(pgid), Vec::<i32>::new(), "the killed guest left processes behind");
 
-    // Second boot on the same image: the marker survived; the scenario's exit status comes back.
+    // Second boot on the same image: the VG comes back, the marker survived; the scenario's status comes back.
     let second = uml::Boot::new(
-        "head -c 15 /dev/ubda > \"$UML_DIR/read-back\"\n\
+        "check vgchange -q -ay vg0\n\
+         head -c 15 /dev/vg0/shadow > \"$UML_DIR/read-back\"\n\
          echo \"X=$X\"\n\
          exit 7\n",
     )
-    .disk("disk0", 16 << 20)
+    .disk("disk0", 32 << 20)
     .env("X", "it's a value")
     .timeout(Duration::from_secs(60));
     let r = u.run(&second);

@@ -226,8 +226,7 @@ impl Guest {
 
     /// Kills the guest with SIGKILL, like a power cut: the disk images keep what the guest had written to them.
     pub fn kill(&mut self) {
-        let pid = std::fs::read_to_string(self.dir.join("guest.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok());
-        if let Some(pid) = pid.filter(|&p| p > 1) {
+        if let Some(pid) = self.pid().filter(|&p| p > 1) {
             // SAFETY: kill(2) has no memory-safety preconditions. run-guest.sh started linux.uml with setsid,
             // so -pid is the guest's own process group; the script waits for the guest and is still running (we
             // have not reaped it), so the group id has not been reused.
@@ -235,6 +234,11 @@ impl Guest {
                 libc::kill(-pid, libc::SIGKILL);
             }
         }
+    }
+
+    /// The pid of linux.uml, which is also its process group id (once the guest has started).
+    pub fn pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.dir.join("guest.pid")).ok().and_then(|s| s.trim().parse().ok())
     }
 
     /// Waits until the guest ends (the script enforces the timeout) and collects the result.
@@ -352,6 +356,24 @@ pub fn run_guest(disks: &[(&str, u64)], scenario: &str, timeout: Duration) -> Gu
         boot = boot.disk(name, *size);
     }
     uml.run(&boot)
+}
+
+/// Pids of the processes in process group `pgid` that are still running (zombies, already dead and waiting to
+/// be reaped by whoever inherited them, do not count). A killed guest must leave none.
+pub fn live_processes_in_group(pgid: i32) -> Vec<i32> {
+    let mut live = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return live };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        // "pid (comm) state ppid pgrp ...": comm may contain anything, so split after its last ')'.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else { continue };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.len() > 2 && f[2].parse() == Ok(pgid) && f[0] != "Z" && f[0] != "X" {
+            live.push(pid);
+        }
+    }
+    live
 }
 
 /// Whether this process runs as root (network namespaces need it).
