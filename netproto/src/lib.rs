@@ -1,2 +1,44 @@
 //! blockrep's framed, authenticated TCP protocol.
+//!
+//! The primary (`blockrep sync`) and the standby (`blockrep serve`) talk over one TCP connection per session.
+//! This crate is the protocol only, with no dependency on the engine: the CLI adapts [`message`] types to the
+//! engine's link types.
+//!
+//! * [`frame`]: fixed header (magic, version, type, flags, length, sequence number, crc32), payload, MAC; two-phase
+//!   decoding ([`frame::check`], then [`frame::parse`]) with named `MAX_*` limits.
+//! * [`message`]: the payload of each frame type; extents with per-extent zstd compression when it pays.
+//! * [`handshake`]: version negotiation and mutual challenge-response authentication with the shared key, which
+//!   yields the session key for the MACs.
+//! * [`conn`]: a blocking [`Connection`] over a `TcpStream` (or any byte stream): vectored, copy-free sends,
+//!   buffered two-phase receives, send-rate cap, byte counters; [`connect`] and [`accept_handshake`].
+//! * [`key`]: loading and generating the shared key file.
+//! * [`fuzzing`]: the entry points of the fuzz targets in `fuzz/`, also run by this crate's tests.
+//!
+//! ```no_run
+//! use netproto::{connect, message::{Message, OpenVolume}};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let key = netproto::load_key("/etc/blockrep/key".as_ref())?;
+//! let mut conn = connect("standby:7420", &key, "primary", std::time::Duration::from_secs(10))?;
+//! conn.send(&Message::OpenVolume(OpenVolume { name: "data".into(), source_size: 1 << 30, block_size: 65536 }))?;
+//! let info = conn.recv_expect("VolumeInfo")?;
+//! # let _ = info; Ok(()) }
+//! ```
 #![deny(missing_docs)]
+
+pub mod conn;
+pub mod frame;
+pub mod fuzzing;
+pub mod handshake;
+pub mod key;
+pub mod message;
+
+pub use conn::{
+    accept_handshake, accept_handshake_with, client_handshake, connect, connect_with, server_handshake, ConnError,
+    Connection, Stats,
+};
+pub use handshake::{HandshakeError, HandshakeOptions};
+pub use key::{generate_key, load_key, Key, KeyError};
+pub use message::Message;
+
+/// The zstd level used for extents unless configured otherwise (chosen from `benches/benches/frames.rs`).
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;

@@ -1,0 +1,451 @@
+//! A blocking connection: framed, authenticated messages over a byte stream (a `TcpStream` in production).
+//!
+//! Reading buffers the stream and decodes in two phases ([`crate::frame::check`], then
+//! [`crate::frame::parse`]); a clean end of stream between frames is `Ok(None)`, an end inside a frame is
+//! [`ConnError::ClosedMidFrame`]. Sending writes header, payload and MAC with vectored writes, so the data of an
+//! extent (a shared `Bytes`) goes from the caller's buffer to the socket without being copied into a frame.
+
+use std::io::{IoSlice, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::frame::{self, Direction, EncodedFrame, FrameError, FrameType, Header, MacKey, HEADER_LEN};
+use crate::handshake::{self, HandshakeError, HandshakeOptions};
+use crate::key::Key;
+use crate::message::{ErrorMsg, ExtentCompressor, ExtentData, Message, MessageError};
+
+/// How much to read at least per `read` call.
+const READ_CHUNK: usize = 256 * 1024;
+/// Default time a handshake may take before the connection is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Which end of the connection this node is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The primary, which connects.
+    Client,
+    /// The standby, which accepts.
+    Server,
+}
+
+/// Errors of a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// The peer could not be reached (distinct, so the CLI can give it its own exit code).
+    #[error("cannot connect to the peer at {addr}; check that `blockrep serve` runs there and that the address and port in the configuration are right")]
+    Unreachable {
+        /// The address as given.
+        addr: String,
+        /// The last connect error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading or writing the socket failed.
+    #[error("{op} the peer failed")]
+    Io {
+        /// "reading from" or "writing to".
+        op: &'static str,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer did not answer in time.
+    #[error("{op} the peer timed out; check the network and the peer's log")]
+    Timeout {
+        /// "reading from" or "writing to".
+        op: &'static str,
+    },
+    /// End of stream inside a frame.
+    #[error("peer closed the connection mid-frame ({have} bytes of an unfinished frame received)")]
+    ClosedMidFrame {
+        /// Bytes of the partial frame.
+        have: usize,
+    },
+    /// End of stream where a message was required.
+    #[error("peer closed the connection while this node waited for {waiting_for}; see the peer's log")]
+    Closed {
+        /// What was expected.
+        waiting_for: &'static str,
+    },
+    /// A frame was malformed, altered, replayed or forged.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// A message was malformed.
+    #[error(transparent)]
+    Message(#[from] MessageError),
+    /// The handshake failed.
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    /// The peer sent a message that is not allowed here.
+    #[error("protocol violation: expected {expected}, the peer sent {got}")]
+    Unexpected {
+        /// What was expected.
+        expected: &'static str,
+        /// The frame type received.
+        got: FrameType,
+    },
+    /// The peer reported an error.
+    #[error("the peer reported: {message}")]
+    Remote {
+        /// Error code (see [`crate::message::code`]).
+        code: u16,
+        /// The peer's message.
+        message: String,
+    },
+    /// An earlier error left the stream in an unknown state.
+    #[error("the connection is unusable after an earlier error; reconnect")]
+    Broken,
+}
+
+/// Counters of one connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Bytes written to the socket (all frames, including the handshake).
+    pub bytes_sent: u64,
+    /// Bytes read from the socket.
+    pub bytes_received: u64,
+    /// Frames sent.
+    pub frames_sent: u64,
+    /// Frames received.
+    pub frames_received: u64,
+    /// Data bytes of the data extents sent (before compression).
+    pub extent_bytes_sent: u64,
+    /// Payload bytes of those extents on the wire (after compression).
+    pub extent_wire_bytes_sent: u64,
+}
+
+/// A simple token bucket capping the send rate.
+#[derive(Debug)]
+struct Limiter {
+    rate: f64,
+    burst: f64,
+    allowance: f64,
+    last: Instant,
+}
+
+impl Limiter {
+    fn new(rate: u64) -> Limiter {
+        let rate = rate.max(1) as f64;
+        let burst = (rate / 10.0).max(64.0 * 1024.0);
+        Limiter { rate, burst, allowance: burst, last: Instant::now() }
+    }
+
+    fn take(&mut self, n: usize) {
+        let now = Instant::now();
+        self.allowance = (self.allowance + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        self.allowance -= n as f64;
+        if self.allowance < 0.0 {
+            std::thread::sleep(Duration::from_secs_f64(-self.allowance / self.rate));
+        }
+    }
+}
+
+/// A framed, authenticated connection over the byte stream `S`.
+#[derive(Debug)]
+pub struct Connection<S = TcpStream> {
+    stream: S,
+    role: Role,
+    rbuf: BytesMut,
+    filled: usize,
+    version: u16,
+    send_seq: u64,
+    recv_seq: u64,
+    send_key: Option<MacKey>,
+    recv_key: Option<MacKey>,
+    compressor: Option<ExtentCompressor>,
+    limiter: Option<Limiter>,
+    stats: Stats,
+    peer_node: String,
+    broken: bool,
+}
+
+fn io_error(op: &'static str, source: std::io::Error) -> ConnError {
+    match source.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ConnError::Timeout { op },
+        _ => ConnError::Io { op, source },
+    }
+}
+
+impl<S: Read + Write> Connection<S> {
+    /// A connection before the handshake (no session key yet).
+    pub(crate) fn new_unauthenticated(stream: S, role: Role) -> Self {
+        Connection {
+            stream,
+            role,
+            rbuf: BytesMut::new(),
+            filled: 0,
+            version: frame::NEGOTIATION_VERSION,
+            send_seq: 0,
+            recv_seq: 0,
+            send_key: None,
+            recv_key: None,
+            compressor: None,
+            limiter: None,
+            stats: Stats::default(),
+            peer_node: String::new(),
+            broken: false,
+        }
+    }
+
+    /// Switches to the negotiated version and the session key (end of the handshake).
+    pub(crate) fn establish(&mut self, version: u16, session: [u8; 32], peer_node: String) {
+        let (send, recv) = match self.role {
+            Role::Client => (Direction::ToServer, Direction::ToClient),
+            Role::Server => (Direction::ToClient, Direction::ToServer),
+        };
+        self.version = version;
+        self.send_key = Some(MacKey::new(session, send));
+        self.recv_key = Some(MacKey::new(session, recv));
+        self.peer_node = peer_node;
+    }
+
+    pub(crate) fn set_version(&mut self, version: u16) {
+        self.version = version;
+    }
+
+    /// Compress data extents with zstd at `level` (when it pays), or send them raw (`None`).
+    pub fn set_compression(&mut self, level: Option<i32>) -> Result<(), ConnError> {
+        self.compressor = level.map(ExtentCompressor::new).transpose()?;
+        Ok(())
+    }
+
+    /// Caps the send rate at `bytes_per_sec` (`None`: unlimited).
+    pub fn set_bwlimit(&mut self, bytes_per_sec: Option<u64>) {
+        self.limiter = bytes_per_sec.map(Limiter::new);
+    }
+
+    /// The negotiated protocol version.
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
+    /// The peer's node name from the handshake.
+    pub fn peer_node(&self) -> &str {
+        &self.peer_node
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// The underlying stream.
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+
+    /// Sends one message. Data extents are compressed if compression is on and it pays; their data is written
+    /// from the caller's `Bytes` without a copy when sent raw.
+    pub fn send(&mut self, msg: &Message) -> Result<(), ConnError> {
+        if self.broken {
+            return Err(ConnError::Broken);
+        }
+        let (head, body) = msg.encode(self.compressor.as_mut())?;
+        if let Message::Extent(e) = msg {
+            if let ExtentData::Data(d) = &e.data {
+                self.stats.extent_bytes_sent += d.len() as u64;
+                self.stats.extent_wire_bytes_sent += body.len() as u64;
+            }
+        }
+        let f = EncodedFrame::new(self.version, msg.frame_type(), self.send_seq, head, body, self.send_key.as_ref());
+        self.send_seq += 1;
+        if let Some(l) = &mut self.limiter {
+            l.take(f.len());
+        }
+        let r = self.write_frame(&f);
+        if r.is_err() {
+            self.broken = true;
+        }
+        r
+    }
+
+    fn write_frame(&mut self, f: &EncodedFrame) -> Result<(), ConnError> {
+        let mut slices = f.io_slices();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            match self.stream.write_vectored(rest) {
+                Ok(0) => return Err(io_error("writing to", std::io::ErrorKind::WriteZero.into())),
+                Ok(n) => {
+                    self.stats.bytes_sent += n as u64;
+                    IoSlice::advance_slices(&mut rest, n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_error("writing to", e)),
+            }
+        }
+        self.stats.frames_sent += 1;
+        Ok(())
+    }
+
+    /// Sends an error message (best effort: a failure to send is ignored, the caller is about to drop the
+    /// connection anyway).
+    pub fn send_error(&mut self, code: u16, message: &str) {
+        let mut message = message.to_owned();
+        if message.len() > crate::message::MAX_ERROR_LEN {
+            let mut cut = crate::message::MAX_ERROR_LEN;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        let _ = self.send(&Message::Error(ErrorMsg { code, message }));
+    }
+
+    /// Receives the next message; `Ok(None)` when the peer closed the connection cleanly between frames.
+    /// Any error leaves the connection unusable (drop it).
+    pub fn recv(&mut self) -> Result<Option<Message>, ConnError> {
+        if self.broken {
+            return Err(ConnError::Broken);
+        }
+        let r = self.recv_inner();
+        if r.is_err() {
+            self.broken = true;
+        }
+        r
+    }
+
+    fn recv_inner(&mut self) -> Result<Option<Message>, ConnError> {
+        let Some(raw) = self.read_frame()? else { return Ok(None) };
+        let (h, payload) = frame::parse(raw, self.recv_seq, self.recv_key.as_ref())?;
+        self.recv_seq += 1;
+        self.stats.frames_received += 1;
+        if h.version != self.version {
+            return Err(FrameError::VersionChanged { expected: self.version, found: h.version }.into());
+        }
+        Ok(Some(Message::decode(h.ty, payload)?))
+    }
+
+    /// Receives the next message, which must exist: a clean close is [`ConnError::Closed`] naming
+    /// `waiting_for`, and an [`Message::Error`] from the peer is [`ConnError::Remote`] (which ends the session).
+    pub fn recv_expect(&mut self, waiting_for: &'static str) -> Result<Message, ConnError> {
+        match self.recv()? {
+            None => Err(ConnError::Closed { waiting_for }),
+            Some(Message::Error(e)) => {
+                // An error ends the session: the peer closes after sending it.
+                self.broken = true;
+                Err(ConnError::Remote { code: e.code, message: e.message })
+            }
+            Some(m) => Ok(m),
+        }
+    }
+
+    /// Reads one complete frame from the stream (`Ok(None)` at a clean end of stream).
+    fn read_frame(&mut self) -> Result<Option<Bytes>, ConnError> {
+        loop {
+            if let Some(len) = frame::check(&self.rbuf[..self.filled])? {
+                let f = self.rbuf.split_to(len).freeze();
+                self.filled -= len;
+                return Ok(Some(f));
+            }
+            // Read the rest of this frame in one go if its header is here, else at least a chunk. The buffer
+            // beyond `filled` is kept zeroed so each byte is initialised once.
+            let need = match Header::decode(&self.rbuf[..self.filled])? {
+                Some(h) => h.frame_len() - self.filled,
+                None => HEADER_LEN - self.filled,
+            };
+            let want = self.filled + need.max(READ_CHUNK);
+            if self.rbuf.len() < want {
+                self.rbuf.resize(want, 0);
+            }
+            let n = loop {
+                match self.stream.read(&mut self.rbuf[self.filled..]) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io_error("reading from", e)),
+                }
+            };
+            if n == 0 {
+                if self.filled == 0 {
+                    return Ok(None);
+                }
+                return Err(ConnError::ClosedMidFrame { have: self.filled });
+            }
+            self.filled += n;
+            self.stats.bytes_received += n as u64;
+        }
+    }
+}
+
+impl Connection<TcpStream> {
+    /// Sets the read and write timeout of the socket (`None`: wait forever).
+    pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<(), ConnError> {
+        self.stream.set_read_timeout(timeout).map_err(|e| io_error("configuring the socket to", e))?;
+        self.stream.set_write_timeout(timeout).map_err(|e| io_error("configuring the socket to", e))
+    }
+}
+
+/// Connects to the standby at `addr` ("host:port"), runs the handshake as client with node name `node`, and
+/// returns the authenticated connection. `timeout` bounds the connect and the handshake; afterwards the socket
+/// has no timeout (set one with [`Connection::set_timeout`]).
+pub fn connect(addr: &str, key: &Key, node: &str, timeout: Duration) -> Result<Connection, ConnError> {
+    connect_with(addr, key, &HandshakeOptions::new(node), timeout)
+}
+
+/// [`connect`] with explicit handshake options.
+pub fn connect_with(
+    addr: &str,
+    key: &Key,
+    opts: &HandshakeOptions,
+    timeout: Duration,
+) -> Result<Connection, ConnError> {
+    let unreachable = |source| ConnError::Unreachable { addr: addr.to_owned(), source };
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "the address resolves to nothing");
+    let mut stream = None;
+    for a in addr.to_socket_addrs().map_err(unreachable)? {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => {
+                stream = Some(s);
+                break;
+            }
+            Err(e) => last = e,
+        }
+    }
+    let stream = stream.ok_or_else(|| unreachable(last))?;
+    stream.set_nodelay(true).map_err(|e| io_error("configuring the socket to", e))?;
+    stream.set_read_timeout(Some(timeout)).map_err(|e| io_error("configuring the socket to", e))?;
+    stream.set_write_timeout(Some(timeout)).map_err(|e| io_error("configuring the socket to", e))?;
+    let conn = client_handshake(stream, key, opts)?;
+    conn.set_timeout(None)?;
+    Ok(conn)
+}
+
+/// Runs the server side of the handshake on an accepted socket (within [`HANDSHAKE_TIMEOUT`]). On a wrong key
+/// or version the client is told why before the error is returned.
+pub fn accept_handshake(stream: TcpStream, key: &Key, node: &str) -> Result<Connection, ConnError> {
+    accept_handshake_with(stream, key, &HandshakeOptions::new(node))
+}
+
+/// [`accept_handshake`] with explicit handshake options.
+pub fn accept_handshake_with(stream: TcpStream, key: &Key, opts: &HandshakeOptions) -> Result<Connection, ConnError> {
+    stream.set_nodelay(true).map_err(|e| io_error("configuring the socket to", e))?;
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| io_error("configuring the socket to", e))?;
+    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| io_error("configuring the socket to", e))?;
+    let conn = server_handshake(stream, key, opts)?;
+    conn.set_timeout(None)?;
+    Ok(conn)
+}
+
+/// Runs the client side of the handshake over any byte stream.
+pub fn client_handshake<S: Read + Write>(
+    stream: S,
+    key: &Key,
+    opts: &HandshakeOptions,
+) -> Result<Connection<S>, ConnError> {
+    let mut conn = Connection::new_unauthenticated(stream, Role::Client);
+    handshake::run_client(&mut conn, key, opts)?;
+    Ok(conn)
+}
+
+/// Runs the server side of the handshake over any byte stream.
+pub fn server_handshake<S: Read + Write>(
+    stream: S,
+    key: &Key,
+    opts: &HandshakeOptions,
+) -> Result<Connection<S>, ConnError> {
+    let mut conn = Connection::new_unauthenticated(stream, Role::Server);
+    handshake::run_server(&mut conn, key, opts)?;
+    Ok(conn)
+}
