@@ -1,1 +1,3 @@
 //! Integration tests: one test binary that drives the real `blockrep` executable.
+
+mod integration;

@@ -1,2 +1,77 @@
-//! The `blockrep` binary.
-fn main() {}
+//! The `blockrep` binary: parses the command line, runs one command, maps its outcome to an exit code.
+//!
+//! Exit codes (also in `blockrep --help` and docs/ARCHITECTURE.md):
+//! 0 success; 1 the operation failed; 2 usage or configuration error; 3 the peer is unreachable;
+//! 4 refused because it is unsafe (stale data, peer still active); 5 refused by the peer (wrong key, version).
+
+mod args;
+mod config;
+mod demo;
+mod exit;
+mod local;
+mod net;
+mod netsync;
+mod report;
+mod role_glue;
+mod serve;
+mod snapshot;
+
+use clap::Parser;
+
+fn main() {
+    let cli = args::Cli::parse();
+    init_logging(cli.verbose);
+    let outcome = match cli.command {
+        args::Command::Demo(a) => demo::run(&a),
+        args::Command::Sync(a) if !a.local.is_empty() => local::sync(&a),
+        args::Command::Sync(a) => sync(&a),
+        args::Command::Verify(a) => local::verify(&a),
+        args::Command::Serve(a) => {
+            config::Config::load(&a.config.config).and_then(|c| serve::run(c, a.listen, a.announce, a.io.options()))
+        }
+        args::Command::Keygen(a) => keygen(&a),
+    };
+    if let Err(err) = outcome {
+        eprintln!("blockrep: error: {err:#}");
+        std::process::exit(exit::code_for(&err));
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BLOCKREP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+fn keygen(a: &args::KeygenArgs) -> anyhow::Result<()> {
+    netproto::generate_key(&a.path, a.force)
+        .map_err(|e| exit::coded(exit::USAGE, format!("{:#}", anyhow::Error::from(e))))?;
+    println!("wrote a new key to {} (mode 0600); copy it to the other node's key_file", a.path.display());
+    Ok(())
+}
+
+/// `blockrep sync [VOLUME...]` over the network; every selected volume is tried, the first failure decides the
+/// exit code.
+fn sync(a: &args::SyncArgs) -> anyhow::Result<()> {
+    let cfg = config::Config::load(&a.config.config)?;
+    let vols = cfg.select(&a.volumes)?;
+    let opts = netsync::NetSyncOptions { io: a.io.options(), bwlimit: a.bwlimit, refine: !a.no_refine };
+    let mut first_err = None;
+    for vol in vols {
+        let r = snapshot::with_frozen_source(&cfg, vol, |source| netsync::sync_one(&cfg, vol, source, &opts));
+        match r {
+            Ok(r) => netsync::print(&r, a.json)?,
+            Err(e) => {
+                eprintln!("blockrep: volume {}: {e:#}", vol.name);
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}

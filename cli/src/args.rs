@@ -1,0 +1,230 @@
+//! Command-line arguments (clap derive; the doc comments are the help text).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// blockrep: block-level replication of LVM volumes to a standby server.
+///
+/// Exit codes: 0 success, 1 failed, 2 usage or configuration error, 3 peer unreachable, 4 refused as unsafe,
+/// 5 refused by the peer (key or protocol version).
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+pub struct Cli {
+    /// More log output on stderr (-v info, -vv debug); BLOCKREP_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Replicate a file-backed volume to a shadow in a temporary directory and verify it: the first thing to run.
+    Demo(DemoArgs),
+    /// Sync volumes to their shadows (`--local SOURCE TARGET` in one process).
+    Sync(SyncArgs),
+    /// Check that a shadow equals its last committed generation (re-hashes the shadow).
+    Verify(VerifyArgs),
+    /// Run the standby daemon: receive syncs into the configured shadow volumes.
+    Serve(ServeArgs),
+    /// Write a new random 256-bit key file (mode 0600) to share between the two nodes.
+    Keygen(KeygenArgs),
+}
+
+/// `--config`.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArg {
+    /// Configuration file.
+    #[arg(long, default_value = crate::config::DEFAULT_PATH)]
+    pub config: PathBuf,
+}
+
+/// `blockrep serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Configuration.
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Listen here instead of the configured `[standby] listen` (port 0 picks a free port).
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Print `listening on ADDR` on stdout once bound (for scripts and tests).
+    #[arg(long)]
+    pub announce: bool,
+    /// I/O options for the shadows.
+    #[command(flatten)]
+    pub io: IoArgs,
+}
+
+/// `blockrep keygen`.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Where to write the key.
+    pub path: PathBuf,
+    /// Overwrite an existing key file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// I/O engine choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum IoEngineArg {
+    /// io_uring when the kernel allows it, else synchronous reads.
+    #[default]
+    Auto,
+    /// io_uring (fails if unavailable).
+    Uring,
+    /// Plain pread/pwrite.
+    Sync,
+}
+
+/// Options shared by commands that read or write volumes.
+#[derive(Debug, Clone, Args)]
+pub struct IoArgs {
+    /// I/O engine.
+    #[arg(long, value_enum, default_value_t)]
+    pub io_engine: IoEngineArg,
+    /// Force O_DIRECT (default: on for block devices, off for files).
+    #[arg(long, conflicts_with = "buffered")]
+    pub direct: bool,
+    /// Force buffered I/O (default: off for block devices, on for files).
+    #[arg(long)]
+    pub buffered: bool,
+}
+
+impl IoArgs {
+    /// The engine's I/O options.
+    pub fn options(&self) -> engine::volume::IoOptions {
+        engine::volume::IoOptions {
+            engine: match self.io_engine {
+                IoEngineArg::Auto => engine::io::EngineKind::Auto,
+                IoEngineArg::Uring => engine::io::EngineKind::Uring,
+                IoEngineArg::Sync => engine::io::EngineKind::Sync,
+            },
+            direct: if self.direct {
+                Some(true)
+            } else if self.buffered {
+                Some(false)
+            } else {
+                None
+            },
+        }
+    }
+}
+
+/// `blockrep demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Size of the demo volume (e.g. 256M, 1G).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub size: u64,
+    /// Percent of 4 KiB blocks changed between the two syncs.
+    #[arg(long, default_value_t = 2.0)]
+    pub change_percent: f64,
+    /// Keep the demo directory instead of deleting it.
+    #[arg(long)]
+    pub keep: bool,
+    /// Directory to create the demo in (default: a new temporary directory).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Print one JSON object per sync instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// I/O options.
+    #[command(flatten)]
+    pub io: IoArgs,
+}
+
+/// `blockrep sync`.
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// Volumes to sync (default: every configured volume).
+    pub volumes: Vec<String>,
+    /// Configuration.
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Sync SOURCE to TARGET in this process (no network, no configuration file).
+    #[arg(long, num_args = 2, value_names = ["SOURCE", "TARGET"])]
+    pub local: Vec<PathBuf>,
+    /// With --local: where manifests, spools and generation records live (one subdirectory per side and volume).
+    #[arg(long, default_value = "/var/lib/blockrep")]
+    pub state_dir: PathBuf,
+    /// Cap the send rate (bytes per second, e.g. 50M).
+    #[arg(long, value_parser = parse_size)]
+    pub bwlimit: Option<u64>,
+    /// Volume name (default: the source's file name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// With --local: block size for hashing (power of two, 4K..1M).
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    pub block_size: u64,
+    /// Do not narrow changed blocks down to changed 4 KiB pieces.
+    #[arg(long)]
+    pub no_refine: bool,
+    /// Print one JSON object per volume.
+    #[arg(long)]
+    pub json: bool,
+    /// I/O options.
+    #[command(flatten)]
+    pub io: IoArgs,
+}
+
+/// `blockrep verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Check a local shadow: TARGET and its state directory (as used with `sync --local`).
+    #[arg(long, value_name = "TARGET")]
+    pub local: PathBuf,
+    /// State directory.
+    #[arg(long, default_value = "/var/lib/blockrep")]
+    pub state_dir: PathBuf,
+    /// Volume name (default: the target's file name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// I/O options.
+    #[command(flatten)]
+    pub io: IoArgs,
+}
+
+/// Parses sizes like `4096`, `64K`, `256M`, `2G` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = s[i..].to_ascii_uppercase();
+            let mult: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("unknown size unit in {s:?}: use K, M, G or T")),
+            };
+            (&s[..i], mult)
+        }
+        None => (s, 1),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size (examples: 4096, 64K, 256M, 2G)"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("x").is_err());
+    }
+}

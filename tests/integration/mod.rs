@@ -1,0 +1,57 @@
+//! Shared helpers for the integration tests.
+
+mod local_sync;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// The `blockrep` binary under test.
+pub fn blockrep() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_blockrep"));
+    c.env_remove("BLOCKREP_LOG");
+    c
+}
+
+/// Runs and returns output (never panics on non-zero exit).
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("blockrep runs")
+}
+
+/// stdout as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// stderr as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Writes `len` pseudo-random bytes (seeded) with some zero and repetitive regions.
+pub fn write_volume(path: &Path, len: usize, seed: u64) {
+    let mut x = seed | 1;
+    let mut v = vec![0u8; len];
+    for (i, chunk) in v.chunks_mut(65536).enumerate() {
+        match i % 4 {
+            0 => chunk.fill(0),
+            1 => chunk.iter_mut().enumerate().for_each(|(j, b)| *b = (j % 251) as u8),
+            _ => chunk.iter_mut().for_each(|b| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8
+            }),
+        }
+    }
+    std::fs::write(path, v).unwrap();
+}
+
+/// Overwrites 4 KiB blocks `blocks` of the file with a pattern derived from `seed`.
+pub fn scribble(path: &Path, blocks: &[u64], seed: u8) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    for &b in blocks {
+        let buf: Vec<u8> = (0..4096u32).map(|i| (i as u8).wrapping_mul(seed).wrapping_add(b as u8) ^ 0x5a).collect();
+        f.write_all_at(&buf, b * 4096).unwrap();
+    }
+}
