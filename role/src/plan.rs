@@ -194,7 +194,7 @@ impl fmt::Display for Report {
                 Outcome::Planned => "would run",
                 Outcome::Skipped => "skipped",
             };
-            writeln!(f, "  {:<28} {:<12} {}", s.step, o, s.detail)?;
+            writeln!(f, "  {:<28} {:<12} {:>5} ms  {}", s.step, o, s.millis, s.detail)?;
         }
         if let Some(t) = self.last_sync {
             let age = unix_now().saturating_sub(t);
