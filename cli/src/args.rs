@@ -133,6 +133,9 @@ pub struct DemoArgs {
     /// Print one JSON object per sync instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Sync in this process instead of through a `blockrep serve` standby on 127.0.0.1.
+    #[arg(long)]
+    pub local: bool,
     /// I/O options.
     #[command(flatten)]
     pub io: IoArgs,

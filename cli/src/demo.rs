@@ -7,11 +7,13 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use engine::sync::{SyncOptions, SyncReport};
+use engine::sync::SyncOptions;
 use rand::{Rng, RngCore, SeedableRng};
 
 use crate::args::DemoArgs;
+use crate::config::Config;
 use crate::local::run_local;
+use crate::netsync::{sync_one, NetReport, NetSyncOptions};
 use crate::report::bytes;
 
 /// Seed of the demo's content, so every run shows the same volume.
@@ -42,19 +44,33 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         println!("blockrep demo in {}: {} primary volume, file-backed shadow", dir.display(), bytes(a.size));
     }
     let mut rng = rand::rngs::SmallRng::seed_from_u64(SEED);
+    let changed;
     write_realistic(&primary, a.size, &mut rng)?;
     File::create(&shadow)
         .and_then(|f| f.set_len(a.size))
         .with_context(|| format!("cannot create {}", shadow.display()))?;
 
     let io = a.io.options();
-    let opts = SyncOptions::new(engine::hash::DEFAULT_BLOCK_SIZE);
     let mut rows = Vec::new();
-    let first = run_local("demo", &primary, &shadow, &state, &io, &opts, &mut |_, _| {})?;
-    rows.push(("initial full sync", first));
-    let changed = change_scattered(&primary, a.size, a.change_percent, &mut rng)?;
-    let second = run_local("demo", &primary, &shadow, &state, &io, &opts, &mut |_, _| {})?;
-    rows.push(("incremental sync", second));
+    if a.local {
+        let opts = SyncOptions::new(engine::hash::DEFAULT_BLOCK_SIZE);
+        let sync = || -> Result<NetReport> {
+            let r = run_local("demo", &primary, &shadow, &state, &io, &opts, &mut |_, _| {})?;
+            Ok(NetReport { sync: r, bytes_on_wire: 0, compression_ratio: 1.0 })
+        };
+        rows.push(("initial full sync", sync()?));
+        changed = change_scattered(&primary, a.size, a.change_percent, &mut rng)?;
+        rows.push(("incremental sync", sync()?));
+    } else {
+        let standby = Standby::start(&dir, &shadow, &state, a.json)?;
+        let cfg = Config::parse(&standby.config_text(Some(&primary)), &dir.join("primary.toml"))?;
+        let opts = NetSyncOptions { io, bwlimit: None, refine: true };
+        let sync = || sync_one(&cfg, &cfg.volumes[0], &primary, &opts);
+        rows.push(("initial full sync", sync()?));
+        changed = change_scattered(&primary, a.size, a.change_percent, &mut rng)?;
+        rows.push(("incremental sync", sync()?));
+        standby.stop()?;
+    }
 
     let (hp, hs) = (file_hash(&primary)?, file_hash(&shadow)?);
     let identical = hp == hs;
@@ -86,16 +102,21 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_table(rows: &[(&str, SyncReport)], changed_4k: u64) {
+fn print_table(rows: &[(&str, NetReport)], changed_4k: u64) {
     println!("changed {changed_4k} scattered 4 KiB blocks between the syncs ({})", bytes(changed_4k * 4096));
-    println!("{:<18} {:>12} {:>12} {:>12} {:>9} {:>12}", "sync", "scanned", "changed", "sent", "time", "throughput");
-    for (what, r) in rows {
+    println!(
+        "{:<18} {:>12} {:>12} {:>12} {:>12} {:>9} {:>12}",
+        "sync", "scanned", "changed", "sent", "on the wire", "time", "throughput"
+    );
+    for (what, n) in rows {
+        let r = &n.sync;
         println!(
-            "{:<18} {:>12} {:>12} {:>12} {:>8.2}s {:>10}/s",
+            "{:<18} {:>12} {:>12} {:>12} {:>12} {:>8.2}s {:>10}/s",
             what,
             bytes(r.bytes_scanned),
             bytes(r.bytes_changed),
             bytes(r.bytes_sent),
+            if n.bytes_on_wire == 0 { "-".to_string() } else { bytes(n.bytes_on_wire) },
             r.duration_s,
             bytes((r.bytes_scanned as f64 / r.duration_s.max(1e-9)) as u64)
         );
@@ -161,4 +182,86 @@ pub fn file_hash(path: &Path) -> Result<String> {
         h.update(&buf[..n]);
     }
     Ok(h.finalize().to_hex().to_string())
+}
+
+/// A `blockrep serve` child process on 127.0.0.1, stopped (SIGTERM) on drop.
+struct Standby {
+    child: std::process::Child,
+    addr: String,
+    key: PathBuf,
+    state: PathBuf,
+    shadow: PathBuf,
+}
+
+impl Standby {
+    /// Writes a key and a configuration into `dir` and starts the standby daemon on a free loopback port.
+    fn start(dir: &Path, shadow: &Path, state: &Path, quiet: bool) -> Result<Standby> {
+        use std::io::BufRead;
+        let key = dir.join("key");
+        netproto::generate_key(&key, true).context("cannot write the demo key")?;
+        let config = dir.join("standby.toml");
+        std::fs::write(&config, config_text(&key, state, shadow, None, None))?;
+        let exe = std::env::current_exe().context("cannot find the blockrep executable")?;
+        let mut child = std::process::Command::new(exe)
+            .args(["serve", "--announce", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("cannot start the demo standby (blockrep serve)")?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut s = Standby { child, addr: String::new(), key, state: state.into(), shadow: shadow.into() };
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        s.addr = line.trim().strip_prefix("listening on ").unwrap_or_default().to_owned();
+        if s.addr.is_empty() {
+            bail!("the demo standby did not start (see its messages above)");
+        }
+        if !quiet {
+            println!("standby: `blockrep serve` (pid {}) listening on {}", s.child.id(), s.addr);
+        }
+        Ok(s)
+    }
+
+    /// The primary's configuration: the standby's plus the peer address and the source.
+    fn config_text(&self, source: Option<&Path>) -> String {
+        config_text(&self.key, &self.state, &self.shadow, Some(&self.addr), source)
+    }
+
+    /// SIGTERM, then wait: the daemon exits 0 at a consistent point.
+    fn stop(mut self) -> Result<()> {
+        self.terminate();
+        let st = self.child.wait()?;
+        if !st.success() {
+            bail!("the demo standby exited with {st}");
+        }
+        Ok(())
+    }
+
+    fn terminate(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    }
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The demo's configuration: one volume, both nodes on 127.0.0.1.
+fn config_text(key: &Path, state: &Path, shadow: &Path, peer: Option<&str>, source: Option<&Path>) -> String {
+    let mut t =
+        format!("node = \"demo\"\nkey_file = {key:?}\nstate_dir = {state:?}\n[standby]\nlisten = \"127.0.0.1:0\"\n");
+    if let Some(peer) = peer {
+        t += &format!("[primary]\npeer = {peer:?}\n");
+    }
+    t += &format!("[[volume]]\nname = \"demo\"\nshadow = {shadow:?}\n");
+    if let Some(src) = source {
+        t += &format!("source = {src:?}\n");
+    }
+    t
 }
