@@ -123,6 +123,9 @@ pub enum ManifestError {
         /// Computed crc.
         computed: u32,
     },
+    /// Non-zero bytes in the header padding.
+    #[error("header padding (bytes 84..128) is not zero")]
+    Padding,
     /// Invalid geometry.
     #[error("invalid geometry: volume size {volume_size}, block size {block_size}, block count {block_count}")]
     Geometry {
@@ -218,6 +221,9 @@ pub fn check(bytes: &[u8]) -> Result<ManifestHeader, ManifestError> {
     let computed = crc32fast::hash(&h[..CRC_OFFSET]);
     if stored != computed {
         return Err(ManifestError::HeaderCrc { stored, computed });
+    }
+    if h[CRC_OFFSET + 4..].iter().any(|&b| b != 0) {
+        return Err(ManifestError::Padding);
     }
     let flags = u32_at(h, 12);
     if flags & !SUPPORTED_FLAGS != 0 {
@@ -636,6 +642,33 @@ mod tests {
                 }
             } else {
                 assert_eq!(m.generation(), 2);
+            }
+        }
+    }
+
+    /// The fuzz target's invariants over every truncation and many random corruptions of a valid manifest.
+    #[test]
+    fn decoder_survives_truncation_and_corruption() {
+        use rand::{Rng, SeedableRng};
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = sample(dir.path(), 2);
+        let good = std::fs::read(&path).unwrap();
+        for len in 0..good.len() {
+            assert!(decode(&good[..len]).is_err());
+        }
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
+        for _ in 0..3000 {
+            let mut b = good.clone();
+            let at = rng.gen_range(0..b.len());
+            let v: u8 = rng.gen();
+            let changed = b[at] != v;
+            b[at] = v;
+            match decode(&b) {
+                Ok(h) => {
+                    assert!(!changed, "byte {at} changed unnoticed");
+                    assert_eq!(h.file_len(), b.len() as u64);
+                }
+                Err(_) => assert!(changed),
             }
         }
     }

@@ -129,8 +129,8 @@ pub enum SpoolError {
         /// The unknown bits.
         bits: u32,
     },
-    /// Header crc mismatch.
-    #[error("spool header crc32 mismatch")]
+    /// Header crc mismatch (or non-zero padding).
+    #[error("spool header fails its crc32 (or its padding is not zero)")]
     HeaderCrc,
     /// Invalid geometry in the header.
     #[error("spool header has an invalid block size {block_size}")]
@@ -228,7 +228,7 @@ impl SpoolHeader {
         if version != VERSION {
             return Err(SpoolError::BadVersion { found: version });
         }
-        if u32_at(b, 48) != crc32fast::hash(&b[..48]) {
+        if u32_at(b, 48) != crc32fast::hash(&b[..48]) || b[52..HEADER_LEN].iter().any(|&x| x != 0) {
             return Err(SpoolError::HeaderCrc);
         }
         let flags = u32_at(b, 12);
@@ -902,5 +902,42 @@ mod tests {
         let s = decode(&img).unwrap();
         assert!(matches!(s.tail_error, Some(SpoolError::Malformed { .. })));
         assert!(s.records.is_empty());
+    }
+
+    /// The fuzz target's invariants, checked over every truncation and many random corruptions of a valid spool.
+    #[test]
+    fn decoder_survives_truncation_and_corruption() {
+        use rand::{Rng, SeedableRng};
+        let dir = tempfile::tempdir().unwrap();
+        let good = write_sample(&dir.path().join("spool"), true);
+        let check = |img: &[u8]| {
+            if let Ok(s) = decode(img) {
+                assert!(s.valid_len <= img.len() as u64);
+                let mut prev_end = 0;
+                for r in &s.records {
+                    assert!(r.offset >= prev_end && r.end() <= s.header.volume_size);
+                    prev_end = r.end();
+                }
+                if s.commit.is_some() {
+                    assert_eq!(s.valid_len, img.len() as u64);
+                }
+            }
+        };
+        for len in 0..good.len() {
+            check(&good[..len]);
+            if len >= HEADER_LEN {
+                let s = decode(&good[..len]).expect("a truncated uncommitted spool keeps its prefix");
+                assert!(s.commit.is_none());
+            }
+        }
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
+        for _ in 0..3000 {
+            let mut b = good.clone();
+            for _ in 0..rng.gen_range(1..4) {
+                let at = rng.gen_range(0..b.len());
+                b[at] = rng.gen();
+            }
+            check(&b);
+        }
     }
 }
