@@ -3,11 +3,12 @@
 //!
 //! ```text
 //! role_cli --config FILE promote [--force] [--dry-run] [--reason R] [--crash-after STEP] [--json]
-//! role_cli --config FILE demote  [--dry-run] [--reason R] [--crash-after STEP] [--json]
+//! role_cli --config FILE demote  [--dry-run] [--poweroff] [--reason R] [--crash-after STEP] [--json]
 //! role_cli --config FILE status  [--json]
 //! role_cli --config FILE mark-synced           # what serve does after the first full sync
 //! role_cli --config FILE announce [COUNT]      # gratuitous ARP only
 //! role_cli --config FILE probe                 # ARP probe only: prints the MAC holding the VIP, if any
+//! role_cli --config FILE refresh               # periodic re-announcement while primary (garp.refresh_s)
 //! ```
 //!
 //! The config file holds a `[role]` table. `--crash-after STEP` aborts the process right after the journal
@@ -37,7 +38,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (mut config, mut cmd, mut reason, mut crash_after) = (None, None, String::from("manual"), None);
-    let (mut force, mut dry_run, mut json, mut rest) = (false, false, false, Vec::new());
+    let (mut force, mut dry_run, mut json, mut poweroff, mut rest) = (false, false, false, false, Vec::new());
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -47,6 +48,7 @@ fn main() -> ExitCode {
             "--force" => force = true,
             "--dry-run" => dry_run = true,
             "--json" => json = true,
+            "--poweroff" => poweroff = true,
             _ if cmd.is_none() => cmd = Some(a),
             _ => rest.push(a),
         }
@@ -67,7 +69,7 @@ fn main() -> ExitCode {
             std::process::abort();
         }
     };
-    let opts = role::Options { force, dry_run, reason, after_step: Some(&crash), ..Default::default() };
+    let opts = role::Options { force, dry_run, reason, poweroff, after_step: Some(&crash), ..Default::default() };
     let t = Instant::now();
     let result = match cmd.as_str() {
         "promote" => role::promote(&cfg, &role::NoGuards, &opts),
@@ -107,6 +109,16 @@ fn main() -> ExitCode {
             let n = rest.first().and_then(|n| n.parse().ok()).unwrap_or(cfg.garp.count);
             let r = role::arp::announce(&cfg.interface, cfg.vip.addr, n, Duration::from_millis(cfg.garp.interval_ms));
             return match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("role_cli: {}", chain(&e));
+                    ExitCode::from(1)
+                }
+            };
+        }
+        "refresh" => {
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            return match role::arp::refresh(&cfg, &stop) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("role_cli: {}", chain(&e));

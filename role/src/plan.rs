@@ -109,7 +109,7 @@ pub enum PlanError {
         step: String,
         /// The cause.
         #[source]
-        source: StepError,
+        source: Box<StepError>,
     },
 }
 
@@ -303,7 +303,7 @@ impl<'a> Run<'a> {
             tracing::error!(error = %e, "could not record the failed step in the role state");
         }
         self.notify_failure(key, &source);
-        PlanError::Step { kind: self.kind, step: key.to_string(), source }
+        PlanError::Step { kind: self.kind, step: key.to_string(), source: Box::new(source) }
     }
 
     fn notify_env(&self, event: &str) -> Vec<(String, String)> {
@@ -529,7 +529,7 @@ pub fn promote(cfg: &Config, g: &dyn Guards, opts: &Options<'_>) -> Result<Repor
             exec::argv(&cfg.reboot_command, Duration::from_secs(60)).map_err(|e| PlanError::Step {
                 kind: PlanKind::Promote,
                 step: "reboot".into(),
-                source: e.into(),
+                source: Box::new(StepError::Exec(e)),
             })?;
             run.push("reboot", Outcome::Done, format!("ran `{cmd}`"), t2);
         }
@@ -612,7 +612,7 @@ pub fn demote(cfg: &Config, opts: &Options<'_>) -> Result<Report, PlanError> {
             exec::argv(&cfg.poweroff_command, Duration::from_secs(60)).map_err(|e| PlanError::Step {
                 kind: PlanKind::Demote,
                 step: "poweroff".into(),
-                source: e.into(),
+                source: Box::new(StepError::Exec(e)),
             })?;
             run.push("poweroff", Outcome::Done, format!("ran `{cmd}`"), t2);
         }

@@ -144,9 +144,12 @@ vip = "{VIP}/24"
 gateway = "10.77.0.100"
 routes = [{{ to = "10.78.0.0/16", via = "10.77.0.100" }}]
 notify = ["echo $BLOCKREP_EVENT $BLOCKREP_NODE $BLOCKREP_REASON >> {d}/notify.log"]
+poweroff_command = ["/bin/sh", "-c", "echo off > {d}/poweroff.marker"]
 [role.garp]
 count = 3
 interval_ms = 50
+refresh_s = 1
+refresh_interval_s = 1
 [role.boot_target]
 kind = "grub-env"
 path = "{d}/grubenv"
@@ -294,6 +297,12 @@ fn promote_moves_the_vip_announces_the_new_mac_and_demote_removes_it() {
     assert!(st["plan"].is_null());
 
     // Promote again: nothing to do.
+    // A neighbour that forgot the VIP learns it again from the periodic re-announcement.
+    ok(Command::new(IP).args(["-n", &lab.ns("lan"), "neigh", "flush", "dev", "br0"]));
+    assert_eq!(lab.observed_mac(), None);
+    lab.cli_ok("A", &["refresh"]);
+    assert_eq!(lab.observed_mac().as_deref(), Some(lab.mac("A").as_str()), "refresh did not re-announce");
+
     let again = lab.cli_ok("A", &["promote"]);
     assert!(again.contains("already primary"), "{again}");
     assert_eq!(lab.log("A", "primary.log"), "start\n");
@@ -409,6 +418,12 @@ fn a_failing_service_start_stops_promote_and_status_says_where() {
     let st = lab.status("A");
     assert_eq!(st["role"], "primary");
     assert!(lab.has_vip("A"));
+
+    // demote --poweroff: the reverse plan, then the configured poweroff command.
+    lab.cli_ok("A", &["demote", "--poweroff", "--reason", "defective"]);
+    assert_eq!(fs::read_to_string(lab.node_dir("A").join("poweroff.marker")).unwrap(), "off\n");
+    assert_eq!(lab.status("A")["role"], "standby");
+    assert!(!lab.has_vip("A"));
 }
 
 fn render_keepalived(lab: &Lab, n: &str, priority: u32, notify: &Path) -> PathBuf {
