@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests.
 
 mod local_sync;
+mod network;
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -46,12 +47,20 @@ pub fn write_volume(path: &Path, len: usize, seed: u64) {
     std::fs::write(path, v).unwrap();
 }
 
-/// Overwrites 4 KiB blocks `blocks` of the file with a pattern derived from `seed`.
+/// Overwrites 4 KiB blocks `blocks` of the file with incompressible bytes derived from `seed` and the block.
 pub fn scribble(path: &Path, blocks: &[u64], seed: u8) {
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     for &b in blocks {
-        let buf: Vec<u8> = (0..4096u32).map(|i| (i as u8).wrapping_mul(seed).wrapping_add(b as u8) ^ 0x5a).collect();
+        let mut x = (b << 8 | seed as u64).wrapping_mul(0x9e3779b97f4a7c15) | 1;
+        let buf: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
         f.write_all_at(&buf, b * 4096).unwrap();
     }
 }
