@@ -233,6 +233,23 @@ pub enum LvmError {
         /// Its attributes.
         attr: String,
     },
+    /// The path given as a volume could not be examined.
+    #[error("cannot examine {path}; check the volume's path")]
+    DeviceUnreadable {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The path is not an active LVM logical volume.
+    #[error("{path} is not an active LVM logical volume ({reason}); give the path of an LV, such as /dev/VG/LV, and activate it (`lvchange -ay VG/LV`)")]
+    NotAnLv {
+        /// The path.
+        path: PathBuf,
+        /// Why not.
+        reason: String,
+    },
     /// Removing the LV would also remove snapshots lvmctl was not asked to remove.
     #[error("refusing to remove {vg}/{name}: it is the origin of the snapshot(s) {}; remove those first", .snapshots.join(", "))]
     HasSnapshots {
@@ -291,6 +308,8 @@ fn quote(arg: &str) -> String {
 
 /// Captured result of one lvm run that exited with status 0.
 struct Output {
+    /// The command line, for error messages.
+    command: String,
     stdout: String,
 }
 
@@ -398,22 +417,19 @@ impl Lvm {
         if !stderr.trim().is_empty() {
             tracing::debug!(command = %command, stderr = %stderr.trim(), "lvm wrote to stderr");
         }
-        Ok(Output { stdout })
+        Ok(Output { command, stdout })
     }
 
-    /// The raw JSON report of `vgs` for all VGs (or only `vg`), as [`Lvm::vgs`] parses it.
-    pub fn vgs_json(&self, vg: Option<&str>) -> Result<String, LvmError> {
+    fn vgs_report(&self, vg: Option<&str>) -> Result<Output, LvmError> {
         let mut args = vec!["vgs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", VG_FIELDS];
         if let Some(vg) = vg {
             validate_vg_name(vg)?;
             args.push(vg);
         }
-        self.run(&args).map(|o| o.stdout).map_err(|e| classify(e, vg, None))
+        self.run(&args).map_err(|e| classify(e, vg, None))
     }
 
-    /// The raw JSON report of `lvs` for all LVs, those of `vg`, or the one LV `vg/lv`, as [`Lvm::lvs`]
-    /// parses it.
-    pub fn lvs_json(&self, vg: Option<&str>, lv: Option<&str>) -> Result<String, LvmError> {
+    fn lvs_report(&self, vg: Option<&str>, lv: Option<&str>) -> Result<Output, LvmError> {
         let mut args: Vec<String> =
             ["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", LV_FIELDS].map(String::from).into();
         match (vg, lv) {
@@ -429,45 +445,69 @@ impl Lvm {
             (None, _) => {}
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.run(&args).map(|o| o.stdout).map_err(|e| classify(e, vg, lv))
+        self.run(&args).map_err(|e| classify(e, vg, lv))
     }
 
-    fn parse<T>(command: impl FnOnce() -> String, r: Result<T, ReportError>) -> Result<T, LvmError> {
-        r.map_err(|source| LvmError::Report { command: command(), source })
+    /// The raw JSON report of `vgs` for all VGs (or only `vg`), as [`Lvm::vgs`] parses it.
+    pub fn vgs_json(&self, vg: Option<&str>) -> Result<String, LvmError> {
+        self.vgs_report(vg).map(|o| o.stdout)
+    }
+
+    /// The raw JSON report of `lvs` for all LVs, those of `vg`, or the one LV `vg/lv` (`lv` is only used
+    /// together with `vg`), as [`Lvm::lvs`] parses it.
+    pub fn lvs_json(&self, vg: Option<&str>, lv: Option<&str>) -> Result<String, LvmError> {
+        self.lvs_report(vg, lv).map(|o| o.stdout)
     }
 
     /// All volume groups.
     pub fn vgs(&self) -> Result<Vec<Vg>, LvmError> {
-        let json = self.vgs_json(None)?;
-        Self::parse(|| "lvm vgs".into(), parse_vgs(&json))
+        let out = self.vgs_report(None)?;
+        parse_vgs(&out.stdout).map_err(|source| LvmError::Report { command: out.command, source })
     }
 
-    /// One volume group; [`LvmError::VgNotFound`] when it does not exist.
+    /// One volume group; [`LvmError::VgNotFound`] (with lvm's stderr) when it does not exist.
     pub fn vg(&self, vg: &str) -> Result<Vg, LvmError> {
-        let json = self.vgs_json(Some(vg))?;
-        let vgs = Self::parse(|| format!("lvm vgs {vg}"), parse_vgs(&json))?;
+        let out = self.vgs_report(Some(vg))?;
+        let vgs = parse_vgs(&out.stdout).map_err(|source| LvmError::Report { command: out.command.clone(), source })?;
         vgs.into_iter().find(|v| v.name == vg).ok_or_else(|| LvmError::VgNotFound {
             vg: vg.to_owned(),
-            command: format!("lvm vgs {vg}"),
+            command: out.command,
             stderr: String::new(),
         })
     }
 
     /// All logical volumes (hidden ones excluded), or those of `vg`.
     pub fn lvs(&self, vg: Option<&str>) -> Result<Vec<Lv>, LvmError> {
-        let json = self.lvs_json(vg, None)?;
-        Self::parse(|| format!("lvm lvs {}", vg.unwrap_or("")), parse_lvs(&json))
+        let out = self.lvs_report(vg, None)?;
+        parse_lvs(&out.stdout).map_err(|source| LvmError::Report { command: out.command, source })
     }
 
     /// One logical volume; [`LvmError::LvNotFound`] (with lvm's stderr) when it does not exist.
     pub fn lv(&self, vg: &str, name: &str) -> Result<Lv, LvmError> {
-        let json = self.lvs_json(Some(vg), Some(name))?;
-        let lvs = Self::parse(|| format!("lvm lvs {vg}/{name}"), parse_lvs(&json))?;
+        let out = self.lvs_report(Some(vg), Some(name))?;
+        let lvs = parse_lvs(&out.stdout).map_err(|source| LvmError::Report { command: out.command.clone(), source })?;
         lvs.into_iter().find(|l| l.vg == vg && l.name == name).ok_or_else(|| LvmError::LvNotFound {
             vg: vg.to_owned(),
             name: name.to_owned(),
-            command: format!("lvm lvs {vg}/{name}"),
+            command: out.command,
             stderr: String::new(),
+        })
+    }
+
+    /// The active LV whose device `path` is (any path to the device node works: `/dev/VG/LV`,
+    /// `/dev/mapper/VG-LV`, a symlink). [`LvmError::NotAnLv`] when `path` is not a block device or no active LV
+    /// has its device number.
+    pub fn lv_for_device(&self, path: &Path) -> Result<Lv, LvmError> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let meta =
+            std::fs::metadata(path).map_err(|source| LvmError::DeviceUnreadable { path: path.to_owned(), source })?;
+        if !meta.file_type().is_block_device() {
+            return Err(LvmError::NotAnLv { path: path.to_owned(), reason: "it is not a block device".into() });
+        }
+        let dev = split_dev(meta.rdev());
+        self.lvs(None)?.into_iter().find(|l| l.kernel_device == Some(dev)).ok_or_else(|| LvmError::NotAnLv {
+            path: path.to_owned(),
+            reason: format!("no active LV has its device number {}:{}", dev.0, dev.1),
         })
     }
 
@@ -626,6 +666,14 @@ impl Lvm {
     }
 }
 
+/// `(major, minor)` of a Linux `dev_t` (glibc's encoding: 12 bits of major and 20 bits of minor in the low
+/// 32 bits, the rest above).
+fn split_dev(rdev: u64) -> (u32, u32) {
+    let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
+    let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
+    (major as u32, minor as u32)
+}
+
 /// Turns a failed command whose stderr says the VG or LV does not exist into the specific error.
 fn classify(e: LvmError, vg: Option<&str>, lv: Option<&str>) -> LvmError {
     let LvmError::Failed { command, stderr, status } = e else { return e };
@@ -717,6 +765,31 @@ mod tests {
         assert_eq!(SnapshotSize::Bytes(u64::MAX).bytes_for(0, ext), None);
         assert_eq!(SnapshotSize::Percent(100).bytes_for(u64::MAX, 1), Some(u64::MAX));
         assert_eq!(SnapshotSize::default(), SnapshotSize::Percent(20));
+    }
+
+    #[test]
+    fn device_numbers_split_like_the_kernel() {
+        use std::os::unix::fs::MetadataExt;
+        // /dev/null is 1:3 and /dev/zero 1:5 on every Linux system.
+        assert_eq!(split_dev(std::fs::metadata("/dev/null").unwrap().rdev()), (1, 3));
+        assert_eq!(split_dev(std::fs::metadata("/dev/zero").unwrap().rdev()), (1, 5));
+        // Large numbers (glibc makedev(0x1234, 0x56789)).
+        let dev = (0x1234u64 & 0xfff) << 8 | (0x1234u64 & !0xfff) << 32 | (0x56789 & 0xff) | (0x56789 & !0xff) << 12;
+        assert_eq!(split_dev(dev), (0x1234, 0x56789));
+    }
+
+    #[test]
+    fn non_block_devices_are_not_lvs() {
+        let d = tempfile::tempdir().unwrap();
+        let lvm = script(d.path(), "exit 1");
+        let e = lvm.lv_for_device(Path::new("/dev/null")).unwrap_err();
+        assert!(matches!(&e, LvmError::NotAnLv { .. }), "{e:?}");
+        assert!(
+            e.to_string().contains("/dev/null is not an active LVM logical volume (it is not a block device)"),
+            "{e}"
+        );
+        let e = lvm.lv_for_device(&d.path().join("missing")).unwrap_err();
+        assert!(matches!(&e, LvmError::DeviceUnreadable { .. }), "{e:?}");
     }
 
     #[test]

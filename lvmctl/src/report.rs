@@ -23,7 +23,8 @@ pub const MAX_REPORT_BYTES: usize = 16 << 20;
 pub const VG_FIELDS: &str = "vg_name,vg_size,vg_free,vg_extent_size";
 
 /// The fields lvmctl asks `lvs` for, in `-o` syntax.
-pub const LV_FIELDS: &str = "vg_name,lv_name,lv_size,lv_attr,origin,data_percent,lv_tags,lv_path";
+pub const LV_FIELDS: &str =
+    "vg_name,lv_name,lv_size,lv_attr,origin,data_percent,lv_tags,lv_path,lv_kernel_major,lv_kernel_minor";
 
 /// A JSON report that is not what lvmctl asked lvm for.
 #[derive(Debug, Error)]
@@ -101,6 +102,8 @@ pub struct Lv {
     pub tags: Vec<String>,
     /// Device path (`/dev/<vg>/<lv>`); `None` for hidden LVs.
     pub path: Option<PathBuf>,
+    /// Kernel device number `(major, minor)` of the active LV; `None` when it is not active.
+    pub kernel_device: Option<(u32, u32)>,
 }
 
 /// Fill state of a classic (copy-on-write) snapshot.
@@ -217,6 +220,21 @@ fn percent(row: &Map<String, Value>, i: usize, field: &'static str) -> Result<Op
     }
 }
 
+/// A kernel device number part: lvm prints -1 (or nothing) for an inactive LV.
+fn device_part(row: &Map<String, Value>, i: usize, field: &'static str) -> Result<Option<u32>, ReportError> {
+    let s = text(row, i, field)?;
+    let t = s.trim();
+    if t.is_empty() || t == "-1" {
+        return Ok(None);
+    }
+    t.parse::<u32>().map(Some).map_err(|_| ReportError::BadValue {
+        row: i,
+        field,
+        value: s,
+        expected: "a device number or -1",
+    })
+}
+
 fn non_empty(s: String) -> Option<String> {
     if s.is_empty() {
         None
@@ -275,6 +293,10 @@ pub fn parse_lvs(json: &str) -> Result<Vec<Lv>, ReportError> {
                 data_percent: percent(r, i, "data_percent")?,
                 tags: tags.split(',').filter(|t| !t.is_empty()).map(str::to_owned).collect(),
                 path: non_empty(text(r, i, "lv_path")?).map(PathBuf::from),
+                kernel_device: match (device_part(r, i, "lv_kernel_major")?, device_part(r, i, "lv_kernel_minor")?) {
+                    (Some(major), Some(minor)) => Some((major, minor)),
+                    _ => None,
+                },
             })
         })
         .collect()
@@ -288,6 +310,7 @@ mod tests {
     const LVS_SNAPSHOT: &str = include_str!("../tests/fixtures/lvs_snapshot.json");
     const LVS_INVALID: &str = include_str!("../tests/fixtures/lvs_snapshot_invalid.json");
     const LVS_TAGGED: &str = include_str!("../tests/fixtures/lvs_tagged.json");
+    const LVS_INACTIVE: &str = include_str!("../tests/fixtures/lvs_inactive.json");
 
     #[test]
     fn vgs_from_real_output() {
@@ -308,6 +331,8 @@ mod tests {
         assert_eq!(origin.origin, None);
         assert_eq!(origin.path.as_deref(), Some(std::path::Path::new("/dev/vg0/data")));
         assert_eq!(origin.snapshot_status(), None);
+        let (major, _) = origin.kernel_device.unwrap();
+        assert!(major > 0, "{origin:?}");
         let snap = lvs.iter().find(|l| l.is_snapshot()).unwrap();
         assert_eq!(snap.origin.as_deref(), Some("data"));
         assert_eq!(snap.tags, ["blockrep_snapshot"]);
@@ -332,20 +357,33 @@ mod tests {
     }
 
     #[test]
+    fn inactive_lv_from_real_output() {
+        let lvs = parse_lvs(LVS_INACTIVE).unwrap();
+        let (active, inactive): (Vec<&Lv>, Vec<&Lv>) = lvs.iter().partition(|l| l.is_active());
+        assert_eq!((active.len(), inactive.len()), (1, 1), "{lvs:?}");
+        assert!(active[0].kernel_device.is_some());
+        assert_eq!(inactive[0].kernel_device, None);
+        assert!(inactive[0].path.is_some(), "lvm still reports the path of an inactive LV");
+    }
+
+    #[test]
     fn json_std_numbers_and_nulls() {
         let j = r#"{"report":[{"lv":[{"vg_name":"v","lv_name":"s","lv_size":4194304,"lv_attr":"swi-a-s---",
-            "origin":"o","data_percent":12.5,"lv_tags":"","lv_path":null}]}]}"#;
+            "origin":"o","data_percent":12.5,"lv_tags":"","lv_path":null,"lv_kernel_major":254,"lv_kernel_minor":3}]}]}"#;
         let lv = &parse_lvs(j).unwrap()[0];
         assert_eq!(lv.size, 4194304);
         assert_eq!(lv.path, None);
+        assert_eq!(lv.kernel_device, Some((254, 3)));
         assert_eq!(lv.snapshot_status(), Some(SnapshotStatus { fill_percent: 12.5, invalid: false }));
     }
 
     #[test]
     fn inactive_snapshot_has_no_status() {
         let j = r#"{"report":[{"lv":[{"vg_name":"v","lv_name":"s","lv_size":"4194304","lv_attr":"swi---s---",
-            "origin":"o","data_percent":"","lv_tags":"","lv_path":"/dev/v/s"}]}]}"#;
-        assert_eq!(parse_lvs(j).unwrap()[0].snapshot_status(), None);
+            "origin":"o","data_percent":"","lv_tags":"","lv_path":"/dev/v/s","lv_kernel_major":"-1","lv_kernel_minor":"-1"}]}]}"#;
+        let lv = &parse_lvs(j).unwrap()[0];
+        assert_eq!(lv.snapshot_status(), None);
+        assert_eq!(lv.kernel_device, None);
     }
 
     #[test]

@@ -245,6 +245,15 @@ mod in_guest {
         let st = lvm.snapshot_status(VG, "data_snap").unwrap();
         assert!(!st.invalid && st.fill_percent > 1.0 && st.fill_percent < 100.0, "{st:?}");
 
+        // Device paths map to LVs; other block devices are refused.
+        for p in ["/dev/vg0/data", "/dev/mapper/vg0-data", "/dev/vg0/data_snap"] {
+            let found = lvm.lv_for_device(Path::new(p)).unwrap();
+            assert_eq!(found.name, Path::new(p).file_name().unwrap().to_str().unwrap().trim_start_matches("vg0-"));
+        }
+        let e = lvm.lv_for_device(Path::new("/dev/ubda")).unwrap_err();
+        assert!(matches!(&e, LvmError::NotAnLv { .. }), "{e:?}");
+        assert!(e.to_string().contains("no active LV has its device number 98:0"), "{e}");
+
         // An origin with a snapshot is not removed (lvremove would take the snapshot with it).
         let e = lvm.remove_lv(VG, "data").unwrap_err();
         assert!(matches!(&e, LvmError::HasSnapshots { snapshots, .. } if snapshots == &["vg0/data_snap"]), "{e}");
@@ -341,6 +350,13 @@ mod in_guest {
         // Names lvm accepts even though they look reserved-ish; lvmctl accepts them too.
         let odd = lvm.create_lv(VG, "a+b.c-d_snapshot", 4 * MIB, &[]).unwrap();
         lvm.remove_lv(VG, &odd.name).unwrap();
+
+        // An inactive LV: no device number, and its device path is no longer an LV device.
+        let (ok, stderr) = raw_lvm(&["lvchange", "-an", "vg0/shadow_data2"]);
+        assert!(ok, "{stderr}");
+        let inactive = lvm.lv(VG, "shadow_data2").unwrap();
+        assert!(!inactive.is_active() && inactive.kernel_device.is_none(), "{inactive:?}");
+        capture("lvs_inactive.json", &lvm.lvs_json(Some(VG), None).unwrap());
 
         // Clean up to the origin only.
         lvm.remove_lv(VG, "shadow_data2").unwrap();
