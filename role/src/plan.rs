@@ -455,26 +455,9 @@ fn guards(run: &mut Run<'_>, g: &dyn Guards) -> Result<(), PlanError> {
     Ok(())
 }
 
-/// Promotes this node to primary. See the module docs for the steps.
-pub fn promote(cfg: &Config, g: &dyn Guards, opts: &Options<'_>) -> Result<Report, PlanError> {
-    let t = Instant::now();
-    let mut run = Run::start(cfg, opts, PlanKind::Promote)?;
-    let fresh = run.state.plan.as_ref().is_some_and(|p| p.done.is_empty());
-    if run.state.role == Role::Primary && fresh {
-        run.push("role-primary", Outcome::AlreadyDone, "already primary; nothing to do".into(), t);
-        return Ok(run.finish(t));
-    }
-    guards(&mut run, g)?;
-    let from = run.state.role;
-    run.step("role-promoting", "record role promoting".into(), |r| {
-        r.state.role = Role::Promoting;
-        Ok(format!("role {from} -> promoting"))
-    })?;
-    run.step("stop-syncs", "stop accepting syncs (serve refuses: this node is primary)".into(), |r| {
-        r.state.accept_syncs = false;
-        Ok("serve no longer accepts syncs".into())
-    })?;
-    run.boot_target(Role::Primary)?;
+/// The `vip` step: address, gateway, routes (each idempotent).
+fn vip_up(run: &mut Run<'_>) -> Result<(), PlanError> {
+    let cfg = run.cfg;
     run.step("vip", vip_plan(cfg), |_| {
         let added = netlink::add_address(&cfg.interface, cfg.vip)?;
         let mut d = if added {
@@ -492,6 +475,12 @@ pub fn promote(cfg: &Config, g: &dyn Guards, opts: &Options<'_>) -> Result<Repor
         }
         Ok(d)
     })?;
+    Ok(())
+}
+
+/// The `garp` step.
+fn garp(run: &mut Run<'_>) -> Result<(), PlanError> {
+    let cfg = run.cfg;
     let g = &cfg.garp;
     let plan =
         format!("{} gratuitous ARP for {} on {}, {} ms apart", g.count, cfg.vip.addr, cfg.interface, g.interval_ms);
@@ -499,6 +488,37 @@ pub fn promote(cfg: &Config, g: &dyn Guards, opts: &Options<'_>) -> Result<Repor
         arp::announce(&cfg.interface, cfg.vip.addr, g.count, Duration::from_millis(g.interval_ms))?;
         Ok(format!("sent {plan}"))
     })?;
+    Ok(())
+}
+
+/// Promotes this node to primary. See the module docs for the steps.
+pub fn promote(cfg: &Config, g: &dyn Guards, opts: &Options<'_>) -> Result<Report, PlanError> {
+    let t = Instant::now();
+    let mut run = Run::start(cfg, opts, PlanKind::Promote)?;
+    let fresh = run.state.plan.as_ref().is_some_and(|p| p.done.is_empty());
+    if run.state.role == Role::Primary && fresh {
+        // Already primary (for example after a reboot, which loses the address): re-assert the virtual IP and
+        // announce it, after the guards, without journaling or touching services.
+        run.push("role-primary", Outcome::AlreadyDone, "already primary; re-asserting the virtual IP".into(), t);
+        run.state.plan = None;
+        guards(&mut run, g)?;
+        vip_up(&mut run)?;
+        garp(&mut run)?;
+        return Ok(run.finish(t));
+    }
+    guards(&mut run, g)?;
+    let from = run.state.role;
+    run.step("role-promoting", "record role promoting".into(), |r| {
+        r.state.role = Role::Promoting;
+        Ok(format!("role {from} -> promoting"))
+    })?;
+    run.step("stop-syncs", "stop accepting syncs (serve refuses: this node is primary)".into(), |r| {
+        r.state.accept_syncs = false;
+        Ok("serve no longer accepts syncs".into())
+    })?;
+    run.boot_target(Role::Primary)?;
+    vip_up(&mut run)?;
+    garp(&mut run)?;
     run.services("stop-standby-services", &cfg.services.standby_only, Action::Stop)?;
     run.services("start-primary-services", &cfg.services.primary_only, Action::Start)?;
     run.step("notify", format!("run {} notify hook(s), event promote", cfg.notify.len()), |r| {

@@ -306,6 +306,12 @@ fn promote_moves_the_vip_announces_the_new_mac_and_demote_removes_it() {
     let again = lab.cli_ok("A", &["promote"]);
     assert!(again.contains("already primary"), "{again}");
     assert_eq!(lab.log("A", "primary.log"), "start\n");
+    // A primary that lost its address (a reboot does that) gets it back from promote, services untouched.
+    ok(Command::new(IP).args(["-n", &lab.ns("A"), "addr", "del", &format!("{VIP}/24"), "dev", "vethA"]));
+    lab.cli_ok("A", &["promote"]);
+    assert!(lab.has_vip("A"));
+    assert_eq!(lab.log("A", "primary.log"), "start\n");
+    assert!(lab.status("A")["plan"].is_null());
 
     lab.cli_ok("A", &["demote", "--reason", "maintenance"]);
     assert!(!lab.has_vip("A"));
@@ -510,4 +516,53 @@ fn keepalived_failover_promotes_the_other_node_through_the_notify_script() {
     assert_eq!(lab.status("A")["role"], "standby");
     assert!(lab.observer_reaches_vip());
     assert_eq!(lab.observed_mac().as_deref(), Some(lab.mac("B").as_str()));
+}
+
+#[test]
+fn pacemaker_agent_promotes_and_demotes_through_the_cli() {
+    let lab = lab_or_skip!("pm");
+    let agent = concat!(env!("CARGO_MANIFEST_DIR"), "/../contrib/pacemaker/blockrep");
+    let rsctmp = lab.dir.path().join("rsctmp");
+    let ocf = |action: &str| -> (Option<i32>, String) {
+        let out = run(Command::new(IP)
+            .args(["netns", "exec", &lab.ns("A"), "/bin/sh", agent, action])
+            .env("OCF_ROOT", lab.dir.path().join("no-ocf"))
+            .env("OCF_RESOURCE_INSTANCE", "blockrep:0")
+            .env("OCF_RESKEY_binary", &lab.cli)
+            .env("OCF_RESKEY_config", lab.config_path("A"))
+            .env("HA_RSCTMP", &rsctmp));
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code(), text)
+    };
+    let (code, xml) = ocf("meta-data");
+    assert_eq!(code, Some(0));
+    assert!(xml.contains("<resource-agent name=\"blockrep\"") && xml.contains("<action name=\"promote\""), "{xml}");
+    assert_eq!(ocf("monitor").0, Some(7), "not started yet: OCF_NOT_RUNNING");
+    assert_eq!(ocf("start").0, Some(0));
+    assert_eq!(ocf("monitor").0, Some(0), "started, unpromoted");
+    let (code, text) = ocf("promote");
+    assert_eq!(code, Some(1), "promote before the first full sync must fail: {text}");
+    assert!(text.contains("first full sync"), "{text}");
+    assert!(!lab.has_vip("A"));
+
+    lab.cli_ok("A", &["mark-synced"]);
+    assert_eq!(ocf("promote").0, Some(0));
+    assert!(lab.has_vip("A"));
+    assert_eq!(ocf("monitor").0, Some(8), "OCF_RUNNING_PROMOTED");
+    assert_eq!(lab.status("A")["last_switchover"]["reason"], "pacemaker promote");
+    assert_eq!(ocf("demote").0, Some(0));
+    assert!(!lab.has_vip("A"));
+    assert_eq!(ocf("monitor").0, Some(0));
+    // stop on a primary demotes first.
+    assert_eq!(ocf("promote").0, Some(0));
+    assert_eq!(ocf("stop").0, Some(0));
+    assert!(!lab.has_vip("A"));
+    assert_eq!(lab.status("A")["role"], "standby");
+    assert_eq!(ocf("monitor").0, Some(7));
+    // Misconfiguration is reported as such.
+    let out = run(Command::new("/bin/sh")
+        .args([agent, "monitor"])
+        .env("OCF_ROOT", lab.dir.path().join("no-ocf"))
+        .env("OCF_RESKEY_binary", "/nonexistent/blockrep"));
+    assert_eq!(out.status.code(), Some(5), "OCF_ERR_INSTALLED");
 }
