@@ -32,6 +32,26 @@ pub enum Command {
     Serve(ServeArgs),
     /// Write a new random 256-bit key file (mode 0600) to share between the two nodes.
     Keygen(KeygenArgs),
+    /// Manage the standby's shadow volumes.
+    #[command(subcommand)]
+    Shadow(ShadowCommand),
+}
+
+/// `blockrep shadow ...`.
+#[derive(Debug, Subcommand)]
+pub enum ShadowCommand {
+    /// Create the shadow LVs (tagged blockrep_shadow) of the named or all volumes, with the size the primary
+    /// reported or --size.
+    Create {
+        /// Volumes (default: all).
+        volumes: Vec<String>,
+        /// Size in bytes (K, M, G suffixes) instead of the size the primary reported.
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// Configuration.
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 /// `--config`.

@@ -64,7 +64,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     } else {
         let standby = Standby::start(&dir, &shadow, &state, a.json)?;
         let cfg = Config::parse(&standby.config_text(Some(&primary)), &dir.join("primary.toml"))?;
-        let opts = NetSyncOptions { io, bwlimit: None, refine: true };
+        let opts = NetSyncOptions { io, bwlimit: None, refine: true, cancel: None };
         let sync = || sync_one(&cfg, &cfg.volumes[0], &primary, &opts);
         rows.push(("initial full sync", sync()?));
         changed = change_scattered(&primary, a.size, a.change_percent, &mut rng)?;

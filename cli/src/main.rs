@@ -14,6 +14,7 @@ mod netsync;
 mod report;
 mod role_glue;
 mod serve;
+mod shadow;
 mod snapshot;
 
 use clap::Parser;
@@ -30,6 +31,9 @@ fn main() {
             config::Config::load(&a.config.config).and_then(|c| serve::run(c, a.listen, a.announce, a.io.options()))
         }
         args::Command::Keygen(a) => keygen(&a),
+        args::Command::Shadow(args::ShadowCommand::Create { volumes, size, config }) => {
+            config::Config::load(&config.config).and_then(|c| shadow::create(&c, &volumes, size))
+        }
     };
     if let Err(err) = outcome {
         eprintln!("blockrep: error: {err:#}");
@@ -61,7 +65,13 @@ fn keygen(a: &args::KeygenArgs) -> anyhow::Result<()> {
 fn sync(a: &args::SyncArgs) -> anyhow::Result<()> {
     let cfg = config::Config::load(&a.config.config)?;
     let vols = cfg.select(&a.volumes)?;
-    let opts = netsync::NetSyncOptions { io: a.io.options(), bwlimit: a.bwlimit, refine: !a.no_refine };
+    let cancel = snapshot::cancel_on_signals()?;
+    let opts = netsync::NetSyncOptions {
+        io: a.io.options(),
+        bwlimit: a.bwlimit,
+        refine: !a.no_refine,
+        cancel: Some(cancel.clone()),
+    };
     let mut first_err = None;
     for vol in vols {
         let r = snapshot::with_frozen_source(&cfg, vol, |source| netsync::sync_one(&cfg, vol, source, &opts));
@@ -71,6 +81,9 @@ fn sync(a: &args::SyncArgs) -> anyhow::Result<()> {
                 eprintln!("blockrep: volume {}: {e:#}", vol.name);
                 first_err.get_or_insert(e);
             }
+        }
+        if cancel.load(std::sync::atomic::Ordering::SeqCst) {
+            break;
         }
     }
     first_err.map_or(Ok(()), Err)

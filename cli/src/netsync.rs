@@ -34,6 +34,8 @@ pub struct NetSyncOptions {
     pub bwlimit: Option<u64>,
     /// Narrow changed blocks to 4 KiB pieces.
     pub refine: bool,
+    /// Set by SIGINT/SIGTERM: stop between two chunks.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Maps a connection error to an exit code: unreachable and refused-by-peer are told apart for scripts.
@@ -74,6 +76,7 @@ pub fn sync_one(cfg: &Config, vol: &config::Volume, source: &std::path::Path, o:
         .with_context(|| format!("cannot create state directory {}", primary_dir.display()))?;
     let mut opts = SyncOptions::new(vol.block_size);
     opts.refine = o.refine;
+    opts.cancel = o.cancel.clone();
     let mut bar = report::Progress::new(&vol.name);
     let r =
         sync_volume(&vol.name, &src, &primary_dir.join("manifest"), &mut remote, &opts, &mut |d, t| bar.update(d, t));

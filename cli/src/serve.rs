@@ -224,6 +224,21 @@ fn open_volume<'a>(shared: &'a Shared, o: &m::OpenVolume) -> Result<(BusyGuard<'
         ));
     }
     let guard = BusyGuard(shared, o.name.clone());
+    if !shadow.exists() {
+        crate::shadow::record_source_size(&cfg.side_dir("standby", &o.name), o.source_size);
+        return Err((
+            code::REFUSED,
+            format!(
+                "volume {}: the shadow {} does not exist on standby {}; create it there with `blockrep shadow create {}` \
+                 (the source is {} bytes)",
+                o.name,
+                shadow.display(),
+                cfg.node,
+                o.name,
+                o.source_size
+            ),
+        ));
+    }
     let mut target =
         Target::open(shadow, &cfg.side_dir("standby", &o.name), crate::local::target_options(&o.name, shared.io))
             .map_err(|e| {

@@ -171,12 +171,15 @@ pub struct SyncOptions {
     pub scan: ScanOptions,
     /// Narrow changed blocks down to the 4 KiB pieces that changed (asks the target for sub-block hashes).
     pub refine: bool,
+    /// Set (e.g. by a signal handler) to stop the sync between two chunks; it then fails with
+    /// [`SyncError::Cancelled`] and the target keeps its last complete generation.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl SyncOptions {
     /// Defaults for a block size.
     pub fn new(block_size: u32) -> Self {
-        SyncOptions { scan: ScanOptions::new(block_size), refine: true }
+        SyncOptions { scan: ScanOptions::new(block_size), refine: true, cancel: None }
     }
 }
 
@@ -247,6 +250,12 @@ pub enum SyncError {
         ours: String,
         /// Target root (hex).
         theirs: String,
+    },
+    /// The sync was cancelled (signal).
+    #[error("volume {volume}: the sync was interrupted; the shadow keeps its last complete generation")]
+    Cancelled {
+        /// Volume name.
+        volume: String,
     },
     /// The target returned an answer of the wrong shape.
     #[error("volume {volume}: the target answered {what} with {got} entries, expected {expected}")]
@@ -356,6 +365,9 @@ pub fn sync_volume(
         .map_err(|source| SyncError::Manifest { path: manifest_path.into(), source })?;
     let mut root = RootHasher::new(size, bs);
     scan(source, &opts.scan, |chunk: ScannedChunk| -> Result<(), SyncError> {
+        if opts.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+            return Err(SyncError::Cancelled { volume: volume.into() });
+        }
         for (i, h) in chunk.hashes.iter().enumerate() {
             writer.set(chunk.first_block + i as u64, h);
             root.push(h);
@@ -368,6 +380,9 @@ pub fn sync_volume(
     })?;
     st.flush()?;
     st.emit_pending()?;
+    if opts.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+        return Err(SyncError::Cancelled { volume: volume.into() });
+    }
     let root = root.finish();
     let commit = st.link.commit(root)?;
     if commit.root != root {
