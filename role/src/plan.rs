@@ -212,6 +212,7 @@ fn unix_now() -> u64 {
 }
 
 struct Run<'a> {
+    _lock: Option<state::StateLock>,
     cfg: &'a Config,
     opts: &'a Options<'a>,
     kind: PlanKind,
@@ -221,6 +222,8 @@ struct Run<'a> {
 
 impl<'a> Run<'a> {
     fn start(cfg: &'a Config, opts: &'a Options<'a>, kind: PlanKind) -> Result<Run<'a>, PlanError> {
+        // One plan at a time (keepalived may fire BACKUP and MASTER in quick succession); a dry run only reads.
+        let lock = if opts.dry_run { None } else { Some(state::lock(&cfg.state_dir)?) };
         let mut state = state::load(&cfg.state_dir)?;
         let resume = state.plan.as_ref().is_some_and(|p| p.kind == kind);
         if !resume {
@@ -243,7 +246,7 @@ impl<'a> Run<'a> {
             role: state.role,
             millis: 0,
         };
-        Ok(Run { cfg, opts, kind, state, report })
+        Ok(Run { _lock: lock, cfg, opts, kind, state, report })
     }
 
     fn is_done(&self, key: &str) -> bool {

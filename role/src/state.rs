@@ -255,6 +255,38 @@ pub(crate) fn atomic_write(tmp: &Path, path: &Path, bytes: &[u8]) -> std::io::Re
     File::open(dir)?.sync_all()
 }
 
+/// File name of the lock that serializes promote, demote and other state updates.
+pub const LOCK_FILE: &str = "role.lock";
+
+/// An exclusive lock on the state directory, held while a plan runs (released on drop).
+#[derive(Debug)]
+pub struct StateLock {
+    _lock: nix::fcntl::Flock<File>,
+}
+
+/// Takes the state directory's lock, waiting while another promote/demote holds it.
+pub fn lock(state_dir: &Path) -> Result<StateLock, StateError> {
+    fs::create_dir_all(state_dir).map_err(|source| StateError::Io {
+        action: "create",
+        path: state_dir.into(),
+        source,
+    })?;
+    let path = state_dir.join(LOCK_FILE);
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|source| StateError::Io { action: "open", path: path.clone(), source })?;
+    let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| StateError::Io {
+        action: "lock",
+        path,
+        source: e.into(),
+    })?;
+    Ok(StateLock { _lock: lock })
+}
+
 /// Whether `serve` may apply a sync now. The lead's `serve` calls this before accepting a sync and again before
 /// committing it; `false` means "this node is primary" (or is becoming or leaving primary).
 pub fn accepts_syncs(state_dir: &Path) -> Result<bool, StateError> {
@@ -265,6 +297,7 @@ pub fn accepts_syncs(state_dir: &Path) -> Result<bool, StateError> {
 /// Records that this standby completed its first full sync (the lead's `serve` calls this after committing the
 /// first complete generation of every volume). Idempotent; keeps the first time.
 pub fn mark_first_full_sync(state_dir: &Path) -> Result<(), StateError> {
+    let _lock = lock(state_dir)?;
     let mut s = load(state_dir)?;
     if s.first_full_sync.is_none() {
         s.first_full_sync =
@@ -411,6 +444,24 @@ mod tests {
         assert_eq!(st["role"], "promoting");
         assert_eq!(st["plan"]["failed"]["step"], "vip");
         assert_eq!(st["first_full_sync_done"], true);
+    }
+
+    #[test]
+    fn the_lock_serializes_state_updates() {
+        let d = tempfile::tempdir().unwrap();
+        let held = lock(d.path()).unwrap();
+        let dir = d.path().to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            mark_first_full_sync(&dir).unwrap();
+            tx.send(()).unwrap();
+        });
+        assert!(rx.recv_timeout(std::time::Duration::from_millis(300)).is_err(), "update ran while locked");
+        assert!(load(d.path()).unwrap().first_full_sync.is_none());
+        drop(held);
+        rx.recv_timeout(std::time::Duration::from_secs(5)).expect("update after unlock");
+        t.join().unwrap();
+        assert!(load(d.path()).unwrap().first_full_sync.is_some());
     }
 
     #[test]
