@@ -1,9 +1,1044 @@
-//! STUB: the standby side (crash-safe apply). Implementation pending.
+//! The standby side: crash-safe apply of a transfer to a shadow volume.
+//!
+//! A [`Target`] owns one shadow volume and its state directory, which holds:
+//!
+//! * `manifest`: the committed generation (generation number, geometry, root hash, block hashes). Renaming a new
+//!   manifest over it is the act that records a new generation.
+//! * `manifest.next`: the manifest of the transfer in progress, fsynced before the spool's commit record.
+//! * `spool`: the redo log of the transfer in progress (see [`crate::spool`]).
+//! * `state`: a small versioned file saying whether the shadow holds a complete generation (it does not while the
+//!   first full sync, or an interrupted one, writes in place).
+//!
+//! # Commit protocol
+//!
+//! Spool mode (the shadow holds a complete generation to protect): extents go to the spool only. `commit` then
+//! (1) fsyncs `manifest.next`, (2) appends the commit record and fsyncs the spool, (3) applies the records to the
+//! shadow and fsyncs it, (4) renames `manifest.next` over `manifest` and fsyncs the directory, (5) removes the
+//! spool. A crash before (2) leaves the shadow untouched (the uncommitted spool is kept only for resume); a crash
+//! after (2) is rolled forward by [`Target::open`], which applies the committed spool again (idempotent) and
+//! finishes (4) and (5). A committed spool that fails its checks is never applied: `open` refuses with
+//! [`TargetError::Spool`].
+//!
+//! In-place mode (no complete generation yet): `begin` durably marks the state incomplete before the first write,
+//! extents are written straight to the shadow, and `commit` fsyncs the shadow, installs the manifest and clears the
+//! mark. Until then [`TargetInfo::complete`] is false and the shadow must not be promoted.
+//!
+//! The link operations (`info`, `begin`, `block_hashes`, `sub_hashes`, `extent`, `commit`) are the methods of
+//! [`TargetLink`], implemented by `Target` (bring the trait into scope); errors come back as
+//! [`LinkError::Target`]. [`Target::abort`] and [`Target::verify`] are inherent.
+//!
+//! Every durable step goes through the [`Durable`] handle of [`TargetOptions`], so tests can crash a sync at each
+//! step and check recovery.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::durable::{Durable, Gate, Op};
+use crate::hash::{self, BlockHash, HashError, ZeroHashes, SUB_BLOCK_SIZE};
+use crate::io::AlignedBuf;
+use crate::manifest::{self, Manifest, ManifestError, ManifestWriter};
+use crate::spool::{self, Record, RecordKind, Scan, SpoolError, SpoolHeader, SpoolWriter};
+use crate::sync::{BeginAck, BeginPlan, CommitAck, Extent, ExtentData, LinkError, PendingInfo, TargetInfo, TargetLink};
+use crate::volume::{Access, IoOptions, Volume, VolumeError};
+
+#[cfg(test)]
+mod tests;
+
+/// Name of the committed manifest in the state directory.
+pub const MANIFEST_FILE: &str = "manifest";
+/// Name of the spool in the state directory.
+pub const SPOOL_FILE: &str = "spool";
+/// Name of the state file in the state directory.
+pub const STATE_FILE: &str = "state";
+
+const STATE_MAGIC: &[u8; 8] = b"BRSTATE1";
+const STATE_VERSION: u32 = 1;
+const STATE_LEN: usize = 28;
+const STATE_INCOMPLETE: u32 = 1;
+const STATE_SUPPORTED_FLAGS: u32 = STATE_INCOMPLETE;
+/// Largest chunk written or read at once while applying or hashing.
+const IO_CHUNK: usize = 1 << 20;
 
 /// Errors of the target side.
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
-    /// Placeholder.
-    #[error("target not implemented yet")]
-    NotImplemented,
+    /// The state directory could not be created or read.
+    #[error("cannot use state directory {path}: check that it exists and is writable, or pass another --state-dir")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The shadow volume failed.
+    #[error("shadow of volume {volume} failed")]
+    Shadow {
+        /// Volume name.
+        volume: String,
+        /// The volume error.
+        #[source]
+        source: VolumeError,
+    },
+    /// A durable operation on a state file or the shadow failed.
+    #[error("cannot {action} {path} (volume {volume})")]
+    Io {
+        /// Volume name.
+        volume: String,
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The manifest failed.
+    #[error("manifest of volume {volume} failed")]
+    Manifest {
+        /// Volume name.
+        volume: String,
+        /// The manifest error.
+        #[source]
+        source: ManifestError,
+    },
+    /// The spool failed.
+    #[error("spool of volume {volume} failed")]
+    Spool {
+        /// Volume name.
+        volume: String,
+        /// The spool error.
+        #[source]
+        source: SpoolError,
+    },
+    /// The state file is corrupt.
+    #[error("state file {path} is corrupt ({what}); the shadow is treated as incomplete until the next sync commits")]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// A committed spool does not match the manifest prepared for it.
+    #[error(
+        "spool {path} is committed for generation {generation} but no matching manifest was prepared ({what}); it \
+         was not applied: do not promote this shadow, move the spool away and run a full sync"
+    )]
+    CommittedWithoutManifest {
+        /// The spool path.
+        path: PathBuf,
+        /// The committed generation.
+        generation: u64,
+        /// What is missing.
+        what: String,
+    },
+    /// The shadow is smaller than the source.
+    #[error(
+        "shadow {shadow} is {shadow_size} bytes, smaller than the source's {source_size} bytes; grow the shadow to \
+         at least {source_size} bytes (nothing was written)"
+    )]
+    TooSmall {
+        /// Shadow path.
+        shadow: PathBuf,
+        /// Shadow size.
+        shadow_size: u64,
+        /// Source size.
+        source_size: u64,
+    },
+    /// The plan's block size is invalid.
+    #[error("transfer for volume {volume} has an invalid block size")]
+    BlockSize {
+        /// Volume name.
+        volume: String,
+        /// The hash error.
+        #[source]
+        source: HashError,
+    },
+    /// The plan is based on a generation the shadow does not hold.
+    #[error(
+        "transfer for volume {volume} is based on generation {base}, but the shadow's committed generation is \
+         {committed}; compare every block instead (base generation 0)"
+    )]
+    BaseMismatch {
+        /// Volume name.
+        volume: String,
+        /// Plan's base.
+        base: u64,
+        /// Committed generation.
+        committed: u64,
+    },
+    /// The plan's generation is not newer than the committed one.
+    #[error(
+        "transfer for volume {volume} would create generation {generation}, but generation {committed} is already \
+         committed; the primary must number it {next} or higher"
+    )]
+    NotNewer {
+        /// Volume name.
+        volume: String,
+        /// Plan's generation.
+        generation: u64,
+        /// Committed generation.
+        committed: u64,
+        /// Smallest acceptable generation.
+        next: u64,
+    },
+    /// An operation needs a transfer in progress.
+    #[error("no transfer in progress for volume {volume}: call begin before {op}")]
+    NoTransfer {
+        /// Volume name.
+        volume: String,
+        /// The operation.
+        op: &'static str,
+    },
+    /// An extent lies outside the volume.
+    #[error(
+        "extent at offset {offset} of length {len} lies outside volume {volume} ({volume_size} bytes, shadow \
+         {shadow_size} bytes); nothing was written"
+    )]
+    ExtentOutOfRange {
+        /// Volume name.
+        volume: String,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Source volume size of the plan.
+        volume_size: u64,
+        /// Shadow size.
+        shadow_size: u64,
+    },
+    /// An extent is out of order or malformed.
+    #[error("extent at offset {offset} of length {len} for volume {volume} is invalid: {what}; nothing was written")]
+    BadExtent {
+        /// Volume name.
+        volume: String,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// What is wrong.
+        what: String,
+    },
+    /// A hash query names blocks outside the volume.
+    #[error("blocks {first}..{end} of volume {volume} do not exist (it has {block_count} blocks)")]
+    BlockRange {
+        /// Volume name.
+        volume: String,
+        /// First block asked.
+        first: u64,
+        /// End of the range asked.
+        end: u64,
+        /// Block count.
+        block_count: u64,
+    },
+    /// The transfer's content does not hash to the source's root.
+    #[error(
+        "root hash mismatch for volume {volume} generation {generation}: the shadow would hold {ours}, the source \
+         has {theirs}; nothing was committed, run the sync again"
+    )]
+    RootMismatch {
+        /// Volume name.
+        volume: String,
+        /// Generation.
+        generation: u64,
+        /// Target root (hex).
+        ours: String,
+        /// Source root (hex).
+        theirs: String,
+    },
+    /// `verify` needs a manifest.
+    #[error("volume {volume} has no valid manifest to verify against: run a sync first")]
+    NoManifest {
+        /// Volume name.
+        volume: String,
+    },
+}
+
+/// How to open a target.
+#[derive(Debug, Clone, Default)]
+pub struct TargetOptions {
+    /// I/O options for the shadow.
+    pub io: IoOptions,
+    /// Volume name for messages and logs.
+    pub volume: String,
+    /// Handle every durable operation goes through (unarmed in production).
+    pub durable: Durable,
+}
+
+impl TargetOptions {
+    /// Options for volume `volume` with I/O options `io` and an unarmed durable handle.
+    pub fn new(volume: &str, io: IoOptions) -> Self {
+        TargetOptions { io, volume: volume.to_owned(), durable: Durable::new() }
+    }
+}
+
+/// The decoded state file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct StateFile {
+    exists: bool,
+    incomplete: bool,
+    /// The file exists but could not be decoded: the shadow is treated as incomplete, but is not overwritten in
+    /// place either.
+    corrupt: bool,
+    /// The generation an in-place transfer is building (when incomplete) or last committed in place.
+    generation: u64,
+}
+
+impl StateFile {
+    fn encode(&self) -> [u8; STATE_LEN] {
+        let mut b = [0u8; STATE_LEN];
+        b[0..8].copy_from_slice(STATE_MAGIC);
+        b[8..12].copy_from_slice(&STATE_VERSION.to_le_bytes());
+        let flags = if self.incomplete { STATE_INCOMPLETE } else { 0 };
+        b[12..16].copy_from_slice(&flags.to_le_bytes());
+        b[16..24].copy_from_slice(&self.generation.to_le_bytes());
+        let crc = crc32fast::hash(&b[..24]);
+        b[24..28].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+}
+
+/// Decodes a state file. The fuzz targets may call this.
+pub fn decode_state(b: &[u8]) -> Result<(bool, u64), String> {
+    if b.len() != STATE_LEN {
+        return Err(format!("it is {} bytes long, expected {STATE_LEN}", b.len()));
+    }
+    if &b[0..8] != STATE_MAGIC {
+        return Err("bad magic".into());
+    }
+    let version = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
+    if version != STATE_VERSION {
+        return Err(format!("version {version} is not supported (expected {STATE_VERSION})"));
+    }
+    if u32::from_le_bytes(b[24..28].try_into().expect("4 bytes")) != crc32fast::hash(&b[..24]) {
+        return Err("crc32 mismatch".into());
+    }
+    let flags = u32::from_le_bytes(b[12..16].try_into().expect("4 bytes"));
+    if flags & !STATE_SUPPORTED_FLAGS != 0 {
+        return Err(format!("unknown flag bits {:#x}", flags & !STATE_SUPPORTED_FLAGS));
+    }
+    Ok((flags & STATE_INCOMPLETE != 0, u64::from_le_bytes(b[16..24].try_into().expect("8 bytes"))))
+}
+
+/// A set of block indexes.
+#[derive(Debug, Clone)]
+struct BitSet(Vec<u64>);
+
+impl BitSet {
+    fn new(n: u64, all: bool) -> Self {
+        let mut v = vec![if all { u64::MAX } else { 0 }; n.div_ceil(64) as usize];
+        if all && n % 64 != 0 {
+            if let Some(last) = v.last_mut() {
+                *last = (1u64 << (n % 64)) - 1;
+            }
+        }
+        BitSet(v)
+    }
+    fn get(&self, i: u64) -> bool {
+        self.0[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+    fn set(&mut self, i: u64, on: bool) {
+        let w = &mut self.0[(i / 64) as usize];
+        if on {
+            *w |= 1 << (i % 64);
+        } else {
+            *w &= !(1 << (i % 64));
+        }
+    }
+    fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.0.iter().enumerate().flat_map(|(wi, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let b = w.trailing_zeros() as u64;
+                w &= w - 1;
+                Some(wi as u64 * 64 + b)
+            })
+        })
+    }
+}
+
+#[derive(Debug)]
+enum Mode {
+    Spool(SpoolWriter),
+    InPlace,
+}
+
+#[derive(Debug)]
+struct Session {
+    plan: BeginPlan,
+    mode: Mode,
+    next: ManifestWriter,
+    /// Blocks whose hash in `next` is not known yet (re-hashed from the effective content when needed).
+    dirty: BitSet,
+    /// End offset of the last extent received.
+    end: u64,
+    zeros: ZeroHashes,
+}
+
+/// The standby side of one volume: its shadow and its state directory.
+#[derive(Debug)]
+pub struct Target {
+    shadow_path: PathBuf,
+    state_dir: PathBuf,
+    opts: TargetOptions,
+    shadow: Volume,
+    manifest: Option<Manifest>,
+    manifest_problem: Option<String>,
+    state: StateFile,
+    pending: Option<Scan>,
+    session: Option<Session>,
+}
+
+impl Target {
+    /// Opens the shadow and its state directory (created if missing), and recovers from an interrupted sync: a
+    /// committed spool is rolled forward, an uncommitted one is kept for resume (see the module docs).
+    pub fn open(shadow: &Path, state_dir: &Path, opts: TargetOptions) -> Result<Target, TargetError> {
+        std::fs::create_dir_all(state_dir)
+            .map_err(|source| TargetError::StateDir { path: state_dir.to_owned(), source })?;
+        let volume = Volume::open(shadow, Access::ReadWrite, &opts.io)
+            .map_err(|source| TargetError::Shadow { volume: opts.volume.clone(), source })?;
+        let mut t = Target {
+            shadow_path: shadow.to_owned(),
+            state_dir: state_dir.to_owned(),
+            opts,
+            shadow: volume,
+            manifest: None,
+            manifest_problem: None,
+            state: StateFile::default(),
+            pending: None,
+            session: None,
+        };
+        t.state = t.read_state()?;
+        t.recover_spool()?;
+        t.load_manifest();
+        if t.state.incomplete {
+            if let Some(m) = &t.manifest {
+                if !t.state.corrupt && m.generation() >= t.state.generation {
+                    // The in-place commit installed its manifest, then crashed before clearing the mark.
+                    let generation = m.generation();
+                    t.write_state(StateFile { exists: true, incomplete: false, corrupt: false, generation })?;
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.state_dir.join(name)
+    }
+
+    fn volume(&self) -> String {
+        self.opts.volume.clone()
+    }
+
+    fn io_err(&self, action: &'static str, path: &Path, source: std::io::Error) -> TargetError {
+        TargetError::Io { volume: self.volume(), action, path: path.to_owned(), source }
+    }
+
+    fn spool_err(&self, source: SpoolError) -> TargetError {
+        TargetError::Spool { volume: self.volume(), source }
+    }
+
+    fn manifest_err(&self, source: ManifestError) -> TargetError {
+        TargetError::Manifest { volume: self.volume(), source }
+    }
+
+    fn read_state(&self) -> Result<StateFile, TargetError> {
+        let path = self.path(STATE_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => match decode_state(&b) {
+                Ok((incomplete, generation)) => Ok(StateFile { exists: true, incomplete, corrupt: false, generation }),
+                Err(what) => {
+                    let e = TargetError::State { path, what };
+                    tracing::warn!(volume = %self.opts.volume, error = %e, "corrupt state file");
+                    Ok(StateFile { exists: true, incomplete: true, corrupt: true, generation: u64::MAX })
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StateFile::default()),
+            Err(source) => Err(TargetError::StateDir { path, source }),
+        }
+    }
+
+    fn write_state(&mut self, state: StateFile) -> Result<(), TargetError> {
+        self.opts
+            .durable
+            .replace_file(Op::StateWrite, &self.state_dir, STATE_FILE, &state.encode())
+            .map_err(|e| self.io_err("write state file", &self.path(STATE_FILE), e))?;
+        self.state = state;
+        Ok(())
+    }
+
+    fn load_manifest(&mut self) {
+        self.manifest = None;
+        self.manifest_problem = None;
+        match Manifest::open(&self.path(MANIFEST_FILE)) {
+            Ok(m) if m.volume_size() > self.shadow.size() => {
+                let p = format!(
+                    "manifest {} describes a {}-byte volume but the shadow is {} bytes; ignored",
+                    m.path().display(),
+                    m.volume_size(),
+                    self.shadow.size()
+                );
+                tracing::warn!(volume = %self.opts.volume, "{p}");
+                self.manifest_problem = Some(p);
+            }
+            Ok(m) => self.manifest = Some(m),
+            Err(ManifestError::Missing { .. }) => {}
+            Err(e) => {
+                let p = error_chain(&e);
+                tracing::warn!(volume = %self.opts.volume, error = %p, "ignoring the manifest; the next sync compares every block");
+                self.manifest_problem = Some(p);
+            }
+        }
+    }
+
+    /// Why the manifest was ignored at open, if it was (corrupt, truncated, wrong geometry).
+    pub fn manifest_problem(&self) -> Option<&str> {
+        self.manifest_problem.as_deref()
+    }
+
+    /// The committed manifest, if valid.
+    pub fn manifest(&self) -> Option<&Manifest> {
+        self.manifest.as_ref()
+    }
+
+    /// The shadow's path.
+    pub fn shadow_path(&self) -> &Path {
+        &self.shadow_path
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    fn recover_spool(&mut self) -> Result<(), TargetError> {
+        let path = self.path(SPOOL_FILE);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(self.io_err("open", &path, e)),
+        };
+        let scan = match spool::scan(&file, &path) {
+            Ok(s) => s,
+            Err(e @ SpoolError::CorruptCommitted { .. }) => return Err(self.spool_err(e)),
+            Err(SpoolError::Io { action, path, source }) => return Err(self.io_err(action, &path, source)),
+            Err(e) => {
+                tracing::warn!(volume = %self.opts.volume, error = %e, "discarding an uncommitted spool with an invalid header");
+                drop(file);
+                return self.remove_spool();
+            }
+        };
+        let Some(commit) = scan.commit else {
+            if let Some(e) = &scan.tail_error {
+                tracing::info!(volume = %self.opts.volume, error = %e, valid_bytes = scan.valid_len, "uncommitted spool has a torn tail; keeping its valid prefix for resume");
+            }
+            self.pending = Some(scan);
+            return Ok(());
+        };
+        // A committed spool: roll forward.
+        let not_applied = |what: String| TargetError::CommittedWithoutManifest {
+            path: path.clone(),
+            generation: commit.generation,
+            what,
+        };
+        let installed = match Manifest::open(&self.path(MANIFEST_FILE)) {
+            Ok(m) => m.generation() == commit.generation && m.root() == commit.root,
+            Err(_) => false,
+        };
+        if !installed {
+            let next_path = manifest::next_path(&self.path(MANIFEST_FILE));
+            match Manifest::open(&next_path) {
+                Ok(m) if m.generation() == commit.generation && m.root() == commit.root => {}
+                Ok(m) => {
+                    return Err(not_applied(format!(
+                        "{} is for generation {} with another root",
+                        next_path.display(),
+                        m.generation()
+                    )))
+                }
+                Err(e) => return Err(not_applied(error_chain(&e))),
+            }
+        }
+        if scan.header.volume_size > self.shadow.size() {
+            return Err(TargetError::TooSmall {
+                shadow: self.shadow_path.clone(),
+                shadow_size: self.shadow.size(),
+                source_size: scan.header.volume_size,
+            });
+        }
+        tracing::info!(volume = %self.opts.volume, generation = commit.generation, records = scan.records.len(), "rolling forward a committed spool");
+        self.apply_records(&file, &path, &scan.records)?;
+        self.sync_shadow()?;
+        if !installed {
+            let dest = self.path(MANIFEST_FILE);
+            manifest::install(&self.opts.durable, &manifest::next_path(&dest), &dest)
+                .map_err(|e| self.manifest_err(e))?;
+        }
+        drop(file);
+        self.remove_spool()
+    }
+
+    fn remove_spool(&mut self) -> Result<(), TargetError> {
+        let path = self.path(SPOOL_FILE);
+        let d = &self.opts.durable;
+        d.remove_file(Op::SpoolRemove, &path).map_err(|e| self.io_err("remove", &path, e))?;
+        d.sync_dir(&self.state_dir).map_err(|e| self.io_err("fsync", &self.state_dir, e))?;
+        self.pending = None;
+        Ok(())
+    }
+
+    fn shadow_write(&self, offset: u64, data: &[u8]) -> Result<(), TargetError> {
+        let gate = self.opts.durable.gate(Op::ShadowWrite).map_err(|e| self.io_err("write", &self.shadow_path, e))?;
+        let shadow_err = |source| TargetError::Shadow { volume: self.volume(), source };
+        match gate {
+            Gate::Proceed => self.shadow.write_at(offset, data).map_err(shadow_err),
+            Gate::Torn(n) => {
+                self.shadow.write_at(offset, &data[..data.len() / 2]).map_err(shadow_err)?;
+                Err(self.io_err("write", &self.shadow_path, crate::durable::crash(n, Op::ShadowWrite)))
+            }
+        }
+    }
+
+    fn shadow_write_zero(&self, offset: u64, len: u64) -> Result<(), TargetError> {
+        let zeros = vec![0u8; IO_CHUNK.min(len as usize)];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(IO_CHUNK as u64) as usize;
+            self.shadow_write(offset + done, &zeros[..n])?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn sync_shadow(&self) -> Result<(), TargetError> {
+        self.opts.durable.gate_whole(Op::ShadowSync).map_err(|e| self.io_err("fsync", &self.shadow_path, e))?;
+        self.shadow.sync_data().map_err(|source| TargetError::Shadow { volume: self.volume(), source })
+    }
+
+    fn apply_records(&self, file: &File, path: &Path, records: &[Record]) -> Result<(), TargetError> {
+        let mut buf = Vec::new();
+        for r in records {
+            match r.kind {
+                RecordKind::Zero => self.shadow_write_zero(r.offset, r.len)?,
+                RecordKind::Data => {
+                    buf.resize(r.len as usize, 0);
+                    spool::read_payload(file, path, r, 0, &mut buf).map_err(|e| self.spool_err(e))?;
+                    self.shadow_write(r.offset, &buf)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The committed generation (0: none).
+    fn committed_generation(&self) -> u64 {
+        self.manifest.as_ref().map_or(0, |m| m.generation())
+    }
+
+    /// Whether the shadow holds a complete generation.
+    fn complete(&self) -> bool {
+        !self.state.incomplete && (self.manifest.is_some() || self.state.exists)
+    }
+
+    /// State of the shadow.
+    fn info_impl(&self) -> TargetInfo {
+        TargetInfo {
+            volume_size: self.shadow.size(),
+            generation: self.committed_generation(),
+            block_size: self.manifest.as_ref().map_or(0, |m| m.block_size()),
+            root: self.manifest.as_ref().map(|m| m.root()),
+            complete: self.complete(),
+            pending: self.pending.as_ref().map(|s| PendingInfo {
+                generation: s.header.generation,
+                base_generation: s.header.base_generation,
+                bytes: s.bytes(),
+                end_offset: s.end_offset(),
+            }),
+        }
+    }
+
+    /// Starts (or resumes) a transfer. Refuses, writing nothing, a source larger than the shadow, an invalid block
+    /// size, a base generation the shadow does not hold, or a generation that is not newer than the committed one.
+    fn begin_impl(&mut self, plan: &BeginPlan) -> Result<BeginAck, TargetError> {
+        self.abort()?;
+        hash::validate_block_size(plan.block_size as u64)
+            .map_err(|source| TargetError::BlockSize { volume: self.volume(), source })?;
+        if plan.volume_size > self.shadow.size() {
+            return Err(TargetError::TooSmall {
+                shadow: self.shadow_path.clone(),
+                shadow_size: self.shadow.size(),
+                source_size: plan.volume_size,
+            });
+        }
+        let committed = self.committed_generation();
+        if plan.base_generation != 0 && plan.base_generation != committed {
+            return Err(TargetError::BaseMismatch { volume: self.volume(), base: plan.base_generation, committed });
+        }
+        if plan.generation <= committed {
+            return Err(TargetError::NotNewer {
+                volume: self.volume(),
+                generation: plan.generation,
+                committed,
+                next: committed + 1,
+            });
+        }
+        let in_place =
+            (self.state.incomplete && !self.state.corrupt) || (!self.state.exists && self.manifest.is_none());
+        let dest = self.path(MANIFEST_FILE);
+        let d = self.opts.durable.clone();
+        let (next, clean) = match &self.manifest {
+            Some(m) if !in_place && m.volume_size() == plan.volume_size && m.block_size() == plan.block_size => {
+                (ManifestWriter::from_manifest(&dest, plan.generation, m, d), true)
+            }
+            _ => (ManifestWriter::create_with(&dest, plan.generation, plan.volume_size, plan.block_size, d), false),
+        };
+        let next = next.map_err(|e| self.manifest_err(e))?;
+        let mut dirty = BitSet::new(next.block_count(), !clean);
+        let spool_path = self.path(SPOOL_FILE);
+        let header = SpoolHeader {
+            generation: plan.generation,
+            base_generation: plan.base_generation,
+            volume_size: plan.volume_size,
+            block_size: plan.block_size,
+        };
+        let pending = self.pending.take();
+        let mut resumed = false;
+        let mode = if in_place {
+            if pending.is_some() {
+                self.remove_spool()?;
+            }
+            self.write_state(StateFile {
+                exists: true,
+                incomplete: true,
+                corrupt: false,
+                generation: plan.generation,
+            })?;
+            Mode::InPlace
+        } else {
+            match pending {
+                Some(scan) if plan.resume && scan.header == header => {
+                    for r in &scan.records {
+                        let first = r.offset / plan.block_size as u64;
+                        let last = (r.end() - 1) / plan.block_size as u64;
+                        for b in first..=last {
+                            dirty.set(b, true);
+                        }
+                    }
+                    resumed = true;
+                    let w = SpoolWriter::resume(&spool_path, scan, &self.opts.volume, self.opts.durable.clone())
+                        .map_err(|e| self.spool_err(e))?;
+                    Mode::Spool(w)
+                }
+                _ => Mode::Spool(
+                    SpoolWriter::create(&spool_path, header, &self.opts.volume, self.opts.durable.clone())
+                        .map_err(|e| self.spool_err(e))?,
+                ),
+            }
+        };
+        let end = match &mode {
+            Mode::Spool(w) => w.end_offset(),
+            Mode::InPlace => 0,
+        };
+        self.session =
+            Some(Session { plan: plan.clone(), mode, next, dirty, end, zeros: ZeroHashes::new(plan.block_size) });
+        tracing::debug!(volume = %self.opts.volume, generation = plan.generation, in_place, resumed, "transfer begun");
+        Ok(BeginAck { resumed, in_place })
+    }
+
+    fn session(&self, op: &'static str) -> Result<&Session, TargetError> {
+        self.session.as_ref().ok_or(TargetError::NoTransfer { volume: self.volume(), op })
+    }
+
+    /// Writes one extent: checks it lies inside the source volume and the shadow and comes after the previous one,
+    /// then spools it (or writes it in place).
+    fn extent_impl(&mut self, e: Extent) -> Result<(), TargetError> {
+        let s = self.session("extent")?;
+        let bad = |what: String| TargetError::BadExtent { volume: self.volume(), offset: e.offset, len: e.len, what };
+        match e.offset.checked_add(e.len) {
+            Some(end) if end <= s.plan.volume_size && end <= self.shadow.size() => {}
+            _ => {
+                return Err(TargetError::ExtentOutOfRange {
+                    volume: self.volume(),
+                    offset: e.offset,
+                    len: e.len,
+                    volume_size: s.plan.volume_size,
+                    shadow_size: self.shadow.size(),
+                })
+            }
+        }
+        if e.len == 0 {
+            return Err(bad("it is empty".into()));
+        }
+        if e.offset < s.end {
+            return Err(bad(format!("it starts before the end of the previous extent ({})", s.end)));
+        }
+        if let ExtentData::Data(b) = &e.data {
+            if b.len() as u64 != e.len {
+                return Err(bad(format!("its payload is {} bytes", b.len())));
+            }
+        }
+        let in_place = matches!(s.mode, Mode::InPlace);
+        if in_place {
+            match &e.data {
+                ExtentData::Data(b) => self.shadow_write(e.offset, b)?,
+                ExtentData::Zero => self.shadow_write_zero(e.offset, e.len)?,
+            }
+        }
+        let mut s = self.session.take().expect("checked above");
+        let r = match &mut s.mode {
+            Mode::Spool(w) => match &e.data {
+                ExtentData::Data(b) => w.append_data(e.offset, b),
+                ExtentData::Zero => w.append_zero(e.offset, e.len),
+            },
+            Mode::InPlace => Ok(()),
+        };
+        if let Err(err) = r {
+            self.session = Some(s);
+            return Err(self.spool_err(err));
+        }
+        s.end = e.offset + e.len;
+        update_hashes(&mut s, &e);
+        self.session = Some(s);
+        Ok(())
+    }
+
+    /// Reads the effective content (shadow overlaid with the spooled records of the transfer) of `[offset,
+    /// offset + len)`.
+    fn read_effective(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, TargetError> {
+        let mut buf = AlignedBuf::new(len);
+        buf.set_len(len);
+        let got = self
+            .shadow
+            .read_at(offset, &mut buf)
+            .map_err(|source| TargetError::Shadow { volume: self.volume(), source })?;
+        let mut out = buf[..got].to_vec();
+        out.resize(len, 0);
+        let spool_err = |e| TargetError::Spool { volume: self.opts.volume.clone(), source: e };
+        if let Some(Session { mode: Mode::Spool(w), .. }) = &mut self.session {
+            let end = offset + len as u64;
+            let records = w.records();
+            let start = records.partition_point(|r| r.end() <= offset);
+            let overlapping: Vec<Record> = records[start..].iter().take_while(|r| r.offset < end).copied().collect();
+            for r in overlapping {
+                let lo = r.offset.max(offset);
+                let hi = r.end().min(end);
+                let dst = &mut out[(lo - offset) as usize..(hi - offset) as usize];
+                match r.kind {
+                    RecordKind::Zero => dst.fill(0),
+                    RecordKind::Data => w.read_payload(&r, lo - r.offset, dst).map_err(spool_err)?,
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn block_content(&mut self, b: u64) -> Result<Vec<u8>, TargetError> {
+        let s = self.session("hash")?;
+        let (size, bs) = (s.plan.volume_size, s.plan.block_size);
+        self.read_effective(b * bs as u64, hash::block_len(size, bs, b))
+    }
+
+    fn ensure_hash(&mut self, b: u64) -> Result<BlockHash, TargetError> {
+        let s = self.session("hash")?;
+        if !s.dirty.get(b) {
+            return Ok(s.next.get(b));
+        }
+        let data = self.block_content(b)?;
+        let h = hash::hash_block(&data);
+        let s = self.session.as_mut().expect("checked above");
+        s.next.set(b, &h);
+        s.dirty.set(b, false);
+        Ok(h)
+    }
+
+    fn check_blocks(&self, first: u64, count: u64) -> Result<(), TargetError> {
+        let s = self.session("hash")?;
+        let block_count = s.next.block_count();
+        match first.checked_add(count) {
+            Some(end) if end <= block_count => Ok(()),
+            _ => Err(TargetError::BlockRange {
+                volume: self.volume(),
+                first,
+                end: first.saturating_add(count),
+                block_count,
+            }),
+        }
+    }
+
+    /// Hashes of blocks `first..first + count` of the effective content.
+    fn block_hashes_impl(&mut self, first: u64, count: u32) -> Result<Vec<BlockHash>, TargetError> {
+        self.check_blocks(first, count as u64)?;
+        (first..first + count as u64).map(|b| self.ensure_hash(b)).collect()
+    }
+
+    /// Hashes of the [`SUB_BLOCK_SIZE`] pieces of each listed block of the effective content, back to back.
+    fn sub_hashes_impl(&mut self, blocks: &[u64]) -> Result<Vec<BlockHash>, TargetError> {
+        let mut out = Vec::new();
+        for &b in blocks {
+            self.check_blocks(b, 1)?;
+            let data = self.block_content(b)?;
+            out.extend(data.chunks(SUB_BLOCK_SIZE as usize).map(hash::hash_block));
+        }
+        Ok(out)
+    }
+
+    /// Commits the transfer if its content hashes to `root` (see the module docs for the protocol).
+    fn commit_impl(&mut self, root: BlockHash) -> Result<CommitAck, TargetError> {
+        self.session("commit")?;
+        let dirty: Vec<u64> = self.session.as_ref().expect("checked").dirty.iter().collect();
+        for b in dirty {
+            self.ensure_hash(b)?;
+        }
+        let mut s = self.session.take().expect("checked above");
+        let generation = s.plan.generation;
+        let ours = s.next.root();
+        if ours != root {
+            let e = TargetError::RootMismatch {
+                volume: self.volume(),
+                generation,
+                ours: hash::hex(&ours),
+                theirs: hash::hex(&root),
+            };
+            self.session = Some(s);
+            self.abort()?;
+            return Err(e);
+        }
+        match s.mode {
+            Mode::Spool(mut w) => {
+                s.next.write().map_err(|e| self.manifest_err(e))?;
+                w.commit(&root).map_err(|e| self.spool_err(e))?;
+                let spool_path = w.path().to_owned();
+                let records = w.records().to_vec();
+                let file = w.file().try_clone().map_err(|e| self.io_err("open", &spool_path, e))?;
+                drop(w);
+                self.apply_records(&file, &spool_path, &records)?;
+                self.sync_shadow()?;
+                s.next.install().map_err(|e| self.manifest_err(e))?;
+                drop(file);
+                self.remove_spool()?;
+                if self.state.corrupt {
+                    self.write_state(StateFile { exists: true, incomplete: false, corrupt: false, generation })?;
+                }
+            }
+            Mode::InPlace => {
+                self.sync_shadow()?;
+                s.next.write().map_err(|e| self.manifest_err(e))?;
+                s.next.install().map_err(|e| self.manifest_err(e))?;
+                self.write_state(StateFile { exists: true, incomplete: false, corrupt: false, generation })?;
+            }
+        }
+        self.load_manifest();
+        tracing::info!(volume = %self.opts.volume, generation, root = %hash::hex(&root), "generation committed");
+        Ok(CommitAck { generation, root })
+    }
+
+    /// Ends a transfer without committing it: the spooled records are fsynced and kept for resume
+    /// ([`TargetInfo::pending`]). Nothing happens without a transfer in progress.
+    pub fn abort(&mut self) -> Result<(), TargetError> {
+        let Some(s) = self.session.take() else { return Ok(()) };
+        if let Mode::Spool(mut w) = s.mode {
+            w.sync().map_err(|e| self.spool_err(e))?;
+            let path = w.path().to_owned();
+            drop(w);
+            let file = File::open(&path).map_err(|e| self.io_err("open", &path, e))?;
+            match spool::scan(&file, &path) {
+                Ok(scan) if scan.commit.is_none() => self.pending = Some(scan),
+                Ok(_) => {}
+                Err(e) => return Err(self.spool_err(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Rehashes the shadow and compares it with the committed manifest: `Ok(true)` when every block matches.
+    pub fn verify(&self) -> Result<bool, TargetError> {
+        let m = self.manifest.as_ref().ok_or(TargetError::NoManifest { volume: self.volume() })?;
+        let (size, bs) = (m.volume_size(), m.block_size());
+        let mut buf = AlignedBuf::new(bs as usize);
+        for b in 0..m.block_count() {
+            let len = hash::block_len(size, bs, b);
+            buf.set_len(len);
+            self.shadow
+                .read_at(b * bs as u64, &mut buf)
+                .map_err(|source| TargetError::Shadow { volume: self.volume(), source })?;
+            if hash::hash_block(&buf[..len]) != *m.hash(b) {
+                tracing::warn!(volume = %self.opts.volume, block = b, "shadow block differs from the manifest");
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Updates the next manifest for an extent just received: blocks it fully covers get the hash of their new
+/// content, blocks it partly covers become dirty.
+fn update_hashes(s: &mut Session, e: &Extent) {
+    let bs = s.plan.block_size as u64;
+    let size = s.plan.volume_size;
+    let end = e.offset + e.len;
+    let first = e.offset / bs;
+    let last = (end - 1) / bs;
+    for b in first..=last {
+        let start = b * bs;
+        let blen = hash::block_len(size, s.plan.block_size, b) as u64;
+        if start >= e.offset && start + blen <= end {
+            let h = match &e.data {
+                ExtentData::Zero => s.zeros.get(blen as usize),
+                ExtentData::Data(d) => {
+                    let at = (start - e.offset) as usize;
+                    hash::hash_block(&d[at..at + blen as usize])
+                }
+            };
+            s.next.set(b, &h);
+            s.dirty.set(b, false);
+        } else {
+            s.dirty.set(b, true);
+        }
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if self.session.is_some() {
+            if let Err(e) = self.abort() {
+                tracing::warn!(volume = %self.opts.volume, error = %error_chain(&e), "could not keep the spool for resume");
+            }
+        }
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+impl TargetLink for Target {
+    fn info(&mut self) -> Result<TargetInfo, LinkError> {
+        Ok(self.info_impl())
+    }
+    fn begin(&mut self, plan: &BeginPlan) -> Result<BeginAck, LinkError> {
+        Ok(self.begin_impl(plan)?)
+    }
+    fn block_hashes(&mut self, first: u64, count: u32) -> Result<Vec<BlockHash>, LinkError> {
+        Ok(self.block_hashes_impl(first, count)?)
+    }
+    fn sub_hashes(&mut self, blocks: &[u64]) -> Result<Vec<BlockHash>, LinkError> {
+        Ok(self.sub_hashes_impl(blocks)?)
+    }
+    fn extent(&mut self, extent: Extent) -> Result<(), LinkError> {
+        Ok(self.extent_impl(extent)?)
+    }
+    fn commit(&mut self, root: BlockHash) -> Result<CommitAck, LinkError> {
+        Ok(self.commit_impl(root)?)
+    }
 }

@@ -1,0 +1,619 @@
+//! Acceptance tests of the crash-safe apply: crash at every durable operation, corrupt state, bad input, resume,
+//! full filesystem, and a property test over several generations.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::durable::{FaultPlan, InjectedCrash};
+use crate::hash::RootHasher;
+
+struct Env {
+    _dir: tempfile::TempDir,
+    shadow: PathBuf,
+    state: PathBuf,
+}
+
+/// A temporary directory with a shadow file of `size` bytes (filled with a pattern) and a state directory.
+fn env(size: usize) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let shadow = dir.path().join("shadow");
+    let pattern: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&shadow, pattern).unwrap();
+    let state = dir.path().join("state");
+    Env { shadow, state, _dir: dir }
+}
+
+fn open(e: &Env, durable: Durable) -> Result<Target, TargetError> {
+    Target::open(&e.shadow, &e.state, TargetOptions { volume: "vol".into(), durable, ..Default::default() })
+}
+
+fn source_root(src: &[u8], bs: u32) -> BlockHash {
+    let mut r = RootHasher::new(src.len() as u64, bs);
+    for c in src.chunks(bs as usize) {
+        r.push(&hash::hash_block(c));
+    }
+    r.finish()
+}
+
+/// How the local driver behaves.
+#[derive(Clone, Copy)]
+struct Drive {
+    bs: u32,
+    resume: bool,
+    /// Stop (without committing) after this many extents.
+    stop_after: Option<usize>,
+}
+
+impl Drive {
+    fn bs(bs: u32) -> Self {
+        Drive { bs, resume: false, stop_after: None }
+    }
+}
+
+/// A tiny local sync: compares block hashes (then 4 KiB sub-block hashes) of the target with `src`, sends the
+/// changed pieces (zero pieces as zero extents, adjacent pieces coalesced) and commits. Returns the commit (None
+/// when stopped early) and the bytes sent.
+fn drive(t: &mut Target, src: &[u8], d: Drive) -> Result<(Option<CommitAck>, u64), TargetError> {
+    let info = t.info_impl();
+    let base = if info.root.is_some() { info.generation } else { 0 };
+    let plan = BeginPlan {
+        generation: info.generation + 1,
+        base_generation: base,
+        volume_size: src.len() as u64,
+        block_size: d.bs,
+        resume: d.resume,
+    };
+    t.begin_impl(&plan)?;
+    let bs = d.bs as usize;
+    let n = hash::block_count(src.len() as u64, d.bs);
+    let theirs = t.block_hashes_impl(0, n as u32)?;
+    // Changed 4 KiB pieces as (offset, len).
+    let mut pieces: Vec<(usize, usize)> = Vec::new();
+    for b in 0..n as usize {
+        let block = &src[b * bs..((b + 1) * bs).min(src.len())];
+        if hash::hash_block(block) == theirs[b] {
+            continue;
+        }
+        let subs = t.sub_hashes_impl(&[b as u64])?;
+        for (i, piece) in block.chunks(SUB_BLOCK_SIZE as usize).enumerate() {
+            if hash::hash_block(piece) != subs[i] {
+                pieces.push((b * bs + i * SUB_BLOCK_SIZE as usize, piece.len()));
+            }
+        }
+    }
+    // Coalesce adjacent pieces of the same kind (zero or data).
+    let mut extents: Vec<(usize, usize, bool)> = Vec::new();
+    for (off, len) in pieces {
+        let zero = hash::is_zero(&src[off..off + len]);
+        match extents.last_mut() {
+            Some((o, l, z)) if *o + *l == off && *z == zero => *l += len,
+            _ => extents.push((off, len, zero)),
+        }
+    }
+    let mut sent = 0u64;
+    for (i, (off, len, zero)) in extents.into_iter().enumerate() {
+        if d.stop_after == Some(i) {
+            return Ok((None, sent));
+        }
+        let data = if zero { ExtentData::Zero } else { ExtentData::Data(Bytes::copy_from_slice(&src[off..off + len])) };
+        t.extent_impl(Extent { offset: off as u64, len: len as u64, data })?;
+        sent += len as u64;
+    }
+    if d.stop_after.is_some() {
+        return Ok((None, sent));
+    }
+    Ok((Some(t.commit_impl(source_root(src, d.bs))?), sent))
+}
+
+fn sync(t: &mut Target, src: &[u8], bs: u32) -> CommitAck {
+    drive(t, src, Drive::bs(bs)).unwrap().0.unwrap()
+}
+
+/// A random image of `size` bytes with some zero runs.
+fn image(rng: &mut rand::rngs::SmallRng, size: usize) -> Vec<u8> {
+    let mut v = vec![0u8; size];
+    rng.fill(&mut v[..]);
+    let z = rng.gen_range(0..size / 4);
+    v[z..z + size / 8].fill(0);
+    v
+}
+
+/// `prev` with scattered changes: rewritten pieces, zeroed pieces, a few bytes in the last partial block.
+fn mutate(rng: &mut rand::rngs::SmallRng, prev: &[u8]) -> Vec<u8> {
+    let mut v = prev.to_vec();
+    for _ in 0..4 {
+        let at = rng.gen_range(0..v.len());
+        let len = rng.gen_range(1..6000).min(v.len() - at);
+        if rng.gen_bool(0.3) {
+            v[at..at + len].fill(0);
+        } else {
+            rng.fill(&mut v[at..at + len]);
+        }
+    }
+    let last = v.len() - 1;
+    v[last] ^= 0x5a;
+    v
+}
+
+fn shadow_bytes(e: &Env, len: usize) -> Vec<u8> {
+    std::fs::read(&e.shadow).unwrap()[..len].to_vec()
+}
+
+fn crash_op(e: &TargetError) -> Option<crate::durable::Op> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if let Some(ic) = io.get_ref().and_then(|i| i.downcast_ref::<InjectedCrash>()) {
+                return Some(ic.op);
+            }
+        }
+        cur = c.source();
+    }
+    None
+}
+
+const SIZE: usize = 64 * 1024 + 1000; // last block partial
+
+#[test]
+fn crash_at_every_durable_operation_of_an_incremental_sync_leaves_one_generation() {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let v0 = image(&mut rng, SIZE);
+    let v1 = mutate(&mut rng, &v0);
+    let v2 = mutate(&mut rng, &v1);
+    let v3 = mutate(&mut rng, &v2);
+    for bs in [4096u32, 16384] {
+        for torn in [false, true] {
+            let mut crashed_at = BTreeSet::new();
+            let mut n = 0u64;
+            loop {
+                let e = env(SIZE + 5000);
+                let d = Durable::new();
+                let mut t = open(&e, d.clone()).unwrap();
+                sync(&mut t, &v0, bs);
+                sync(&mut t, &v1, bs);
+                d.arm(FaultPlan { crash_after: n, torn });
+                let r = drive(&mut t, &v2, Drive::bs(bs));
+                drop(t);
+                let done = match &r {
+                    Ok(_) => true,
+                    Err(err) => {
+                        let op = crash_op(err).unwrap_or_else(|| panic!("not a simulated crash: {err:?}"));
+                        crashed_at.insert(format!("{op:?}"));
+                        false
+                    }
+                };
+                let mut t = open(&e, Durable::new()).unwrap();
+                let info = t.info_impl();
+                let shadow = shadow_bytes(&e, SIZE);
+                assert!(info.complete, "bs {bs} torn {torn} n {n}");
+                assert!(info.pending.is_none() || info.generation == 2, "pending only for an uncommitted transfer");
+                if shadow == v1 {
+                    assert!(!done, "a finished sync must leave the new generation");
+                    assert_eq!((info.generation, info.root), (2, Some(source_root(&v1, bs))), "n {n}");
+                } else {
+                    assert!(shadow == v2, "bs {bs} torn {torn} n {n}: the shadow is neither generation");
+                    assert_eq!((info.generation, info.root), (3, Some(source_root(&v2, bs))), "n {n}");
+                }
+                assert!(t.verify().unwrap());
+                assert!(!e.state.join(SPOOL_FILE).exists() || info.generation == 2);
+                // A fresh sync completes.
+                let ack = sync(&mut t, &v3, bs);
+                assert_eq!(ack.generation, info.generation + 1);
+                assert_eq!(shadow_bytes(&e, SIZE), v3);
+                if done {
+                    break;
+                }
+                n += 1;
+            }
+            for op in [
+                "SpoolAppend",
+                "SpoolSync",
+                "ManifestWrite",
+                "ManifestSync",
+                "ShadowWrite",
+                "ShadowSync",
+                "Rename",
+                "SpoolRemove",
+                "DirSync",
+            ] {
+                assert!(crashed_at.contains(op), "bs {bs}: no crash at {op}; crashed at {crashed_at:?}");
+            }
+            assert!(n >= 10, "only {n} durable operations in a sync");
+        }
+    }
+}
+
+#[test]
+fn crash_during_the_first_full_sync_leaves_the_shadow_incomplete_until_a_sync_commits() {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(8);
+    let v0 = image(&mut rng, SIZE);
+    for torn in [false, true] {
+        let mut n = 0u64;
+        let mut crashed_at = BTreeSet::new();
+        loop {
+            let e = env(SIZE);
+            let d = Durable::with_plan(FaultPlan { crash_after: n, torn });
+            let mut t = open(&e, d).unwrap();
+            let r = drive(&mut t, &v0, Drive::bs(4096));
+            drop(t);
+            if let Err(err) = &r {
+                crashed_at.insert(format!("{:?}", crash_op(err).unwrap_or_else(|| panic!("{err:?}"))));
+            }
+            let mut t = open(&e, Durable::new()).unwrap();
+            let info = t.info_impl();
+            if info.complete {
+                assert_eq!(shadow_bytes(&e, SIZE), v0, "n {n}: complete but not the new generation");
+                assert_eq!(info.generation, 1);
+            } else {
+                assert!(r.is_err());
+                assert_eq!(info.generation, 0);
+                // A later sync (also in place) completes it.
+                let again = drive(&mut t, &v0, Drive::bs(4096)).unwrap().0.unwrap();
+                assert_eq!(again.generation, 1);
+                assert!(t.info_impl().complete);
+                assert_eq!(shadow_bytes(&e, SIZE), v0);
+            }
+            if r.is_ok() {
+                break;
+            }
+            n += 1;
+        }
+        for op in ["StateWrite", "ShadowWrite", "ShadowSync", "ManifestWrite", "Rename", "DirSync"] {
+            assert!(crashed_at.contains(op), "no crash at {op}; crashed at {crashed_at:?}");
+        }
+    }
+}
+
+#[test]
+fn corrupt_manifest_is_reported_and_treated_as_absent() {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(9);
+    let v0 = image(&mut rng, SIZE);
+    let v1 = mutate(&mut rng, &v0);
+    type Corruption = (&'static str, fn(&mut Vec<u8>));
+    let corruptions: [Corruption; 4] = [
+        ("bad magic", |b| b[0] ^= 1),
+        ("header crc", |b| b[17] ^= 1),
+        ("truncated", |b| b.truncate(b.len() - 5)),
+        ("block hash", |b| b[200] ^= 1),
+    ];
+    for (what, corrupt) in corruptions {
+        let e = env(SIZE);
+        let mut t = open(&e, Durable::new()).unwrap();
+        sync(&mut t, &v0, 4096);
+        drop(t);
+        let path = e.state.join(MANIFEST_FILE);
+        let mut b = std::fs::read(&path).unwrap();
+        corrupt(&mut b);
+        std::fs::write(&path, &b).unwrap();
+        let mut t = open(&e, Durable::new()).unwrap();
+        assert!(t.manifest_problem().is_some_and(|p| p.contains("corrupt")), "{what}: {:?}", t.manifest_problem());
+        let info = t.info_impl();
+        assert_eq!(info.root, None, "{what}");
+        assert!(info.complete, "{what}: the shadow still holds its generation");
+        // The next sync compares every block (the target hashes the shadow), does not write in place, and
+        // produces the right content and a valid manifest.
+        let (ack, sent) = drive(&mut t, &v1, Drive::bs(4096)).unwrap();
+        assert!(ack.is_some());
+        assert_eq!(sent, differing_pieces(&v0, &v1), "{what}: full comparison sends only what differs");
+        assert_eq!(shadow_bytes(&e, SIZE), v1);
+        drop(t);
+        let t = open(&e, Durable::new()).unwrap();
+        assert!(t.manifest_problem().is_none());
+        assert!(t.verify().unwrap());
+    }
+}
+
+/// Bytes of the 4 KiB pieces that differ between two images.
+fn differing_pieces(a: &[u8], b: &[u8]) -> u64 {
+    a.chunks(4096).zip(b.chunks(4096)).filter(|(x, y)| x != y).map(|(x, _)| x.len() as u64).sum()
+}
+
+/// Syncs `v0`, then runs an incremental sync to `v1` that crashes right after its commit record is durable (at the
+/// first shadow write). Returns the environment in that state.
+fn crash_after_spool_commit(v0: &[u8], v1: &[u8]) -> Env {
+    for n in 0.. {
+        let e = env(SIZE);
+        let d = Durable::new();
+        let mut t = open(&e, d.clone()).unwrap();
+        sync(&mut t, v0, 4096);
+        d.arm(FaultPlan { crash_after: n, torn: false });
+        let err = drive(&mut t, v1, Drive::bs(4096)).unwrap_err();
+        drop(t);
+        if crash_op(&err) == Some(crate::durable::Op::ShadowWrite) {
+            assert_eq!(shadow_bytes(&e, SIZE), v0, "nothing applied before the first shadow write");
+            return e;
+        }
+    }
+    unreachable!()
+}
+
+#[test]
+fn corrupt_committed_spool_is_refused_and_the_shadow_left_alone() {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(10);
+    let v0 = image(&mut rng, SIZE);
+    let v1 = mutate(&mut rng, &v0);
+    let e = crash_after_spool_commit(&v0, &v1);
+    let spool_path = e.state.join(SPOOL_FILE);
+    let mut b = std::fs::read(&spool_path).unwrap();
+    b[spool::HEADER_LEN + spool::RECORD_HEADER_LEN + 3] ^= 0xff; // first record's payload
+    std::fs::write(&spool_path, &b).unwrap();
+    let err = open(&e, Durable::new()).unwrap_err();
+    let msg = error_chain(&err);
+    assert!(matches!(&err, TargetError::Spool { source: SpoolError::CorruptCommitted { .. }, .. }), "{msg}");
+    assert!(msg.contains("not applied") && msg.contains("crc32"), "{msg}");
+    assert_eq!(shadow_bytes(&e, SIZE), v0, "a corrupt committed spool must not touch the shadow");
+}
+
+#[test]
+fn committed_spool_is_rolled_forward_on_open() {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
+    let v0 = image(&mut rng, SIZE);
+    let v1 = mutate(&mut rng, &v0);
+    let e = crash_after_spool_commit(&v0, &v1);
+    let t = open(&e, Durable::new()).unwrap();
+    assert_eq!(shadow_bytes(&e, SIZE), v1);
+    assert_eq!(t.info_impl().generation, 2);
+    assert!(!e.state.join(SPOOL_FILE).exists());
+}
+
+#[test]
+fn uncommitted_spool_with_garbage_tail_keeps_its_valid_prefix() {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(12);
+    let v0 = image(&mut rng, SIZE);
+    let v1 = mutate(&mut rng, &v0);
+    let e = env(SIZE);
+    let mut t = open(&e, Durable::new()).unwrap();
+    sync(&mut t, &v0, 4096);
+    let (_, sent) = drive(&mut t, &v1, Drive { stop_after: Some(2), ..Drive::bs(4096) }).unwrap();
+    drop(t); // keeps the spool, fsynced
+    let spool_path = e.state.join(SPOOL_FILE);
+    let mut b = std::fs::read(&spool_path).unwrap();
+    b.extend_from_slice(&[0x42; 100]);
+    std::fs::write(&spool_path, &b).unwrap();
+    let mut t = open(&e, Durable::new()).unwrap();
+    let p = t.info_impl().pending.expect("the valid prefix is pending");
+    assert_eq!((p.generation, p.base_generation, p.bytes), (2, 1, sent));
+    assert_eq!(shadow_bytes(&e, SIZE), v0, "an uncommitted spool never touches the shadow");
+    // Not resumed: discarded, and a full transfer still yields the right content.
+    let (ack, _) = drive(&mut t, &v1, Drive::bs(4096)).unwrap();
+    assert_eq!(ack.unwrap().generation, 2);
+    assert_eq!(shadow_bytes(&e, SIZE), v1);
+    assert!(t.info_impl().pending.is_none());
+}
+
+#[test]
+fn resume_continues_a_durably_spooled_transfer() {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(13);
+    let v0 = image(&mut rng, SIZE);
+    let mut v1 = v0.clone();
+    rng.fill(&mut v1[1000..40_000]);
+    v1[50_000..50_100].fill(9);
+    let e = env(SIZE);
+    let mut t = open(&e, Durable::new()).unwrap();
+    sync(&mut t, &v0, 16384);
+    // The source sends 2 extents then the connection drops.
+    let (_, first) = drive(&mut t, &v1, Drive { stop_after: Some(1), ..Drive::bs(16384) }).unwrap();
+    assert!(first > 0);
+    drop(t);
+    let mut t = open(&e, Durable::new()).unwrap();
+    let p = t.info_impl().pending.expect("pending transfer");
+    assert_eq!((p.generation, p.bytes), (2, first));
+    assert!(p.end_offset > 0);
+    let (ack, rest) = drive(&mut t, &v1, Drive { resume: true, ..Drive::bs(16384) }).unwrap();
+    assert_eq!(ack.unwrap().generation, 2);
+    let full = {
+        let e2 = env(SIZE);
+        let mut t2 = open(&e2, Durable::new()).unwrap();
+        sync(&mut t2, &v0, 16384);
+        drive(&mut t2, &v1, Drive::bs(16384)).unwrap().1
+    };
+    assert_eq!(first + rest, full, "the resumed sync sends only what was not spooled");
+    assert_eq!(shadow_bytes(&e, SIZE), v1);
+    assert!(t.verify().unwrap());
+}
+
+#[test]
+fn target_smaller_than_source_is_refused_and_nothing_written() {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(14);
+    let v0 = image(&mut rng, SIZE);
+    for synced_before in [false, true] {
+        let e = env(SIZE - 4096);
+        let mut t = open(&e, Durable::new()).unwrap();
+        if synced_before {
+            sync(&mut t, &v0[..SIZE - 4096], 4096);
+        }
+        let before = std::fs::read(&e.shadow).unwrap();
+        let err = drive(&mut t, &v0, Drive::bs(4096)).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, TargetError::TooSmall { .. }));
+        assert!(msg.contains(&(SIZE - 4096).to_string()) && msg.contains(&SIZE.to_string()), "{msg}");
+        assert_eq!(std::fs::read(&e.shadow).unwrap(), before);
+        assert!(!e.state.join(SPOOL_FILE).exists());
+        assert_eq!(t.info_impl().complete, synced_before);
+    }
+}
+
+#[test]
+fn extent_past_the_end_is_refused_and_nothing_written() {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(15);
+    let v0 = image(&mut rng, SIZE);
+    for in_place in [true, false] {
+        let e = env(SIZE + 8192); // shadow larger than the source
+        let mut t = open(&e, Durable::new()).unwrap();
+        if !in_place {
+            sync(&mut t, &v0, 4096);
+        }
+        let before = std::fs::read(&e.shadow).unwrap();
+        let g = t.info_impl().generation;
+        let plan = BeginPlan {
+            generation: g + 1,
+            base_generation: g,
+            volume_size: SIZE as u64,
+            block_size: 4096,
+            resume: false,
+        };
+        assert_eq!(t.begin_impl(&plan).unwrap().in_place, in_place);
+        let bad = [
+            (SIZE as u64 - 10, 20u64), // past the source volume, inside the shadow
+            (SIZE as u64 + 4096, 10),  // past the source volume
+            (u64::MAX - 5, 10),        // overflow
+        ];
+        for (offset, len) in bad {
+            let err = t
+                .extent_impl(Extent { offset, len, data: ExtentData::Data(Bytes::from(vec![1u8; len as usize])) })
+                .unwrap_err();
+            assert!(matches!(err, TargetError::ExtentOutOfRange { .. }), "{err}");
+            assert!(err.to_string().contains("nothing was written"));
+        }
+        let err = t.extent_impl(Extent { offset: 0, len: 10, data: ExtentData::Data(Bytes::from_static(b"short")) });
+        assert!(matches!(err, Err(TargetError::BadExtent { .. })));
+        t.abort().unwrap();
+        assert_eq!(std::fs::read(&e.shadow).unwrap(), before, "in place {in_place}");
+        assert_eq!(t.info_impl().pending.map_or(0, |p| p.bytes), 0);
+    }
+}
+
+#[test]
+fn plans_with_a_wrong_base_or_old_generation_are_refused() {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(16);
+    let v0 = image(&mut rng, SIZE);
+    let e = env(SIZE);
+    let mut t = open(&e, Durable::new()).unwrap();
+    sync(&mut t, &v0, 4096);
+    let plan = |generation, base_generation| BeginPlan {
+        generation,
+        base_generation,
+        volume_size: SIZE as u64,
+        block_size: 4096,
+        resume: false,
+    };
+    assert!(matches!(t.begin_impl(&plan(2, 7)), Err(TargetError::BaseMismatch { committed: 1, .. })));
+    assert!(matches!(t.begin_impl(&plan(1, 0)), Err(TargetError::NotNewer { .. })));
+    assert!(matches!(t.begin_impl(&BeginPlan { block_size: 3000, ..plan(2, 1) }), Err(TargetError::BlockSize { .. })));
+    assert!(matches!(t.block_hashes_impl(0, 1), Err(TargetError::NoTransfer { .. })));
+    t.begin_impl(&plan(2, 1)).unwrap();
+    assert!(matches!(t.block_hashes_impl(16, 2), Err(TargetError::BlockRange { .. })));
+    // Wrong root: nothing committed.
+    let err = t.commit_impl([0u8; 32]).unwrap_err();
+    assert!(matches!(err, TargetError::RootMismatch { .. }), "{err}");
+    assert_eq!(t.info_impl().generation, 1);
+    assert_eq!(shadow_bytes(&e, SIZE), v0);
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+#[test]
+fn full_state_filesystem_fails_cleanly_with_needed_and_free_bytes() {
+    if !is_root() {
+        eprintln!(
+            "skipping full_state_filesystem_fails_cleanly_with_needed_and_free_bytes: mounting a tmpfs needs root"
+        );
+        return;
+    }
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(17);
+    let size = 4 << 20;
+    let v0 = image(&mut rng, size);
+    let mut v1 = v0.clone();
+    rng.fill(&mut v1[..3 << 20]);
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "blockrep-test", mnt.to_str().unwrap()])
+        .status()
+        .unwrap();
+    if !status.success() {
+        eprintln!("skipping full_state_filesystem_fails_cleanly_with_needed_and_free_bytes: mount -t tmpfs failed");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+    let shadow = dir.path().join("shadow");
+    std::fs::write(&shadow, vec![0u8; size]).unwrap();
+    let state = mnt.join("vol");
+    let e = Env { shadow, state, _dir: tempfile::tempdir().unwrap() };
+    let mut t = open(&e, Durable::new()).unwrap();
+    sync(&mut t, &v0, 65536); // in place: the spool is not used
+    let err = drive(&mut t, &v1, Drive::bs(65536)).unwrap_err();
+    let msg = error_chain(&err);
+    assert!(matches!(&err, TargetError::Spool { source: SpoolError::Full { .. }, .. }), "{msg}");
+    let TargetError::Spool { source: SpoolError::Full { needed, free, .. }, .. } = &err else { unreachable!() };
+    assert!(*needed > *free && *needed > 0, "{msg}");
+    assert!(
+        msg.contains(&format!("needs at least {needed} bytes")) && msg.contains(&format!("{free} bytes free")),
+        "{msg}"
+    );
+    drop(t);
+    assert_eq!(shadow_bytes(&e, size), v0, "the shadow keeps its previous generation");
+    let t = open(&e, Durable::new()).unwrap();
+    assert_eq!(t.info_impl().generation, 1);
+    assert!(t.verify().unwrap());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn shadow_equals_source_after_every_sync(
+        seed in any::<u64>(),
+        size in 1usize..40_000,
+        bs_shift in 0u32..3,
+        writes in proptest::collection::vec(proptest::collection::vec((any::<u16>(), 1u16..9000, any::<bool>()), 0..5), 1..4),
+    ) {
+        let bs = 4096u32 << bs_shift;
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let mut src = vec![0u8; size];
+        rng.fill(&mut src[..]);
+        let e = env(size + 100);
+        let mut t = open(&e, Durable::new()).unwrap();
+        sync(&mut t, &src, bs);
+        prop_assert_eq!(shadow_bytes(&e, size), src.clone());
+        for (g, gen_writes) in writes.iter().enumerate() {
+            for &(at, len, zero) in gen_writes {
+                let at = at as usize % size;
+                let len = (len as usize).min(size - at);
+                if zero { src[at..at + len].fill(0) } else { rng.fill(&mut src[at..at + len]) }
+            }
+            let ack = sync(&mut t, &src, bs);
+            prop_assert_eq!(ack.generation, g as u64 + 2);
+            prop_assert_eq!(shadow_bytes(&e, size), src.clone());
+        }
+        prop_assert!(t.verify().unwrap());
+    }
+}
+
+#[test]
+fn target_link_trait_drives_a_sync_and_reports_target_errors() {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(18);
+    let v0 = image(&mut rng, SIZE);
+    let e = env(SIZE);
+    let mut t = open(&e, Durable::new()).unwrap();
+    let link: &mut dyn TargetLink = &mut t;
+    let info = link.info().unwrap();
+    assert_eq!((info.volume_size, info.generation, info.complete), (SIZE as u64, 0, false));
+    let plan =
+        BeginPlan { generation: 1, base_generation: 0, volume_size: SIZE as u64, block_size: 4096, resume: false };
+    assert!(link.begin(&plan).unwrap().in_place);
+    link.extent(Extent { offset: 0, len: SIZE as u64, data: ExtentData::Data(Bytes::from(v0.clone())) }).unwrap();
+    assert_eq!(link.block_hashes(0, 1).unwrap(), vec![hash::hash_block(&v0[..4096])]);
+    assert_eq!(link.sub_hashes(&[16]).unwrap(), vec![hash::hash_block(&v0[65536..])]);
+    let ack = link.commit(source_root(&v0, 4096)).unwrap();
+    assert_eq!(ack.generation, 1);
+    let big = BeginPlan { volume_size: SIZE as u64 + 1, generation: 2, ..plan };
+    let err = link.begin(&big).unwrap_err();
+    assert!(matches!(err, LinkError::Target(TargetError::TooSmall { .. })), "{err}");
+    assert!(link.info().unwrap().complete);
+    assert_eq!(shadow_bytes(&e, SIZE), v0);
+}
