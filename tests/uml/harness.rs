@@ -168,7 +168,8 @@ impl Uml {
         if let Some(ns) = &boot.netns {
             cmd.arg("--netns").arg(ns);
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // The script prints only to stderr (read after it ends: a few lines, far below a pipe's capacity).
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {}: {e}", script().display()));
         Guest { dir: self.dir.clone(), child: Some(child), started: Instant::now(), timeout: boot.timeout }
     }
