@@ -32,6 +32,8 @@ pub mod handshake;
 pub mod key;
 pub mod message;
 
+/// The shared byte buffer extents carry (re-exported so users need not depend on `bytes` themselves).
+pub use bytes::Bytes;
 pub use conn::{
     accept_handshake, accept_handshake_with, client_handshake, connect, connect_with, server_handshake, ConnError,
     Connection, Stats,
