@@ -32,7 +32,7 @@ pub mod name;
 pub mod report;
 
 pub use lvm::{
-    Lvm, LvmError, SnapshotSize, DEFAULT_SNAPSHOT_PERCENT, DEFAULT_TIMEOUT, DEFAULT_TOOL_PATHS, NO_UDEV_CONFIG,
+    Lvm, LvmError, Shadow, SnapshotSize, DEFAULT_SNAPSHOT_PERCENT, DEFAULT_TIMEOUT, DEFAULT_TOOL_PATHS, NO_UDEV_CONFIG,
     SHADOW_TAG, SNAPSHOT_TAG,
 };
 pub use name::NameError;

@@ -38,6 +38,24 @@ pub const DEFAULT_SNAPSHOT_PERCENT: u8 = 20;
 /// them open).
 const PIPE_GRACE: Duration = Duration::from_secs(5);
 
+/// What [`Lvm::ensure_shadow`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Shadow {
+    /// The shadow did not exist and was created.
+    Created(Lv),
+    /// A blockrep shadow of the right size was already there.
+    Existing(Lv),
+}
+
+impl Shadow {
+    /// The shadow LV.
+    pub fn lv(&self) -> &Lv {
+        match self {
+            Shadow::Created(lv) | Shadow::Existing(lv) => lv,
+        }
+    }
+}
+
 /// Size of a classic snapshot's copy-on-write store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SnapshotSize {
@@ -249,6 +267,28 @@ pub enum LvmError {
         path: PathBuf,
         /// Why not.
         reason: String,
+    },
+    /// An LV with the name blockrep wants exists but was not made by blockrep; it is left alone.
+    #[error("refusing to touch {vg}/{name}: it exists but {reason}; rename or remove it, or choose another name")]
+    NotOurs {
+        /// VG name.
+        vg: String,
+        /// LV name.
+        name: String,
+        /// What makes it not ours.
+        reason: String,
+    },
+    /// An existing shadow LV has a different size than the volume it should receive.
+    #[error("shadow {vg}/{name} is {size} bytes but the source volume is {expected} bytes; resize the shadow (lvresize -L {expected}b {vg}/{name}) or remove it so it is created again")]
+    ShadowSizeMismatch {
+        /// VG name.
+        vg: String,
+        /// LV name.
+        name: String,
+        /// Its size.
+        size: u64,
+        /// The source's size.
+        expected: u64,
     },
     /// Removing the LV would also remove snapshots lvmctl was not asked to remove.
     #[error("refusing to remove {vg}/{name}: it is the origin of the snapshot(s) {}; remove those first", .snapshots.join(", "))]
@@ -643,6 +683,41 @@ impl Lvm {
         tracing::info!(vg, lv = name, bytes = size, ?tags, "creating LV");
         self.run(&args).map_err(|e| classify(e, Some(vg), None))?;
         self.lv(vg, name)
+    }
+
+    /// Makes sure the shadow LV `vg/name` of exactly `size` bytes exists: creates it tagged [`SHADOW_TAG`] when
+    /// missing, accepts it when it carries the tag and has that size. An LV of that name without the tag is
+    /// [`LvmError::NotOurs`] (never touched), one with another size [`LvmError::ShadowSizeMismatch`].
+    pub fn ensure_shadow(&self, vg: &str, name: &str, size: u64) -> Result<Shadow, LvmError> {
+        match self.find_lv(vg, name)? {
+            None => self.create_lv(vg, name, size, &[SHADOW_TAG]).map(Shadow::Created),
+            Some(lv) if !lv.has_tag(SHADOW_TAG) => Err(LvmError::NotOurs {
+                vg: vg.into(),
+                name: name.into(),
+                reason: format!("is not a blockrep shadow (no {SHADOW_TAG} tag)"),
+            }),
+            Some(lv) if lv.size != size => {
+                Err(LvmError::ShadowSizeMismatch { vg: vg.into(), name: name.into(), size: lv.size, expected: size })
+            }
+            Some(lv) => Ok(Shadow::Existing(lv)),
+        }
+    }
+
+    /// Removes a snapshot `vg/snap` of `vg/origin` left behind by an interrupted run, if there is one: `Ok(true)`
+    /// when one was removed, `Ok(false)` when there was none. An LV of that name that is not a snapshot of
+    /// `origin` tagged [`SNAPSHOT_TAG`] is [`LvmError::NotOurs`] and stays.
+    pub fn remove_leftover_snapshot(&self, vg: &str, origin: &str, snap: &str) -> Result<bool, LvmError> {
+        let Some(lv) = self.find_lv(vg, snap)? else { return Ok(false) };
+        let not_ours = |reason: String| LvmError::NotOurs { vg: vg.into(), name: snap.into(), reason };
+        if !lv.is_snapshot() || lv.origin.as_deref() != Some(origin) {
+            return Err(not_ours(format!("is not a snapshot of {vg}/{origin} (lv_attr {})", lv.attr)));
+        }
+        if !lv.has_tag(SNAPSHOT_TAG) {
+            return Err(not_ours(format!("is not a blockrep snapshot (no {SNAPSHOT_TAG} tag)")));
+        }
+        tracing::warn!(vg, origin, snapshot = snap, "removing a snapshot left behind by an interrupted run");
+        self.remove_lv(vg, snap)?;
+        Ok(true)
     }
 
     /// Renames `vg/old` to `vg/new`.

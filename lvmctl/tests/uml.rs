@@ -1,8 +1,9 @@
 //! lvmctl against the real lvm2, inside a User-Mode Linux guest, and the UML harness's own tests.
 //!
-//! `real_lvm_operations` runs twice: on the host it boots a guest whose scenario makes a VG on a disk image and
-//! runs this same test binary (by its host path, through hostfs) with `BLOCKREP_IN_UML=1`; in the guest it does
-//! the real operations and asserts on them. With `LVMCTL_CAPTURE_FIXTURES=<dir>` the guest also writes the raw
+//! Each `real_lvm_*` test runs twice: on the host it boots a guest whose scenario makes a VG on a disk image and
+//! runs this same test binary (by its host path, through hostfs) with `BLOCKREP_IN_UML=1` and a filter for
+//! itself; in the guest it does the real operations and asserts on them. (Two tests, so two guests share the
+//! work in parallel: every lvm command costs a few hundred milliseconds in the guest.) With `LVMCTL_CAPTURE_FIXTURES=<dir>` the guest also writes the raw
 //! reports and stderr it saw into `<dir>` (that is how `lvmctl/tests/fixtures/` was made).
 
 #[path = "../../tests/uml/harness.rs"]
@@ -22,19 +23,14 @@ macro_rules! skip_without_uml {
     };
 }
 
-#[test]
-fn real_lvm_operations() {
-    if std::env::var_os(IN_UML).is_some() {
-        in_guest::run();
-        return;
-    }
-    skip_without_uml!();
+/// Runs `test` (a test of this binary) inside a guest with a fresh VG `vg0` on a 128 MiB disk image.
+fn run_in_guest(test: &str) {
     let exe = std::env::current_exe().unwrap();
     let scenario = format!(
         "set -e\n\
          pvcreate -q /dev/ubda\n\
          vgcreate -q vg0 /dev/ubda\n\
-         {IN_UML}=1 {exe} --exact real_lvm_operations --nocapture --test-threads=1\n",
+         {IN_UML}=1 {exe} --exact {test} --nocapture --test-threads=1\n",
         exe = exe.display()
     );
     let mut boot = uml::Boot::new(scenario).disk("disk0", 128 << 20).timeout(Duration::from_secs(300));
@@ -44,10 +40,28 @@ fn real_lvm_operations() {
     }
     let u = uml::Uml::new("lvmctl");
     let r = u.run(&boot);
-    eprintln!("guest ran for {:?}", r.elapsed);
+    eprintln!("{test}: guest ran for {:?}", r.elapsed);
     r.assert_success();
     // The in-guest test really ran (and was not filtered away).
     assert!(r.console.contains("test result: ok. 1 passed"), "{}", r.console_tail(40));
+}
+
+#[test]
+fn real_lvm_snapshots() {
+    if std::env::var_os(IN_UML).is_some() {
+        return in_guest::snapshots();
+    }
+    skip_without_uml!();
+    run_in_guest("real_lvm_snapshots");
+}
+
+#[test]
+fn real_lvm_volumes_and_errors() {
+    if std::env::var_os(IN_UML).is_some() {
+        return in_guest::volumes_and_errors();
+    }
+    skip_without_uml!();
+    run_in_guest("real_lvm_volumes_and_errors");
 }
 
 #[test]
@@ -171,7 +185,7 @@ mod in_guest {
     use std::path::Path;
     use std::process::Command;
 
-    use lvmctl::{Lv, Lvm, LvmError, NameError, SnapshotSize, NO_UDEV_CONFIG, SHADOW_TAG, SNAPSHOT_TAG};
+    use lvmctl::{Lv, Lvm, LvmError, NameError, Shadow, SnapshotSize, Vg, NO_UDEV_CONFIG, SHADOW_TAG, SNAPSHOT_TAG};
 
     const MIB: u64 = 1 << 20;
     const VG: &str = "vg0";
@@ -210,7 +224,8 @@ mod in_guest {
         (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
-    pub fn run() {
+    /// The handle, the fresh VG, and a 32 MiB origin LV `data`.
+    fn setup() -> (Lvm, Vg, Lv) {
         let lvm = Lvm::new().unwrap().config(NO_UDEV_CONFIG);
 
         // A fresh VG on the 128 MiB disk image.
@@ -224,6 +239,11 @@ mod in_guest {
         let data = lvm.create_lv(VG, "data", 32 * MIB, &[]).unwrap();
         assert_eq!((data.size, data.origin.as_deref(), data.tags.len()), (32 * MIB, None, 0));
         assert!(data.path.as_ref().unwrap().exists(), "{data:?}");
+        (lvm, vg, data)
+    }
+
+    pub fn snapshots() {
+        let (lvm, vg, data) = setup();
         let before = vec![0xA5u8; MIB as usize];
         write_at(&data, 0, &before);
 
@@ -271,6 +291,29 @@ mod in_guest {
         capture("lvs_snapshot_invalid.json", &lvm.lvs_json(Some(VG), None).unwrap());
         lvm.remove_lv(VG, "data_small").unwrap();
 
+        // Leftover snapshots: ours are removed, others are refused and stay.
+        assert!(!lvm.remove_leftover_snapshot(VG, "data", "data_left").unwrap());
+        lvm.create_snapshot(VG, "data", "data_left", SnapshotSize::Bytes(4 * MIB)).unwrap();
+        assert!(lvm.remove_leftover_snapshot(VG, "data", "data_left").unwrap());
+        let (ok, stderr) = raw_lvm(&["lvcreate", "--yes", "-s", "-L", "4m", "-n", "data_left", "vg0/data"]);
+        assert!(ok, "{stderr}");
+        let e = lvm.remove_leftover_snapshot(VG, "data", "data_left").unwrap_err();
+        assert!(e.to_string().contains("is not a blockrep snapshot (no blockrep_snapshot tag)"), "{e}");
+        let e = lvm.remove_leftover_snapshot(VG, "data", "data").unwrap_err();
+        assert!(e.to_string().contains("is not a snapshot of vg0/data"), "{e}");
+        assert_eq!(names(&lvm), ["data", "data_left"]);
+        lvm.remove_lv(VG, "data_left").unwrap();
+
+        // Clean up to nothing.
+        for lv in names(&lvm) {
+            lvm.remove_lv(VG, &lv).unwrap();
+        }
+        assert!(lvm.lvs(Some(VG)).unwrap().is_empty());
+        assert_eq!(lvm.vg(VG).unwrap().free, vg.size);
+    }
+
+    pub fn volumes_and_errors() {
+        let (lvm, vg, data) = setup();
         // A tagged shadow LV, renamed and tagged again.
         let shadow = lvm.create_lv(VG, "shadow_data", 32 * MIB, &[SHADOW_TAG, "blockrep_vol=data"]).unwrap();
         assert_eq!(shadow.size, data.size);
@@ -351,17 +394,30 @@ mod in_guest {
         let odd = lvm.create_lv(VG, "a+b.c-d_snapshot", 4 * MIB, &[]).unwrap();
         lvm.remove_lv(VG, &odd.name).unwrap();
 
-        // An inactive LV: no device number, and its device path is no longer an LV device.
+        // Shadows: created tagged, accepted when tagged and of the right size, else refused and left alone.
+        let made = lvm.ensure_shadow(VG, "shadow_b", 8 * MIB).unwrap();
+        assert!(matches!(&made, Shadow::Created(lv) if lv.has_tag(SHADOW_TAG) && lv.size == 8 * MIB), "{made:?}");
+        let again = lvm.ensure_shadow(VG, "shadow_b", 8 * MIB).unwrap();
+        assert!(matches!(&again, Shadow::Existing(lv) if lv.name == "shadow_b"), "{again:?}");
+        let e = lvm.ensure_shadow(VG, "shadow_b", 12 * MIB).unwrap_err();
+        assert!(
+            matches!(e, LvmError::ShadowSizeMismatch { size, expected, .. } if size == 8 * MIB && expected == 12 * MIB)
+        );
+        let e = lvm.ensure_shadow(VG, "data", 32 * MIB).unwrap_err();
+        assert!(e.to_string().contains("is not a blockrep shadow (no blockrep_shadow tag)"), "{e}");
+        lvm.remove_lv(VG, "shadow_b").unwrap();
+
+        // An inactive LV: lvm reports no device number.
         let (ok, stderr) = raw_lvm(&["lvchange", "-an", "vg0/shadow_data2"]);
         assert!(ok, "{stderr}");
         let inactive = lvm.lv(VG, "shadow_data2").unwrap();
         assert!(!inactive.is_active() && inactive.kernel_device.is_none(), "{inactive:?}");
         capture("lvs_inactive.json", &lvm.lvs_json(Some(VG), None).unwrap());
 
-        // Clean up to the origin only.
-        lvm.remove_lv(VG, "shadow_data2").unwrap();
-        assert_eq!(names(&lvm), ["data"]);
-        lvm.remove_lv(VG, "data").unwrap();
+        // Clean up to nothing.
+        for lv in names(&lvm) {
+            lvm.remove_lv(VG, &lv).unwrap();
+        }
         assert!(lvm.lvs(Some(VG)).unwrap().is_empty());
         assert_eq!(lvm.vg(VG).unwrap().free, vg.size);
     }
