@@ -13,6 +13,9 @@
 //!   the real lvm2 inside a User-Mode Linux guest (`tests/uml.rs`).
 //! - Space is checked before creating: a snapshot or LV that does not fit in the VG is refused with the numbers,
 //!   and nothing is created.
+//! - lvmctl only removes what it is told to, and tells its own LVs from others by tag: snapshots carry
+//!   [`SNAPSHOT_TAG`] ([`Lvm::remove_leftover_snapshot`] removes nothing else), shadows [`SHADOW_TAG`]
+//!   ([`Lvm::ensure_shadow`] never touches an untagged LV).
 //!
 //! ```no_run
 //! use lvmctl::{Lvm, SnapshotSize};
