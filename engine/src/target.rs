@@ -50,6 +50,8 @@ pub const MANIFEST_FILE: &str = "manifest";
 pub const SPOOL_FILE: &str = "spool";
 /// Name of the state file in the state directory.
 pub const STATE_FILE: &str = "state";
+/// Name of the lock file in the state directory (`flock`ed while a `Target` is open).
+pub const LOCK_FILE: &str = "lock";
 
 const STATE_MAGIC: &[u8; 8] = b"BRSTATE1";
 const STATE_VERSION: u32 = 1;
@@ -70,6 +72,17 @@ pub enum TargetError {
         /// The OS error.
         #[source]
         source: std::io::Error,
+    },
+    /// Another process has the state directory open.
+    #[error(
+        "state directory {path} of volume {volume} is in use by another blockrep process (a sync, serve or verify \
+         of this volume); wait for it to finish"
+    )]
+    Busy {
+        /// Volume name.
+        volume: String,
+        /// The state directory.
+        path: PathBuf,
     },
     /// The shadow volume failed.
     #[error("shadow of volume {volume} failed")]
@@ -390,14 +403,28 @@ pub struct Target {
     state: StateFile,
     pending: Option<Scan>,
     session: Option<Session>,
+    _lock: nix::fcntl::Flock<File>,
 }
 
 impl Target {
     /// Opens the shadow and its state directory (created if missing), and recovers from an interrupted sync: a
     /// committed spool is rolled forward, an uncommitted one is kept for resume (see the module docs).
     pub fn open(shadow: &Path, state_dir: &Path, opts: TargetOptions) -> Result<Target, TargetError> {
-        std::fs::create_dir_all(state_dir)
-            .map_err(|source| TargetError::StateDir { path: state_dir.to_owned(), source })?;
+        let dir_err = |source| TargetError::StateDir { path: state_dir.to_owned(), source };
+        std::fs::create_dir_all(state_dir).map_err(dir_err)?;
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(state_dir.join(LOCK_FILE))
+            .map_err(dir_err)?;
+        let lock = match nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(TargetError::Busy { volume: opts.volume.clone(), path: state_dir.to_owned() })
+            }
+            Err((_, e)) => return Err(dir_err(e.into())),
+        };
         let volume = Volume::open(shadow, Access::ReadWrite, &opts.io)
             .map_err(|source| TargetError::Shadow { volume: opts.volume.clone(), source })?;
         let mut t = Target {
@@ -410,6 +437,7 @@ impl Target {
             state: StateFile::default(),
             pending: None,
             session: None,
+            _lock: lock,
         };
         t.state = t.read_state()?;
         t.recover_spool()?;

@@ -616,4 +616,9 @@ fn target_link_trait_drives_a_sync_and_reports_target_errors() {
     assert!(matches!(err, LinkError::Target(TargetError::TooSmall { .. })), "{err}");
     assert!(link.info().unwrap().complete);
     assert_eq!(shadow_bytes(&e, SIZE), v0);
+    // A second target on the same state directory is refused while the first is open.
+    let err = open(&e, Durable::new()).unwrap_err();
+    assert!(matches!(err, TargetError::Busy { .. }), "{err}");
+    drop(t);
+    open(&e, Durable::new()).unwrap();
 }
