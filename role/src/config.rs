@@ -292,7 +292,10 @@ pub struct Services {
 
 /// A systemd unit name, or a hook command run as `sh -c HOOK` with BLOCKREP_ACTION=start|stop.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a systemd unit name, { unit = \"name.service\", timeout_s = N } or { hook = \"command\", timeout_s = N }"
+)]
 pub enum Service {
     /// `"postgresql.service"`.
     Unit(String),
@@ -480,6 +483,7 @@ primary_only = ["pg.service", { unit = "x.service", timeout_s = 5 }, { hook = "/
             FULL.replace("count = 5", "count = 5\ncuont = 1"),
             FULL.replace("primary_entry = \"p\"", "primary_entry = \"p\"\nextra = 1"),
             FULL.replace("kind = \"grub-env\"", "kind = \"grub\""),
+            FULL.replace("{ hook = \"/bin/true\"", "{ hok = \"/bin/true\""),
         ] {
             assert!(Config::from_toml(&bad).is_err(), "accepted: {bad}");
         }
@@ -493,6 +497,13 @@ primary_only = ["pg.service", { unit = "x.service", timeout_s = 5 }, { hook = "/
         assert!(e.to_string().contains("interface"), "{e}");
         let e = Config::from_toml(&FULL.replace("/var/lib/blockrep/role", "relative")).unwrap_err();
         assert!(e.to_string().contains("state_dir"), "{e}");
+    }
+
+    #[test]
+    fn a_misspelt_service_says_what_is_expected() {
+        let e = Config::from_toml(&FULL.replace("{ hook = \"/bin/true\"", "{ hok = \"/bin/true\"")).unwrap_err();
+        let msg = format!("{:?}", e);
+        assert!(msg.contains("a systemd unit name"), "{msg}");
     }
 
     #[test]
