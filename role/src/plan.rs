@@ -95,7 +95,7 @@ pub enum PlanError {
         interface: String,
     },
     /// The role state could not be read or written.
-    #[error("role state")]
+    #[error("could not read or write the role state")]
     State(#[from] StateError),
     /// The ARP probe could not run.
     #[error("could not probe the virtual IP")]
