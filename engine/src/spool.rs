@@ -33,7 +33,10 @@
 //!              generation u64, root [32], record count u64 (records before the commit), data bytes u64
 //! ```
 //!
-//! Records lie inside the volume and in increasing, non-overlapping offset order; data records carry at most
+//! Records lie inside the volume. Within one session they come in increasing, non-overlapping offset order; a
+//! resumed session may go back and overwrite what an earlier session spooled (the source's content changed in
+//! between), which starts a new *segment*: a record starting before the previous record's end. Records are
+//! applied in file order, so later records win. Data records carry at most
 //! [`MAX_RECORD_PAYLOAD`] bytes (longer extents are split). Parsing is two-phase per record: the fixed header is
 //! checked (crc, kind, limits, checked arithmetic) before its payload is read.
 //!
@@ -303,8 +306,11 @@ pub struct CommitInfo {
 pub struct Scan {
     /// Header.
     pub header: SpoolHeader,
-    /// Valid extent records, in order.
+    /// Valid extent records, in file order.
     pub records: Vec<Record>,
+    /// Index of the first record of each segment (a run of records in increasing offset order); starts with 0
+    /// when there are records.
+    pub segments: Vec<usize>,
     /// Length of the valid prefix (header, records and commit record).
     pub valid_len: u64,
     /// The commit record, if the spool is committed.
@@ -318,9 +324,9 @@ impl Scan {
     pub fn bytes(&self) -> u64 {
         self.records.iter().map(|r| r.len).sum()
     }
-    /// End offset of the last valid record (0 if none).
+    /// Largest end offset of the valid records (0 if none): everything the source sent up to there is spooled.
     pub fn end_offset(&self) -> u64 {
-        self.records.last().map_or(0, |r| r.end())
+        self.records.iter().map(|r| r.end()).max().unwrap_or(0)
     }
 }
 
@@ -469,7 +475,14 @@ pub fn scan<R: ReadAt + ?Sized>(r: &R, path: &Path) -> Result<Scan, SpoolError> 
     }
     r.read_exact_at(&mut hb, 0).map_err(io)?;
     let header = SpoolHeader::decode(&hb).map_err(committed_corrupt)?;
-    let mut scan = Scan { header, records: Vec::new(), valid_len: HEADER_LEN as u64, commit: None, tail_error: None };
+    let mut scan = Scan {
+        header,
+        records: Vec::new(),
+        segments: Vec::new(),
+        valid_len: HEADER_LEN as u64,
+        commit: None,
+        tail_error: None,
+    };
     let mut pos = HEADER_LEN as u64;
     let mut prev_end = 0u64;
     let mut data_bytes = 0u64;
@@ -521,11 +534,8 @@ pub fn scan<R: ReadAt + ?Sized>(r: &R, path: &Path) -> Result<Scan, SpoolError> 
             scan.valid_len = next;
             break None;
         }
-        if raw.offset < prev_end {
-            break Some(SpoolError::Malformed {
-                pos,
-                what: format!("extent at offset {} starts before the previous one ends ({prev_end})", raw.offset),
-            });
+        if raw.offset < prev_end || scan.records.is_empty() {
+            scan.segments.push(scan.records.len());
         }
         prev_end = raw.offset + raw.len;
         data_bytes += raw.len;
@@ -567,6 +577,9 @@ pub struct SpoolWriter {
     buf_pos: u64,
     unsynced: u64,
     records: Vec<Record>,
+    segments: Vec<usize>,
+    /// End of the last record appended in this session (extents of a session come in increasing order).
+    session_end: u64,
     data_bytes: u64,
 }
 
@@ -590,6 +603,8 @@ impl SpoolWriter {
             buf_pos: 0,
             unsynced: 0,
             records: Vec::new(),
+            segments: Vec::new(),
+            session_end: 0,
             data_bytes: 0,
         };
         w.buf.extend_from_slice(&header.encode());
@@ -597,7 +612,7 @@ impl SpoolWriter {
     }
 
     /// Continues the uncommitted spool described by `scan`: drops its invalid tail (durably) and appends after its
-    /// valid prefix.
+    /// valid prefix. The new session's first extent may lie anywhere (it may overwrite spooled records).
     pub fn resume(path: &Path, scan: Scan, volume: &str, durable: Durable) -> Result<Self, SpoolError> {
         let io = |action, source| SpoolError::Io { action, path: path.to_owned(), source };
         let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| io("open", e))?;
@@ -617,6 +632,8 @@ impl SpoolWriter {
             buf_pos: scan.valid_len,
             unsynced: 0,
             records: scan.records,
+            segments: scan.segments,
+            session_end: 0,
             data_bytes,
         })
     }
@@ -633,16 +650,31 @@ impl SpoolWriter {
     pub fn data_bytes(&self) -> u64 {
         self.data_bytes
     }
-    /// End offset of the last record (0 if none).
+    /// Largest end offset of the records (0 if none).
     pub fn end_offset(&self) -> u64 {
-        self.records.last().map_or(0, |r| r.end())
+        self.records.iter().map(|r| r.end()).max().unwrap_or(0)
+    }
+    /// Index of the first record of each segment (runs of records in increasing offset order; later segments
+    /// overwrite earlier ones).
+    pub fn segments(&self) -> &[usize] {
+        &self.segments
+    }
+
+    fn add(&mut self, rec: Record) {
+        if self.records.last().is_none_or(|last| rec.offset < last.end()) {
+            self.segments.push(self.records.len());
+        }
+        self.session_end = rec.end();
+        self.data_bytes += rec.len;
+        self.records.push(rec);
     }
     /// The spool path.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    fn push_record(&mut self, kind: u8, offset: u64, len: u64, payload: &[u8]) -> Result<u64, SpoolError> {
+    /// Encodes a record into the buffer (nothing is written yet); returns the file position of its payload.
+    fn encode_record(&mut self, kind: u8, offset: u64, len: u64, payload: &[u8]) -> u64 {
         let mut h = [0u8; RECORD_HEADER_LEN];
         h[0] = kind;
         h[4..8].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
@@ -653,13 +685,18 @@ impl SpoolWriter {
         self.buf.extend_from_slice(&h);
         let payload_pos = self.buf_pos + self.buf.len() as u64;
         self.buf.extend_from_slice(payload);
+        payload_pos
+    }
+
+    /// Writes the buffer when it is full, fsyncs every [`SYNC_INTERVAL`] bytes.
+    fn maybe_flush(&mut self) -> Result<(), SpoolError> {
         if self.buf.len() >= WRITE_BUFFER {
             self.flush()?;
         }
         if self.unsynced >= SYNC_INTERVAL {
             self.sync()?;
         }
-        Ok(payload_pos)
+        Ok(())
     }
 
     fn check_extent(&self, offset: u64, len: u64) -> Result<(), SpoolError> {
@@ -674,10 +711,10 @@ impl SpoolWriter {
                 )))
             }
         }
-        if offset < self.end_offset() {
+        if offset < self.session_end {
             return Err(malformed(format!(
                 "extent at offset {offset} starts before the previous one ends ({})",
-                self.end_offset()
+                self.session_end
             )));
         }
         Ok(())
@@ -688,9 +725,9 @@ impl SpoolWriter {
         self.check_extent(offset, data.len() as u64)?;
         for (i, chunk) in data.chunks(MAX_RECORD_PAYLOAD as usize).enumerate() {
             let off = offset + i as u64 * MAX_RECORD_PAYLOAD;
-            let payload_pos = self.push_record(KIND_DATA, off, chunk.len() as u64, chunk)?;
-            self.records.push(Record { kind: RecordKind::Data, offset: off, len: chunk.len() as u64, payload_pos });
-            self.data_bytes += chunk.len() as u64;
+            let payload_pos = self.encode_record(KIND_DATA, off, chunk.len() as u64, chunk);
+            self.add(Record { kind: RecordKind::Data, offset: off, len: chunk.len() as u64, payload_pos });
+            self.maybe_flush()?;
         }
         Ok(())
     }
@@ -698,10 +735,9 @@ impl SpoolWriter {
     /// Appends a zero extent.
     pub fn append_zero(&mut self, offset: u64, len: u64) -> Result<(), SpoolError> {
         self.check_extent(offset, len)?;
-        self.push_record(KIND_ZERO, offset, len, &[])?;
-        self.records.push(Record { kind: RecordKind::Zero, offset, len, payload_pos: 0 });
-        self.data_bytes += len;
-        Ok(())
+        self.encode_record(KIND_ZERO, offset, len, &[]);
+        self.add(Record { kind: RecordKind::Zero, offset, len, payload_pos: 0 });
+        self.maybe_flush()
     }
 
     /// Writes buffered appends to the file (not fsynced).
@@ -757,7 +793,7 @@ impl SpoolWriter {
         p[8..40].copy_from_slice(&c.root);
         p[40..48].copy_from_slice(&c.record_count.to_le_bytes());
         p[48..56].copy_from_slice(&c.data_bytes.to_le_bytes());
-        self.push_record(KIND_COMMIT, 0, COMMIT_PAYLOAD_LEN as u64, &p)?;
+        self.encode_record(KIND_COMMIT, 0, COMMIT_PAYLOAD_LEN as u64, &p);
         self.sync()?;
         Ok(c)
     }
@@ -837,11 +873,16 @@ mod tests {
         assert!(s.tail_error.is_some());
         assert_eq!((s.bytes(), s.end_offset()), (5000 + 8192 + 5, 65541));
         let mut w = SpoolWriter::resume(&p, s, "vol", Durable::new()).unwrap();
-        assert!(w.append_data(65536, b"x").is_err(), "overlapping the resumed records is refused");
+        // A resumed session may overwrite spooled records (a new segment), in increasing order within itself.
+        w.append_data(4100, b"x").unwrap();
+        assert!(w.append_data(4099, b"y").is_err(), "going backwards within a session is refused");
         w.append_data(100_000, b"more").unwrap();
+        assert_eq!(w.segments(), &[0, 3]);
         w.commit(&[1u8; 32]).unwrap();
         let s = decode(&std::fs::read(&p).unwrap()).unwrap();
-        assert_eq!(s.records.len(), 4);
+        assert_eq!(s.records.len(), 5);
+        assert_eq!(s.segments, vec![0, 3]);
+        assert_eq!(s.end_offset(), 100_004);
         assert!(s.commit.is_some() && s.tail_error.is_none());
 
         // A record cut in half is a torn tail, not an error.
@@ -913,10 +954,8 @@ mod tests {
         let check = |img: &[u8]| {
             if let Ok(s) = decode(img) {
                 assert!(s.valid_len <= img.len() as u64);
-                let mut prev_end = 0;
                 for r in &s.records {
-                    assert!(r.offset >= prev_end && r.end() <= s.header.volume_size);
-                    prev_end = r.end();
+                    assert!(r.len > 0 && r.end() <= s.header.volume_size);
                 }
                 if s.commit.is_some() {
                     assert_eq!(s.valid_len, img.len() as u64);

@@ -12,7 +12,8 @@
 //! # Commit protocol
 //!
 //! Spool mode (the shadow holds a complete generation to protect): extents go to the spool only. `commit` then
-//! (1) fsyncs `manifest.next`, (2) appends the commit record and fsyncs the spool, (3) applies the records to the
+//! (1) fsyncs `manifest.next`, (2) fsyncs the records, appends the commit record, fsyncs the spool and the state
+//! directory (so both files' directory entries are durable), (3) applies the records to the
 //! shadow and fsyncs it, (4) renames `manifest.next` over `manifest` and fsyncs the directory, (5) removes the
 //! spool. A crash before (2) leaves the shadow untouched (the uncommitted spool is kept only for resume); a crash
 //! after (2) is rolled forward by [`Target::open`], which applies the committed spool again (idempotent) and
@@ -767,12 +768,10 @@ impl Target {
                 ),
             }
         };
-        let end = match &mode {
-            Mode::Spool(w) => w.end_offset(),
-            Mode::InPlace => 0,
-        };
+        // Extents of this session come in increasing order; a resumed session may start anywhere, as it may
+        // overwrite what an earlier session spooled.
         self.session =
-            Some(Session { plan: plan.clone(), mode, next, dirty, end, zeros: ZeroHashes::new(plan.block_size) });
+            Some(Session { plan: plan.clone(), mode, next, dirty, end: 0, zeros: ZeroHashes::new(plan.block_size) });
         tracing::debug!(volume = %self.opts.volume, generation = plan.generation, in_place, resumed, "transfer begun");
         Ok(BeginAck { resumed, in_place })
     }
@@ -849,8 +848,14 @@ impl Target {
         if let Some(Session { mode: Mode::Spool(w), .. }) = &mut self.session {
             let end = offset + len as u64;
             let records = w.records();
-            let start = records.partition_point(|r| r.end() <= offset);
-            let overlapping: Vec<Record> = records[start..].iter().take_while(|r| r.offset < end).copied().collect();
+            let segments = w.segments();
+            // Segments in file order (later ones overwrite earlier ones); each is sorted by offset.
+            let mut overlapping: Vec<Record> = Vec::new();
+            for (i, &first) in segments.iter().enumerate() {
+                let seg = &records[first..segments.get(i + 1).copied().unwrap_or(records.len())];
+                let start = seg.partition_point(|r| r.end() <= offset);
+                overlapping.extend(seg[start..].iter().take_while(|r| r.offset < end).copied());
+            }
             for r in overlapping {
                 let lo = r.offset.max(offset);
                 let hi = r.end().min(end);
@@ -939,6 +944,10 @@ impl Target {
             Mode::Spool(mut w) => {
                 s.next.write().map_err(|e| self.manifest_err(e))?;
                 w.commit(&root).map_err(|e| self.spool_err(e))?;
+                // The spool and manifest.next were created during this transfer: make their directory entries
+                // durable before the shadow changes, or a power loss could lose the redo log of a half-applied
+                // transfer.
+                self.opts.durable.sync_dir(&self.state_dir).map_err(|e| self.io_err("fsync", &self.state_dir, e))?;
                 let spool_path = w.path().to_owned();
                 let records = w.records().to_vec();
                 let file = w.file().try_clone().map_err(|e| self.io_err("open", &spool_path, e))?;

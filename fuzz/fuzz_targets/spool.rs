@@ -1,5 +1,5 @@
 //! Fuzz target: the spool scanner and the target's state-file decoder must never panic, and a scanned spool must
-//! only yield records inside its volume, in increasing order, inside its valid prefix.
+//! only yield records inside its volume and inside its valid prefix.
 #![no_main]
 
 use engine::{spool, target};
@@ -9,11 +9,10 @@ fuzz_target!(|data: &[u8]| {
     let _ = target::decode_state(data);
     if let Ok(scan) = spool::decode(data) {
         assert!(scan.valid_len <= data.len() as u64);
-        let mut prev_end = 0;
         for r in &scan.records {
-            assert!(r.offset >= prev_end && r.len > 0);
-            prev_end = r.offset.checked_add(r.len).expect("no overflow in accepted records");
-            assert!(prev_end <= scan.header.volume_size);
+            assert!(r.len > 0);
+            let end = r.offset.checked_add(r.len).expect("no overflow in accepted records");
+            assert!(end <= scan.header.volume_size);
             if r.kind == spool::RecordKind::Data {
                 assert!(r.payload_pos + r.len <= scan.valid_len);
             }

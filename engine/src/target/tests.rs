@@ -622,3 +622,55 @@ fn target_link_trait_drives_a_sync_and_reports_target_errors() {
     drop(t);
     open(&e, Durable::new()).unwrap();
 }
+
+/// End to end with the real differ and sync orchestration (`crate::sync::sync_volume`) as the source: a crash at
+/// every durable operation of an incremental sync leaves the shadow at exactly one generation, and the next real
+/// sync (whatever mode it picks after the crash) brings it to the source.
+#[test]
+fn real_sync_survives_a_crash_at_every_durable_operation() {
+    use crate::sync::{sync_volume, SyncOptions};
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(19);
+    let size = 256 * 1024 + 3000;
+    let v0 = image(&mut rng, size);
+    let v1 = mutate(&mut rng, &v0);
+    let v2 = mutate(&mut rng, &v1);
+    let bs = 16384;
+    let opts = SyncOptions::new(bs);
+    let run = |e: &Env, src: &[u8], t: &mut Target| {
+        let src_path = e.state.parent().unwrap().join("source");
+        std::fs::write(&src_path, src).unwrap();
+        let vol = Volume::open(&src_path, Access::Read, &IoOptions::default()).unwrap();
+        let manifest = e.state.parent().unwrap().join("primary.manifest");
+        sync_volume("vol", &vol, &manifest, t, &opts, &mut |_, _| {})
+    };
+    let mut n = 0;
+    loop {
+        let e = env(size);
+        let d = Durable::new();
+        let mut t = open(&e, d.clone()).unwrap();
+        run(&e, &v0, &mut t).unwrap();
+        assert_eq!(shadow_bytes(&e, size), v0);
+        d.arm(FaultPlan { crash_after: n, torn: n % 2 == 1 });
+        let r = run(&e, &v1, &mut t);
+        drop(t);
+        let mut t = open(&e, Durable::new()).unwrap();
+        let info = t.info_impl();
+        let shadow = shadow_bytes(&e, size);
+        if shadow == v0 {
+            assert!(r.is_err());
+            assert_eq!((info.generation, info.root), (1, Some(source_root(&v0, bs))), "n {n}");
+        } else {
+            assert!(shadow == v1, "n {n}: the shadow is neither generation");
+            assert_eq!((info.generation, info.root), (2, Some(source_root(&v1, bs))), "n {n}");
+        }
+        assert!(info.complete);
+        let report = run(&e, &v2, &mut t).unwrap();
+        assert_eq!(report.generation, info.generation + 1);
+        assert_eq!(shadow_bytes(&e, size), v2, "n {n}");
+        if r.is_ok() {
+            assert!(n > 8, "only {n} durable operations");
+            break;
+        }
+        n += 1;
+    }
+}
