@@ -51,6 +51,9 @@ pub enum ConnError {
         #[source]
         source: std::io::Error,
     },
+    /// Setting socket options failed.
+    #[error("configuring the TCP socket failed")]
+    Socket(#[source] std::io::Error),
     /// The peer did not answer in time.
     #[error("{op} the peer timed out; check the network and the peer's log")]
     Timeout {
@@ -144,7 +147,6 @@ impl Limiter {
 }
 
 /// A framed, authenticated connection over the byte stream `S`.
-#[derive(Debug)]
 pub struct Connection<S = TcpStream> {
     stream: S,
     role: Role,
@@ -160,6 +162,21 @@ pub struct Connection<S = TcpStream> {
     stats: Stats,
     peer_node: String,
     broken: bool,
+}
+
+impl<S> std::fmt::Debug for Connection<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("role", &self.role)
+            .field("version", &self.version)
+            .field("peer_node", &self.peer_node)
+            .field("authenticated", &self.send_key.is_some())
+            .field("send_seq", &self.send_seq)
+            .field("recv_seq", &self.recv_seq)
+            .field("buffered", &self.filled)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
 }
 
 fn io_error(op: &'static str, source: std::io::Error) -> ConnError {
@@ -372,8 +389,8 @@ impl<S: Read + Write> Connection<S> {
 impl Connection<TcpStream> {
     /// Sets the read and write timeout of the socket (`None`: wait forever).
     pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<(), ConnError> {
-        self.stream.set_read_timeout(timeout).map_err(|e| io_error("configuring the socket to", e))?;
-        self.stream.set_write_timeout(timeout).map_err(|e| io_error("configuring the socket to", e))
+        self.stream.set_read_timeout(timeout).map_err(ConnError::Socket)?;
+        self.stream.set_write_timeout(timeout).map_err(ConnError::Socket)
     }
 }
 
@@ -404,9 +421,9 @@ pub fn connect_with(
         }
     }
     let stream = stream.ok_or_else(|| unreachable(last))?;
-    stream.set_nodelay(true).map_err(|e| io_error("configuring the socket to", e))?;
-    stream.set_read_timeout(Some(timeout)).map_err(|e| io_error("configuring the socket to", e))?;
-    stream.set_write_timeout(Some(timeout)).map_err(|e| io_error("configuring the socket to", e))?;
+    stream.set_nodelay(true).map_err(ConnError::Socket)?;
+    stream.set_read_timeout(Some(timeout)).map_err(ConnError::Socket)?;
+    stream.set_write_timeout(Some(timeout)).map_err(ConnError::Socket)?;
     let conn = client_handshake(stream, key, opts)?;
     conn.set_timeout(None)?;
     Ok(conn)
@@ -420,9 +437,9 @@ pub fn accept_handshake(stream: TcpStream, key: &Key, node: &str) -> Result<Conn
 
 /// [`accept_handshake`] with explicit handshake options.
 pub fn accept_handshake_with(stream: TcpStream, key: &Key, opts: &HandshakeOptions) -> Result<Connection, ConnError> {
-    stream.set_nodelay(true).map_err(|e| io_error("configuring the socket to", e))?;
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| io_error("configuring the socket to", e))?;
-    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| io_error("configuring the socket to", e))?;
+    stream.set_nodelay(true).map_err(ConnError::Socket)?;
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(ConnError::Socket)?;
+    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(ConnError::Socket)?;
     let conn = server_handshake(stream, key, opts)?;
     conn.set_timeout(None)?;
     Ok(conn)

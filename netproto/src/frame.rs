@@ -219,6 +219,14 @@ pub enum FrameError {
         /// The sequence number.
         seq: u64,
     },
+    /// [`parse`] was given a buffer that is not exactly one frame (a caller bug: use [`check`] first).
+    #[error("frame buffer holds {found} bytes but the header describes a frame of {described}; call check() first")]
+    Length {
+        /// Length the header describes.
+        described: usize,
+        /// Length of the buffer.
+        found: usize,
+    },
     /// The sequence number is not the next one.
     #[error(
         "frame of type {ty} has sequence number {found}, expected {expected}: replayed, dropped or reordered frame"
@@ -423,11 +431,13 @@ impl EncodedFrame {
     }
 }
 
-/// Phase two: verifies one complete frame (exactly the `len` bytes [`check`] reported): sequence number, checksum
-/// and, with a session key, the MAC. Returns the header and the payload (a slice of `frame`, not a copy).
+/// Phase two: verifies one complete frame (exactly the `len` bytes [`check`] reported): header, length, sequence
+/// number, checksum and, with a session key, the MAC. Returns the header and the payload (a slice of `frame`, not a copy).
 pub fn parse(frame: Bytes, expected_seq: u64, key: Option<&MacKey>) -> Result<(Header, Bytes), FrameError> {
-    let h = Header::decode(&frame)?.expect("parse called with a frame check() accepted");
-    assert_eq!(frame.len(), h.frame_len(), "parse called with a frame check() accepted");
+    let h = Header::decode(&frame)?.ok_or(FrameError::Length { described: HEADER_LEN, found: frame.len() })?;
+    if frame.len() != h.frame_len() {
+        return Err(FrameError::Length { described: h.frame_len(), found: frame.len() });
+    }
     if h.seq != expected_seq {
         return Err(FrameError::BadSequence { ty: h.ty, expected: expected_seq, found: h.seq });
     }
@@ -475,6 +485,17 @@ mod tests {
             assert_eq!(h.ty, FrameType::Extent);
             assert_eq!(&p[..], b"\x01\x02\x03hello world");
         }
+    }
+
+    #[test]
+    fn parse_refuses_a_buffer_that_is_not_one_frame() {
+        let buf = sample(0, None);
+        let short = Bytes::copy_from_slice(&buf[..buf.len() - 1]);
+        assert!(matches!(parse(short, 0, None), Err(FrameError::Length { found, .. }) if found == buf.len() - 1));
+        let mut long = buf.clone();
+        long.push(0);
+        assert!(matches!(parse(Bytes::from(long), 0, None), Err(FrameError::Length { .. })));
+        assert!(matches!(parse(Bytes::from_static(b"BRP1"), 0, None), Err(FrameError::Length { .. })));
     }
 
     #[test]

@@ -339,10 +339,19 @@ pub enum MessageError {
     },
 }
 
-/// A zstd compressor for extents, reused across frames.
+/// After this many extents in a row that did not compress, compression is not even tried for the next
+/// [`SKIP_AFTER_MISSES`] extents (incompressible data would otherwise pay zstd's cost for nothing).
+pub const MISSES_BEFORE_SKIP: u32 = 4;
+/// See [`MISSES_BEFORE_SKIP`].
+pub const SKIP_AFTER_MISSES: u32 = 16;
+
+/// A zstd compressor for extents, reused across frames. It stops trying for a while on incompressible runs
+/// ([`MISSES_BEFORE_SKIP`]).
 pub struct ExtentCompressor {
     level: i32,
     ctx: zstd::bulk::Compressor<'static>,
+    misses: u32,
+    skip: u32,
 }
 
 impl std::fmt::Debug for ExtentCompressor {
@@ -355,7 +364,7 @@ impl ExtentCompressor {
     /// A compressor at zstd `level` (1..=22; negative levels are zstd's fast modes).
     pub fn new(level: i32) -> Result<Self, MessageError> {
         let ctx = zstd::bulk::Compressor::new(level).map_err(|source| MessageError::Compress { offset: 0, source })?;
-        Ok(ExtentCompressor { level, ctx })
+        Ok(ExtentCompressor { level, ctx, misses: 0, skip: 0 })
     }
 
     /// The zstd level.
@@ -364,12 +373,21 @@ impl ExtentCompressor {
     }
 
     /// Compresses `data`; `None` when compression does not pay (result at least [`COMPRESS_MAX_PERCENT`] % of
-    /// the input).
+    /// the input) or is skipped after a run of incompressible extents.
     pub fn compress(&mut self, offset: u64, data: &[u8]) -> Result<Option<Vec<u8>>, MessageError> {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return Ok(None);
+        }
         let out = self.ctx.compress(data).map_err(|source| MessageError::Compress { offset, source })?;
         if (out.len() as u64) * 100 >= (data.len() as u64) * COMPRESS_MAX_PERCENT {
+            self.misses += 1;
+            if self.misses >= MISSES_BEFORE_SKIP {
+                self.skip = SKIP_AFTER_MISSES;
+            }
             Ok(None)
         } else {
+            self.misses = 0;
             Ok(Some(out))
         }
     }
@@ -853,14 +871,44 @@ pub(crate) mod tests {
         let (head, body) = m.encode(Some(&mut z)).unwrap();
         assert_eq!(head[16], EXTENT_ZSTD);
         assert!(body.len() < 1000);
-        let random: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-        let random = Bytes::from(random);
+        let random = Bytes::from(noise(1 << 20));
         let m = Message::Extent(Extent { offset: 0, len: 1 << 20, data: ExtentData::Data(random.clone()) });
         let (head, body) = m.encode(Some(&mut z)).unwrap();
-        if head[16] == 0 {
-            // Sent raw: the body is the caller's buffer itself, not a copy.
-            assert_eq!(body.as_ptr(), random.as_ptr());
+        assert_eq!(head[16], 0, "incompressible data is sent raw");
+        // Sent raw: the body is the caller's buffer itself, not a copy.
+        assert_eq!(body.as_ptr(), random.as_ptr());
+        assert_eq!(body.len(), 1 << 20);
+    }
+
+    /// Incompressible bytes (xorshift64).
+    fn noise(n: usize) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn incompressible_runs_pause_compression_then_probe_again() {
+        let mut z = ExtentCompressor::new(1).unwrap();
+        let noise = noise(65536);
+        let text = vec![b'a'; 65536];
+        for _ in 0..MISSES_BEFORE_SKIP {
+            assert!(z.compress(0, &noise).unwrap().is_none());
         }
+        // Compressible data is sent raw while paused...
+        for _ in 0..SKIP_AFTER_MISSES {
+            assert!(z.compress(0, &text).unwrap().is_none());
+        }
+        // ...and compressed again once the pause is over.
+        assert!(z.compress(0, &text).unwrap().is_some());
+        assert!(z.compress(0, &noise).unwrap().is_none(), "one miss after a success does not pause");
+        assert!(z.compress(0, &text).unwrap().is_some());
     }
 
     #[test]
