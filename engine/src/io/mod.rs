@@ -115,6 +115,11 @@ pub trait ReadEngine: Send {
 /// [`WriteEngine::write`] queues a write and may block until a slot frees up; buffers of completed writes come
 /// back through the engine's [`BufPool`]. [`WriteEngine::flush`] waits for every queued write; [`WriteEngine::sync`]
 /// also makes them durable (`fdatasync`).
+///
+/// Queued writes may complete in any order (io_uring runs them concurrently): writes that overlap must be
+/// separated by a `flush`. Any offset and length is accepted; under `O_DIRECT` the pieces that cannot be
+/// aligned are written through a buffered descriptor, which `sync` covers too. Dropping an engine waits for
+/// its queued writes but does not report their errors: call `flush` or `sync` to learn them.
 pub trait WriteEngine: Send {
     /// The engine actually in use (never `Auto`).
     fn kind(&self) -> EngineKind;
@@ -233,7 +238,8 @@ pub(crate) fn new_writer(
 /// reads in flight, and hands every filled buffer to `sink` strictly in offset order.
 ///
 /// Buffers come from `pool` (whose buffers must hold `chunk` bytes); `sink` owns them and returns them to the
-/// pool or drops them. Every chunk is `chunk` bytes long except the last, which ends at `end`. The first error,
+/// pool or drops them. The pool must hold more than `depth` buffers, and a dropped buffer is gone from the pool
+/// for good: a sink that keeps or drops buffers must leave enough for `depth` reads, or the scan waits forever. Every chunk is `chunk` bytes long except the last, which ends at `end`. The first error,
 /// from the engine or from `sink`, stops the scan: reads still in flight are waited for and their buffers go back
 /// to the pool.
 ///
