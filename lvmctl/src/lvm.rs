@@ -16,8 +16,10 @@ use crate::report::{parse_lvs, parse_vgs, Lv, ReportError, SnapshotStatus, Vg, L
 /// Where [`Lvm::new`] looks for the lvm2 tool, in this order.
 pub const DEFAULT_TOOL_PATHS: &[&str] = &["/usr/sbin/lvm", "/sbin/lvm"];
 
-/// How long one lvm command may run before it is killed.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one lvm command may run before it is killed. Generous on purpose: creating a snapshot suspends the
+/// origin and flushes its dirty pages, which can take minutes on a busy server, and killing lvm at that moment
+/// can leave the origin suspended (every write to it then blocks until `dmsetup resume`).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// `--config` for hosts without udev (containers, the User-Mode Linux test guest): lvm2 must not wait for udev
 /// to create device nodes, nor ask dmeventd to monitor snapshots.
@@ -133,7 +135,7 @@ pub enum LvmError {
         source: std::io::Error,
     },
     /// The command ran longer than the timeout and was killed.
-    #[error("`{command}` did not finish within {timeout:?} and was killed (stderr so far: {}); check for hung devices or raise the lvm timeout", show(.stderr))]
+    #[error("`{command}` did not finish within {timeout:?} and was killed (stderr so far: {}); check for hung devices and for a device it left suspended (`dmsetup info -c`, then `dmsetup resume NAME`), or raise the lvm timeout", show(.stderr))]
     Timeout {
         /// The command line.
         command: String,
