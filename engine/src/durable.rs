@@ -8,6 +8,11 @@
 //! write first applies half of its bytes. A test can then run a sync, "crash" it after each of its first N
 //! operations, reopen the target with an unarmed handle and check that recovery yields exactly one generation.
 //!
+//! With `lose_unsynced`, the handle also keeps an undo journal of every write not yet followed by an fsync of the
+//! same file; [`Durable::power_loss`] then restores the old bytes, as if the page cache had been lost with the
+//! machine. This checks that every fsync the protocol relies on is actually there. (Directory operations are
+//! treated as durable at once; the manifest written through a memory map is not journaled.)
+//!
 //! A simulated crash is an [`std::io::Error`] wrapping [`InjectedCrash`]; [`is_injected_crash`] recognises it
 //! anywhere in an error's source chain.
 
@@ -53,6 +58,8 @@ pub struct FaultPlan {
     pub crash_after: u64,
     /// Whether a crashing write first applies half of its bytes.
     pub torn: bool,
+    /// Whether writes not yet fsynced can be undone with [`Durable::power_loss`].
+    pub lose_unsynced: bool,
 }
 
 /// The error of a simulated crash.
@@ -91,12 +98,30 @@ pub enum Gate {
     Torn(u64),
 }
 
+/// One journaled write: the bytes it replaced.
+#[derive(Debug)]
+struct Undo {
+    key: (u64, u64),
+    file: File,
+    offset: u64,
+    old: Vec<u8>,
+    old_len: u64,
+}
+
 #[derive(Debug)]
 struct Inner {
     ops: AtomicU64,
     armed: AtomicBool,
     crash_after: AtomicU64,
     torn: AtomicBool,
+    journal_on: AtomicBool,
+    journal: std::sync::Mutex<Vec<Undo>>,
+}
+
+fn file_key(file: &File) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata()?;
+    Ok((m.dev(), m.ino()))
 }
 
 /// A counting, optionally fault-injecting handle for durable operations. Clones share the counter and the plan.
@@ -120,6 +145,8 @@ impl Durable {
                 armed: AtomicBool::new(false),
                 crash_after: AtomicU64::new(u64::MAX),
                 torn: AtomicBool::new(false),
+                journal_on: AtomicBool::new(false),
+                journal: std::sync::Mutex::new(Vec::new()),
             }),
         }
     }
@@ -135,6 +162,8 @@ impl Durable {
     pub fn arm(&self, plan: FaultPlan) {
         self.inner.crash_after.store(plan.crash_after, Ordering::SeqCst);
         self.inner.torn.store(plan.torn, Ordering::SeqCst);
+        self.inner.journal_on.store(plan.lose_unsynced, Ordering::SeqCst);
+        self.inner.journal.lock().expect("journal lock").clear();
         self.inner.ops.store(0, Ordering::SeqCst);
         self.inner.armed.store(true, Ordering::SeqCst);
     }
@@ -173,8 +202,50 @@ impl Durable {
         }
     }
 
+    /// Before a write of `len` bytes at `offset` to `file` that bypasses [`Durable::write_all_at`] (the shadow's
+    /// engine): journals the bytes it will replace when the plan loses unsynced writes. A no-op otherwise.
+    pub fn before_write(&self, file: &File, offset: u64, len: usize) -> std::io::Result<()> {
+        if !self.inner.journal_on.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let old_len = file.metadata()?.len();
+        let keep = old_len.saturating_sub(offset).min(len as u64) as usize;
+        let mut old = vec![0u8; keep];
+        file.read_exact_at(&mut old, offset)?;
+        let undo = Undo { key: file_key(file)?, file: file.try_clone()?, offset, old, old_len };
+        self.inner.journal.lock().expect("journal lock").push(undo);
+        Ok(())
+    }
+
+    /// After a successful fsync of `file` that bypasses [`Durable::sync_data`] (the shadow's engine): its
+    /// journaled writes are durable now.
+    pub fn after_sync(&self, file: &File) -> std::io::Result<()> {
+        if !self.inner.journal_on.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let key = file_key(file)?;
+        self.inner.journal.lock().expect("journal lock").retain(|u| u.key != key);
+        Ok(())
+    }
+
+    /// Simulates losing the machine: undoes, newest first, every journaled write not followed by an fsync of its
+    /// file, and disarms the handle. Only meaningful with a plan that has `lose_unsynced`.
+    pub fn power_loss(&self) -> std::io::Result<()> {
+        self.disarm();
+        self.inner.journal_on.store(false, Ordering::SeqCst);
+        let journal = std::mem::take(&mut *self.inner.journal.lock().expect("journal lock"));
+        for u in journal.into_iter().rev() {
+            u.file.write_all_at(&u.old, u.offset)?;
+            if u.file.metadata()?.len() > u.old_len {
+                u.file.set_len(u.old_len)?;
+            }
+        }
+        Ok(())
+    }
+
     /// `pwrite` of all of `data` at `offset`.
     pub fn write_all_at(&self, op: Op, file: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
+        self.before_write(file, offset, data.len())?;
         match self.gate(op)? {
             Gate::Proceed => file.write_all_at(data, offset),
             Gate::Torn(n) => {
@@ -187,13 +258,15 @@ impl Durable {
     /// `fdatasync` of a file.
     pub fn sync_data(&self, op: Op, file: &File) -> std::io::Result<()> {
         self.gate_whole(op)?;
-        file.sync_data()
+        file.sync_data()?;
+        self.after_sync(file)
     }
 
     /// `fsync` of a file (data and metadata such as its length).
     pub fn sync_all(&self, op: Op, file: &File) -> std::io::Result<()> {
         self.gate_whole(op)?;
-        file.sync_all()
+        file.sync_all()?;
+        self.after_sync(file)
     }
 
     /// Truncates or extends a file.
@@ -258,7 +331,7 @@ mod tests {
     fn armed_handle_crashes_at_and_after_the_planned_operation() {
         let dir = tempfile::tempdir().unwrap();
         let f = File::create(dir.path().join("f")).unwrap();
-        let d = Durable::with_plan(FaultPlan { crash_after: 1, torn: true });
+        let d = Durable::with_plan(FaultPlan { crash_after: 1, torn: true, lose_unsynced: false });
         d.write_all_at(Op::SpoolAppend, &f, b"abcd", 0).unwrap();
         let e = d.write_all_at(Op::SpoolAppend, &f, b"efgh", 4).unwrap_err();
         assert!(is_injected_crash(&e), "{e}");
@@ -278,12 +351,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("s"), b"old").unwrap();
         for n in 0..4 {
-            let d = Durable::with_plan(FaultPlan { crash_after: n, torn: true });
+            let d = Durable::with_plan(FaultPlan { crash_after: n, torn: true, lose_unsynced: false });
             assert!(d.replace_file(Op::StateWrite, dir.path(), "s", b"new").is_err());
             let now = std::fs::read(dir.path().join("s")).unwrap();
             assert!(now == b"old" || now == b"new", "{now:?}");
         }
         Durable::new().replace_file(Op::StateWrite, dir.path(), "s", b"new").unwrap();
         assert_eq!(std::fs::read(dir.path().join("s")).unwrap(), b"new");
+    }
+
+    #[test]
+    fn power_loss_undoes_writes_not_followed_by_an_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let d = Durable::with_plan(FaultPlan { crash_after: 100, torn: false, lose_unsynced: true });
+        d.write_all_at(Op::SpoolAppend, &f, b"durable", 0).unwrap();
+        d.sync_data(Op::SpoolSync, &f).unwrap();
+        d.write_all_at(Op::SpoolAppend, &f, b"LOST", 2).unwrap();
+        d.write_all_at(Op::SpoolAppend, &f, b" and more", 7).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"duLOSTe and more");
+        d.power_loss().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"durable");
     }
 }

@@ -630,7 +630,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (path, root1) = sample(dir.path(), 1);
         for n in 0..4 {
-            let d = Durable::with_plan(FaultPlan { crash_after: n, torn: n % 2 == 0 });
+            let d = Durable::with_plan(FaultPlan { crash_after: n, torn: n % 2 == 0, lose_unsynced: false });
             let mut w = ManifestWriter::create_with(&path, 2, 10_000, 4096, d).unwrap();
             w.set(0, &[9u8; 32]);
             let r = w.finish();

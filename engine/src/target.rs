@@ -621,7 +621,10 @@ impl Target {
     }
 
     fn shadow_write(&self, offset: u64, data: &[u8]) -> Result<(), TargetError> {
-        let gate = self.opts.durable.gate(Op::ShadowWrite).map_err(|e| self.io_err("write", &self.shadow_path, e))?;
+        let d = &self.opts.durable;
+        let gate = d.gate(Op::ShadowWrite).map_err(|e| self.io_err("write", &self.shadow_path, e))?;
+        d.before_write(self.shadow.file(), offset, data.len())
+            .map_err(|e| self.io_err("journal a write to", &self.shadow_path, e))?;
         let shadow_err = |source| TargetError::Shadow { volume: self.volume(), source };
         match gate {
             Gate::Proceed => self.shadow.write_at(offset, data).map_err(shadow_err),
@@ -644,8 +647,10 @@ impl Target {
     }
 
     fn sync_shadow(&self) -> Result<(), TargetError> {
-        self.opts.durable.gate_whole(Op::ShadowSync).map_err(|e| self.io_err("fsync", &self.shadow_path, e))?;
-        self.shadow.sync_data().map_err(|source| TargetError::Shadow { volume: self.volume(), source })
+        let d = &self.opts.durable;
+        d.gate_whole(Op::ShadowSync).map_err(|e| self.io_err("fsync", &self.shadow_path, e))?;
+        self.shadow.sync_data().map_err(|source| TargetError::Shadow { volume: self.volume(), source })?;
+        d.after_sync(self.shadow.file()).map_err(|e| self.io_err("fsync", &self.shadow_path, e))
     }
 
     fn apply_records(&self, file: &File, path: &Path, records: &[Record]) -> Result<(), TargetError> {

@@ -159,6 +159,9 @@ fn crash_op(e: &TargetError) -> Option<crate::durable::Op> {
 
 const SIZE: usize = 64 * 1024 + 1000; // last block partial
 
+/// Crash flavours: (torn write, lose writes not yet fsynced).
+const MODES: [(bool, bool); 3] = [(false, false), (true, false), (false, true)];
+
 #[test]
 fn crash_at_every_durable_operation_of_an_incremental_sync_leaves_one_generation() {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
@@ -167,7 +170,7 @@ fn crash_at_every_durable_operation_of_an_incremental_sync_leaves_one_generation
     let v2 = mutate(&mut rng, &v1);
     let v3 = mutate(&mut rng, &v2);
     for bs in [4096u32, 16384] {
-        for torn in [false, true] {
+        for (torn, lose_unsynced) in MODES {
             let mut crashed_at = BTreeSet::new();
             let mut n = 0u64;
             loop {
@@ -176,9 +179,10 @@ fn crash_at_every_durable_operation_of_an_incremental_sync_leaves_one_generation
                 let mut t = open(&e, d.clone()).unwrap();
                 sync(&mut t, &v0, bs);
                 sync(&mut t, &v1, bs);
-                d.arm(FaultPlan { crash_after: n, torn });
+                d.arm(FaultPlan { crash_after: n, torn, lose_unsynced });
                 let r = drive(&mut t, &v2, Drive::bs(bs));
                 drop(t);
+                d.power_loss().unwrap();
                 let done = match &r {
                     Ok(_) => true,
                     Err(err) => {
@@ -232,15 +236,16 @@ fn crash_at_every_durable_operation_of_an_incremental_sync_leaves_one_generation
 fn crash_during_the_first_full_sync_leaves_the_shadow_incomplete_until_a_sync_commits() {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(8);
     let v0 = image(&mut rng, SIZE);
-    for torn in [false, true] {
+    for (torn, lose_unsynced) in MODES {
         let mut n = 0u64;
         let mut crashed_at = BTreeSet::new();
         loop {
             let e = env(SIZE);
-            let d = Durable::with_plan(FaultPlan { crash_after: n, torn });
-            let mut t = open(&e, d).unwrap();
+            let d = Durable::with_plan(FaultPlan { crash_after: n, torn, lose_unsynced });
+            let mut t = open(&e, d.clone()).unwrap();
             let r = drive(&mut t, &v0, Drive::bs(4096));
             drop(t);
+            d.power_loss().unwrap();
             if let Err(err) = &r {
                 crashed_at.insert(format!("{:?}", crash_op(err).unwrap_or_else(|| panic!("{err:?}"))));
             }
@@ -321,9 +326,10 @@ fn crash_after_spool_commit(v0: &[u8], v1: &[u8]) -> Env {
         let d = Durable::new();
         let mut t = open(&e, d.clone()).unwrap();
         sync(&mut t, v0, 4096);
-        d.arm(FaultPlan { crash_after: n, torn: false });
+        d.arm(FaultPlan { crash_after: n, torn: false, lose_unsynced: true });
         let err = drive(&mut t, v1, Drive::bs(4096)).unwrap_err();
         drop(t);
+        d.power_loss().unwrap();
         if crash_op(&err) == Some(crate::durable::Op::ShadowWrite) {
             assert_eq!(shadow_bytes(&e, SIZE), v0, "nothing applied before the first shadow write");
             return e;
@@ -650,9 +656,11 @@ fn real_sync_survives_a_crash_at_every_durable_operation() {
         let mut t = open(&e, d.clone()).unwrap();
         run(&e, &v0, &mut t).unwrap();
         assert_eq!(shadow_bytes(&e, size), v0);
-        d.arm(FaultPlan { crash_after: n, torn: n % 2 == 1 });
+        let (torn, lose_unsynced) = MODES[n as usize % MODES.len()];
+        d.arm(FaultPlan { crash_after: n, torn, lose_unsynced });
         let r = run(&e, &v1, &mut t);
         drop(t);
+        d.power_loss().unwrap();
         let mut t = open(&e, Durable::new()).unwrap();
         let info = t.info_impl();
         let shadow = shadow_bytes(&e, size);
