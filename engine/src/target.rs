@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 
 use crate::durable::{Durable, Gate, Op};
 use crate::hash::{self, BlockHash, HashError, ZeroHashes, SUB_BLOCK_SIZE};
-use crate::io::AlignedBuf;
+use crate::io::{AlignedBuf, BufPool};
 use crate::manifest::{self, Manifest, ManifestError, ManifestWriter};
 use crate::spool::{self, Record, RecordKind, Scan, SpoolError, SpoolHeader, SpoolWriter};
 use crate::sync::{BeginAck, BeginPlan, CommitAck, Extent, ExtentData, LinkError, PendingInfo, TargetInfo, TargetLink};
@@ -61,6 +61,8 @@ const STATE_INCOMPLETE: u32 = 1;
 const STATE_SUPPORTED_FLAGS: u32 = STATE_INCOMPLETE;
 /// Largest chunk written or read at once while applying or hashing.
 const IO_CHUNK: usize = 1 << 20;
+/// Writes in flight while applying a spool to the shadow.
+pub const APPLY_DEPTH: usize = 16;
 
 /// Errors of the target side.
 #[derive(Debug, thiserror::Error)]
@@ -653,19 +655,54 @@ impl Target {
         d.after_sync(self.shadow.file()).map_err(|e| self.io_err("fsync", &self.shadow_path, e))
     }
 
+    /// Applies spool records to the shadow in file order through the volume's write engine (io_uring when
+    /// available: up to [`APPLY_DEPTH`] writes in flight). Records of one segment do not overlap, so their writes
+    /// may complete in any order; the engine is flushed between segments so that later records win.
     fn apply_records(&self, file: &File, path: &Path, records: &[Record]) -> Result<(), TargetError> {
-        let mut buf = Vec::new();
+        if records.is_empty() {
+            return Ok(());
+        }
+        let shadow_err = |source| TargetError::Shadow { volume: self.volume(), source };
+        let engine_err = |source| shadow_err(VolumeError::Io { path: self.shadow_path.clone(), source });
+        let chunk = records.iter().map(|r| r.len).max().unwrap_or(0).min(IO_CHUNK as u64) as usize;
+        let pool = BufPool::new(APPLY_DEPTH + 2, chunk);
+        let mut w = self.shadow.writer(APPLY_DEPTH, pool).map_err(shadow_err)?;
+        let mut prev_end = 0u64;
         for r in records {
-            match r.kind {
-                RecordKind::Zero => self.shadow_write_zero(r.offset, r.len)?,
-                RecordKind::Data => {
-                    buf.resize(r.len as usize, 0);
-                    spool::read_payload(file, path, r, 0, &mut buf).map_err(|e| self.spool_err(e))?;
-                    self.shadow_write(r.offset, &buf)?;
+            if r.offset < prev_end {
+                w.flush().map_err(engine_err)?; // a new segment: earlier writes must land first
+            }
+            prev_end = r.end();
+            let mut done = 0u64;
+            while done < r.len {
+                let n = (r.len - done).min(chunk as u64) as usize;
+                let mut buf = w.pool().get();
+                buf.set_len(n);
+                match r.kind {
+                    RecordKind::Zero => buf.fill(0),
+                    RecordKind::Data => {
+                        spool::read_payload(file, path, r, done, &mut buf).map_err(|e| self.spool_err(e))?
+                    }
                 }
+                let offset = r.offset + done;
+                let d = &self.opts.durable;
+                let gate = d.gate(Op::ShadowWrite).map_err(|e| self.io_err("write", &self.shadow_path, e))?;
+                d.before_write(self.shadow.file(), offset, n)
+                    .map_err(|e| self.io_err("journal a write to", &self.shadow_path, e))?;
+                match gate {
+                    Gate::Proceed => w.write(offset, buf).map_err(engine_err)?,
+                    Gate::Torn(i) => {
+                        buf.set_len(n / 2);
+                        w.write(offset, buf).map_err(engine_err)?;
+                        w.flush().map_err(engine_err)?;
+                        let crash = crate::durable::crash(i, Op::ShadowWrite);
+                        return Err(self.io_err("write", &self.shadow_path, crash));
+                    }
+                }
+                done += n as u64;
             }
         }
-        Ok(())
+        w.flush().map_err(engine_err)
     }
 
     /// The committed generation (0: none).

@@ -682,3 +682,12 @@ fn real_sync_survives_a_crash_at_every_durable_operation() {
         n += 1;
     }
 }
+
+#[test]
+fn target_can_move_to_another_thread() {
+    fn send<T: Send>() {}
+    send::<Target>();
+    let e = env(8192);
+    let t = open(&e, Durable::new()).unwrap();
+    std::thread::spawn(move || assert_eq!(t.info_impl().volume_size, 8192)).join().unwrap();
+}
