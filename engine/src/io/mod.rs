@@ -286,8 +286,11 @@ pub fn read_sequential<E: From<IoError>>(
     })();
     // Collect whatever is still in flight after an error so that its buffers return to the pool.
     while engine.in_flight() > 0 {
-        if let Ok(c) = engine.wait() {
-            pool.put(c.buf);
+        match engine.wait() {
+            Ok(c) => pool.put(c.buf),
+            // The ring itself failed: nothing more will complete (dropping the engine deals with the rest).
+            Err(IoError::Uring(_)) => break,
+            Err(_) => {}
         }
     }
     for (_, buf) in early {

@@ -472,3 +472,17 @@ fn loop_device_size_direct_default_and_io() {
     drop(dev);
     assert!(std::fs::read(&img).unwrap() == data, "the image behind the device holds the writes");
 }
+
+#[test]
+fn volume_is_send_and_sync_and_auto_is_resolved() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Volume>();
+    let auto = EngineKind::Auto.resolve().unwrap();
+    match EngineKind::Uring.resolve() {
+        Ok(_) => assert_eq!(auto, EngineKind::Uring, "Auto picks io_uring when the probe passes"),
+        Err(e) => {
+            assert_eq!(auto, EngineKind::Sync, "Auto falls back to the synchronous engine");
+            assert!(e.to_string().contains("--io-engine sync"), "{e}");
+        }
+    }
+}

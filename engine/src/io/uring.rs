@@ -24,21 +24,46 @@ pub(crate) const MAX_DEPTH: usize = 4096;
 pub(crate) fn probe() -> Result<(), std::io::Error> {
     static PROBE: OnceLock<Result<(), (Option<i32>, String)>> = OnceLock::new();
     let cached = PROBE.get_or_init(|| {
-        let fail = |e: std::io::Error| (e.raw_os_error(), e.to_string());
-        let ring = IoUring::new(2).map_err(fail)?;
-        let mut p = io_uring::Probe::new();
-        ring.submitter().register_probe(&mut p).map_err(fail)?;
-        for (code, name) in [(opcode::Read::CODE, "IORING_OP_READ"), (opcode::Write::CODE, "IORING_OP_WRITE")] {
-            if !p.is_supported(code) {
-                return Err((None, format!("the kernel's io_uring lacks {name}")));
-            }
+        let r = probe_once();
+        if let Err((_, reason)) = &r {
+            tracing::info!(%reason, "io_uring is unavailable; the automatic engine choice is the synchronous engine");
         }
-        Ok(())
+        r
     });
     cached.clone().map_err(|(code, msg)| match code {
         Some(c) => std::io::Error::from_raw_os_error(c),
         None => std::io::Error::new(std::io::ErrorKind::Unsupported, msg),
     })
+}
+
+/// Sets up a small ring, checks that it supports reads and writes, and reads one byte through it from a pipe.
+fn probe_once() -> Result<(), (Option<i32>, String)> {
+    let fail = |what: &str, e: std::io::Error| (e.raw_os_error(), format!("{what}: {e}"));
+    let mut ring = IoUring::new(2).map_err(|e| fail("io_uring_setup", e))?;
+    let mut p = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut p).map_err(|e| fail("registering an io_uring probe", e))?;
+    for (code, name) in [(opcode::Read::CODE, "IORING_OP_READ"), (opcode::Write::CODE, "IORING_OP_WRITE")] {
+        if !p.is_supported(code) {
+            return Err((None, format!("the kernel's io_uring lacks {name}")));
+        }
+    }
+    let (rx, tx) = nix::unistd::pipe().map_err(|e| fail("creating a pipe for the io_uring probe", e.into()))?;
+    nix::unistd::write(&tx, b"x").map_err(|e| fail("writing the io_uring probe pipe", e.into()))?;
+    let buf: &'static mut [u8; 1] = Box::leak(Box::new([0u8; 1]));
+    let sqe = opcode::Read::new(types::Fd(rx.as_raw_fd()), buf.as_mut_ptr(), 1).offset(u64::MAX).build();
+    // SAFETY: the buffer is leaked (never freed), so it outlives the operation whatever happens to the ring.
+    unsafe { ring.submission().push(&sqe) }.map_err(|_| (None, "the probe ring's queue is full".to_owned()))?;
+    ring.submit_and_wait(1).map_err(|e| fail("io_uring_enter", e))?;
+    let res = ring.completion().next().map(|c| c.result());
+    match res {
+        Some(1) if buf[0] == b'x' => {
+            // SAFETY: the read completed, so the kernel no longer uses the buffer; it came from Box::leak.
+            drop(unsafe { Box::from_raw(buf as *mut [u8; 1]) });
+            Ok(())
+        }
+        Some(r) if r < 0 => Err(fail("an io_uring read", std::io::Error::from_raw_os_error(-r))),
+        other => Err((None, format!("an io_uring read of a pipe returned {other:?} instead of one byte"))),
+    }
 }
 
 /// A ring with a slab of requests keyed by `user_data`.
