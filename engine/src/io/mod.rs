@@ -106,7 +106,9 @@ pub trait ReadEngine: Send {
     /// Queues a read of `len` bytes at `offset` into `buf` (`len <= buf.capacity()`). On failure the buffer is
     /// handed back.
     fn submit(&mut self, offset: u64, len: usize, buf: AlignedBuf) -> Result<(), (IoError, AlignedBuf)>;
-    /// Waits for one request to complete. Panics if nothing is in flight.
+    /// Waits for one request to complete. Panics if nothing is in flight. A request that fails is reported
+    /// once, as an error, and its buffer is dropped (it no longer counts as in flight). [`IoError::Uring`] is
+    /// different: the ring itself failed, nothing more will complete, and the engine should be dropped.
     fn wait(&mut self) -> Result<Completion, IoError>;
 }
 
