@@ -277,7 +277,7 @@ pub struct Record {
     pub offset: u64,
     /// Length in the volume.
     pub len: u64,
-    /// File position of the payload (data records).
+    /// File position of the payload (data records; for zero records, where a payload would start).
     pub payload_pos: u64,
 }
 
@@ -735,8 +735,8 @@ impl SpoolWriter {
     /// Appends a zero extent.
     pub fn append_zero(&mut self, offset: u64, len: u64) -> Result<(), SpoolError> {
         self.check_extent(offset, len)?;
-        self.encode_record(KIND_ZERO, offset, len, &[]);
-        self.add(Record { kind: RecordKind::Zero, offset, len, payload_pos: 0 });
+        let payload_pos = self.encode_record(KIND_ZERO, offset, len, &[]);
+        self.add(Record { kind: RecordKind::Zero, offset, len, payload_pos });
         self.maybe_flush()
     }
 
@@ -798,6 +798,20 @@ impl SpoolWriter {
         Ok(c)
     }
 
+    /// The uncommitted spool as [`scan`] would find it, without reading it back. Call after a successful
+    /// [`SpoolWriter::sync`] (everything appended is then in the file).
+    pub fn into_scan(self) -> Scan {
+        debug_assert!(self.buf.is_empty(), "into_scan after sync");
+        Scan {
+            header: self.header,
+            records: self.records,
+            segments: self.segments,
+            valid_len: self.buf_pos,
+            commit: None,
+            tail_error: None,
+        }
+    }
+
     /// Reads `buf.len()` payload bytes of a data record, starting `skip` bytes into it.
     pub fn read_payload(&mut self, rec: &Record, skip: u64, buf: &mut [u8]) -> Result<(), SpoolError> {
         self.flush()?;
@@ -835,10 +849,19 @@ mod tests {
         w.append_data(65536, b"hello").unwrap();
         if commit {
             w.commit(&[3u8; 32]).unwrap();
+            std::fs::read(path).unwrap()
         } else {
             w.sync().unwrap();
+            let mine = w.into_scan();
+            let bytes = std::fs::read(path).unwrap();
+            let read_back = decode(&bytes).unwrap();
+            assert_eq!(
+                (mine.header, &mine.records, &mine.segments, mine.valid_len),
+                (read_back.header, &read_back.records, &read_back.segments, read_back.valid_len),
+                "into_scan matches what a scan reads back"
+            );
+            bytes
         }
-        std::fs::read(path).unwrap()
     }
 
     #[test]

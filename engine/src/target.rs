@@ -1021,14 +1021,7 @@ impl Target {
         let Some(s) = self.session.take() else { return Ok(()) };
         if let Mode::Spool(mut w) = s.mode {
             w.sync().map_err(|e| self.spool_err(e))?;
-            let path = w.path().to_owned();
-            drop(w);
-            let file = File::open(&path).map_err(|e| self.io_err("open", &path, e))?;
-            match spool::scan(&file, &path) {
-                Ok(scan) if scan.commit.is_none() => self.pending = Some(scan),
-                Ok(_) => {}
-                Err(e) => return Err(self.spool_err(e)),
-            }
+            self.pending = Some(w.into_scan());
         }
         Ok(())
     }
