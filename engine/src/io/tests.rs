@@ -265,6 +265,73 @@ fn volume_write_at_any_offset(engine: EngineKind, direct: Option<bool>) {
     assert!(std::fs::read(&path).unwrap() == data);
 }
 
+/// Property: any sequence of writes (any offset and length, overlapping ones separated by a flush), flushes and
+/// reads leaves the volume equal to a byte-array model, for reads through the engine and through `read_at`.
+fn random_ops_match_a_model(engine: EngineKind, direct: Option<bool>) {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+
+    const SIZE: usize = 256 * 1024 + 777;
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write { off: usize, len: usize, seed: u64 },
+        Read { off: usize, len: usize },
+    }
+    let op = prop_oneof![
+        3 => (0..SIZE, 1..70_000usize, any::<u64>()).prop_map(|(off, len, seed)| Op::Write {
+            off,
+            len: len.min(SIZE - off),
+            seed
+        }),
+        1 => (0..SIZE, 1..100_000usize).prop_map(|(off, len)| Op::Read { off, len }),
+    ];
+    let mut runner = TestRunner::new(Config { cases: 24, failure_persistence: None, ..Config::default() });
+    runner
+        .run(&proptest::collection::vec(op, 1..40), |ops| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut model = random_bytes(SIZE, 13);
+            let path = image(dir.path(), "img", &model);
+            let vol = open(&path, Access::ReadWrite, engine, direct);
+            let pool = BufPool::new(5, 70_000);
+            let mut wr = vol.writer(3, pool.clone()).unwrap();
+            let mut queued: Vec<(usize, usize)> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Write { off, len, seed } => {
+                        if queued.iter().any(|&(o, l)| off < o + l && o < off + len) {
+                            wr.flush().unwrap();
+                            queued.clear();
+                        }
+                        let mut buf = pool.get();
+                        buf.set_len(len);
+                        SmallRng::seed_from_u64(seed).fill_bytes(&mut buf);
+                        model[off..off + len].copy_from_slice(&buf);
+                        wr.write(off as u64, buf).unwrap();
+                        queued.push((off, len));
+                    }
+                    Op::Read { off, len } => {
+                        wr.flush().unwrap();
+                        queued.clear();
+                        let end = (off + len).min(SIZE);
+                        let mut buf = AlignedBuf::new(len);
+                        buf.set_len(len);
+                        prop_assert_eq!(vol.read_at(off as u64, &mut buf).unwrap(), end - off);
+                        prop_assert!(buf[..] == model[off..end], "read_at({}, {}) differs from the model", off, len);
+                        let mut rd = vol.reader(2).unwrap();
+                        rd.submit(off as u64, len, AlignedBuf::new(len)).map_err(|(e, _)| e).unwrap();
+                        let c = rd.wait().unwrap();
+                        prop_assert!(c.buf[..] == model[off..end], "engine read at {} differs from the model", off);
+                    }
+                }
+            }
+            wr.sync().unwrap();
+            drop(wr);
+            prop_assert!(std::fs::read(&path).unwrap() == model, "file differs from the model");
+            Ok(())
+        })
+        .unwrap();
+}
+
 macro_rules! contract_tests {
     ($($name:ident),* $(,)?) => {
         mod sync_engine {
@@ -317,6 +384,7 @@ contract_tests!(
     drop_with_requests_in_flight,
     shrunk_volume_is_a_short_read,
     volume_write_at_any_offset,
+    random_ops_match_a_model,
 );
 
 /// `Some(Uring)`, or `None` with a printed reason when a probe proves the kernel refuses io_uring.
