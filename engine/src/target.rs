@@ -566,6 +566,12 @@ impl Target {
         let Some(commit) = scan.commit else {
             if let Some(e) = &scan.tail_error {
                 tracing::info!(volume = %self.opts.volume, error = %e, valid_bytes = scan.valid_len, "uncommitted spool has a torn tail; keeping its valid prefix for resume");
+                drop(file);
+                let d = &self.opts.durable;
+                let f =
+                    std::fs::OpenOptions::new().write(true).open(&path).map_err(|e| self.io_err("open", &path, e))?;
+                d.set_len(Op::SpoolTruncate, &f, scan.valid_len).map_err(|e| self.io_err("truncate", &path, e))?;
+                d.sync_all(Op::SpoolSync, &f).map_err(|e| self.io_err("fsync", &path, e))?;
             }
             self.pending = Some(scan);
             return Ok(());

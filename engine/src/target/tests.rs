@@ -383,6 +383,7 @@ fn uncommitted_spool_with_garbage_tail_keeps_its_valid_prefix() {
     std::fs::write(&spool_path, &b).unwrap();
     let mut t = open(&e, Durable::new()).unwrap();
     let p = t.info_impl().pending.expect("the valid prefix is pending");
+    assert_eq!(std::fs::metadata(&spool_path).unwrap().len() as usize, b.len() - 100, "the torn tail is cut at open");
     assert_eq!((p.generation, p.base_generation, p.bytes), (2, 1, sent));
     assert_eq!(shadow_bytes(&e, SIZE), v0, "an uncommitted spool never touches the shadow");
     // Not resumed: discarded, and a full transfer still yields the right content.
