@@ -692,3 +692,33 @@ fn target_can_move_to_another_thread() {
     let t = open(&e, Durable::new()).unwrap();
     std::thread::spawn(move || assert_eq!(t.info_impl().volume_size, 8192)).join().unwrap();
 }
+
+#[test]
+fn corrupt_state_file_is_not_promotable_and_the_next_sync_still_protects_the_shadow() {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(20);
+    let v0 = image(&mut rng, SIZE);
+    let v1 = mutate(&mut rng, &v0);
+    let e = env(SIZE);
+    let mut t = open(&e, Durable::new()).unwrap();
+    sync(&mut t, &v0, 4096);
+    drop(t);
+    std::fs::write(e.state.join(STATE_FILE), b"garbage").unwrap();
+    let mut t = open(&e, Durable::new()).unwrap();
+    assert!(!t.info_impl().complete, "an unreadable state file must not claim a complete shadow");
+    let info = t.info_impl();
+    let plan = BeginPlan {
+        generation: info.generation + 1,
+        base_generation: 0,
+        volume_size: SIZE as u64,
+        block_size: 4096,
+        resume: false,
+    };
+    assert!(!t.begin_impl(&plan).unwrap().in_place, "the shadow is not overwritten in place");
+    t.abort().unwrap();
+    let ack = sync(&mut t, &v1, 4096);
+    assert_eq!(ack.generation, 2);
+    assert!(t.info_impl().complete);
+    assert_eq!(shadow_bytes(&e, SIZE), v1);
+    drop(t);
+    assert!(open(&e, Durable::new()).unwrap().info_impl().complete, "the state file was rewritten");
+}
