@@ -111,6 +111,9 @@ pub struct Volume {
     target: Target,
     is_block: bool,
     access: Access,
+    /// The engine asked for (`Auto` falls back per engine if a ring cannot be set up).
+    requested: EngineKind,
+    /// `requested`, resolved at open.
     engine: EngineKind,
 }
 
@@ -162,7 +165,8 @@ impl Volume {
         };
         let file = Arc::new(file);
         let buffered = if direct { Arc::new(open(false).map_err(open_err)?) } else { Arc::clone(&file) };
-        Ok(Volume { path: path.to_owned(), target: Target { file, buffered, size, direct }, is_block, access, engine })
+        let target = Target { file, buffered, size, direct };
+        Ok(Volume { path: path.to_owned(), target, is_block, access, requested: opts.engine, engine })
     }
 
     /// The path it was opened with.
@@ -185,7 +189,8 @@ impl Volume {
         self.target.direct
     }
 
-    /// The engine [`Volume::reader`] and [`Volume::writer`] hand out (never `Auto`).
+    /// The engine [`Volume::reader`] and [`Volume::writer`] hand out (never `Auto`). With [`EngineKind::Auto`],
+    /// an engine whose ring cannot be set up falls back to the synchronous engine; its `kind()` says which.
     pub fn engine(&self) -> EngineKind {
         self.engine
     }
@@ -207,7 +212,7 @@ impl Volume {
         if self.access != Access::ReadWrite {
             return Err(VolumeError::ReadOnly { path: self.path.clone() });
         }
-        io::new_writer(self.engine, self.target.clone(), depth, pool).map_err(|source| self.io_error(source))
+        io::new_writer(self.requested, self.target.clone(), depth, pool).map_err(|source| self.io_error(source))
     }
 
     /// Reads `buf.len()` bytes at `offset`, short only at the end of the volume; returns the bytes read and
@@ -232,7 +237,7 @@ impl Volume {
     }
 
     pub(crate) fn engine_reader(&self, depth: usize) -> Result<Box<dyn ReadEngine>, IoError> {
-        io::new_reader(self.engine, self.target.clone(), depth)
+        io::new_reader(self.requested, self.target.clone(), depth)
     }
 
     fn io_error(&self, source: IoError) -> VolumeError {

@@ -214,16 +214,24 @@ fn is_aligned(offset: u64, ptr: usize) -> bool {
     offset % DIRECT_ALIGN as u64 == 0 && ptr % DIRECT_ALIGN == 0
 }
 
-/// A read engine of kind `kind` (never `Auto`) on `target`.
+/// A read engine of kind `kind` on `target`. With `Auto`, a ring that cannot be set up (for example a locked-memory
+/// limit on a deep ring, although the small probe ring worked) falls back to the synchronous engine.
 pub(crate) fn new_reader(kind: EngineKind, target: Target, depth: usize) -> Result<Box<dyn ReadEngine>, IoError> {
     let depth = depth.clamp(1, uring::MAX_DEPTH);
     match kind.resolve()? {
-        EngineKind::Uring | EngineKind::Auto => Ok(Box::new(UringReader::new(target, depth)?)),
+        EngineKind::Uring | EngineKind::Auto => match UringReader::new(target.clone(), depth) {
+            Ok(r) => Ok(Box::new(r)),
+            Err(e) if kind == EngineKind::Auto => {
+                tracing::info!(error = %e, depth, "cannot set up an io_uring reader; using the synchronous engine");
+                Ok(Box::new(SyncReader::new(target, depth)))
+            }
+            Err(e) => Err(e),
+        },
         EngineKind::Sync => Ok(Box::new(SyncReader::new(target, depth))),
     }
 }
 
-/// A write engine of kind `kind` (never `Auto`) on `target`.
+/// A write engine of kind `kind` on `target`, falling back like [`new_reader`].
 pub(crate) fn new_writer(
     kind: EngineKind,
     target: Target,
@@ -231,7 +239,14 @@ pub(crate) fn new_writer(
     pool: BufPool,
 ) -> Result<Box<dyn WriteEngine>, IoError> {
     match kind.resolve()? {
-        EngineKind::Uring | EngineKind::Auto => Ok(Box::new(UringWriter::new(target, depth, pool)?)),
+        EngineKind::Uring | EngineKind::Auto => match UringWriter::new(target.clone(), depth, pool.clone()) {
+            Ok(w) => Ok(Box::new(w)),
+            Err(e) if kind == EngineKind::Auto => {
+                tracing::info!(error = %e, depth, "cannot set up an io_uring writer; using the synchronous engine");
+                Ok(Box::new(SyncWriter::new(target, pool)))
+            }
+            Err(e) => Err(e),
+        },
         EngineKind::Sync => Ok(Box::new(SyncWriter::new(target, pool))),
     }
 }
@@ -241,7 +256,8 @@ pub(crate) fn new_writer(
 ///
 /// Buffers come from `pool` (whose buffers must hold `chunk` bytes); `sink` owns them and returns them to the
 /// pool or drops them. The pool must hold more than `depth` buffers, and a dropped buffer is gone from the pool
-/// for good: a sink that keeps or drops buffers must leave enough for `depth` reads, or the scan waits forever. Every chunk is `chunk` bytes long except the last, which ends at `end`. The first error,
+/// for good: a sink that keeps or drops buffers must leave enough for `depth` reads, or the scan waits forever.
+/// Every chunk is `chunk` bytes long except the last, which ends at `end`. The first error,
 /// from the engine or from `sink`, stops the scan: reads still in flight are waited for and their buffers go back
 /// to the pool.
 ///
