@@ -7,7 +7,8 @@
 //! * `manifest.next`: the manifest of the transfer in progress, fsynced before the spool's commit record.
 //! * `spool`: the redo log of the transfer in progress (see [`crate::spool`]).
 //! * `state`: a small versioned file saying whether the shadow holds a complete generation (it does not while the
-//!   first full sync, or an interrupted one, writes in place).
+//!   first full sync, or an interrupted one, writes in place), and the last generation committed (so that losing
+//!   a corrupt manifest does not make generation numbers go back).
 //!
 //! # Commit protocol
 //!
@@ -17,7 +18,7 @@
 //! shadow and fsyncs it, (4) renames `manifest.next` over `manifest` and fsyncs the directory, (5) removes the
 //! spool. A crash before (2) leaves the shadow untouched (the uncommitted spool is kept only for resume); a crash
 //! after (2) is rolled forward by [`Target::open`], which applies the committed spool again (idempotent) and
-//! finishes (4) and (5). A committed spool that fails its checks is never applied: `open` refuses with
+//! finishes (4) and (5); (6) the state file records the generation. A committed spool that fails its checks is never applied: `open` refuses with
 //! [`TargetError::Spool`].
 //!
 //! In-place mode (no complete generation yet): `begin` durably marks the state incomplete before the first write,
@@ -296,7 +297,9 @@ struct StateFile {
     /// The file exists but could not be decoded: the shadow is treated as incomplete, but is not overwritten in
     /// place either.
     corrupt: bool,
-    /// The generation an in-place transfer is building (when incomplete) or last committed in place.
+    /// The generation an in-place transfer is building (when incomplete), else the last generation committed (it
+    /// lags by one after a crash between installing a manifest and rewriting this file). Used for
+    /// [`TargetInfo::generation`] when the manifest is lost, so generation numbers never go back.
     generation: u64,
 }
 
@@ -713,7 +716,11 @@ impl Target {
 
     /// The committed generation (0: none).
     fn committed_generation(&self) -> u64 {
-        self.manifest.as_ref().map_or(0, |m| m.generation())
+        match &self.manifest {
+            Some(m) => m.generation(),
+            None if self.state.exists && !self.state.incomplete => self.state.generation,
+            None => 0,
+        }
     }
 
     /// Whether the shadow holds a complete generation.
@@ -1005,9 +1012,7 @@ impl Target {
                 s.next.install().map_err(|e| self.manifest_err(e))?;
                 drop(file);
                 self.remove_spool()?;
-                if self.state.corrupt {
-                    self.write_state(StateFile { exists: true, incomplete: false, corrupt: false, generation })?;
-                }
+                self.write_state(StateFile { exists: true, incomplete: false, corrupt: false, generation })?;
             }
             Mode::InPlace => {
                 self.sync_shadow()?;

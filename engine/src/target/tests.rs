@@ -299,11 +299,12 @@ fn corrupt_manifest_is_reported_and_treated_as_absent() {
         assert!(t.manifest_problem().is_some_and(|p| p.contains("corrupt")), "{what}: {:?}", t.manifest_problem());
         let info = t.info_impl();
         assert_eq!(info.root, None, "{what}");
+        assert_eq!(info.generation, 1, "{what}: the generation number survives the manifest");
         assert!(info.complete, "{what}: the shadow still holds its generation");
         // The next sync compares every block (the target hashes the shadow), does not write in place, and
         // produces the right content and a valid manifest.
         let (ack, sent) = drive(&mut t, &v1, Drive::bs(4096)).unwrap();
-        assert!(ack.is_some());
+        assert_eq!(ack.unwrap().generation, 2, "{what}");
         assert_eq!(sent, differing_pieces(&v0, &v1), "{what}: full comparison sends only what differs");
         assert_eq!(shadow_bytes(&e, SIZE), v1);
         drop(t);
