@@ -165,7 +165,7 @@ impl Volume {
         };
         let file = Arc::new(file);
         let buffered = if direct { Arc::new(open(false).map_err(open_err)?) } else { Arc::clone(&file) };
-        let target = Target { file, buffered, size, direct };
+        let target = Target { file, buffered, size, direct, max_io: io::MAX_IO };
         Ok(Volume { path: path.to_owned(), target, is_block, access, requested: opts.engine, engine })
     }
 
@@ -234,6 +234,13 @@ impl Volume {
     /// Makes every completed write durable (`fdatasync`).
     pub fn sync_data(&self) -> Result<(), VolumeError> {
         self.target.sync_data().map_err(|source| self.io_error(source))
+    }
+
+    /// Caps every kernel request at `max_io` bytes (rounded down to whole 4 KiB units for direct requests), so
+    /// that reads and writes come back short and the engines must resubmit the rest.
+    #[cfg(test)]
+    pub(crate) fn cap_requests(&mut self, max_io: usize) {
+        self.target.max_io = max_io.max(1);
     }
 
     pub(crate) fn engine_reader(&self, depth: usize) -> Result<Box<dyn ReadEngine>, IoError> {

@@ -158,10 +158,12 @@ pub(crate) struct Target {
     pub(crate) buffered: Arc<File>,
     pub(crate) size: u64,
     pub(crate) direct: bool,
+    /// Largest single kernel request, [`MAX_IO`]; tests lower it to make every read and write come back short.
+    pub(crate) max_io: usize,
 }
 
 /// Largest single read or write handed to the kernel (Linux caps one call at this many bytes anyway).
-const MAX_IO: usize = 0x7fff_f000;
+pub(crate) const MAX_IO: usize = 0x7fff_f000;
 
 impl Target {
     /// Bytes a read of `len` at `offset` must return: `len`, trimmed at the end of the volume.
@@ -182,11 +184,11 @@ impl Target {
             if is_aligned(offset + done as u64, ptr + done) {
                 let n = rest.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
                 debug_assert!(done + n <= cap, "capacity is a multiple of the alignment");
-                return (&self.file, n.min(cap - done).min(MAX_IO));
+                return (&self.file, n.min(cap - done).min(self.max_direct()));
             }
-            return (&self.buffered, rest.min(MAX_IO));
+            return (&self.buffered, rest.min(self.max_io));
         }
-        (&self.file, rest.min(MAX_IO))
+        (&self.file, rest.min(self.max_io))
     }
 
     /// Which descriptor and how many bytes to write next, when `done` of `len` bytes at `ptr` are written, for a
@@ -197,11 +199,16 @@ impl Target {
         if self.direct {
             let whole = rest / DIRECT_ALIGN * DIRECT_ALIGN;
             if whole > 0 && is_aligned(offset + done as u64, ptr + done) {
-                return (&self.file, whole.min(MAX_IO / DIRECT_ALIGN * DIRECT_ALIGN));
+                return (&self.file, whole.min(self.max_direct()));
             }
-            return (&self.buffered, rest.min(MAX_IO));
+            return (&self.buffered, rest.min(self.max_io));
         }
-        (&self.file, rest.min(MAX_IO))
+        (&self.file, rest.min(self.max_io))
+    }
+
+    /// Largest direct request: `max_io` rounded down to the alignment (at least one unit).
+    fn max_direct(&self) -> usize {
+        (self.max_io / DIRECT_ALIGN * DIRECT_ALIGN).max(DIRECT_ALIGN)
     }
 
     /// Makes written data durable. `fdatasync` works on the file, so it also covers the buffered descriptor.

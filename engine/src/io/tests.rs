@@ -332,6 +332,37 @@ fn random_ops_match_a_model(engine: EngineKind, direct: Option<bool>) {
         .unwrap();
 }
 
+/// Reads and writes that the kernel completes in several short pieces (every request capped at 5000 bytes, or
+/// one 4 KiB unit under O_DIRECT) are resubmitted until whole.
+fn short_requests_are_resubmitted(engine: EngineKind, direct: Option<bool>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut data = random_bytes(ODD_SIZE, 14);
+    let path = image(dir.path(), "img", &data);
+    let mut vol = open(&path, Access::ReadWrite, engine, direct);
+    vol.cap_requests(5000);
+    let pool = BufPool::new(6, 100_000);
+    let mut got = Vec::new();
+    read_sequential::<IoError>(&vol, 0, u64::MAX, 100_000, 4, &pool, |off, buf| {
+        assert_eq!(off, got.len() as u64);
+        got.extend_from_slice(&buf);
+        pool.put(buf);
+        Ok(())
+    })
+    .unwrap();
+    assert!(got == data, "stream of short reads equals the file");
+    let mut wr = vol.writer(4, pool.clone()).unwrap();
+    for (off, len) in [(0usize, 100_000usize), (200_000, 65_536), (ODD_SIZE - 30_000, 30_000)] {
+        let mut buf = pool.get();
+        buf.set_len(len);
+        buf.fill(0x5a);
+        data[off..off + len].fill(0x5a);
+        wr.write(off as u64, buf).unwrap();
+    }
+    wr.sync().unwrap();
+    drop(wr);
+    assert!(std::fs::read(&path).unwrap() == data, "short writes were completed");
+}
+
 macro_rules! contract_tests {
     ($($name:ident),* $(,)?) => {
         mod sync_engine {
@@ -385,6 +416,7 @@ contract_tests!(
     shrunk_volume_is_a_short_read,
     volume_write_at_any_offset,
     random_ops_match_a_model,
+    short_requests_are_resubmitted,
 );
 
 /// `Some(Uring)`, or `None` with a printed reason when a probe proves the kernel refuses io_uring.
