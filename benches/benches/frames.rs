@@ -99,6 +99,28 @@ fn bench_zstd_levels(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_incompressible(c: &mut Criterion) {
+    let data = random(4 * MIB, 9);
+    let mut g = c.benchmark_group("zstd_level_random_4MiB");
+    g.throughput(Throughput::Bytes(data.len() as u64));
+    for level in [-1, 1, 3] {
+        g.bench_with_input(BenchmarkId::from_parameter(level), &level, |b, &level| {
+            // A fresh compressor per iteration: this measures the cost of trying, without the pause after
+            // incompressible runs.
+            b.iter(|| {
+                let mut z = ExtentCompressor::new(level).unwrap();
+                data.chunks(MIB).map(|c| z.compress(0, c).unwrap().map_or(0, |v| v.len())).sum::<usize>()
+            })
+        });
+    }
+    g.finish();
+    let mut g = c.benchmark_group("frame_parts_1MiB");
+    g.throughput(Throughput::Bytes(MIB as u64));
+    let chunk = &data[..MIB];
+    g.bench_function("blake3_keyed", |b| b.iter(|| blake3::keyed_hash(&[1; 32], black_box(chunk))));
+    g.finish();
+}
+
 fn bench_loopback(c: &mut Criterion) {
     const N: usize = 64;
     let key = Key([3; 32]);
@@ -132,10 +154,28 @@ fn bench_loopback(c: &mut Criterion) {
             }
         })
     });
+    // Baseline in the same run: the same bytes through a plain TCP socket, 1 MiB writes, reads discarded.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let plain_addr = l.local_addr().unwrap();
+    let sink = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = vec![0u8; MIB];
+        while std::io::Read::read(&mut s, &mut buf).unwrap() > 0 {}
+    });
+    let mut plain = std::net::TcpStream::connect(plain_addr).unwrap();
+    g.bench_function("plain_tcp_64MiB", |b| {
+        b.iter(|| {
+            for _ in 0..N {
+                std::io::Write::write_all(&mut plain, &data).unwrap();
+            }
+        })
+    });
     g.finish();
+    drop(plain);
+    sink.join().unwrap();
     conn.send(&Message::Bye).unwrap();
     server.join().unwrap();
 }
 
-criterion_group!(benches, bench_frames, bench_zstd_levels, bench_loopback);
+criterion_group!(benches, bench_frames, bench_zstd_levels, bench_incompressible, bench_loopback);
 criterion_main!(benches);
