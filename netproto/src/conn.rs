@@ -255,7 +255,8 @@ impl<S: Read + Write> Connection<S> {
     }
 
     /// Sends one message. Data extents are compressed if compression is on and it pays; their data is written
-    /// from the caller's `Bytes` without a copy when sent raw.
+    /// from the caller's `Bytes` without a copy when sent raw. If the peer closed the connection after sending an
+    /// Error message, the error is [`ConnError::Remote`] with the peer's reason.
     pub fn send(&mut self, msg: &Message) -> Result<(), ConnError> {
         if self.broken {
             return Err(ConnError::Broken);
@@ -273,10 +274,30 @@ impl<S: Read + Write> Connection<S> {
             l.take(f.len());
         }
         let r = self.write_frame(&f);
-        if r.is_err() {
+        if let Err(e) = r {
             self.broken = true;
+            return Err(self.peer_reason(e));
         }
-        r
+        Ok(())
+    }
+
+    /// After a failed write: if the peer closed the connection, it may have said why first (an extent outside
+    /// the shadow, disk full). Its Error message explains more than "connection reset", so return that.
+    fn peer_reason(&mut self, e: ConnError) -> ConnError {
+        let closed = matches!(&e, ConnError::Io { source, .. } if matches!(source.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted));
+        if !closed {
+            return e;
+        }
+        // The peer is gone, so these reads end at its last byte and cannot block.
+        for _ in 0..16 {
+            match self.recv_inner() {
+                Ok(Some(Message::Error(m))) => return ConnError::Remote { code: m.code, message: m.message },
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+        e
     }
 
     fn write_frame(&mut self, f: &EncodedFrame) -> Result<(), ConnError> {

@@ -470,3 +470,28 @@ fn error_from_the_peer_surfaces_as_remote() {
     let e = conn.recv_expect("anything").unwrap_err();
     assert!(matches!(e, ConnError::Broken), "an errored connection stays unusable: {e:?}");
 }
+
+#[test]
+fn standby_refusal_mid_stream_reaches_the_sender_with_its_reason() {
+    let (l, addr) = listener();
+    let server = serve_one(l, KEY, HandshakeOptions::new("standby"), |mut conn| {
+        let Message::Extent(e) = conn.recv_expect("Extent").unwrap() else { panic!("expected an extent") };
+        let msg = format!("extent at offset {} ends past the end of the shadow (1 MiB); dropping the sync", e.offset);
+        conn.send_error(code::REFUSED, &msg);
+        // Dropped with unread extents in the socket: the kernel answers the sender with a reset.
+    });
+    let mut conn = netproto::connect(&addr, &KEY, "primary", TIMEOUT).unwrap();
+    let data = Bytes::from(chunk(0));
+    let mut result = Ok(());
+    for i in 0..256u64 {
+        let e = Extent { offset: i << 20, len: 1 << 20, data: ExtentData::Data(data.clone()) };
+        result = conn.send(&Message::Extent(e));
+        if result.is_err() {
+            break;
+        }
+    }
+    server.join().unwrap().unwrap();
+    let e = result.expect_err("256 MiB cannot all fit in socket buffers after the peer closed");
+    assert!(matches!(e, ConnError::Remote { code: code::REFUSED, .. }), "{e:?}");
+    assert!(e.to_string().contains("ends past the end of the shadow"), "{e}");
+}
