@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use lvmctl::{Lvm, SnapshotSize as LvmSize, SNAPSHOT_TAG};
+use lvmctl::{Lvm, SnapshotSize as LvmSize};
 use tracing::{info, warn};
 
 use crate::config::{Config, SnapshotDriver, SnapshotSize, Volume};
@@ -89,22 +89,12 @@ fn with_lvm_snapshot<T>(
         )
     })?;
     let snap = name.map(str::to_owned).unwrap_or_else(|| format!("{}_blockrep_snap", lv.name));
-    if let Some(old) = lvm.find_lv(&lv.vg, &snap).with_context(|| format!("volume {volume}: cannot list LVs"))? {
-        if old.has_tag(SNAPSHOT_TAG) && old.origin.as_deref() == Some(lv.name.as_str()) {
-            warn!(vg = %lv.vg, snapshot = %snap, "removing a snapshot left behind by an interrupted run");
-            lvm.remove_lv(&lv.vg, &snap)
-                .with_context(|| format!("volume {volume}: cannot remove the leftover snapshot"))?;
-        } else {
-            return Err(coded(
-                USAGE,
-                format!(
-                    "volume {volume}: LV {}/{snap} exists and is not blockrep's snapshot of {}; rename it or set \
-                     snapshot_name",
-                    lv.vg, lv.name
-                ),
-            ));
+    lvm.remove_leftover_snapshot(&lv.vg, &lv.name, &snap).map_err(|e| match e {
+        e @ lvmctl::LvmError::NotOurs { .. } => {
+            coded(USAGE, format!("volume {volume}: {e}; rename it or set snapshot_name"))
         }
-    }
+        e => anyhow::Error::from(e).context(format!("volume {volume}: cannot check for a leftover snapshot")),
+    })?;
     let created = lvm
         .create_snapshot(&lv.vg, &lv.name, &snap, size)
         .with_context(|| format!("volume {volume}: cannot create the snapshot {}/{snap}", lv.vg))?;

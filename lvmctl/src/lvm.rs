@@ -706,18 +706,23 @@ impl Lvm {
     }
 
     /// Removes a snapshot `vg/snap` of `vg/origin` left behind by an interrupted run, if there is one: `Ok(true)`
-    /// when one was removed, `Ok(false)` when there was none. An LV of that name that is not a snapshot of
-    /// `origin` tagged [`SNAPSHOT_TAG`] is [`LvmError::NotOurs`] and stays.
+    /// when one was removed, `Ok(false)` when there was none. Ours means tagged [`SNAPSHOT_TAG`] and either a
+    /// snapshot of `origin` or a plain LV: `lvcreate --snapshot` first creates the copy-on-write store as a plain
+    /// LV (with its tags) and converts it afterwards, so a crash in between leaves a tagged plain LV. Anything else
+    /// of that name is [`LvmError::NotOurs`] and stays.
     pub fn remove_leftover_snapshot(&self, vg: &str, origin: &str, snap: &str) -> Result<bool, LvmError> {
         let Some(lv) = self.find_lv(vg, snap)? else { return Ok(false) };
         let not_ours = |reason: String| LvmError::NotOurs { vg: vg.into(), name: snap.into(), reason };
-        if !lv.is_snapshot() || lv.origin.as_deref() != Some(origin) {
-            return Err(not_ours(format!("is not a snapshot of {vg}/{origin} (lv_attr {})", lv.attr)));
-        }
         if !lv.has_tag(SNAPSHOT_TAG) {
             return Err(not_ours(format!("is not a blockrep snapshot (no {SNAPSHOT_TAG} tag)")));
         }
-        tracing::warn!(vg, origin, snapshot = snap, "removing a snapshot left behind by an interrupted run");
+        if lv.is_snapshot() && lv.origin.as_deref() != Some(origin) {
+            return Err(not_ours(format!("is a snapshot of another LV, not of {vg}/{origin}")));
+        }
+        if lv.is_origin() {
+            return Err(not_ours(format!("has snapshots of its own (lv_attr {})", lv.attr)));
+        }
+        tracing::warn!(vg, origin, snapshot = snap, attr = %lv.attr, "removing a snapshot left behind by an interrupted run");
         self.remove_lv(vg, snap)?;
         Ok(true)
     }

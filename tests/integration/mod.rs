@@ -2,6 +2,10 @@
 
 mod local_sync;
 mod network;
+mod uml_lvm;
+
+#[path = "../uml/harness.rs"]
+mod uml;
 
 use std::path::Path;
 use std::process::{Command, Output};
