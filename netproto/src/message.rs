@@ -875,9 +875,13 @@ pub(crate) mod tests {
         let m = Message::Extent(Extent { offset: 0, len: 1 << 20, data: ExtentData::Data(random.clone()) });
         let (head, body) = m.encode(Some(&mut z)).unwrap();
         assert_eq!(head[16], 0, "incompressible data is sent raw");
-        // Sent raw: the body is the caller's buffer itself, not a copy.
+        // Sent raw: the body is the caller's buffer itself, not a copy, and so is the slice handed to writev.
         assert_eq!(body.as_ptr(), random.as_ptr());
         assert_eq!(body.len(), 1 << 20);
+        let f = crate::frame::EncodedFrame::new(1, FrameType::Extent, 0, head, body, None);
+        let slices = f.io_slices();
+        assert_eq!(slices.len(), 3, "header, extent fields, data");
+        assert_eq!(slices[2].as_ptr(), random.as_ptr());
     }
 
     /// Incompressible bytes (xorshift64).
