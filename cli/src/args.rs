@@ -32,6 +32,14 @@ pub enum Command {
     Serve(ServeArgs),
     /// Write a new random 256-bit key file (mode 0600) to share between the two nodes.
     Keygen(KeygenArgs),
+    /// Show this node's role, last switchover and the generation of every volume.
+    Status(StatusArgs),
+    /// Make this standby the primary: guards, virtual IP, gratuitous ARP, services, boot target.
+    Promote(PlanArgs),
+    /// Make this primary a standby again (reverse plan); --poweroff also powers it off.
+    Demote(PlanArgs),
+    /// With both nodes reachable: demote the peer, then promote this node.
+    Switchover(PlanArgs),
     /// Manage the standby's shadow volumes.
     #[command(subcommand)]
     Shadow(ShadowCommand),
@@ -77,6 +85,40 @@ pub struct ServeArgs {
     /// I/O options for the shadows.
     #[command(flatten)]
     pub io: IoArgs,
+}
+
+/// `blockrep status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Configuration.
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// One JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `blockrep promote`, `demote`, `switchover`.
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// Configuration.
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Skip the safety guards (stale data, peer still active, virtual IP answered).
+    #[arg(long)]
+    pub force: bool,
+    /// Print the plan and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Reason, recorded in the state and passed to notify hooks.
+    #[arg(long, default_value = "operator request")]
+    pub reason: String,
+    /// (demote) Power the machine off and keep the primary-only services disabled.
+    #[arg(long)]
+    pub poweroff: bool,
+    /// One JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `blockrep keygen`.

@@ -40,6 +40,8 @@ fn default_state_dir() -> PathBuf {
 #[serde(deny_unknown_fields)]
 struct RawStandby {
     listen: String,
+    #[serde(default)]
+    peer: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,6 +131,8 @@ pub struct Config {
     pub listen: Option<SocketAddr>,
     /// The standby as seen from the primary (`host:port`).
     pub peer: Option<String>,
+    /// The other node's `blockrep serve` as seen from the standby (`host:port`), for role checks.
+    pub standby_peer: Option<String>,
     /// Send-rate cap in bytes per second.
     pub bwlimit: Option<u64>,
     /// zstd level.
@@ -138,7 +142,6 @@ pub struct Config {
     /// Volumes.
     pub volumes: Vec<Volume>,
     /// The `[role]` section, for the role manager.
-    #[allow(dead_code)] // read once the role manager is bound to the CLI
     pub role: Option<toml::Table>,
 }
 
@@ -214,6 +217,7 @@ impl Config {
             state_dir: raw.state_dir,
             listen,
             peer: primary.map(|p| p.peer.clone()),
+            standby_peer: raw.standby.as_ref().and_then(|s| s.peer.clone()),
             bwlimit,
             compression_level: primary.and_then(|p| p.compression_level).unwrap_or(3),
             connect_timeout_s: primary.and_then(|p| p.connect_timeout_s).unwrap_or(10),

@@ -31,6 +31,12 @@ fn main() {
             config::Config::load(&a.config.config).and_then(|c| serve::run(c, a.listen, a.announce, a.io.options()))
         }
         args::Command::Keygen(a) => keygen(&a),
+        args::Command::Status(a) => {
+            config::Config::load(&a.config.config).and_then(|c| role_glue::status(&c, a.json, Default::default()))
+        }
+        args::Command::Promote(a) => plan("promote", &a),
+        args::Command::Demote(a) => plan("demote", &a),
+        args::Command::Switchover(a) => plan("switchover", &a),
         args::Command::Shadow(args::ShadowCommand::Create { volumes, size, config }) => {
             config::Config::load(&config.config).and_then(|c| shadow::create(&c, &volumes, size))
         }
@@ -87,4 +93,16 @@ fn sync(a: &args::SyncArgs) -> anyhow::Result<()> {
         }
     }
     first_err.map_or(Ok(()), Err)
+}
+
+fn plan(which: &str, a: &args::PlanArgs) -> anyhow::Result<()> {
+    let cfg = config::Config::load(&a.config.config)?;
+    let p = role_glue::PlanArgs {
+        force: a.force,
+        dry_run: a.dry_run,
+        reason: a.reason.clone(),
+        poweroff: a.poweroff,
+        json: a.json,
+    };
+    role_glue::run_plan(&cfg, which, &p, Default::default())
 }

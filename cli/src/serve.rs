@@ -159,6 +159,31 @@ fn session(shared: &Shared, mut conn: Connection) -> Result<()> {
                 }
             }
             (Message::Bye, _) => return Ok(()),
+            (Message::RoleReq, _) => {
+                let role = role::status(&crate::role_glue::role_dir(&shared.cfg)).map(|s| s.role);
+                let role = role.map_err(|e| anyhow::anyhow!("cannot read the role state: {e}"));
+                match role {
+                    Ok(r) => Message::RoleInfo(m::RoleInfo {
+                        role: crate::role_glue::role_to_wire(r),
+                        node: shared.cfg.node.clone(),
+                    }),
+                    Err(e) => return refuse(&mut conn, code::FAILED, e),
+                }
+            }
+            (Message::DemoteReq(reason), _) => {
+                info!(%reason, peer = conn.peer_node(), "the peer asks this node to demote (switchover)");
+                let args = crate::role_glue::PlanArgs {
+                    force: false,
+                    dry_run: false,
+                    reason: format!("switchover requested by {}: {reason}", conn.peer_node()),
+                    poweroff: false,
+                    json: false,
+                };
+                match crate::role_glue::run_plan(&shared.cfg, "demote", &args, shared.io) {
+                    Ok(()) => Message::DemoteDone,
+                    Err(e) => return refuse(&mut conn, code::FAILED, e),
+                }
+            }
             (Message::Begin(b), Some((_, t))) => match t.begin(&begin_from_wire(&b)) {
                 Ok(a) => Message::BeginAck(m::BeginAck { resumed: a.resumed, in_place: a.in_place }),
                 Err(e) => return refuse(&mut conn, code::REFUSED, e),
@@ -175,9 +200,15 @@ fn session(shared: &Shared, mut conn: Connection) -> Result<()> {
                 Ok(()) => continue,
                 Err(e) => return refuse(&mut conn, code::REFUSED, e),
             },
+            (Message::Commit(_), Some(_)) if crate::role_glue::is_primary(&shared.cfg) => {
+                let message = format!("this node ({}) became primary during the sync; not committing", shared.cfg.node);
+                conn.send_error(code::REFUSED, &message);
+                anyhow::bail!(message);
+            }
             (Message::Commit(root), Some((g, t))) => match t.commit(root) {
                 Ok(a) => {
                     info!(volume = %g.1, generation = a.generation, "generation committed");
+                    note_first_full_sync(&shared.cfg, shared.io, &g.1);
                     Message::CommitAck(m::CommitAck { generation: a.generation, root: a.root })
                 }
                 Err(e) => return refuse(&mut conn, code::FAILED, e),
@@ -211,7 +242,7 @@ fn open_volume<'a>(shared: &'a Shared, o: &m::OpenVolume) -> Result<(BusyGuard<'
         .shadow
         .as_ref()
         .ok_or_else(|| (code::UNKNOWN_VOLUME, format!("volume {} has no `shadow` on standby {}", o.name, cfg.node)))?;
-    if crate::role_glue::is_primary(&cfg.state_dir) {
+    if crate::role_glue::is_primary(cfg) {
         return Err((
             code::REFUSED,
             format!("this node ({}) is primary: it does not accept syncs; demote it first", cfg.node),
@@ -258,4 +289,26 @@ fn open_volume<'a>(shared: &'a Shared, o: &m::OpenVolume) -> Result<(BusyGuard<'
         ));
     }
     Ok((guard, target))
+}
+
+/// Records in the role state that every shadow holds a complete generation (automatic promotion by keepalived or
+/// Pacemaker stays off until then).
+fn note_first_full_sync(cfg: &Config, io: engine::volume::IoOptions, just_committed: &str) {
+    let dir = crate::role_glue::role_dir(cfg);
+    if role::status(&dir).is_ok_and(|s| s.first_full_sync_done) {
+        return;
+    }
+    let all_complete = cfg.volumes.iter().filter(|v| v.shadow.is_some() && v.name != just_committed).all(|v| {
+        let shadow = v.shadow.as_ref().expect("filtered");
+        Target::open(shadow, &cfg.side_dir("standby", &v.name), crate::local::target_options(&v.name, io))
+            .ok()
+            .and_then(|mut t| t.info().ok())
+            .is_some_and(|i| i.complete && i.generation > 0)
+    });
+    if all_complete {
+        match role::mark_first_full_sync(&dir) {
+            Ok(_) => info!("every shadow holds a complete generation: automatic promotion may now be enabled"),
+            Err(e) => warn!("cannot record the first full sync in {}: {e}", dir.display()),
+        }
+    }
 }

@@ -128,6 +128,14 @@ frame_types! {
     CommitAck = 16,
     /// Orderly end of the session.
     Bye = 17,
+    /// Either side asks the other node's role (promote guard, switchover).
+    RoleReq = 18,
+    /// The answer: role and node name.
+    RoleInfo = 19,
+    /// Switchover: asks the other node to run its demote plan.
+    DemoteReq = 20,
+    /// The demote plan finished.
+    DemoteDone = 21,
 }
 
 impl std::fmt::Display for FrameType {

@@ -149,6 +149,10 @@ pub fn sample_messages() -> Vec<Message> {
         Message::Commit([9; 32]),
         Message::CommitAck(CommitAck { generation: 8, root: [9; 32] }),
         Message::Bye,
+        Message::RoleReq,
+        Message::RoleInfo(crate::message::RoleInfo { role: 2, node: "alpha".into() }),
+        Message::DemoteReq("switchover".into()),
+        Message::DemoteDone,
     ]
 }
 

@@ -230,7 +230,27 @@ pub enum Message {
     CommitAck(CommitAck),
     /// Orderly end of the session.
     Bye,
+    /// Asks the node's role.
+    RoleReq,
+    /// See [`RoleInfo`].
+    RoleInfo(RoleInfo),
+    /// Asks the node to demote itself; the reason.
+    DemoteReq(String),
+    /// The demote plan finished.
+    DemoteDone,
 }
+
+/// A node's role, as `blockrep status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleInfo {
+    /// 0 standby, 1 promoting, 2 primary, 3 demoting (anything above [`MAX_ROLE`] is refused).
+    pub role: u8,
+    /// The node's name.
+    pub node: String,
+}
+
+/// Highest role code.
+pub const MAX_ROLE: u8 = 3;
 
 /// Errors of message encoding and decoding.
 #[derive(Debug, thiserror::Error)]
@@ -528,6 +548,10 @@ impl Message {
             Message::Commit(_) => FrameType::Commit,
             Message::CommitAck(_) => FrameType::CommitAck,
             Message::Bye => FrameType::Bye,
+            Message::RoleReq => FrameType::RoleReq,
+            Message::RoleInfo(_) => FrameType::RoleInfo,
+            Message::DemoteReq(_) => FrameType::DemoteReq,
+            Message::DemoteDone => FrameType::DemoteDone,
         }
     }
 
@@ -633,7 +657,12 @@ impl Message {
                 w.u64(c.generation);
                 w.hash(&c.root);
             }
-            Message::Bye => {}
+            Message::Bye | Message::RoleReq | Message::DemoteDone => {}
+            Message::RoleInfo(r) => {
+                w.u8(r.role);
+                w.str(ty, "node", &r.node, MAX_NAME_LEN)?;
+            }
+            Message::DemoteReq(reason) => w.str(ty, "reason", reason, MAX_ERROR_LEN)?,
         }
         Ok((w.0, body))
     }
@@ -746,6 +775,16 @@ impl Message {
                 Message::CommitAck(CommitAck { generation: r.u64("generation")?, root: r.hash("root")? })
             }
             FrameType::Bye => Message::Bye,
+            FrameType::RoleReq => Message::RoleReq,
+            FrameType::RoleInfo => {
+                let role = r.u8("role")?;
+                if role > MAX_ROLE {
+                    return Err(MessageError::TooLarge { ty, field: "role", value: role as u64, max: MAX_ROLE as u64 });
+                }
+                Message::RoleInfo(RoleInfo { role, node: r.str("node", MAX_NAME_LEN)? })
+            }
+            FrameType::DemoteReq => Message::DemoteReq(r.str("reason", MAX_ERROR_LEN)?),
+            FrameType::DemoteDone => Message::DemoteDone,
         };
         r.finish()?;
         Ok(msg)
@@ -836,6 +875,10 @@ pub(crate) mod tests {
             hash().prop_map(Message::Commit),
             (any::<u64>(), hash()).prop_map(|(generation, root)| Message::CommitAck(CommitAck { generation, root })),
             Just(Message::Bye),
+            Just(Message::RoleReq),
+            Just(Message::DemoteDone),
+            (0..=MAX_ROLE, "[a-z]{1,12}").prop_map(|(role, node)| Message::RoleInfo(RoleInfo { role, node })),
+            "[ -~]{0,40}".prop_map(Message::DemoteReq),
         ]
     }
 
