@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The end-to-end benchmark (issue 6): builds blockrep in release and runs the comparison harness.
+#   scripts/bench.sh                      # 2 GiB random image, all tools, 3 repetitions -> target/bench/
+#   scripts/bench.sh --quick              # tiny smoke run
+#   scripts/bench.sh --size 512M --pattern scattered4k,clustered1m --content mixed
+#   scripts/bench.sh --link 1gbit         # across two namespaces on a rate-limited veth (root)
+# Options: scripts/bench.sh --help. Results: target/bench/{report.md,summary.csv,samples.csv,incremental.png}.
+# Peers: rsync, socat, b3sum (Debian packages); the plot needs python3 with matplotlib (pip install matplotlib).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target_dir="${CARGO_TARGET_DIR:-target}"
+cargo build --release -p blockrep
+exec cargo run --release -p blockrep-benches --bin e2e -- --blockrep "$target_dir/release/blockrep" "$@"
