@@ -13,6 +13,9 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::exit::{coded, UNSAFE, USAGE};
 
+/// How long a switchover waits for the peer's demote plan.
+const DEMOTE_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// The role state directory when `[role]` does not name one.
 pub fn default_role_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("role")
@@ -111,6 +114,7 @@ fn peer_role(cfg: &Config) -> Result<Option<role::Role>, String> {
     let key = netproto::load_key(&cfg.key_file).map_err(|e| e.to_string())?;
     let mut conn = netproto::connect(addr, &key, &cfg.node, Duration::from_secs(cfg.connect_timeout_s.min(5)))
         .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
+    conn.set_timeout(Some(Duration::from_secs(cfg.connect_timeout_s))).map_err(|e| e.to_string())?;
     conn.send(&netproto::Message::RoleReq).map_err(|e| e.to_string())?;
     match conn.recv_expect("the peer's role").map_err(|e| e.to_string())? {
         netproto::Message::RoleInfo(r) => Ok(Some(role_from_wire(r.role))),
@@ -151,6 +155,8 @@ impl role::Peer for ProtoPeer<'_> {
         let key = netproto::load_key(&cfg.key_file).map_err(|e| e.to_string())?;
         let mut conn = netproto::connect(addr, &key, &cfg.node, Duration::from_secs(cfg.connect_timeout_s))
             .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
+        // The peer's demote runs its stop hooks (each with its own timeout); do not wait forever.
+        conn.set_timeout(Some(DEMOTE_TIMEOUT)).map_err(|e| e.to_string())?;
         conn.send(&netproto::Message::DemoteReq(reason.into())).map_err(|e| e.to_string())?;
         match conn.recv_expect("the peer's demote result").map_err(|e| format!("{:#}", anyhow::Error::from(e)))? {
             netproto::Message::DemoteDone => Ok(()),
@@ -204,8 +210,14 @@ fn print_report(r: &role::Report, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Runs `promote`, `demote` or `switchover`.
+/// Runs `promote`, `demote` or `switchover` and prints the report.
 pub fn run_plan(cfg: &Config, which: &str, a: &PlanArgs, io: engine::volume::IoOptions) -> Result<()> {
+    let report = plan(cfg, which, a, io)?;
+    print_report(&report, a.json)
+}
+
+/// Runs `promote`, `demote` or `switchover` and returns the report.
+pub fn plan(cfg: &Config, which: &str, a: &PlanArgs, io: engine::volume::IoOptions) -> Result<role::Report> {
     let rc = role_config(cfg)?;
     role::check_state_dir(&rc.state_dir, &replicated(cfg)).map_err(|e| coded(USAGE, e.to_string()))?;
     let lvm = match &rc.boot_target {
@@ -226,7 +238,7 @@ pub fn run_plan(cfg: &Config, which: &str, a: &PlanArgs, io: engine::volume::IoO
         "demote" => role::demote(&rc, &opts).map_err(plan_error)?,
         _ => role::switchover(&rc, &guards, &ProtoPeer(cfg), &opts).map_err(anyhow::Error::from)?,
     };
-    print_report(&report, a.json)
+    Ok(report)
 }
 
 /// One volume in `status`.

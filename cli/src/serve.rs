@@ -179,8 +179,11 @@ fn session(shared: &Shared, mut conn: Connection) -> Result<()> {
                     poweroff: false,
                     json: false,
                 };
-                match crate::role_glue::run_plan(&shared.cfg, "demote", &args, shared.io) {
-                    Ok(()) => Message::DemoteDone,
+                match crate::role_glue::plan(&shared.cfg, "demote", &args, shared.io) {
+                    Ok(report) => {
+                        info!("demoted on the peer's request:\n{report}");
+                        Message::DemoteDone
+                    }
                     Err(e) => return refuse(&mut conn, code::FAILED, e),
                 }
             }

@@ -2,6 +2,7 @@
 
 mod local_sync;
 mod network;
+mod role_cli;
 mod uml_lvm;
 
 #[path = "../uml/harness.rs"]

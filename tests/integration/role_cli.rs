@@ -1,0 +1,208 @@
+//! `blockrep promote` / `demote` / `status` / `switchover` as an operator runs them, in network namespaces this
+//! test creates (root needed; CI runs as root). Two "servers" A and B on a private bridge; the virtual IP moves
+//! between them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use super::*;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn ip(args: &[&str]) {
+    let st = Command::new("ip").args(args).status().expect("ip runs");
+    assert!(st.success(), "ip {args:?} failed");
+}
+
+/// Namespaces `<tag>a`, `<tag>b` and a bridge namespace `<tag>l`, deleted on drop.
+struct Lan {
+    tag: String,
+}
+
+impl Lan {
+    fn new() -> Lan {
+        let tag = format!("brc{}", std::process::id() % 100000);
+        let lan = Lan { tag };
+        let l = lan.ns("l");
+        ip(&["netns", "add", &l]);
+        ip(&["-n", &l, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &l, "link", "set", "br0", "up"]);
+        for (n, addr) in [("a", "10.77.8.1/24"), ("b", "10.77.8.2/24")] {
+            let ns = lan.ns(n);
+            ip(&["netns", "add", &ns]);
+            let (veth, port) = (format!("v{}{n}", lan.tag), format!("p{}{n}", lan.tag));
+            ip(&["link", "add", &veth, "type", "veth", "peer", "name", &port]);
+            ip(&["link", "set", &veth, "netns", &ns]);
+            ip(&["link", "set", &port, "netns", &l]);
+            ip(&["-n", &l, "link", "set", &port, "master", "br0", "up"]);
+            ip(&["-n", &ns, "link", "set", &veth, "name", "eth0"]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            ip(&["-n", &ns, "addr", "add", addr, "dev", "eth0"]);
+        }
+        lan
+    }
+
+    fn ns(&self, n: &str) -> String {
+        format!("{}{n}", self.tag)
+    }
+
+    /// `blockrep ARGS` inside namespace `n`.
+    fn blockrep(&self, n: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns(n), env!("CARGO_BIN_EXE_blockrep")]);
+        c.env_remove("BLOCKREP_LOG");
+        c
+    }
+
+    fn has_vip(&self, n: &str) -> bool {
+        let o = Command::new("ip").args(["-n", &self.ns(n), "-4", "addr", "show", "dev", "eth0"]).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).contains("10.77.8.50/")
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for n in ["a", "b", "l"] {
+            let _ = Command::new("ip").args(["netns", "del", &self.ns(n)]).status();
+        }
+    }
+}
+
+/// One node's files: key (shared), config with a [role] section, a file-backed shadow and source.
+fn node_config(dir: &Path, me: &str, peer_addr: &str) -> PathBuf {
+    let state = dir.join(format!("state-{me}"));
+    let text = format!(
+        r#"node = "{me}"
+key_file = {key:?}
+state_dir = {state:?}
+[standby]
+listen = "0.0.0.0:7788"
+peer = "{peer_addr}:7788"
+[primary]
+peer = "{peer_addr}:7788"
+[[volume]]
+name = "vol"
+source = {src:?}
+shadow = {shadow:?}
+[role]
+interface = "eth0"
+vip = "10.77.8.50/24"
+notify = ["echo $BLOCKREP_EVENT $BLOCKREP_NODE >> {dir}/notify-{me}.log"]
+[role.garp]
+count = 2
+interval_ms = 20
+[role.services]
+primary_only = [{{ hook = "echo $BLOCKREP_ACTION >> {dir}/app-{me}.log" }}]
+"#,
+        key = dir.join("key"),
+        src = dir.join(format!("src-{me}.img")),
+        shadow = dir.join(format!("shadow-{me}.img")),
+        dir = dir.display(),
+    );
+    let p = dir.join(format!("{me}.toml"));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn serve(lan: &Lan, n: &str, cfg: &Path) -> Child {
+    let mut c = lan
+        .blockrep(n)
+        .args(["serve", "--announce", "--config"])
+        .arg(cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(c.stdout.take().unwrap()), &mut line).unwrap();
+    assert!(line.starts_with("listening on"), "{line}");
+    c
+}
+
+fn status(lan: &Lan, n: &str, cfg: &Path) -> serde_json::Value {
+    let o = run(lan.blockrep(n).args(["status", "--json", "--config"]).arg(cfg));
+    assert!(o.status.success(), "status: {}", stderr(&o));
+    serde_json::from_str(stdout(&o).trim()).unwrap()
+}
+
+#[test]
+fn promote_demote_and_switchover_move_the_virtual_ip_with_guards() {
+    if !is_root() {
+        eprintln!("skipping: network namespaces need root (CI runs as root)");
+        return;
+    }
+    let lan = Lan::new();
+    let d = tempfile::tempdir().unwrap();
+    assert!(run(blockrep().arg("keygen").arg(d.path().join("key"))).status.success());
+    for me in ["a", "b"] {
+        write_volume(&d.path().join(format!("src-{me}.img")), 1 << 20, 3);
+        std::fs::write(d.path().join(format!("shadow-{me}.img")), vec![0u8; 1 << 20]).unwrap();
+    }
+    let (ca, cb) = (node_config(d.path(), "a", "10.77.8.2"), node_config(d.path(), "b", "10.77.8.1"));
+
+    // B has never received a complete generation: promote is refused as unsafe (exit 4), nothing changes.
+    let o = run(lan.blockrep("b").args(["promote", "--config"]).arg(&cb));
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no complete generation"), "{}", stderr(&o));
+    assert!(!lan.has_vip("b"));
+
+    // A is primary (forced: its own shadow is irrelevant) and serves role queries; B syncs from... A's serve
+    // refuses syncs while primary, so B's shadow is filled by B's own serve from A's sync.
+    let o = run(lan.blockrep("a").args(["promote", "--force", "--reason", "initial", "--config"]).arg(&ca));
+    assert!(o.status.success(), "promote a: {}", stderr(&o));
+    assert!(lan.has_vip("a"));
+    let mut serve_b = serve(&lan, "b", &cb);
+    let o = run(lan.blockrep("a").args(["sync", "--json", "--config"]).arg(&ca));
+    assert!(o.status.success(), "sync a->b: {}", stderr(&o));
+    assert_eq!(
+        std::fs::read(d.path().join("src-a.img")).unwrap(),
+        std::fs::read(d.path().join("shadow-b.img")).unwrap()
+    );
+    let sb = status(&lan, "b", &cb);
+    assert_eq!(sb["role"], "standby", "{sb}");
+    assert_eq!(sb["first_full_sync_done"], true, "{sb}");
+    assert_eq!(sb["volumes"][0]["generation"], 1, "{sb}");
+
+    // A primary's serve refuses syncs, naming the reason.
+    let mut serve_a = serve(&lan, "a", &ca);
+    let o = run(lan.blockrep("b").args(["sync", "--config"]).arg(&cb));
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("is primary"), "{}", stderr(&o));
+
+    // Split-brain guard: A still answers as primary, so promoting B is refused (exit 4) and the VIP stays on A.
+    let o = run(lan.blockrep("b").args(["promote", "--config"]).arg(&cb));
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(lan.has_vip("a") && !lan.has_vip("b"));
+
+    // Dry run changes nothing.
+    let o = run(lan.blockrep("b").args(["switchover", "--dry-run", "--config"]).arg(&cb));
+    assert!(o.status.success(), "dry run: {}", stderr(&o));
+    assert!(lan.has_vip("a") && !lan.has_vip("b"));
+
+    // Switchover from B: A demotes (over the protocol), then B promotes; the VIP moves.
+    let o = run(lan.blockrep("b").args(["switchover", "--reason", "maintenance of a", "--config"]).arg(&cb));
+    assert!(o.status.success(), "switchover: {}\n{}", stdout(&o), stderr(&o));
+    assert!(lan.has_vip("b") && !lan.has_vip("a"));
+    let (sa, sb) = (status(&lan, "a", &ca), status(&lan, "b", &cb));
+    assert_eq!(sa["role"], "standby", "{sa}");
+    assert_eq!(sb["role"], "primary", "{sb}");
+    assert!(sb["last_switchover"].to_string().contains("maintenance of a"), "{sb}");
+    let app_b = std::fs::read_to_string(d.path().join("app-b.log")).unwrap_or_default();
+    assert!(app_b.contains("start"), "primary-only service started on b: {app_b:?}");
+    let notify_b = std::fs::read_to_string(d.path().join("notify-b.log")).unwrap_or_default();
+    assert!(notify_b.contains("promote b"), "{notify_b:?}");
+
+    // Demote B: VIP gone, standby again.
+    let o = run(lan.blockrep("b").args(["demote", "--config"]).arg(&cb));
+    assert!(o.status.success(), "demote: {}", stderr(&o));
+    assert!(!lan.has_vip("b"));
+    assert_eq!(status(&lan, "b", &cb)["role"], "standby");
+    for c in [&mut serve_a, &mut serve_b] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
