@@ -101,7 +101,7 @@ impl role::Guards for CliGuards<'_> {
     fn peer_not_primary(&self) -> Result<String, String> {
         match peer_role(self.cfg) {
             Ok(None) => Ok("no peer address configured ([standby] peer); not checked".into()),
-            Ok(Some(r)) if r == role::Role::Standby => Ok("the peer says it is standby".into()),
+            Ok(Some(role::Role::Standby)) => Ok("the peer says it is standby".into()),
             Ok(Some(r)) => Err(format!("the peer answers and says it is {r}; demote it first (or use switchover)")),
             Err(e) => Ok(format!("the peer does not answer ({e})")),
         }
