@@ -10,8 +10,8 @@
 //!     12     8  seq           per-direction frame counter, starting at 0 with the first frame of the connection
 //!     20     4  crc32         of the payload
 //!     24     n  payload       (message encoding, see `message`)
-//!   24+n    16  mac           only with FLAG_MAC: keyed BLAKE3 (session key) over direction || header || payload,
-//!                             truncated to 16 bytes
+//!   24+n    16  mac           only with FLAG_MAC: keyed BLAKE3 over payload || header, truncated to 16 bytes;
+//!                             key = keyed_BLAKE3(session key, "dir" || 'S' (to server) or 'C' (to client))
 //! ```
 //!
 //! Decoding is two-phase: [`check`] looks at the header of a buffer that may be incomplete, without allocating,
@@ -44,7 +44,8 @@ pub const MAX_VERSION: u16 = 1;
 /// nodes of any version can read each other's offer.
 pub const NEGOTIATION_VERSION: u16 = 1;
 
-/// Which side sent a frame; part of the MAC input so that a frame cannot be reflected back to its sender.
+/// Which side sent a frame; each direction has its own MAC key, so a frame cannot be reflected back to its
+/// sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
     /// Client (primary) to server (standby).
@@ -325,7 +326,7 @@ pub fn check(buf: &[u8]) -> Result<Option<usize>, FrameError> {
     }
 }
 
-/// A session key for MACs with the direction of the frames it authenticates.
+/// A session key for MACs, bound to the direction of the frames it authenticates.
 #[derive(Clone)]
 pub struct MacKey {
     key: [u8; 32],
@@ -338,24 +339,48 @@ impl std::fmt::Debug for MacKey {
     }
 }
 
+/// Pieces of the payload fed to crc32 and the MAC together, so each piece is read from memory once while it is
+/// still in cache.
+const DIGEST_PIECE: usize = 64 * 1024;
+
 impl MacKey {
-    /// A MAC key for frames travelling in direction `dir`.
-    pub fn new(key: [u8; 32], dir: Direction) -> MacKey {
+    /// A MAC key for frames travelling in direction `dir` (derived from the session key and the direction).
+    pub fn new(session: [u8; 32], dir: Direction) -> MacKey {
+        let key = *blake3::keyed_hash(&session, &[b'd', b'i', b'r', dir.byte()]).as_bytes();
         MacKey { key, dir }
     }
 
     /// The MAC of a frame made of `header` and the payload pieces `parts`.
     pub fn mac(&self, header: &[u8; HEADER_LEN], parts: &[&[u8]]) -> [u8; MAC_LEN] {
         let mut hasher = blake3::Hasher::new_keyed(&self.key);
-        hasher.update(&[self.dir.byte()]);
-        hasher.update(header);
         for p in parts {
             hasher.update(p);
         }
-        let mut out = [0u8; MAC_LEN];
-        out.copy_from_slice(&hasher.finalize().as_bytes()[..MAC_LEN]);
-        out
+        finish_mac(hasher, header)
     }
+}
+
+fn finish_mac(mut hasher: blake3::Hasher, header: &[u8; HEADER_LEN]) -> [u8; MAC_LEN] {
+    hasher.update(header);
+    let mut out = [0u8; MAC_LEN];
+    out.copy_from_slice(&hasher.finalize().as_bytes()[..MAC_LEN]);
+    out
+}
+
+/// crc32 of the payload `parts` and, with a key, the MAC state after the payload (the header goes last, since
+/// it holds the crc).
+fn digest(parts: &[&[u8]], key: Option<&MacKey>) -> (u32, Option<blake3::Hasher>) {
+    let mut crc = crc32fast::Hasher::new();
+    let mut mac = key.map(|k| blake3::Hasher::new_keyed(&k.key));
+    for p in parts {
+        for piece in p.chunks(DIGEST_PIECE) {
+            crc.update(piece);
+            if let Some(m) = &mut mac {
+                m.update(piece);
+            }
+        }
+    }
+    (crc.finalize(), mac)
 }
 
 /// Compares two MACs in constant time.
@@ -385,19 +410,11 @@ impl EncodedFrame {
     pub fn new(version: u16, ty: FrameType, seq: u64, head: Vec<u8>, body: Bytes, key: Option<&MacKey>) -> Self {
         let len = head.len() + body.len();
         assert!(len <= MAX_PAYLOAD, "payload of {len} bytes for {ty} exceeds MAX_PAYLOAD");
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&head);
-        crc.update(&body);
-        let header = Header {
-            version,
-            ty,
-            flags: if key.is_some() { FLAG_MAC } else { 0 },
-            payload_len: len as u32,
-            seq,
-            crc: crc.finalize(),
-        }
-        .encode();
-        let mac = key.map(|k| k.mac(&header, &[&head, &body]));
+        let (crc, mac) = digest(&[&head, &body], key);
+        let header =
+            Header { version, ty, flags: if key.is_some() { FLAG_MAC } else { 0 }, payload_len: len as u32, seq, crc }
+                .encode();
+        let mac = mac.map(|m| finish_mac(m, &header));
         EncodedFrame { header, head, body, mac }
     }
 
@@ -457,14 +474,13 @@ pub fn parse(frame: Bytes, expected_seq: u64, key: Option<&MacKey>) -> Result<(H
         (None, true) => return Err(FrameError::UnexpectedMac { ty: h.ty, seq: h.seq }),
         _ => {}
     }
-    let found = crc32fast::hash(&payload);
+    let (found, mac) = digest(&[&payload], key);
     if found != h.crc {
         return Err(FrameError::BadCrc { ty: h.ty, seq: h.seq, expected: h.crc, found });
     }
-    if let Some(k) = key {
+    if let Some(m) = mac {
         let header: &[u8; HEADER_LEN] = frame[..HEADER_LEN].try_into().expect("header length");
-        let mac = k.mac(header, &[&payload]);
-        if !mac_eq(&mac, &frame[payload_end..]) {
+        if !mac_eq(&finish_mac(m, header), &frame[payload_end..]) {
             return Err(FrameError::BadMac { ty: h.ty, seq: h.seq });
         }
     }
