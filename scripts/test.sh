@@ -6,5 +6,5 @@ scripts/deps.sh test
 start=$(date +%s)
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-cargo test --workspace --release
+cargo test --workspace
 echo "test suite finished in $(( $(date +%s) - start )) s"
