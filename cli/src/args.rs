@@ -11,6 +11,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 pub struct Cli {
+    /// Configuration file (before or after the command).
+    #[arg(long, global = true, default_value = crate::config::DEFAULT_PATH)]
+    pub config: PathBuf,
     /// More log output on stderr (-v info, -vv debug); BLOCKREP_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
@@ -56,26 +59,12 @@ pub enum ShadowCommand {
         /// Size in bytes (K, M, G suffixes) instead of the size the primary reported.
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
-        /// Configuration.
-        #[command(flatten)]
-        config: ConfigArg,
     },
-}
-
-/// `--config`.
-#[derive(Debug, Clone, Args)]
-pub struct ConfigArg {
-    /// Configuration file.
-    #[arg(long, default_value = crate::config::DEFAULT_PATH)]
-    pub config: PathBuf,
 }
 
 /// `blockrep serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Configuration.
-    #[command(flatten)]
-    pub config: ConfigArg,
     /// Listen here instead of the configured `[standby] listen` (port 0 picks a free port).
     #[arg(long)]
     pub listen: Option<std::net::SocketAddr>,
@@ -90,9 +79,6 @@ pub struct ServeArgs {
 /// `blockrep status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Configuration.
-    #[command(flatten)]
-    pub config: ConfigArg,
     /// One JSON object.
     #[arg(long)]
     pub json: bool,
@@ -101,9 +87,6 @@ pub struct StatusArgs {
 /// `blockrep promote`, `demote`, `switchover`.
 #[derive(Debug, Args)]
 pub struct PlanArgs {
-    /// Configuration.
-    #[command(flatten)]
-    pub config: ConfigArg,
     /// Skip the safety guards (stale data, peer still active, virtual IP answered).
     #[arg(long)]
     pub force: bool,
@@ -208,9 +191,6 @@ pub struct DemoArgs {
 pub struct SyncArgs {
     /// Volumes to sync (default: every configured volume).
     pub volumes: Vec<String>,
-    /// Configuration.
-    #[command(flatten)]
-    pub config: ConfigArg,
     /// Sync SOURCE to TARGET in this process (no network, no configuration file).
     #[arg(long, num_args = 2, value_names = ["SOURCE", "TARGET"])]
     pub local: Vec<PathBuf>,

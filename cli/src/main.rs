@@ -25,20 +25,20 @@ fn main() {
     let outcome = match cli.command {
         args::Command::Demo(a) => demo::run(&a),
         args::Command::Sync(a) if !a.local.is_empty() => local::sync(&a),
-        args::Command::Sync(a) => sync(&a),
+        args::Command::Sync(a) => sync(&cli.config, &a),
         args::Command::Verify(a) => local::verify(&a),
         args::Command::Serve(a) => {
-            config::Config::load(&a.config.config).and_then(|c| serve::run(c, a.listen, a.announce, a.io.options()))
+            config::Config::load(&cli.config).and_then(|c| serve::run(c, a.listen, a.announce, a.io.options()))
         }
         args::Command::Keygen(a) => keygen(&a),
         args::Command::Status(a) => {
-            config::Config::load(&a.config.config).and_then(|c| role_glue::status(&c, a.json, Default::default()))
+            config::Config::load(&cli.config).and_then(|c| role_glue::status(&c, a.json, Default::default()))
         }
-        args::Command::Promote(a) => plan("promote", &a),
-        args::Command::Demote(a) => plan("demote", &a),
-        args::Command::Switchover(a) => plan("switchover", &a),
-        args::Command::Shadow(args::ShadowCommand::Create { volumes, size, config }) => {
-            config::Config::load(&config.config).and_then(|c| shadow::create(&c, &volumes, size))
+        args::Command::Promote(a) => plan(&cli.config, "promote", &a),
+        args::Command::Demote(a) => plan(&cli.config, "demote", &a),
+        args::Command::Switchover(a) => plan(&cli.config, "switchover", &a),
+        args::Command::Shadow(args::ShadowCommand::Create { volumes, size }) => {
+            config::Config::load(&cli.config).and_then(|c| shadow::create(&c, &volumes, size))
         }
     };
     if let Err(err) = outcome {
@@ -68,8 +68,8 @@ fn keygen(a: &args::KeygenArgs) -> anyhow::Result<()> {
 
 /// `blockrep sync [VOLUME...]` over the network; every selected volume is tried, the first failure decides the
 /// exit code.
-fn sync(a: &args::SyncArgs) -> anyhow::Result<()> {
-    let cfg = config::Config::load(&a.config.config)?;
+fn sync(config: &std::path::Path, a: &args::SyncArgs) -> anyhow::Result<()> {
+    let cfg = config::Config::load(config)?;
     let vols = cfg.select(&a.volumes)?;
     let cancel = snapshot::cancel_on_signals()?;
     let opts = netsync::NetSyncOptions {
@@ -95,8 +95,8 @@ fn sync(a: &args::SyncArgs) -> anyhow::Result<()> {
     first_err.map_or(Ok(()), Err)
 }
 
-fn plan(which: &str, a: &args::PlanArgs) -> anyhow::Result<()> {
-    let cfg = config::Config::load(&a.config.config)?;
+fn plan(config: &std::path::Path, which: &str, a: &args::PlanArgs) -> anyhow::Result<()> {
+    let cfg = config::Config::load(config)?;
     let p = role_glue::PlanArgs {
         force: a.force,
         dry_run: a.dry_run,
