@@ -1,4 +1,5 @@
-//! Differ scan throughput on a page-cached file, per block size and engine; and the compare step.
+//! Differ scan throughput on a page-cached file, per block size and engine; and the compare step alone
+//! (`differ_compare`).
 //!
 //! Compare with `b3sum --num-threads 2 FILE` on the same file (see docs/ARCHITECTURE.md for the figures).
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -37,5 +38,33 @@ fn bench_scan(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_scan);
+/// The compare step alone: `changed_blocks` over one 1 MiB chunk's hashes against a reference in which 1 % of
+/// the blocks differ, per block size (what the differ does per chunk after hashing).
+fn bench_compare(c: &mut Criterion) {
+    let mut g = c.benchmark_group("differ_compare");
+    for bs in [4096usize, 65536] {
+        let n = (1 << 20) / bs;
+        let hashes: Vec<[u8; 32]> = (0..n).map(|i| *blake3::hash(&i.to_le_bytes()).as_bytes()).collect();
+        let mut reference = hashes.clone();
+        for (i, h) in reference.iter_mut().enumerate() {
+            if i % 100 == 0 {
+                h[31] ^= 1;
+            }
+        }
+        let chunk = ScannedChunk {
+            offset: 0,
+            first_block: 0,
+            data: bytes::Bytes::from(vec![0u8; 1 << 20]),
+            hashes,
+            zero: vec![false; n],
+        };
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_with_input(BenchmarkId::new("blocks_of", bs), &bs, |b, _| {
+            b.iter(|| std::hint::black_box(changed_blocks(&chunk, Some(&reference))))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_scan, bench_compare);
 criterion_main!(benches);
