@@ -43,6 +43,9 @@ pub enum Command {
     Demote(PlanArgs),
     /// With both nodes reachable: demote the peer, then promote this node.
     Switchover(PlanArgs),
+    /// Re-announce the virtual IP (gratuitous ARP) every `garp.refresh_interval_s` for `garp.refresh_s` while
+    /// this node is primary; `promote` starts it in the background.
+    Announce,
     /// Manage the standby's shadow volumes.
     #[command(subcommand)]
     Shadow(ShadowCommand),

@@ -37,6 +37,7 @@ fn main() {
         args::Command::Promote(a) => plan(&cli.config, "promote", &a),
         args::Command::Demote(a) => plan(&cli.config, "demote", &a),
         args::Command::Switchover(a) => plan(&cli.config, "switchover", &a),
+        args::Command::Announce => config::Config::load(&cli.config).and_then(|c| role_glue::announce(&c)),
         args::Command::Shadow(args::ShadowCommand::Create { volumes, size }) => {
             config::Config::load(&cli.config).and_then(|c| shadow::create(&c, &volumes, size))
         }
@@ -104,5 +105,9 @@ fn plan(config: &std::path::Path, which: &str, a: &args::PlanArgs) -> anyhow::Re
         poweroff: a.poweroff,
         json: a.json,
     };
-    role_glue::run_plan(&cfg, which, &p, Default::default())
+    role_glue::run_plan(&cfg, which, &p, Default::default())?;
+    if which != "demote" && !a.dry_run {
+        role_glue::spawn_announcer(config)?;
+    }
+    Ok(())
 }

@@ -332,3 +332,24 @@ pub fn status(cfg: &Config, json: bool, io: engine::volume::IoOptions) -> Result
     }
     Ok(())
 }
+
+/// `blockrep announce`: periodic gratuitous ARP while primary, so neighbours that missed the first announcement
+/// learn the new MAC.
+pub fn announce(cfg: &Config) -> Result<()> {
+    let rc = role_config(cfg)?;
+    let stop = crate::snapshot::cancel_on_signals()?;
+    role::arp::refresh(&rc, &stop).context("cannot re-announce the virtual IP")?;
+    Ok(())
+}
+
+/// Starts `blockrep announce` in the background (own session, no terminal), after a promote.
+pub fn spawn_announcer(config: &Path) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("cannot find the blockrep executable")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--config").arg(config).arg("announce");
+    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    cmd.process_group(0);
+    cmd.spawn().context("cannot start the background re-announcement (blockrep announce)")?;
+    Ok(())
+}
