@@ -274,3 +274,36 @@ fn a_second_concurrent_sync_of_the_same_volume_is_refused() {
     assert!(stderr(&o).contains("another sync of volume vol"), "{}", stderr(&o));
     drop(first);
 }
+
+#[test]
+fn standby_disk_full_while_spooling_fails_cleanly_and_keeps_the_previous_generation() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping: mounting a small tmpfs for the standby's state needs root (CI runs as root)");
+        return;
+    }
+    let mut p = Pair::new(8 << 20);
+    let state = p.path("state-standby");
+    std::fs::create_dir_all(&state).unwrap();
+    let st = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"]).arg(&state).status();
+    assert!(st.unwrap().success(), "mount tmpfs");
+    struct Umount(PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Umount(state.clone());
+    p.start_serve();
+    p.sync_ok(); // the first full sync writes in place: only the small manifest goes to the state dir
+    let gen1 = std::fs::read(p.path("shadow.img")).unwrap();
+    // 4 MiB of incompressible changes cannot be spooled in 2 MiB.
+    scribble(&p.path("src.img"), &(0..1024).collect::<Vec<u64>>(), 13);
+    let o = p.sync();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("free") && e.contains("needs"), "message gives needed and free space: {e}");
+    assert_eq!(std::fs::read(p.path("shadow.img")).unwrap(), gen1, "shadow keeps generation 1");
+    let (_, log) = p.stop_serve();
+    assert!(log.contains("full"), "standby log: {log}");
+}
