@@ -79,21 +79,32 @@ fn sync(config: &std::path::Path, a: &args::SyncArgs) -> anyhow::Result<()> {
         refine: !a.no_refine,
         cancel: Some(cancel.clone()),
     };
-    let mut first_err = None;
+    let total = vols.len();
+    let mut failed: Vec<(String, anyhow::Error)> = Vec::new();
     for vol in vols {
         let r = snapshot::with_frozen_source(&cfg, vol, |source| netsync::sync_one(&cfg, vol, source, &opts));
         match r {
             Ok(r) => netsync::print(&r, a.json)?,
-            Err(e) => {
+            // With several volumes, say each failure as it happens; the last line sums up.
+            Err(e) if total > 1 => {
                 eprintln!("blockrep: volume {}: {e:#}", vol.name);
-                first_err.get_or_insert(e);
+                failed.push((vol.name.clone(), e));
             }
+            Err(e) => failed.push((vol.name.clone(), e)),
         }
         if cancel.load(std::sync::atomic::Ordering::SeqCst) {
             break;
         }
     }
-    first_err.map_or(Ok(()), Err)
+    match failed.len() {
+        0 => Ok(()),
+        1 if total == 1 => Err(failed.pop().expect("one").1),
+        n => {
+            let names = failed.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ");
+            let first = failed.remove(0).1;
+            Err(first.context(format!("{n} of {total} volumes failed to sync ({names})")))
+        }
+    }
 }
 
 fn plan(config: &std::path::Path, which: &str, a: &args::PlanArgs) -> anyhow::Result<()> {

@@ -195,3 +195,58 @@ result src_hash "$(hash_dev /dev/vg0/data)"
         assert_eq!(r.result("snapshots_left"), Some("0"));
     }
 }
+
+#[test]
+fn lvm_bad_inputs_fail_clearly_and_leave_nothing_behind() {
+    skip_without_uml!();
+    let scenario = setup("8M")
+        + r#"
+make_vg vg0 /dev/ubda
+make_vg vg1 /dev/ubdb
+make_lv vg0 data 96M
+check dd if=/dev/zero of=/dev/vg0/data bs=1M count=96 status=none
+check dd if=/dev/urandom of=/dev/vg0/data bs=1M count=8 conv=notrunc status=none
+start_serve
+$BR sync --config $W/blockrep.toml > /dev/null 2>&1
+check $BR shadow create --config $W/blockrep.toml data
+check $BR sync --config $W/blockrep.toml 2>> $W/sync.err
+result h1 "$(hash_dev /dev/vg1/data_shadow)"
+
+# 1. The snapshot (8 MiB) overflows while a writer rewrites the origin during the scan of 96 MiB.
+( while :; do dd if=/dev/urandom of=/dev/vg0/data bs=1M count=96 conv=notrunc oflag=direct status=none; done ) &
+DD=$!
+sleep 1
+$BR sync --config $W/blockrep.toml > /dev/null 2> $W/full.err && fail "sync through an overflowing snapshot must fail"
+kill $DD; wait $DD 2>/dev/null
+result overflow_msg "$(grep -c 'filled up and was invalidated' $W/full.err)"
+result overflow_hint "$(grep -c 'snapshot_size' $W/full.err)"
+result after_overflow "$(hash_dev /dev/vg1/data_shadow)"
+result snaps_after_overflow "$(lvs --noheadings -o lv_name vg0 | grep -c blockrep_snap)"
+
+# 2. Not enough free space in the VG for the snapshot: refused with the numbers, nothing created.
+sed 's/snapshot_size = "8M"/snapshot_size = "200M"/' $W/blockrep.toml > $W/big.toml
+$BR sync --config $W/big.toml > /dev/null 2> $W/space.err && fail "a snapshot larger than the VG's free space must be refused"
+result space_msg "$(grep -c 'bytes free' $W/space.err)"
+result snaps_after_space "$(lvs --noheadings -o lv_name vg0 | grep -c blockrep_snap)"
+
+# 3. A source that is not an LV while snapshot = "lvm".
+truncate -s 96M $W/plain.img
+sed "s|source = \"/dev/vg0/data\"|source = \"$W/plain.img\"|" $W/blockrep.toml > $W/plain.toml
+$BR sync --config $W/plain.toml > /dev/null 2> $W/plain.err && fail "snapshot = lvm on a plain file must fail"
+result notlv_msg "$(grep -c 'LVM logical volume' $W/plain.err)"
+result verify "$($BR verify --json --local /dev/vg1/data_shadow --state-dir /mnt/brstate --name data)"
+"#;
+    let disks = [("disk0", 160 << 20), ("disk1", 128 << 20), ("state", 32 << 20)];
+    let r = uml::run_guest(&disks, &scenario, Duration::from_secs(300));
+    eprintln!("guest ran for {:?}", r.elapsed);
+    r.assert_success();
+    assert_eq!(r.result("overflow_msg"), Some("1"), "{:?}", r.results);
+    assert_eq!(r.result("overflow_hint"), Some("1"));
+    assert_eq!(r.result("after_overflow"), r.result("h1"), "the shadow keeps its previous generation");
+    assert_eq!(r.result("snaps_after_overflow"), Some("0"));
+    assert_eq!(r.result("space_msg"), Some("1"));
+    assert_eq!(r.result("snaps_after_space"), Some("0"));
+    assert_eq!(r.result("notlv_msg"), Some("1"));
+    let v: serde_json::Value = serde_json::from_str(r.result("verify").unwrap()).unwrap();
+    assert_eq!((v["ok"].as_bool(), v["generation"].as_u64()), (Some(true), Some(1)), "{v}");
+}
