@@ -6,5 +6,5 @@ scripts/deps.sh test
 start=$(date +%s)
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-cargo test --workspace
+cargo test --workspace --no-fail-fast
 echo "test suite finished in $(( $(date +%s) - start )) s"
