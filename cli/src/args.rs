@@ -132,7 +132,8 @@ pub enum IoEngineArg {
 /// Options shared by commands that read or write volumes.
 #[derive(Debug, Clone, Args)]
 pub struct IoArgs {
-    /// I/O engine.
+    /// I/O engine. `auto` also hashes page-cached regular files straight from a memory map; an explicit engine
+    /// reads everything through that engine.
     #[arg(long, value_enum, default_value_t)]
     pub io_engine: IoEngineArg,
     /// Force O_DIRECT (default: on for block devices, off for files).

@@ -88,6 +88,7 @@ pub fn sync(a: &SyncArgs) -> Result<()> {
     let name = volume_name(a.name.as_deref(), source)?;
     let bs = engine::hash::validate_block_size(a.block_size).map_err(|e| coded(USAGE, e.to_string()))?;
     let mut opts = SyncOptions::new(bs);
+    opts.scan.mmap = a.io.io_engine == crate::args::IoEngineArg::Auto;
     opts.refine = !a.no_refine;
     let mut bar = report::Progress::new(&name);
     let r = run_local(&name, source, target, &a.state_dir, &a.io.options(), &opts, &mut |d, t| bar.update(d, t))?;

@@ -75,6 +75,7 @@ pub fn sync_one(cfg: &Config, vol: &config::Volume, source: &std::path::Path, o:
     std::fs::create_dir_all(&primary_dir)
         .with_context(|| format!("cannot create state directory {}", primary_dir.display()))?;
     let mut opts = SyncOptions::new(vol.block_size);
+    opts.scan.mmap = o.io.engine == engine::io::EngineKind::Auto;
     opts.refine = o.refine;
     opts.cancel = o.cancel.clone();
     let mut bar = report::Progress::new(&vol.name);
