@@ -210,7 +210,7 @@ fn session(shared: &Shared, mut conn: Connection) -> Result<()> {
             }
             (Message::Commit(root), Some((g, t))) => match t.commit(root) {
                 Ok(a) => {
-                    info!(volume = %g.1, generation = a.generation, "generation committed");
+                    // The target logs "generation committed" with the root hash.
                     note_first_full_sync(&shared.cfg, shared.io, &g.1);
                     Message::CommitAck(m::CommitAck { generation: a.generation, root: a.root })
                 }

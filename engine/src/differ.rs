@@ -14,6 +14,7 @@
 //! [`changed_blocks`]; the orchestration that turns changed blocks into extents is in [`crate::sync`].
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::thread;
 
 use bytes::Bytes;
@@ -157,9 +158,9 @@ where
     let bs = opts.block_size as usize;
     assert!(opts.chunk_size % bs == 0, "chunk size must be a multiple of the block size");
     if opts.mmap && !volume.direct() && !volume.is_block_device() && volume.size() > 0 {
-        // SAFETY: see `map_source`: the source is frozen for the sync (snapshot, or quiescent by contract).
-        match unsafe { map_source(volume) } {
-            Ok(map) => return scan_mapped(volume, map, opts, consume),
+        // SAFETY: see `map_chunk`: the source is frozen for the sync (snapshot, or quiescent by contract).
+        match unsafe { map_chunk(volume, 0, volume.size().min(opts.chunk_size as u64) as usize) } {
+            Ok(_) => return scan_mapped(volume, opts, consume),
             Err(e) => tracing::debug!(error = %e, "cannot map the source; reading it through the engine"),
         }
     }
@@ -236,37 +237,31 @@ where
     result.map(|()| stats)
 }
 
-/// Maps the source read-only.
+/// Maps `len` bytes of the source at `offset` (a multiple of the page size) read-only. Each chunk has its own
+/// small mapping, so the scan's resident memory stays bounded by the chunks in flight, as with the read engine.
 ///
 /// # Safety
 ///
 /// The file must not be truncated or modified while the map lives: a sync reads a frozen image (an LVM snapshot,
 /// or a file the caller guarantees quiescent, `snapshot = "none"`). Truncation would raise SIGBUS; modification
 /// would only make the scan read a mix, exactly as reads through the engine would.
-unsafe fn map_source(volume: &Volume) -> std::io::Result<std::sync::Arc<memmap2::Mmap>> {
+unsafe fn map_chunk(volume: &Volume, offset: u64, len: usize) -> std::io::Result<memmap2::Mmap> {
     // SAFETY: forwarded to the caller (see above).
-    let map = unsafe { memmap2::MmapOptions::new().len(volume.size() as usize).map(volume.file())? };
-    let _ = map.advise(memmap2::Advice::Sequential);
-    Ok(std::sync::Arc::new(map))
+    unsafe { memmap2::MmapOptions::new().offset(offset).len(len).map(volume.file()) }
 }
 
-/// A chunk of a mapped source, owned by the `Bytes` handed to the consumer.
-struct MapChunk {
-    map: std::sync::Arc<memmap2::Mmap>,
-    start: usize,
-    end: usize,
-}
+/// A mapped chunk of the source, owned by the `Bytes` handed to the consumer.
+struct MapChunk(memmap2::Mmap);
 
 impl AsRef<[u8]> for MapChunk {
     fn as_ref(&self) -> &[u8] {
-        &self.map[self.start..self.end]
+        &self.0
     }
 }
 
 /// [`scan`] over a memory map: hasher threads take chunk offsets in turn and hash straight from the map.
 fn scan_mapped<E>(
     volume: &Volume,
-    map: std::sync::Arc<memmap2::Mmap>,
     opts: &ScanOptions,
     mut consume: impl FnMut(ScannedChunk) -> Result<(), E>,
 ) -> Result<ScanStats, E>
@@ -283,28 +278,39 @@ where
     // Chunks ahead of the consumer are bounded by this channel (they hold no memory but the map's pages).
     let (done_tx, done_rx) = crossbeam_channel::bounded::<ScannedChunk>(threads * 2 + 2);
     let mut stats = ScanStats::default();
+    let hash_chunk = |offset: u64| -> Result<ScannedChunk, DiffError> {
+        let len = ((offset + opts.chunk_size as u64).min(size) - offset) as usize;
+        // SAFETY: see `map_chunk`; chunk offsets are multiples of the chunk size, so page-aligned.
+        let map = unsafe { map_chunk(volume, offset, len) }.map_err(|e| DiffError::Read {
+            path: volume.path().to_owned(),
+            source: IoError::Read { offset, len, source: e },
+        })?;
+        let n = len.div_ceil(bs);
+        let (mut hashes, mut zero) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for block in map.chunks(bs) {
+            let (h, z) = hash_block_zero_aware(block, &zeros);
+            hashes.push(h);
+            zero.push(z);
+        }
+        let data = Bytes::from_owner(MapChunk(map));
+        Ok(ScannedChunk { offset, first_block: offset / bs as u64, data, hashes, zero })
+    };
     let result: Result<(), E> = thread::scope(|s| {
+        let mut hashers = Vec::new();
         for _ in 0..threads {
-            let (done_tx, map, zeros, next_offset, stop) = (done_tx.clone(), &map, &zeros, &next_offset, &stop);
-            s.spawn(move || loop {
-                let offset = next_offset.fetch_add(opts.chunk_size as u64, std::sync::atomic::Ordering::Relaxed);
-                if offset >= size || stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    return;
+            let (done_tx, next_offset, stop, hash_chunk) = (done_tx.clone(), &next_offset, &stop, &hash_chunk);
+            hashers.push(s.spawn(move || -> Result<(), DiffError> {
+                loop {
+                    let offset = next_offset.fetch_add(opts.chunk_size as u64, std::sync::atomic::Ordering::Relaxed);
+                    if offset >= size || stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    let chunk = hash_chunk(offset).inspect_err(|_| stop.store(true, Ordering::Relaxed))?;
+                    if done_tx.send(chunk).is_err() {
+                        return Ok(());
+                    }
                 }
-                let (start, end) = (offset as usize, (offset + opts.chunk_size as u64).min(size) as usize);
-                let n = (end - start).div_ceil(bs);
-                let (mut hashes, mut zero) = (Vec::with_capacity(n), Vec::with_capacity(n));
-                for block in map[start..end].chunks(bs) {
-                    let (h, z) = hash_block_zero_aware(block, zeros);
-                    hashes.push(h);
-                    zero.push(z);
-                }
-                let data = Bytes::from_owner(MapChunk { map: map.clone(), start, end });
-                let chunk = ScannedChunk { offset, first_block: offset / bs as u64, data, hashes, zero };
-                if done_tx.send(chunk).is_err() {
-                    return;
-                }
-            });
+            }));
         }
         drop(done_tx);
         // Owned here, so that returning early drops it and unblocks hashers waiting to send before the join.
@@ -319,10 +325,13 @@ where
                 stats.blocks += chunk.hashes.len() as u64;
                 stats.zero_blocks += chunk.zero.iter().filter(|&&z| z).count() as u64;
                 if let Err(e) = consume(chunk) {
-                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    stop.store(true, Ordering::Relaxed);
                     return Err(e);
                 }
             }
+        }
+        for h in hashers {
+            h.join().map_err(|_| E::from(DiffError::ThreadPanicked))?.map_err(E::from)?;
         }
         Ok(())
     });
