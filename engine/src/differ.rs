@@ -76,6 +76,44 @@ pub enum DiffError {
     ThreadPanicked,
 }
 
+impl ScanOptions {
+    /// Number of hashing threads: `threads`, or one per available core.
+    fn hashers(&self) -> usize {
+        if self.threads == 0 {
+            thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+        } else {
+            self.threads
+        }
+    }
+}
+
+/// BLAKE3 and the all-zero flag of each `bs`-sized block of `data` (the last may be shorter).
+fn hash_blocks(data: &[u8], bs: usize, zeros: &ZeroHashes) -> (Vec<BlockHash>, Vec<bool>) {
+    data.chunks(bs).map(|block| hash_block_zero_aware(block, zeros)).unzip()
+}
+
+/// Hands the chunks arriving on `rx` (in any order) to `consume` in offset order, counting them in `stats`, until
+/// the senders are gone or `consume` fails. Takes `rx` by value: returning drops it, which unblocks senders.
+fn consume_in_order<E>(
+    rx: crossbeam_channel::Receiver<ScannedChunk>,
+    stats: &mut ScanStats,
+    consume: &mut impl FnMut(ScannedChunk) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut next = 0u64;
+    let mut early: BTreeMap<u64, ScannedChunk> = BTreeMap::new();
+    for chunk in rx.iter() {
+        early.insert(chunk.offset, chunk);
+        while let Some(chunk) = early.remove(&next) {
+            next += chunk.data.len() as u64;
+            stats.bytes_scanned += chunk.data.len() as u64;
+            stats.blocks += chunk.hashes.len() as u64;
+            stats.zero_blocks += chunk.zero.iter().filter(|&&z| z).count() as u64;
+            consume(chunk)?;
+        }
+    }
+    Ok(())
+}
+
 /// One chunk of the source, hashed.
 #[derive(Debug)]
 pub struct ScannedChunk {
@@ -165,8 +203,7 @@ where
         }
     }
     let size = volume.size();
-    let threads =
-        if opts.threads == 0 { thread::available_parallelism().map(|n| n.get()).unwrap_or(2) } else { opts.threads };
+    let threads = opts.hashers();
     let pool = BufPool::new(opts.pool_buffers.max(opts.depth + 2 * threads + 2), opts.chunk_size);
     let zeros = ZeroHashes::new(opts.block_size);
     let (raw_tx, raw_rx) = crossbeam_channel::bounded::<(u64, AlignedBuf)>(threads * 2);
@@ -191,14 +228,7 @@ where
             let (raw_rx, done_tx, pool, zeros) = (raw_rx.clone(), done_tx.clone(), pool.clone(), zeros.clone());
             s.spawn(move || {
                 for (offset, buf) in raw_rx.iter() {
-                    let n = buf.len().div_ceil(bs);
-                    let mut hashes = Vec::with_capacity(n);
-                    let mut zero = Vec::with_capacity(n);
-                    for block in buf.chunks(bs) {
-                        let (h, z) = hash_block_zero_aware(block, &zeros);
-                        hashes.push(h);
-                        zero.push(z);
-                    }
+                    let (hashes, zero) = hash_blocks(&buf, bs, &zeros);
                     let data = Bytes::from_owner(Pooled { buf: Some(buf), pool: pool.clone() });
                     let chunk = ScannedChunk { offset, first_block: offset / bs as u64, data, hashes, zero };
                     if done_tx.send(chunk).is_err() {
@@ -209,25 +239,8 @@ where
         }
         drop((raw_rx, done_tx));
 
-        // Consume in offset order.
-        let mut next = 0u64;
-        let mut early: BTreeMap<u64, ScannedChunk> = BTreeMap::new();
-        let mut outcome = Ok(());
-        'recv: for chunk in done_rx.iter() {
-            early.insert(chunk.offset, chunk);
-            while let Some(chunk) = early.remove(&next) {
-                next += chunk.data.len() as u64;
-                stats.bytes_scanned += chunk.data.len() as u64;
-                stats.blocks += chunk.hashes.len() as u64;
-                stats.zero_blocks += chunk.zero.iter().filter(|&&z| z).count() as u64;
-                if let Err(e) = consume(chunk) {
-                    outcome = Err(e);
-                    break 'recv;
-                }
-            }
-        }
-        drop(early);
-        drop(done_rx); // unblocks hashers and, through them, the reader
+        // Consume in offset order; dropping the receiver on return unblocks hashers and, through them, the reader.
+        let outcome = consume_in_order(done_rx, &mut stats, &mut consume);
         let read_result = reader.join().map_err(|_| E::from(DiffError::ThreadPanicked))?;
         outcome?;
         read_result.map_err(E::from)?;
@@ -270,8 +283,7 @@ where
 {
     let bs = opts.block_size as usize;
     let size = volume.size();
-    let threads =
-        if opts.threads == 0 { thread::available_parallelism().map(|n| n.get()).unwrap_or(2) } else { opts.threads };
+    let threads = opts.hashers();
     let zeros = ZeroHashes::new(opts.block_size);
     let next_offset = std::sync::atomic::AtomicU64::new(0);
     let stop = std::sync::atomic::AtomicBool::new(false);
@@ -285,13 +297,7 @@ where
             path: volume.path().to_owned(),
             source: IoError::Read { offset, len, source: e },
         })?;
-        let n = len.div_ceil(bs);
-        let (mut hashes, mut zero) = (Vec::with_capacity(n), Vec::with_capacity(n));
-        for block in map.chunks(bs) {
-            let (h, z) = hash_block_zero_aware(block, &zeros);
-            hashes.push(h);
-            zero.push(z);
-        }
+        let (hashes, zero) = hash_blocks(&map, bs, &zeros);
         let data = Bytes::from_owner(MapChunk(map));
         Ok(ScannedChunk { offset, first_block: offset / bs as u64, data, hashes, zero })
     };
@@ -313,23 +319,8 @@ where
             }));
         }
         drop(done_tx);
-        // Owned here, so that returning early drops it and unblocks hashers waiting to send before the join.
-        let done_rx = done_rx;
-        let mut next = 0u64;
-        let mut early: BTreeMap<u64, ScannedChunk> = BTreeMap::new();
-        for chunk in done_rx.iter() {
-            early.insert(chunk.offset, chunk);
-            while let Some(chunk) = early.remove(&next) {
-                next += chunk.data.len() as u64;
-                stats.bytes_scanned += chunk.data.len() as u64;
-                stats.blocks += chunk.hashes.len() as u64;
-                stats.zero_blocks += chunk.zero.iter().filter(|&&z| z).count() as u64;
-                if let Err(e) = consume(chunk) {
-                    stop.store(true, Ordering::Relaxed);
-                    return Err(e);
-                }
-            }
-        }
+        // Returning drops the receiver, which unblocks hashers waiting to send before the join.
+        consume_in_order(done_rx, &mut stats, &mut consume).inspect_err(|_| stop.store(true, Ordering::Relaxed))?;
         for h in hashers {
             h.join().map_err(|_| E::from(DiffError::ThreadPanicked))?.map_err(E::from)?;
         }
