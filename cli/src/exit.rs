@@ -8,13 +8,10 @@ pub const FAILED: i32 = 1;
 /// Usage or configuration error.
 pub const USAGE: i32 = 2;
 /// The peer could not be reached.
-#[allow(dead_code)]
 pub const PEER_UNREACHABLE: i32 = 3;
 /// Refused because it is unsafe (stale data, peer still active, split brain).
-#[allow(dead_code)]
 pub const UNSAFE: i32 = 4;
 /// Refused by the peer (authentication, protocol version).
-#[allow(dead_code)]
 pub const REFUSED_BY_PEER: i32 = 5;
 
 /// A failure that carries its exit code; anything else exits with [`FAILED`].
