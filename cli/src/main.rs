@@ -9,7 +9,6 @@ mod config;
 mod demo;
 mod exit;
 mod local;
-mod net;
 mod netsync;
 mod report;
 mod role_glue;

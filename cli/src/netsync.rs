@@ -10,8 +10,8 @@ use serde::Serialize;
 
 use crate::config::{self, Config};
 use crate::exit::{coded, PEER_UNREACHABLE, REFUSED_BY_PEER, USAGE};
-use crate::net::RemoteTarget;
 use crate::report;
+use netproto::RemoteTarget;
 
 /// One volume's result: the local sync's fields plus the wire's.
 #[derive(Debug, Serialize)]

@@ -14,22 +14,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use engine::sync::TargetLink;
 use engine::target::Target;
+use link::{BeginAck, BeginPlan, BlockHash, CommitAck, Extent, LinkError, TargetInfo, TargetLink};
 use netproto::message::{self as m, code};
-use netproto::{Connection, Key, Message};
+use netproto::{Key, Refusal};
 use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::exit::{coded, USAGE};
-use crate::net::{begin_from_wire, extent_from_wire, info_to_wire};
 
 /// Shared state of the daemon.
 struct Shared {
     cfg: Config,
     key: Key,
     io: engine::volume::IoOptions,
-    busy: Mutex<HashSet<String>>,
+    busy: Arc<Mutex<HashSet<String>>>,
     streams: Mutex<HashMap<u64, TcpStream>>,
     stopping: AtomicBool,
     next_id: AtomicU64,
@@ -53,7 +52,7 @@ pub fn run(cfg: Config, listen: Option<SocketAddr>, announce: bool, io: engine::
         cfg,
         key,
         io,
-        busy: Mutex::new(HashSet::new()),
+        busy: Arc::new(Mutex::new(HashSet::new())),
         streams: Mutex::new(HashMap::new()),
         stopping: AtomicBool::new(false),
         next_id: AtomicU64::new(0),
@@ -117,9 +116,9 @@ fn connection(shared: Arc<Shared>, stream: TcpStream) {
     }
     let result = netproto::accept_handshake(stream, &shared.key, &shared.cfg.node)
         .map_err(anyhow::Error::from)
-        .and_then(|conn| {
+        .and_then(|mut conn| {
             info!(%peer, node = conn.peer_node(), "peer authenticated");
-            session(&shared, conn)
+            netproto::serve_session(&mut conn, &*shared).map_err(anyhow::Error::from)
         });
     if let Err(e) = result {
         warn!(%peer, "connection ended with an error: {e:#}");
@@ -128,112 +127,94 @@ fn connection(shared: Arc<Shared>, stream: TcpStream) {
 }
 
 /// Releases a volume's busy mark when the session ends.
-struct BusyGuard<'a>(&'a Shared, String);
+struct BusyGuard {
+    busy: Arc<Mutex<HashSet<String>>>,
+    name: String,
+}
 
-impl Drop for BusyGuard<'_> {
+impl Drop for BusyGuard {
     fn drop(&mut self) {
-        self.0.busy.lock().expect("lock").remove(&self.1);
+        self.busy.lock().expect("lock").remove(&self.name);
     }
 }
 
-fn session(shared: &Shared, mut conn: Connection) -> Result<()> {
-    let mut open: Option<(BusyGuard<'_>, Target)> = None;
-    loop {
-        let Some(msg) = conn.recv()? else {
-            return Ok(());
-        };
-        let reply = match (msg, open.as_mut()) {
-            (Message::OpenVolume(o), _) => {
-                drop(open.take()); // release the previous volume before opening another
-                match open_volume(shared, &o) {
-                    Ok((guard, mut target)) => {
-                        let info = target.info()?;
-                        open = Some((guard, target));
-                        Message::VolumeInfo(info_to_wire(&info))
-                    }
-                    Err((c, message)) => {
-                        warn!(volume = %o.name, "{message}");
-                        conn.send_error(c, &message);
-                        return Ok(());
-                    }
-                }
-            }
-            (Message::Bye, _) => return Ok(()),
-            (Message::RoleReq, _) => {
-                let role = role::status(&crate::role_glue::role_dir(&shared.cfg)).map(|s| s.role);
-                let role = role.map_err(|e| anyhow::anyhow!("cannot read the role state: {e}"));
-                match role {
-                    Ok(r) => Message::RoleInfo(m::RoleInfo {
-                        role: crate::role_glue::role_to_wire(r),
-                        node: shared.cfg.node.clone(),
-                    }),
-                    Err(e) => return refuse(&mut conn, code::FAILED, e),
-                }
-            }
-            (Message::DemoteReq(reason), _) => {
-                info!(%reason, peer = conn.peer_node(), "the peer asks this node to demote (switchover)");
-                let args = crate::role_glue::PlanArgs {
-                    force: false,
-                    dry_run: false,
-                    reason: format!("switchover requested by {}: {reason}", conn.peer_node()),
-                    poweroff: false,
-                    json: false,
-                };
-                match crate::role_glue::plan(&shared.cfg, "demote", &args, shared.io) {
-                    Ok(report) => {
-                        info!("demoted on the peer's request:\n{report}");
-                        Message::DemoteDone
-                    }
-                    Err(e) => return refuse(&mut conn, code::FAILED, e),
-                }
-            }
-            (Message::Begin(b), Some((_, t))) => match t.begin(&begin_from_wire(&b)) {
-                Ok(a) => Message::BeginAck(m::BeginAck { resumed: a.resumed, in_place: a.in_place }),
-                Err(e) => return refuse(&mut conn, code::REFUSED, e),
-            },
-            (Message::BlockHashesReq { first, count }, Some((_, t))) => match t.block_hashes(first, count) {
-                Ok(h) => Message::BlockHashes(h),
-                Err(e) => return refuse(&mut conn, code::FAILED, e),
-            },
-            (Message::SubHashesReq(blocks), Some((_, t))) => match t.sub_hashes(&blocks) {
-                Ok(h) => Message::SubHashes(h),
-                Err(e) => return refuse(&mut conn, code::FAILED, e),
-            },
-            (Message::Extent(e), Some((_, t))) => match t.extent(extent_from_wire(e)) {
-                Ok(()) => continue,
-                Err(e) => return refuse(&mut conn, code::REFUSED, e),
-            },
-            (Message::Commit(_), Some(_)) if crate::role_glue::is_primary(&shared.cfg) => {
-                let message = format!("this node ({}) became primary during the sync; not committing", shared.cfg.node);
-                conn.send_error(code::REFUSED, &message);
-                anyhow::bail!(message);
-            }
-            (Message::Commit(root), Some((g, t))) => match t.commit(root) {
-                Ok(a) => {
-                    // The target logs "generation committed" with the root hash.
-                    note_first_full_sync(&shared.cfg, shared.io, &g.1);
-                    Message::CommitAck(m::CommitAck { generation: a.generation, root: a.root })
-                }
-                Err(e) => return refuse(&mut conn, code::FAILED, e),
-            },
-            (other, _) => {
-                let message = format!("protocol violation: unexpected {} message", other.frame_type());
-                conn.send_error(code::PROTOCOL, &message);
-                anyhow::bail!(message);
-            }
-        };
-        conn.send(&reply)?;
+/// One open volume of a session: the engine's target, the volume's busy mark, and the standby's checks around
+/// the commit.
+struct OpenShadow {
+    target: Target,
+    guard: BusyGuard,
+    cfg: Config,
+    io: engine::volume::IoOptions,
+}
+
+impl TargetLink for OpenShadow {
+    fn info(&mut self) -> Result<TargetInfo, LinkError> {
+        self.target.info()
+    }
+    fn begin(&mut self, plan: &BeginPlan) -> Result<BeginAck, LinkError> {
+        self.target.begin(plan)
+    }
+    fn block_hashes(&mut self, first: u64, count: u32) -> Result<Vec<BlockHash>, LinkError> {
+        self.target.block_hashes(first, count)
+    }
+    fn sub_hashes(&mut self, blocks: &[u64]) -> Result<Vec<BlockHash>, LinkError> {
+        self.target.sub_hashes(blocks)
+    }
+    fn extent(&mut self, extent: Extent) -> Result<(), LinkError> {
+        self.target.extent(extent)
+    }
+    fn commit(&mut self, root: BlockHash) -> Result<CommitAck, LinkError> {
+        if crate::role_glue::is_primary(&self.cfg) {
+            return Err(LinkError::Refused(format!(
+                "this node ({}) became primary during the sync; not committing",
+                self.cfg.node
+            )));
+        }
+        let ack = self.target.commit(root)?;
+        // The target logs "generation committed" with the root hash.
+        note_first_full_sync(&self.cfg, self.io, &self.guard.name);
+        Ok(ack)
     }
 }
 
-fn refuse(conn: &mut Connection, c: u16, e: impl Into<anyhow::Error>) -> Result<()> {
-    let e = e.into();
-    let message = format!("{e:#}");
-    conn.send_error(c, &message);
-    Err(e)
+impl netproto::Standby for Shared {
+    type Target = OpenShadow;
+
+    fn open_volume(&self, _peer: &str, o: &m::OpenVolume) -> Result<OpenShadow, Refusal> {
+        open_volume(self, o).map_err(|(c, message)| {
+            warn!(volume = %o.name, "{message}");
+            Refusal::new(c, message)
+        })
+    }
+
+    fn role(&self) -> Result<m::RoleInfo, Refusal> {
+        let role = role::status(&crate::role_glue::role_dir(&self.cfg)).map(|s| s.role);
+        match role {
+            Ok(r) => Ok(m::RoleInfo { role: crate::role_glue::role_to_wire(r), node: self.cfg.node.clone() }),
+            Err(e) => Err(Refusal::new(code::FAILED, format!("cannot read the role state: {e}"))),
+        }
+    }
+
+    fn demote(&self, peer: &str, reason: &str) -> Result<(), Refusal> {
+        info!(%reason, peer, "the peer asks this node to demote (switchover)");
+        let args = crate::role_glue::PlanArgs {
+            force: false,
+            dry_run: false,
+            reason: format!("switchover requested by {peer}: {reason}"),
+            poweroff: false,
+            json: false,
+        };
+        match crate::role_glue::plan(&self.cfg, "demote", &args, self.io) {
+            Ok(report) => {
+                info!("demoted on the peer's request:\n{report}");
+                Ok(())
+            }
+            Err(e) => Err(Refusal::new(code::FAILED, format!("{e:#}"))),
+        }
+    }
 }
 
-fn open_volume<'a>(shared: &'a Shared, o: &m::OpenVolume) -> Result<(BusyGuard<'a>, Target), (u16, String)> {
+fn open_volume(shared: &Shared, o: &m::OpenVolume) -> Result<OpenShadow, (u16, String)> {
     let cfg = &shared.cfg;
     let vol = cfg.volumes.iter().find(|v| v.name == o.name).ok_or_else(|| {
         (
@@ -257,7 +238,7 @@ fn open_volume<'a>(shared: &'a Shared, o: &m::OpenVolume) -> Result<(BusyGuard<'
             format!("another sync of volume {} is running on standby {}; try again later", o.name, cfg.node),
         ));
     }
-    let guard = BusyGuard(shared, o.name.clone());
+    let guard = BusyGuard { busy: shared.busy.clone(), name: o.name.clone() };
     if !shadow.exists() {
         crate::shadow::record_source_size(&cfg.side_dir("standby", &o.name), o.source_size);
         return Err((
@@ -291,7 +272,7 @@ fn open_volume<'a>(shared: &'a Shared, o: &m::OpenVolume) -> Result<(BusyGuard<'
             ),
         ));
     }
-    Ok((guard, target))
+    Ok(OpenShadow { target, guard, cfg: cfg.clone(), io: shared.io })
 }
 
 /// Records in the role state that every shadow holds a complete generation (automatic promotion by keepalived or

@@ -1,7 +1,6 @@
 //! Block hashing: BLAKE3 per block, zero-block detection, block-size rules and the root hash of a volume.
 
-/// A BLAKE3 hash of one block (full 32 bytes: no truncation arguments to make).
-pub type BlockHash = [u8; 32];
+pub use link::{BlockHash, SUB_BLOCK_SIZE};
 
 /// Smallest block size.
 pub const MIN_BLOCK_SIZE: u32 = 4096;
@@ -9,8 +8,6 @@ pub const MIN_BLOCK_SIZE: u32 = 4096;
 pub const MAX_BLOCK_SIZE: u32 = 1 << 20;
 /// Default block size, chosen by measurement (see `docs/ARCHITECTURE.md`, "Block size").
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
-/// Granularity of sub-block refinement: a changed block is narrowed down to the 4 KiB pieces that changed.
-pub const SUB_BLOCK_SIZE: u32 = 4096;
 
 /// Block-size errors.
 #[derive(Debug, thiserror::Error)]

@@ -27,7 +27,7 @@
 //!
 //! The link operations (`info`, `begin`, `block_hashes`, `sub_hashes`, `extent`, `commit`) are the methods of
 //! [`TargetLink`], implemented by `Target` (bring the trait into scope); errors come back as
-//! [`LinkError::Target`]. [`Target::abort`] and [`Target::verify`] are inherent.
+//! [`LinkError::Local`] (holding a [`TargetError`]). [`Target::abort`] and [`Target::verify`] are inherent.
 //!
 //! Every durable step goes through the [`Durable`] handle of [`TargetOptions`], so tests can crash a sync at each
 //! step and check recovery.
@@ -42,6 +42,7 @@ use crate::manifest::{self, Manifest, ManifestError, ManifestWriter};
 use crate::spool::{self, Record, RecordKind, Scan, SpoolError, SpoolHeader, SpoolWriter};
 use crate::sync::{BeginAck, BeginPlan, CommitAck, Extent, ExtentData, LinkError, PendingInfo, TargetInfo, TargetLink};
 use crate::volume::{Access, IoOptions, Volume, VolumeError};
+use link::error_chain;
 
 #[cfg(test)]
 mod tests;
@@ -1094,15 +1095,10 @@ impl Drop for Target {
     }
 }
 
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
+impl From<TargetError> for LinkError {
+    fn from(e: TargetError) -> Self {
+        LinkError::Local(Box::new(e))
     }
-    s
 }
 
 impl TargetLink for Target {

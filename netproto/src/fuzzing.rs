@@ -123,15 +123,15 @@ pub fn sample_messages() -> Vec<Message> {
         Message::AuthOk([4; 32]),
         Message::Error(ErrorMsg { code: code::REFUSED, message: "extent past the end of the shadow".into() }),
         Message::OpenVolume(OpenVolume { name: "data".into(), source_size: 1 << 30, block_size: 65536 }),
-        Message::VolumeInfo(VolumeInfo {
-            shadow_size: 1 << 30,
+        Message::VolumeInfo(TargetInfo {
+            volume_size: 1 << 30,
             generation: 7,
             block_size: 65536,
             root: Some([5; 32]),
             complete: true,
-            pending: Some(Pending { generation: 8, base_generation: 7, bytes: 4096, end_offset: 65536 }),
+            pending: Some(PendingInfo { generation: 8, base_generation: 7, bytes: 4096, end_offset: 65536 }),
         }),
-        Message::Begin(Begin {
+        Message::Begin(BeginPlan {
             generation: 8,
             base_generation: 7,
             volume_size: 1 << 30,

@@ -1,8 +1,8 @@
 //! blockrep's framed, authenticated TCP protocol.
 //!
 //! The primary (`blockrep sync`) and the standby (`blockrep serve`) talk over one TCP connection per session.
-//! This crate is the protocol only, with no dependency on the engine: the CLI adapts [`message`] types to the
-//! engine's link types.
+//! This crate owns both ends of the network link and nothing else: it carries the session types of the `link`
+//! crate (shared with the engine) without converting them, and it does not depend on the engine.
 //!
 //! * [`frame`]: fixed header (magic, version, type, flags, length, sequence number, crc32), payload, MAC; two-phase
 //!   decoding ([`frame::check`], then [`frame::parse`]) with named `MAX_*` limits.
@@ -11,6 +11,8 @@
 //!   yields the session key for the MACs.
 //! * [`conn`]: a blocking [`Connection`] over a `TcpStream` (or any byte stream): vectored, copy-free sends,
 //!   buffered two-phase receives, send-rate cap, byte counters; [`connect`] and [`accept_handshake`].
+//! * [`client`]: [`RemoteTarget`], the primary's `TargetLink` over a connection.
+//! * [`server`]: [`serve_session`], the standby's per-connection dispatch loop over any `TargetLink`.
 //! * [`key`]: loading and generating the shared key file.
 //! * [`fuzzing`]: the entry points of the fuzz targets in `fuzz/`, also run by this crate's tests.
 //!
@@ -25,15 +27,18 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod client;
 pub mod conn;
 pub mod frame;
 pub mod fuzzing;
 pub mod handshake;
 pub mod key;
 pub mod message;
+pub mod server;
 
 /// The shared byte buffer extents carry (re-exported so users need not depend on `bytes` themselves).
 pub use bytes::Bytes;
+pub use client::RemoteTarget;
 pub use conn::{
     accept_handshake, accept_handshake_with, client_handshake, connect, connect_with, server_handshake, ConnError,
     Connection, Stats,
@@ -41,6 +46,7 @@ pub use conn::{
 pub use handshake::{HandshakeError, HandshakeOptions};
 pub use key::{generate_key, load_key, Key, KeyError};
 pub use message::Message;
+pub use server::{serve_session, Refusal, SessionError, Standby};
 
 /// The zstd level used for extents unless configured otherwise (chosen from `benches/benches/frames.rs`).
 pub const DEFAULT_ZSTD_LEVEL: i32 = 1;

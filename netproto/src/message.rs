@@ -14,7 +14,11 @@ use bytes::Bytes;
 use crate::frame::FrameType;
 
 /// A 32-byte BLAKE3 hash.
-pub type Hash = [u8; 32];
+pub use link::BlockHash as Hash;
+/// The session types this protocol carries are the link crate's own, not copies.
+pub use link::{
+    BeginAck, BeginPlan, CommitAck, Extent, ExtentData, PendingInfo, TargetInfo, MAX_EXTENT_LEN, MAX_ZERO_EXTENT_LEN,
+};
 
 /// Longest node or volume name, in bytes.
 pub const MAX_NAME_LEN: usize = 255;
@@ -24,8 +28,6 @@ pub const MAX_ERROR_LEN: usize = 4096;
 pub const MAX_HASH_BATCH: u32 = 256 * 1024;
 /// Most blocks in one `SubHashesReq` (their sub-hashes must still fit in [`MAX_HASH_BATCH`]).
 pub const MAX_SUB_BLOCKS: u32 = 1024;
-/// Longest data extent, in bytes (before compression); zero extents may be longer.
-pub const MAX_EXTENT_LEN: u64 = 16 << 20;
 /// Extent flag: the payload is zstd-compressed.
 pub const EXTENT_ZSTD: u8 = 0x01;
 /// Extent flag: the extent is `len` zero bytes, without payload.
@@ -105,89 +107,6 @@ pub struct OpenVolume {
     pub block_size: u32,
 }
 
-/// An uncommitted, durably spooled transfer (mirrors the engine's `PendingInfo`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pending {
-    /// The generation it was building.
-    pub generation: u64,
-    /// The generation it was based on.
-    pub base_generation: u64,
-    /// Bytes of extents durably received.
-    pub bytes: u64,
-    /// Offset up to which extents were received.
-    pub end_offset: u64,
-}
-
-/// Server describes the shadow (mirrors the engine's `TargetInfo`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VolumeInfo {
-    /// Size of the shadow volume in bytes.
-    pub shadow_size: u64,
-    /// Last committed generation (0: none).
-    pub generation: u64,
-    /// Block size of the committed manifest (0: none).
-    pub block_size: u32,
-    /// Root hash of the committed generation.
-    pub root: Option<Hash>,
-    /// Whether the shadow holds a complete generation.
-    pub complete: bool,
-    /// A transfer that may be resumed.
-    pub pending: Option<Pending>,
-}
-
-/// Client starts a transfer (mirrors the engine's `BeginPlan`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Begin {
-    /// The new generation.
-    pub generation: u64,
-    /// The generation the diff is based on.
-    pub base_generation: u64,
-    /// Size of the source volume.
-    pub volume_size: u64,
-    /// Block size of the source's manifest.
-    pub block_size: u32,
-    /// Continue the pending transfer.
-    pub resume: bool,
-}
-
-/// Server accepts a transfer (mirrors the engine's `BeginAck`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BeginAck {
-    /// Whether the pending transfer is continued.
-    pub resumed: bool,
-    /// Whether extents are written in place.
-    pub in_place: bool,
-}
-
-/// The payload of an extent (mirrors the engine's `ExtentData`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExtentData {
-    /// `len` bytes to write.
-    Data(Bytes),
-    /// `len` zero bytes.
-    Zero,
-}
-
-/// A run of bytes to write (mirrors the engine's `Extent`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Extent {
-    /// Byte offset in the volume.
-    pub offset: u64,
-    /// Length in bytes.
-    pub len: u64,
-    /// Payload.
-    pub data: ExtentData,
-}
-
-/// Server confirms a commit (mirrors the engine's `CommitAck`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommitAck {
-    /// The generation now committed.
-    pub generation: u64,
-    /// Its root hash.
-    pub root: Hash,
-}
-
 /// One protocol message; each is carried by the frame type of the same name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -203,11 +122,11 @@ pub enum Message {
     Error(ErrorMsg),
     /// See [`OpenVolume`].
     OpenVolume(OpenVolume),
-    /// See [`VolumeInfo`].
-    VolumeInfo(VolumeInfo),
-    /// See [`Begin`].
-    Begin(Begin),
-    /// See [`BeginAck`].
+    /// The shadow's state, answering [`OpenVolume`].
+    VolumeInfo(TargetInfo),
+    /// Starts a transfer.
+    Begin(BeginPlan),
+    /// Accepts a transfer.
     BeginAck(BeginAck),
     /// Hashes of blocks `first..first + count` of the shadow, in the plan's block size.
     BlockHashesReq {
@@ -222,11 +141,11 @@ pub enum Message {
     SubHashesReq(Vec<u64>),
     /// Answer to `SubHashesReq`, back to back.
     SubHashes(Vec<Hash>),
-    /// See [`Extent`].
+    /// A run of bytes to write.
     Extent(Extent),
     /// Commit the transfer; the source's root hash.
     Commit(Hash),
-    /// See [`CommitAck`].
+    /// Confirms a commit.
     CommitAck(CommitAck),
     /// Orderly end of the session.
     Bye,
@@ -586,7 +505,7 @@ impl Message {
                 w.u32(o.block_size);
             }
             Message::VolumeInfo(v) => {
-                w.u64(v.shadow_size);
+                w.u64(v.volume_size);
                 w.u64(v.generation);
                 w.u32(v.block_size);
                 w.bool(v.root.is_some());
@@ -634,7 +553,10 @@ impl Message {
                 w.u64(offset);
                 w.u64(len);
                 match &e.data {
-                    ExtentData::Zero => w.u8(EXTENT_ZERO),
+                    ExtentData::Zero => {
+                        limit(ty, "len", len, MAX_ZERO_EXTENT_LEN)?;
+                        w.u8(EXTENT_ZERO)
+                    }
                     ExtentData::Data(d) => {
                         if d.len() as u64 != len {
                             return Err(MessageError::BadExtent { offset, len, found: d.len() as u64 });
@@ -695,13 +617,13 @@ impl Message {
                 block_size: r.u32("block_size")?,
             }),
             FrameType::VolumeInfo => {
-                let shadow_size = r.u64("shadow_size")?;
+                let volume_size = r.u64("shadow_size")?;
                 let generation = r.u64("generation")?;
                 let block_size = r.u32("block_size")?;
                 let root = if r.bool("root")? { Some(r.hash("root")?) } else { None };
                 let complete = r.bool("complete")?;
                 let pending = if r.bool("pending")? {
-                    Some(Pending {
+                    Some(PendingInfo {
                         generation: r.u64("pending.generation")?,
                         base_generation: r.u64("pending.base_generation")?,
                         bytes: r.u64("pending.bytes")?,
@@ -710,9 +632,9 @@ impl Message {
                 } else {
                     None
                 };
-                Message::VolumeInfo(VolumeInfo { shadow_size, generation, block_size, root, complete, pending })
+                Message::VolumeInfo(TargetInfo { volume_size, generation, block_size, root, complete, pending })
             }
-            FrameType::Begin => Message::Begin(Begin {
+            FrameType::Begin => Message::Begin(BeginPlan {
                 generation: r.u64("generation")?,
                 base_generation: r.u64("base_generation")?,
                 volume_size: r.u64("volume_size")?,
@@ -750,6 +672,7 @@ impl Message {
                     if rest != 0 {
                         return Err(MessageError::ExtentLength { offset, len, found: rest as u64 });
                     }
+                    limit(ty, "len", len, MAX_ZERO_EXTENT_LEN)?;
                     ExtentData::Zero
                 } else {
                     limit(ty, "len", len, MAX_EXTENT_LEN)?;
@@ -842,14 +765,14 @@ pub(crate) mod tests {
                 proptest::option::of(hash()),
                 proptest::option::of(any::<(u64, u64, u64, u64)>())
             )
-                .prop_map(|((shadow_size, generation, block_size, complete), root, p)| {
-                    Message::VolumeInfo(VolumeInfo {
-                        shadow_size,
+                .prop_map(|((volume_size, generation, block_size, complete), root, p)| {
+                    Message::VolumeInfo(TargetInfo {
+                        volume_size,
                         generation,
                         block_size,
                         root,
                         complete,
-                        pending: p.map(|(generation, base_generation, bytes, end_offset)| Pending {
+                        pending: p.map(|(generation, base_generation, bytes, end_offset)| PendingInfo {
                             generation,
                             base_generation,
                             bytes,
@@ -858,7 +781,7 @@ pub(crate) mod tests {
                     })
                 }),
             any::<(u64, u64, u64, u32, bool)>().prop_map(
-                |(generation, base_generation, volume_size, block_size, resume)| Message::Begin(Begin {
+                |(generation, base_generation, volume_size, block_size, resume)| Message::Begin(BeginPlan {
                     generation,
                     base_generation,
                     volume_size,

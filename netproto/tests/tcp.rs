@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use netproto::frame::{EncodedFrame, FrameError, FrameType};
 use netproto::handshake::AUTH_FAILED_MESSAGE;
-use netproto::message::{code, Extent, ExtentData, OpenVolume, VolumeInfo};
+use netproto::message::{code, Extent, ExtentData, OpenVolume, TargetInfo};
 use netproto::{ConnError, Connection, HandshakeError, HandshakeOptions, Key, Message};
 
 const KEY: Key = Key([0x5a; 32]);
@@ -60,8 +60,8 @@ fn handshake_then_request_and_answer() {
         assert_eq!(conn.peer_node(), "primary");
         let m = conn.recv_expect("OpenVolume").unwrap();
         assert_eq!(m, open_volume());
-        let info = VolumeInfo {
-            shadow_size: 1 << 20,
+        let info = TargetInfo {
+            volume_size: 1 << 20,
             generation: 0,
             block_size: 0,
             root: None,
@@ -76,7 +76,7 @@ fn handshake_then_request_and_answer() {
     assert_eq!(conn.version(), 1);
     conn.send(&open_volume()).unwrap();
     let Message::VolumeInfo(info) = conn.recv_expect("VolumeInfo").unwrap() else { panic!("expected VolumeInfo") };
-    assert_eq!(info.shadow_size, 1 << 20);
+    assert_eq!(info.volume_size, 1 << 20);
     conn.send(&Message::Bye).unwrap();
     drop(conn);
     let (got, err) = server.join().unwrap().unwrap();

@@ -9,6 +9,7 @@ use rand::{Rng, RngCore, SeedableRng};
 
 use super::*;
 use crate::volume::{Access, IoOptions, VolumeError};
+use link::error_chain;
 
 /// 3 MiB + 12345 bytes: neither a multiple of 4096 nor of any chunk size the tests use.
 const ODD_SIZE: usize = 3 * 1024 * 1024 + 12_345;
@@ -445,17 +446,6 @@ fn direct_or_skip() -> bool {
         }
         Err(e) => panic!("unexpected error probing O_DIRECT: {}", error_chain(&e)),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[test]

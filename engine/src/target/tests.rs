@@ -621,7 +621,10 @@ fn target_link_trait_drives_a_sync_and_reports_target_errors() {
     assert_eq!(ack.generation, 1);
     let big = BeginPlan { volume_size: SIZE as u64 + 1, generation: 2, ..plan };
     let err = link.begin(&big).unwrap_err();
-    assert!(matches!(err, LinkError::Target(TargetError::TooSmall { .. })), "{err}");
+    assert!(
+        matches!(&err, LinkError::Local(e) if matches!(e.downcast_ref::<TargetError>(), Some(TargetError::TooSmall { .. }))),
+        "{err}"
+    );
     assert!(link.info().unwrap().complete);
     assert_eq!(shadow_bytes(&e, SIZE), v0);
     // A second target on the same state directory is refused while the first is open.

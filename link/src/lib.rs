@@ -1,0 +1,235 @@
+//! The vocabulary of one replication session, shared by the engine (both ends of a local sync) and netproto (both
+//! ends of the network link), so that an extent travels from the source's scan to the standby's spool as one type.
+//!
+//! A sync talks to its target only through [`TargetLink`]. Order of calls in one session: [`TargetLink::info`],
+//! [`TargetLink::begin`], then any mix of [`TargetLink::block_hashes`] / [`TargetLink::sub_hashes`] (for blocks
+//! not yet sent in this session) and [`TargetLink::extent`] (in increasing offset order), then
+//! [`TargetLink::commit`].
+//!
+//! This crate holds types and limits only: no I/O, and no dependency on the engine or the protocol.
+#![deny(missing_docs)]
+
+use bytes::Bytes;
+
+/// A BLAKE3 hash of one block or piece (full 32 bytes: no truncation arguments to make).
+pub type BlockHash = [u8; 32];
+
+/// Granularity of sub-block refinement: a changed block is narrowed down to the pieces of this size that changed.
+/// Both ends must agree on it: [`TargetLink::sub_hashes`] answers in pieces of this size.
+pub const SUB_BLOCK_SIZE: u32 = 4096;
+
+/// Longest data extent, in bytes: the most a source hands to a link at once, and the most a network frame may
+/// announce (before compression). A larger data extent is refused by both ends.
+pub const MAX_EXTENT_LEN: u64 = 1 << 20;
+
+/// Longest zero extent (it has no payload, so it may be long).
+pub const MAX_ZERO_EXTENT_LEN: u64 = 1 << 30;
+
+/// What the target reports at the start of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetInfo {
+    /// Size of the shadow volume in bytes.
+    pub volume_size: u64,
+    /// The last committed generation (0: none).
+    pub generation: u64,
+    /// Block size of the committed generation's manifest (0: none).
+    pub block_size: u32,
+    /// Root hash of the committed generation.
+    pub root: Option<BlockHash>,
+    /// Whether the shadow holds a complete generation (false before the first full sync commits).
+    pub complete: bool,
+    /// An uncommitted, durably spooled transfer kept for resume.
+    pub pending: Option<PendingInfo>,
+}
+
+/// A durably spooled, uncommitted transfer that a new session may continue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingInfo {
+    /// The generation it was building.
+    pub generation: u64,
+    /// The generation it was based on.
+    pub base_generation: u64,
+    /// Bytes of extents durably received.
+    pub bytes: u64,
+    /// Byte offset up to which extents were received (extents arrive in increasing offset order).
+    pub end_offset: u64,
+}
+
+/// What the source asks the target to start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BeginPlan {
+    /// The new generation (the target's committed generation + 1).
+    pub generation: u64,
+    /// The generation the source's diff is based on (must equal the target's committed generation, or 0 for a
+    /// transfer that does not depend on the shadow's content).
+    pub base_generation: u64,
+    /// Size of the source volume.
+    pub volume_size: u64,
+    /// Block size of the source's manifest.
+    pub block_size: u32,
+    /// Continue the pending transfer ([`TargetInfo::pending`]) instead of discarding it.
+    pub resume: bool,
+}
+
+/// The target's answer to `begin`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BeginAck {
+    /// Whether the pending transfer is continued: extents below [`PendingInfo::end_offset`] were kept, and hash
+    /// queries answer for the content including them.
+    pub resumed: bool,
+    /// Whether extents are written in place (no complete generation to protect) instead of spooled.
+    pub in_place: bool,
+}
+
+/// The payload of an extent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExtentData {
+    /// Bytes to write (`len` bytes, at most [`MAX_EXTENT_LEN`]).
+    Data(Bytes),
+    /// `len` zero bytes, without payload (at most [`MAX_ZERO_EXTENT_LEN`]).
+    Zero,
+}
+
+/// A run of bytes to write at `offset` on the target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extent {
+    /// Byte offset in the volume.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Payload.
+    pub data: ExtentData,
+}
+
+impl Extent {
+    /// The most bytes an extent of this kind may cover.
+    pub fn max_len(&self) -> u64 {
+        match self.data {
+            ExtentData::Data(_) => MAX_EXTENT_LEN,
+            ExtentData::Zero => MAX_ZERO_EXTENT_LEN,
+        }
+    }
+}
+
+/// The target's answer to `commit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitAck {
+    /// The generation now committed.
+    pub generation: u64,
+    /// Its root hash, computed by the target from its own manifest.
+    pub root: BlockHash,
+}
+
+/// Why a remote target refused or failed, as the standby reports it (the wire carries it as a number).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoteKind {
+    /// The request broke the protocol.
+    Protocol,
+    /// No common protocol version.
+    Version,
+    /// Authentication failed (wrong key).
+    Auth,
+    /// The volume is not configured on the standby.
+    UnknownVolume,
+    /// Another session holds the volume.
+    Busy,
+    /// The standby refuses the request (size mismatch, role, plan).
+    Refused,
+    /// The standby failed while carrying it out.
+    Failed,
+    /// The standby is shutting down.
+    Shutdown,
+    /// A code this version does not know.
+    Unknown(u16),
+}
+
+/// Errors of a link.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The local target failed (the engine's target error, boxed so this crate need not know it).
+    #[error(transparent)]
+    Local(Box<dyn std::error::Error + Send + Sync>),
+    /// The remote target refused or failed; the message is the standby's.
+    #[error("the standby reported: {message}")]
+    Remote {
+        /// What kind of refusal.
+        kind: RemoteKind,
+        /// The standby's message.
+        message: String,
+    },
+    /// The target refuses the request in its present state (for example a standby that became primary refuses
+    /// to commit); the message says why.
+    #[error("{0}")]
+    Refused(String),
+    /// The transport failed (connection lost, corrupt frame, timeout).
+    #[error(transparent)]
+    Transport(Box<dyn std::error::Error + Send + Sync>),
+    /// The other end answered with something the protocol does not allow here.
+    #[error("protocol violation: expected {expected}, the standby sent {got}")]
+    Unexpected {
+        /// What was expected.
+        expected: &'static str,
+        /// What arrived.
+        got: String,
+    },
+}
+
+/// The operations a source needs from a target. See the crate docs for the order of calls.
+pub trait TargetLink {
+    /// State of the shadow.
+    fn info(&mut self) -> Result<TargetInfo, LinkError>;
+    /// Starts (or resumes) a transfer.
+    fn begin(&mut self, plan: &BeginPlan) -> Result<BeginAck, LinkError>;
+    /// Hashes of blocks `first..first + count` of the shadow's current content, in blocks of the plan's block size.
+    fn block_hashes(&mut self, first: u64, count: u32) -> Result<Vec<BlockHash>, LinkError>;
+    /// For each listed block, the hashes of its [`SUB_BLOCK_SIZE`] pieces, back to back (a partial last block
+    /// has fewer).
+    fn sub_hashes(&mut self, blocks: &[u64]) -> Result<Vec<BlockHash>, LinkError>;
+    /// Writes one extent (spooled or in place).
+    fn extent(&mut self, extent: Extent) -> Result<(), LinkError>;
+    /// Makes the transfer the new committed generation; `root` is the source's root hash, which the target
+    /// checks against its own before committing.
+    fn commit(&mut self, root: BlockHash) -> Result<CommitAck, LinkError>;
+}
+
+/// Walks an error and its sources into one line, `outer: inner: innermost` (for logs and for messages that
+/// cross the wire, where the source chain would otherwise be lost).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let next = c.to_string();
+        // Transparent wrappers repeat their source's message; say it once.
+        if !s.ends_with(&next) {
+            s.push_str(": ");
+            s.push_str(&next);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn error_chain_names_every_cause_once() {
+        let e = Outer(std::io::Error::other("disk on fire"));
+        assert_eq!(error_chain(&e), "outer: disk on fire");
+        let l = LinkError::Local(Box::new(e));
+        assert_eq!(error_chain(&l), "outer: disk on fire");
+    }
+
+    #[test]
+    fn extent_limits_depend_on_the_kind() {
+        let d = Extent { offset: 0, len: 1, data: ExtentData::Data(Bytes::from_static(b"x")) };
+        assert_eq!(d.max_len(), MAX_EXTENT_LEN);
+        let z = Extent { offset: 0, len: 1, data: ExtentData::Zero };
+        assert_eq!(z.max_len(), MAX_ZERO_EXTENT_LEN);
+    }
+}
