@@ -372,8 +372,16 @@ impl<S: Read + Write> Connection<S> {
 
     /// Reads one complete frame from the stream (`Ok(None)` at a clean end of stream).
     fn read_frame(&mut self) -> Result<Option<Bytes>, ConnError> {
+        // Before the peer proved the key, frames are small and so are reads: an unauthenticated peer cannot make
+        // this node buffer more than one handshake frame.
+        let authenticated = self.recv_key.is_some();
+        let (max_payload, chunk) = if authenticated {
+            (frame::MAX_PAYLOAD, READ_CHUNK)
+        } else {
+            (frame::MAX_HANDSHAKE_PAYLOAD, HEADER_LEN + frame::MAX_HANDSHAKE_PAYLOAD + frame::MAC_LEN)
+        };
         loop {
-            if let Some(len) = frame::check(&self.rbuf[..self.filled])? {
+            if let Some(len) = frame::check_limited(&self.rbuf[..self.filled], max_payload)? {
                 let f = self.rbuf.split_to(len).freeze();
                 self.filled -= len;
                 return Ok(Some(f));
@@ -384,7 +392,7 @@ impl<S: Read + Write> Connection<S> {
                 Some(h) => h.frame_len() - self.filled,
                 None => HEADER_LEN - self.filled,
             };
-            let want = self.filled + need.max(READ_CHUNK);
+            let want = self.filled + need.max(chunk);
             if self.rbuf.len() < want {
                 self.rbuf.resize(want, 0);
             }

@@ -30,6 +30,10 @@ pub const HEADER_LEN: usize = 24;
 pub const MAC_LEN: usize = 16;
 /// Largest payload a frame may carry: a data extent of [`crate::message::MAX_EXTENT_LEN`] plus room for its fields.
 pub const MAX_PAYLOAD: usize = crate::message::MAX_EXTENT_LEN as usize + 64 * 1024;
+/// Largest payload a frame may carry before the peer has proved the key: enough for the negotiation and
+/// authentication messages and an error message ([`crate::message::MAX_ERROR_LEN`]), so that an unauthenticated
+/// peer cannot make this node buffer more than a few KiB.
+pub const MAX_HANDSHAKE_PAYLOAD: usize = crate::message::MAX_ERROR_LEN + 1024;
 /// Largest complete frame.
 pub const MAX_FRAME_LEN: usize = HEADER_LEN + MAX_PAYLOAD + MAC_LEN;
 /// Flag: the frame ends with a [`MAC_LEN`]-byte MAC (required once the session key exists, refused before).
@@ -190,6 +194,14 @@ pub enum FrameError {
         /// The announced length.
         len: u32,
     },
+    /// A frame before authentication announces more than [`MAX_HANDSHAKE_PAYLOAD`].
+    #[error("frame of type {ty} announces a payload of {len} bytes before authentication, more than the limit of {MAX_HANDSHAKE_PAYLOAD}; refusing to read it")]
+    TooLargeBeforeAuth {
+        /// The frame type.
+        ty: FrameType,
+        /// The announced length.
+        len: u32,
+    },
     /// The payload checksum does not match.
     #[error("frame {seq} of type {ty} has a bad payload checksum (crc32 {found:#010x}, header says {expected:#010x}): the data was corrupted in transit")]
     BadCrc {
@@ -320,7 +332,16 @@ impl Header {
 /// Phase one: validates the header at the start of `buf` without allocating. `Ok(None)`: more bytes are needed;
 /// `Ok(Some(len))`: the first `len` bytes of `buf` are one complete frame, ready for [`parse`].
 pub fn check(buf: &[u8]) -> Result<Option<usize>, FrameError> {
+    check_limited(buf, MAX_PAYLOAD)
+}
+
+/// [`check`] with a lower payload limit (`max_payload` below [`MAX_PAYLOAD`]), for frames before authentication:
+/// a longer announcement is [`FrameError::TooLargeBeforeAuth`].
+pub fn check_limited(buf: &[u8], max_payload: usize) -> Result<Option<usize>, FrameError> {
     match Header::decode(buf)? {
+        Some(h) if h.payload_len as usize > max_payload => {
+            Err(FrameError::TooLargeBeforeAuth { ty: h.ty, len: h.payload_len })
+        }
         Some(h) if buf.len() >= h.frame_len() => Ok(Some(h.frame_len())),
         _ => Ok(None),
     }

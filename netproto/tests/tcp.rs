@@ -151,6 +151,16 @@ fn oversized_length_is_refused_without_reading_the_payload() {
 }
 
 #[test]
+fn a_large_frame_before_authentication_is_refused_from_its_header() {
+    // A Hello announcing an extent-sized payload: legal after authentication, refused before it, without the
+    // server reading (or allocating for) the payload.
+    let len = netproto::frame::MAX_HANDSHAKE_PAYLOAD as u32 + 1;
+    let e = raw_to_server(header(1, 0, len));
+    assert!(matches!(e, ConnError::Frame(FrameError::TooLargeBeforeAuth { len: l, .. }) if l == len), "{e:?}");
+    assert!(e.to_string().contains("before authentication"), "{e}");
+}
+
+#[test]
 fn unknown_type_flag_and_foreign_protocol_are_refused_by_name() {
     let e = raw_to_server(header(99, 0, 0));
     assert_eq!(e.to_string(), "unknown frame type 99: the peer speaks a newer or different protocol");
