@@ -190,6 +190,12 @@ pub trait TargetLink {
     /// Makes the transfer the new committed generation; `root` is the source's root hash, which the target
     /// checks against its own before committing.
     fn commit(&mut self, root: BlockHash) -> Result<CommitAck, LinkError>;
+    /// Called by the source between chunks of its scan, also when it has nothing to send: a link whose other end
+    /// ends idle sessions (the standby's idle timeout) uses it to say that the source is still there. A local
+    /// link has nothing to do.
+    fn keepalive(&mut self) -> Result<(), LinkError> {
+        Ok(())
+    }
 }
 
 /// Walks an error and its sources into one line, `outer: inner: innermost` (for logs and for messages that

@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::time::{Duration, Instant};
 
 use link::{BeginAck, BeginPlan, BlockHash, CommitAck, Extent, LinkError, RemoteKind, TargetInfo, TargetLink};
 
@@ -53,11 +54,16 @@ fn unexpected(expected: &'static str, got: &Message) -> LinkError {
     LinkError::Unexpected { expected, got: got.frame_type().to_string() }
 }
 
+/// A quiet client sends [`Message::Keepalive`] after this long without sending anything (well below the
+/// standby's idle timeout, whose default is a minute).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
 /// The standby's shadow of one volume, reached over an authenticated connection.
 #[derive(Debug)]
 pub struct RemoteTarget<S = TcpStream> {
     conn: Connection<S>,
     info: TargetInfo,
+    last_send: Instant,
 }
 
 impl<S: Read + Write> RemoteTarget<S> {
@@ -66,7 +72,7 @@ impl<S: Read + Write> RemoteTarget<S> {
         conn.send(&Message::OpenVolume(OpenVolume { name: name.into(), source_size, block_size }))
             .map_err(link_error)?;
         match conn.recv_expect("the volume's state").map_err(link_error)? {
-            Message::VolumeInfo(info) => Ok(RemoteTarget { info, conn }),
+            Message::VolumeInfo(info) => Ok(RemoteTarget { info, conn, last_send: Instant::now() }),
             other => Err(unexpected("VolumeInfo", &other)),
         }
     }
@@ -74,6 +80,11 @@ impl<S: Read + Write> RemoteTarget<S> {
     /// The connection (for its byte counters).
     pub fn connection(&self) -> &Connection<S> {
         &self.conn
+    }
+
+    fn send(&mut self, m: &Message) -> Result<(), LinkError> {
+        self.last_send = Instant::now();
+        self.conn.send(m).map_err(link_error)
     }
 
     /// Ends the session politely and returns the connection.
@@ -89,7 +100,7 @@ impl<S: Read + Write> TargetLink for RemoteTarget<S> {
     }
 
     fn begin(&mut self, p: &BeginPlan) -> Result<BeginAck, LinkError> {
-        self.conn.send(&Message::Begin(p.clone())).map_err(link_error)?;
+        self.send(&Message::Begin(p.clone()))?;
         match self.conn.recv_expect("the answer to begin").map_err(link_error)? {
             Message::BeginAck(a) => Ok(a),
             other => Err(unexpected("BeginAck", &other)),
@@ -97,7 +108,7 @@ impl<S: Read + Write> TargetLink for RemoteTarget<S> {
     }
 
     fn block_hashes(&mut self, first: u64, count: u32) -> Result<Vec<BlockHash>, LinkError> {
-        self.conn.send(&Message::BlockHashesReq { first, count }).map_err(link_error)?;
+        self.send(&Message::BlockHashesReq { first, count })?;
         match self.conn.recv_expect("block hashes").map_err(link_error)? {
             Message::BlockHashes(h) => Ok(h),
             other => Err(unexpected("BlockHashes", &other)),
@@ -107,7 +118,7 @@ impl<S: Read + Write> TargetLink for RemoteTarget<S> {
     fn sub_hashes(&mut self, blocks: &[u64]) -> Result<Vec<BlockHash>, LinkError> {
         let mut out = Vec::new();
         for part in blocks.chunks(MAX_SUB_BLOCKS as usize) {
-            self.conn.send(&Message::SubHashesReq(part.to_vec())).map_err(link_error)?;
+            self.send(&Message::SubHashesReq(part.to_vec()))?;
             match self.conn.recv_expect("sub-block hashes").map_err(link_error)? {
                 Message::SubHashes(h) => out.extend(h),
                 other => return Err(unexpected("SubHashes", &other)),
@@ -117,11 +128,18 @@ impl<S: Read + Write> TargetLink for RemoteTarget<S> {
     }
 
     fn extent(&mut self, e: Extent) -> Result<(), LinkError> {
-        self.conn.send(&Message::Extent(e)).map_err(link_error)
+        self.send(&Message::Extent(e))
+    }
+
+    fn keepalive(&mut self) -> Result<(), LinkError> {
+        if self.last_send.elapsed() < KEEPALIVE_INTERVAL {
+            return Ok(());
+        }
+        self.send(&Message::Keepalive)
     }
 
     fn commit(&mut self, root: BlockHash) -> Result<CommitAck, LinkError> {
-        self.conn.send(&Message::Commit(root)).map_err(link_error)?;
+        self.send(&Message::Commit(root))?;
         match self.conn.recv_expect("the commit acknowledgement").map_err(link_error)? {
             Message::CommitAck(a) => Ok(a),
             other => Err(unexpected("CommitAck", &other)),

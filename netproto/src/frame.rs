@@ -141,6 +141,9 @@ frame_types! {
     DemoteReq = 20,
     /// The demote plan finished.
     DemoteDone = 21,
+    /// Client: still here (sent while the source scans unchanged data and has nothing else to send, so the
+    /// standby's idle timeout only ends sessions whose primary really vanished).
+    Keepalive = 22,
 }
 
 impl std::fmt::Display for FrameType {

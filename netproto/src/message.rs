@@ -157,6 +157,8 @@ pub enum Message {
     DemoteReq(String),
     /// The demote plan finished.
     DemoteDone,
+    /// The client is still there (no answer).
+    Keepalive,
 }
 
 /// A node's role, as `blockrep status` shows it.
@@ -471,6 +473,7 @@ impl Message {
             Message::RoleInfo(_) => FrameType::RoleInfo,
             Message::DemoteReq(_) => FrameType::DemoteReq,
             Message::DemoteDone => FrameType::DemoteDone,
+            Message::Keepalive => FrameType::Keepalive,
         }
     }
 
@@ -579,7 +582,7 @@ impl Message {
                 w.u64(c.generation);
                 w.hash(&c.root);
             }
-            Message::Bye | Message::RoleReq | Message::DemoteDone => {}
+            Message::Bye | Message::RoleReq | Message::DemoteDone | Message::Keepalive => {}
             Message::RoleInfo(r) => {
                 w.u8(r.role);
                 w.str(ty, "node", &r.node, MAX_NAME_LEN)?;
@@ -708,6 +711,7 @@ impl Message {
             }
             FrameType::DemoteReq => Message::DemoteReq(r.str("reason", MAX_ERROR_LEN)?),
             FrameType::DemoteDone => Message::DemoteDone,
+            FrameType::Keepalive => Message::Keepalive,
         };
         r.finish()?;
         Ok(msg)
@@ -800,6 +804,7 @@ pub(crate) mod tests {
             Just(Message::Bye),
             Just(Message::RoleReq),
             Just(Message::DemoteDone),
+            Just(Message::Keepalive),
             (0..=MAX_ROLE, "[a-z]{1,12}").prop_map(|(role, node)| Message::RoleInfo(RoleInfo { role, node })),
             "[ -~]{0,40}".prop_map(Message::DemoteReq),
         ]

@@ -87,6 +87,7 @@ pub fn serve_session<S: Read + Write, N: Standby>(conn: &mut Connection<S>, node
                 Message::VolumeInfo(info)
             }
             (Message::Bye, _) => return Ok(()),
+            (Message::Keepalive, _) => continue,
             (Message::RoleReq, _) => Message::RoleInfo(node.role().map_err(|r| refuse(conn, r))?),
             (Message::DemoteReq(reason), _) => {
                 let peer = conn.peer_node().to_string();

@@ -1,0 +1,162 @@
+//! Both ends of the link over 127.0.0.1: `RemoteTarget` (client) against `serve_session` (server) driving a
+//! small in-memory target, so the session's vocabulary crosses the wire without any conversion layer.
+
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use link::{
+    BeginAck, BeginPlan, BlockHash, CommitAck, Extent, ExtentData, LinkError, RemoteKind, TargetInfo, TargetLink,
+};
+use netproto::message::{code, OpenVolume, RoleInfo};
+use netproto::{Bytes, Key, Message, Refusal, RemoteTarget, Standby};
+
+const KEY: Key = Key([0x33; 32]);
+const TIMEOUT: Duration = Duration::from_secs(20);
+const SIZE: u64 = 64 * 1024;
+
+/// A shadow in memory: writes extents straight into a byte vector, hashes with BLAKE3.
+#[derive(Debug, Clone)]
+struct MemTarget {
+    bytes: Arc<Mutex<Vec<u8>>>,
+    generation: u64,
+}
+
+impl TargetLink for MemTarget {
+    fn info(&mut self) -> Result<TargetInfo, LinkError> {
+        Ok(TargetInfo {
+            volume_size: SIZE,
+            generation: self.generation,
+            block_size: 4096,
+            root: None,
+            complete: self.generation > 0,
+            pending: None,
+        })
+    }
+    fn begin(&mut self, plan: &BeginPlan) -> Result<BeginAck, LinkError> {
+        if plan.volume_size != SIZE {
+            return Err(LinkError::Refused(format!("size {} is not {SIZE}", plan.volume_size)));
+        }
+        Ok(BeginAck { resumed: false, in_place: true })
+    }
+    fn block_hashes(&mut self, first: u64, count: u32) -> Result<Vec<BlockHash>, LinkError> {
+        let b = self.bytes.lock().unwrap();
+        Ok((first..first + count as u64).map(|i| *blake3::hash(&b[i as usize * 4096..][..4096]).as_bytes()).collect())
+    }
+    fn sub_hashes(&mut self, blocks: &[u64]) -> Result<Vec<BlockHash>, LinkError> {
+        self.block_hashes(0, 0).map(|_| blocks.iter().map(|_| [0; 32]).collect())
+    }
+    fn extent(&mut self, e: Extent) -> Result<(), LinkError> {
+        let mut b = self.bytes.lock().unwrap();
+        let dst = &mut b[e.offset as usize..][..e.len as usize];
+        match e.data {
+            ExtentData::Data(d) => dst.copy_from_slice(&d),
+            ExtentData::Zero => dst.fill(0),
+        }
+        Ok(())
+    }
+    fn commit(&mut self, root: BlockHash) -> Result<CommitAck, LinkError> {
+        self.generation += 1;
+        Ok(CommitAck { generation: self.generation, root })
+    }
+}
+
+struct Node {
+    target: MemTarget,
+}
+
+impl Standby for Node {
+    type Target = MemTarget;
+    fn open_volume(&self, peer: &str, req: &OpenVolume) -> Result<MemTarget, Refusal> {
+        if req.name != "data" || peer != "primary" {
+            return Err(Refusal::new(code::UNKNOWN_VOLUME, format!("volume {:?} is not configured", req.name)));
+        }
+        Ok(self.target.clone())
+    }
+    fn role(&self) -> Result<RoleInfo, Refusal> {
+        Ok(RoleInfo { role: 0, node: "standby".into() })
+    }
+    fn demote(&self, _peer: &str, _reason: &str) -> Result<(), Refusal> {
+        Err(Refusal::new(code::REFUSED, "not primary"))
+    }
+}
+
+fn serve(target: MemTarget) -> (String, thread::JoinHandle<Result<(), netproto::SessionError>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let h = thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let mut conn = netproto::accept_handshake(s, &KEY, "standby")?;
+        netproto::serve_session(&mut conn, &Node { target })
+    });
+    (addr, h)
+}
+
+#[test]
+fn remote_target_drives_a_served_target_and_keepalives_are_accepted() {
+    let target = MemTarget { bytes: Arc::new(Mutex::new(vec![0xee; SIZE as usize])), generation: 0 };
+    let (addr, server) = serve(target.clone());
+    let conn = netproto::connect(&addr, &KEY, "primary", TIMEOUT).unwrap();
+    let mut remote = RemoteTarget::open(conn, "data", SIZE, 4096).unwrap();
+    assert_eq!(remote.info().unwrap().volume_size, SIZE);
+    let plan = BeginPlan { generation: 1, base_generation: 0, volume_size: SIZE, block_size: 4096, resume: false };
+    assert!(remote.begin(&plan).unwrap().in_place);
+    let data = Bytes::from(vec![7u8; 8192]);
+    remote.extent(Extent { offset: 4096, len: 8192, data: ExtentData::Data(data) }).unwrap();
+    remote.keepalive().unwrap(); // quiet for less than the interval: nothing sent
+    remote.extent(Extent { offset: 0, len: 4096, data: ExtentData::Zero }).unwrap();
+    let hashes = remote.block_hashes(0, 3).unwrap();
+    assert_eq!(hashes[0], *blake3::hash(&[0u8; 4096]).as_bytes());
+    assert_eq!(hashes[1], *blake3::hash(&[7u8; 4096]).as_bytes());
+    let ack = remote.commit([9; 32]).unwrap();
+    assert_eq!((ack.generation, ack.root), (1, [9; 32]));
+    let sent_before = remote.connection().stats().frames_sent;
+    drop(remote.close());
+    server.join().unwrap().unwrap();
+    assert!(sent_before >= 6);
+    let b = target.bytes.lock().unwrap();
+    assert_eq!(&b[..4096], &[0u8; 4096][..]);
+    assert_eq!(&b[4096..12288], &[7u8; 8192][..]);
+    assert_eq!(&b[12288..], &vec![0xee; SIZE as usize - 12288][..]);
+}
+
+#[test]
+fn a_keepalive_frame_is_accepted_between_requests() {
+    let target = MemTarget { bytes: Arc::new(Mutex::new(vec![0; SIZE as usize])), generation: 0 };
+    let (addr, server) = serve(target);
+    let mut conn = netproto::connect(&addr, &KEY, "primary", TIMEOUT).unwrap();
+    conn.send(&Message::OpenVolume(OpenVolume { name: "data".into(), source_size: SIZE, block_size: 4096 })).unwrap();
+    assert!(matches!(conn.recv_expect("info").unwrap(), Message::VolumeInfo(_)));
+    conn.send(&Message::Keepalive).unwrap();
+    conn.send(&Message::RoleReq).unwrap();
+    assert!(matches!(conn.recv_expect("role").unwrap(), Message::RoleInfo(_)));
+    conn.send(&Message::Bye).unwrap();
+    server.join().unwrap().unwrap();
+}
+
+#[test]
+fn refusals_keep_their_kind_and_message_on_the_client() {
+    let target = MemTarget { bytes: Arc::new(Mutex::new(vec![0; SIZE as usize])), generation: 0 };
+    let (addr, server) = serve(target.clone());
+    let conn = netproto::connect(&addr, &KEY, "primary", TIMEOUT).unwrap();
+    let e = RemoteTarget::open(conn, "nope", SIZE, 4096).unwrap_err();
+    match &e {
+        LinkError::Remote { kind: RemoteKind::UnknownVolume, message } => assert!(message.contains("\"nope\"")),
+        other => panic!("{other:?}"),
+    }
+    assert!(server.join().unwrap().is_err());
+
+    // A target's own refusal (LinkError::Refused) reaches the client as kind Refused with its message.
+    let (addr, server) = serve(target);
+    let conn = netproto::connect(&addr, &KEY, "primary", TIMEOUT).unwrap();
+    let mut remote = RemoteTarget::open(conn, "data", SIZE, 4096).unwrap();
+    let plan = BeginPlan { generation: 1, base_generation: 0, volume_size: SIZE + 1, block_size: 4096, resume: false };
+    match remote.begin(&plan).unwrap_err() {
+        LinkError::Remote { kind: RemoteKind::Refused, message } => {
+            assert!(message.contains("is not 65536"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(server.join().unwrap().is_err());
+}
