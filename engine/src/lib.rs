@@ -19,6 +19,7 @@ pub mod durable;
 pub mod hash;
 pub mod io;
 pub mod manifest;
+pub mod source;
 pub mod spool;
 pub mod sync;
 pub mod target;

@@ -344,6 +344,11 @@ impl Manifest {
     pub fn hashes_raw(&self) -> &[u8] {
         &self.map[HEADER_LEN..]
     }
+    /// The hashes of blocks `first..end` back to back (panics if out of range).
+    pub fn hashes_raw_range(&self, first: u64, end: u64) -> &[u8] {
+        assert!(first <= end && end <= self.block_count(), "blocks {first}..{end} out of range");
+        &self.map[HEADER_LEN + first as usize * HASH_LEN..HEADER_LEN + end as usize * HASH_LEN]
+    }
 }
 
 /// Builds the next manifest in a new file next to its destination (`<dest>.next`, memory-mapped read-write),
@@ -466,6 +471,14 @@ impl ManifestWriter {
         assert!(i < self.block_count, "block {i} out of range ({} blocks)", self.block_count);
         let at = HEADER_LEN + i as usize * HASH_LEN;
         self.map[at..at + HASH_LEN].copy_from_slice(h);
+    }
+
+    /// Copies the hashes of blocks `first..end` from `base` (same block size; panics if out of range of either).
+    pub fn copy_from(&mut self, base: &Manifest, first: u64, end: u64) {
+        assert!(end <= self.block_count, "block {end} out of range ({} blocks)", self.block_count);
+        assert_eq!(base.block_size(), self.block_size, "copying hashes between block sizes");
+        let range = HEADER_LEN + first as usize * HASH_LEN..HEADER_LEN + end as usize * HASH_LEN;
+        self.map[range].copy_from_slice(base.hashes_raw_range(first, end));
     }
 
     /// Hash of block `i` (panics if out of range).

@@ -1,0 +1,408 @@
+//! The source side of one sync: what a sync asks of the source, and how it turns the answers into extents.
+//!
+//! [`sync_volume`] syncs a frozen source image to a target behind a [`TargetLink`]; a private sender refines
+//! changed blocks to 4 KiB pieces and coalesces them into extents.
+
+use std::path::Path;
+use std::time::Instant;
+
+use crate::differ::{DiffError, ScanOptions, ScannedChunk};
+use crate::hash::{block_count, hex, RootHasher};
+use crate::manifest::{Manifest, ManifestError, ManifestWriter};
+use crate::volume::Volume;
+use link::{BeginPlan, LinkError, TargetLink};
+
+mod change;
+mod sender;
+#[cfg(test)]
+mod tests;
+
+pub use change::{ChangeSource, Coverage, FullScan};
+use sender::Sender;
+
+/// How a sync compares the source with the shadow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Against the source's manifest of the shadow's committed generation.
+    Incremental,
+    /// Against block hashes the target computes (the source's manifest is missing or does not match).
+    Compare,
+    /// Every block is sent (the shadow holds no complete generation).
+    Full,
+}
+
+/// Options of one sync.
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    /// Scan options (block size, reads in flight, threads).
+    pub scan: ScanOptions,
+    /// Narrow changed blocks down to the 4 KiB pieces that changed (asks the target for sub-block hashes).
+    pub refine: bool,
+    /// Set (e.g. by a signal handler) to stop the sync between two chunks; it then fails with
+    /// [`SyncError::Cancelled`] and the target keeps its last complete generation.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl SyncOptions {
+    /// Defaults for a block size.
+    pub fn new(block_size: u32) -> Self {
+        SyncOptions { scan: ScanOptions::new(block_size), refine: true, cancel: None }
+    }
+}
+
+/// What one sync did; the fields of `blockrep sync --json`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SyncReport {
+    /// Volume name.
+    pub volume: String,
+    /// The generation now committed on the target.
+    pub generation: u64,
+    /// How source and shadow were compared.
+    pub mode: SyncMode,
+    /// Bytes read and hashed on the source.
+    pub bytes_scanned: u64,
+    /// Blocks whose hash differed from the reference.
+    pub blocks_changed: u64,
+    /// Bytes in the extents sent (data and zero), after narrowing to changed 4 KiB pieces.
+    pub bytes_changed: u64,
+    /// Payload bytes of data extents handed to the link (before compression).
+    pub bytes_sent: u64,
+    /// Bytes sent as zero extents (no payload).
+    pub zero_bytes: u64,
+    /// Bytes the target already held from an interrupted attempt and were not sent again.
+    pub resumed_bytes: u64,
+    /// Root hash of the new generation (hex).
+    pub root: String,
+    /// Wall time in seconds.
+    pub duration_s: f64,
+}
+
+/// Errors of a sync.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The link (local target or network) failed.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// Reading the source failed.
+    #[error(transparent)]
+    Diff(#[from] DiffError),
+    /// The source's manifest could not be written.
+    #[error("cannot record the new manifest at {path}")]
+    Manifest {
+        /// Manifest path.
+        path: std::path::PathBuf,
+        /// Cause.
+        #[source]
+        source: ManifestError,
+    },
+    /// The shadow is smaller than the source.
+    #[error(
+        "volume {volume}: the source is {source_size} bytes but the shadow is only {shadow_size} bytes; \
+         grow the shadow to at least the source's size"
+    )]
+    ShadowTooSmall {
+        /// Volume name.
+        volume: String,
+        /// Source size.
+        source_size: u64,
+        /// Shadow size.
+        shadow_size: u64,
+    },
+    /// The target committed a different root hash than the source computed.
+    #[error("volume {volume}: the target committed root {theirs}, the source computed {ours}; run `blockrep verify`")]
+    RootMismatch {
+        /// Volume name.
+        volume: String,
+        /// Source root (hex).
+        ours: String,
+        /// Target root (hex).
+        theirs: String,
+    },
+    /// The sync was cancelled (signal).
+    #[error("volume {volume}: the sync was interrupted; the shadow keeps its last complete generation")]
+    Cancelled {
+        /// Volume name.
+        volume: String,
+    },
+    /// The target returned an answer of the wrong shape.
+    #[error("volume {volume}: the target answered {what} with {got} entries, expected {expected}")]
+    BadAnswer {
+        /// Volume name.
+        volume: String,
+        /// Which call.
+        what: &'static str,
+        /// Entries received.
+        got: usize,
+        /// Entries expected.
+        expected: usize,
+    },
+    /// The change source claims blocks are unchanged since a generation whose manifest the source does not hold.
+    #[error(
+        "volume {volume}: the change source ({change_source}) reports only blocks changed since generation \
+         {since}, but {why}; the hashes of the other blocks are unknown, so sync with a full scan"
+    )]
+    NoBaseForChanges {
+        /// Volume name.
+        volume: String,
+        /// Name of the change source.
+        change_source: String,
+        /// The generation it claims unreported blocks are unchanged from.
+        since: u64,
+        /// Why that generation's hashes are not available.
+        why: String,
+    },
+    /// The change source reported a chunk of the wrong shape (out of order, misaligned, outside the volume).
+    #[error("volume {volume}: the change source ({change_source}) reported {what}")]
+    BadChange {
+        /// Volume name.
+        volume: String,
+        /// Name of the change source.
+        change_source: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// The target's committed generation is the last number there is.
+    #[error("volume {volume}: the target's committed generation is {generation}, there is no next generation")]
+    GenerationExhausted {
+        /// Volume name.
+        volume: String,
+        /// The committed generation.
+        generation: u64,
+    },
+}
+
+/// Syncs `source` to the target behind `link` with a full scan ([`FullScan`]). The source's manifest lives at
+/// `manifest_path`; it is replaced only after the target acknowledged the commit. `progress` is called with
+/// (bytes of the source covered so far, total).
+pub fn sync_volume(
+    volume: &str,
+    source: &Volume,
+    manifest_path: &Path,
+    link: &mut dyn TargetLink,
+    opts: &SyncOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<SyncReport, SyncError> {
+    sync_changes(volume, &mut FullScan::new(source, &opts.scan), manifest_path, link, opts, progress)
+}
+
+/// Syncs the source behind `changes` to the target behind `link`: asks the change source which blocks may have
+/// changed (with their hashes and data), takes every other block's hash from the source's manifest of the
+/// generation the change source names, builds the new manifest and root hash, and sends the blocks that differ
+/// from the target. The block size is the change source's (`opts.scan` is not used).
+///
+/// A change source with [`Coverage::ChangedSince`] is refused ([`SyncError::NoBaseForChanges`], before anything is
+/// sent) unless the manifest at `manifest_path` is valid, of that generation, and matches the target's committed
+/// generation. Such a sync never resumes an interrupted transfer (the target starts a new spool): the blocks an
+/// earlier attempt spooled may hold content the change source does not report.
+pub fn sync_changes(
+    volume: &str,
+    changes: &mut dyn ChangeSource,
+    manifest_path: &Path,
+    link: &mut dyn TargetLink,
+    opts: &SyncOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<SyncReport, SyncError> {
+    let started = Instant::now();
+    let bs = changes.block_size();
+    let size = changes.volume_size();
+    let nblocks = block_count(size, bs);
+    let coverage = changes.coverage();
+    let info = link.info()?;
+    if info.volume_size < size {
+        return Err(SyncError::ShadowTooSmall {
+            volume: volume.into(),
+            source_size: size,
+            shadow_size: info.volume_size,
+        });
+    }
+    let manifest = match Manifest::open(manifest_path) {
+        Ok(m) => Ok(m),
+        Err(e @ ManifestError::Missing { .. }) => Err(e),
+        Err(e) => {
+            tracing::warn!(volume, error = %e, "ignoring the source manifest; comparing with the target instead");
+            Err(e)
+        }
+    };
+    let usable = |m: &Manifest| -> Result<(), String> {
+        if !info.complete {
+            Err("the target holds no complete generation".into())
+        } else if m.generation() != info.generation || Some(m.root()) != info.root {
+            Err(format!(
+                "the source's manifest is of generation {}, the target's committed generation is {}{}",
+                m.generation(),
+                info.generation,
+                if m.generation() == info.generation { " with another root" } else { "" }
+            ))
+        } else if m.block_size() != bs || m.volume_size() != size {
+            Err(format!(
+                "the source's manifest is for {} bytes in blocks of {}, the source is {size} bytes in blocks of {bs}",
+                m.volume_size(),
+                m.block_size()
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    let manifest = match manifest {
+        Ok(m) => usable(&m).map(|()| m),
+        Err(e) => Err(format!("the source has no valid manifest ({e})")),
+    };
+    if let Coverage::ChangedSince { generation } = coverage {
+        let why = match &manifest {
+            Ok(m) if m.generation() == generation => None,
+            Ok(m) => Some(format!("the source's manifest is of generation {}", m.generation())),
+            Err(why) => Some(why.clone()),
+        };
+        if let Some(why) = why {
+            return Err(SyncError::NoBaseForChanges {
+                volume: volume.into(),
+                change_source: changes.name().into(),
+                since: generation,
+                why,
+            });
+        }
+    }
+    let manifest = manifest.ok();
+    let mode = match (&manifest, info.complete) {
+        (Some(_), _) => SyncMode::Incremental,
+        (None, true) => SyncMode::Compare,
+        (None, false) => SyncMode::Full,
+    };
+    let generation = info
+        .generation
+        .checked_add(1)
+        .ok_or(SyncError::GenerationExhausted { volume: volume.into(), generation: info.generation })?;
+    let base_generation = if info.complete { info.generation } else { 0 };
+    let plan = BeginPlan {
+        generation,
+        base_generation,
+        volume_size: size,
+        block_size: bs,
+        resume: coverage == Coverage::Every
+            && info
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.generation == generation && p.base_generation == base_generation),
+    };
+    let ack = link.begin(&plan)?;
+    let resumed_end = match (&info.pending, ack.resumed) {
+        (Some(p), true) => p.end_offset,
+        _ => 0,
+    };
+    tracing::info!(
+        volume,
+        ?mode,
+        generation = plan.generation,
+        resumed = ack.resumed,
+        source = changes.name(),
+        "sync started"
+    );
+
+    // Blocks below `query_end` are compared with hashes the target computes; the rest with the manifest (or
+    // treated as changed in a full sync).
+    let query_end = if mode == SyncMode::Compare { nblocks } else { resumed_end.div_ceil(bs as u64).min(nblocks) };
+    let report = SyncReport {
+        volume: volume.into(),
+        generation: plan.generation,
+        mode,
+        bytes_scanned: 0,
+        blocks_changed: 0,
+        bytes_changed: 0,
+        bytes_sent: 0,
+        zero_bytes: 0,
+        resumed_bytes: info.pending.as_ref().filter(|_| ack.resumed).map_or(0, |p| p.bytes),
+        root: String::new(),
+        duration_s: 0.0,
+    };
+    let mut st = Sender::new(volume, link, bs, size, opts.refine, query_end, report);
+    let mut writer = ManifestWriter::create(manifest_path, plan.generation, size, bs)
+        .map_err(|source| SyncError::Manifest { path: manifest_path.into(), source })?;
+    let mut root = RootHasher::new(size, bs);
+    // Blocks below `next` have their hash in `writer` and `root`.
+    let mut next = 0u64;
+    // Takes the hashes of blocks `from..to`, which the change source did not report, from the manifest.
+    let unchanged = |writer: &mut ManifestWriter, root: &mut RootHasher, from: u64, to: u64| {
+        let m = manifest.as_ref().expect("a partial change source is refused without a manifest");
+        writer.copy_from(m, from, to);
+        root.push_raw(m.hashes_raw_range(from, to));
+    };
+    let name = changes.name().to_owned();
+    changes.report(&mut |chunk: ScannedChunk| -> Result<(), SyncError> {
+        if opts.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+            return Err(SyncError::Cancelled { volume: volume.into() });
+        }
+        check_chunk(&chunk, next, coverage, size, bs).map_err(|what| SyncError::BadChange {
+            volume: volume.into(),
+            change_source: name.clone(),
+            what,
+        })?;
+        if chunk.first_block > next {
+            unchanged(&mut writer, &mut root, next, chunk.first_block);
+        }
+        for (i, h) in chunk.hashes.iter().enumerate() {
+            writer.set(chunk.first_block + i as u64, h);
+            root.push(h);
+        }
+        next = chunk.first_block + chunk.hashes.len() as u64;
+        st.report.bytes_scanned += chunk.data.len() as u64;
+        let covered = chunk.offset + chunk.data.len() as u64;
+        let reference = st.reference(&chunk, manifest.as_ref())?;
+        st.take(chunk, reference)?;
+        progress(covered, size);
+        Ok(())
+    })?;
+    if next < nblocks {
+        if coverage == Coverage::Every {
+            return Err(SyncError::BadChange {
+                volume: volume.into(),
+                change_source: name,
+                what: format!("blocks up to {next} of {nblocks} and then stopped"),
+            });
+        }
+        unchanged(&mut writer, &mut root, next, nblocks);
+        progress(size, size);
+    }
+    st.flush()?;
+    st.emit_pending()?;
+    if opts.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+        return Err(SyncError::Cancelled { volume: volume.into() });
+    }
+    let root = root.finish();
+    let commit = st.link.commit(root)?;
+    if commit.root != root {
+        return Err(SyncError::RootMismatch { volume: volume.into(), ours: hex(&root), theirs: hex(&commit.root) });
+    }
+    writer.set_generation(commit.generation);
+    writer.finish().map_err(|source| SyncError::Manifest { path: manifest_path.into(), source })?;
+    let mut report = st.report;
+    report.generation = commit.generation;
+    report.root = hex(&root);
+    report.duration_s = started.elapsed().as_secs_f64();
+    tracing::info!(volume, generation = report.generation, bytes_sent = report.bytes_sent, "sync committed");
+    Ok(report)
+}
+
+/// Checks the shape of a reported chunk: whole blocks from a block boundary at or after block `next` (exactly
+/// `next` for [`Coverage::Every`]), inside a volume of `size` bytes, one hash and zero flag per block. O(1).
+fn check_chunk(chunk: &ScannedChunk, next: u64, coverage: Coverage, size: u64, bs: u32) -> Result<(), String> {
+    let n = chunk.hashes.len() as u64;
+    let start = chunk.first_block.checked_mul(bs as u64);
+    let end_block = chunk.first_block.checked_add(n).filter(|&e| e <= block_count(size, bs));
+    let expected_len = end_block.map(|e| e.saturating_mul(bs as u64).min(size)).zip(start).map(|(e, s)| e - s);
+    if n == 0 || chunk.zero.len() as u64 != n {
+        Err(format!("a chunk at offset {} with {n} hashes and {} zero flags", chunk.offset, chunk.zero.len()))
+    } else if start != Some(chunk.offset) {
+        Err(format!("a chunk at offset {} as block {}", chunk.offset, chunk.first_block))
+    } else if chunk.first_block < next || (coverage == Coverage::Every && chunk.first_block != next) {
+        Err(format!("block {} when block {next} was next", chunk.first_block))
+    } else if expected_len != Some(chunk.data.len() as u64) {
+        Err(format!(
+            "a chunk of {n} blocks in {} bytes at offset {} (the volume is {size} bytes in blocks of {bs})",
+            chunk.data.len(),
+            chunk.offset
+        ))
+    } else {
+        Ok(())
+    }
+}

@@ -1,0 +1,189 @@
+//! Tests of the change-source seam: a tracked source that reports only some blocks gives the same manifest, root
+//! and shadow as a full scan; a source claiming "unchanged" without a manifest to take hashes from is refused.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::hash::{hash_block_zero_aware, ZeroHashes};
+use crate::target::{Target, TargetOptions};
+use crate::volume::{Access, IoOptions};
+
+const BS: u32 = 16384;
+const SIZE: usize = 40 * BS as usize + 5000;
+
+/// A change source over an image in memory that reports only the listed block ranges, each as one chunk.
+struct Tracked {
+    image: Bytes,
+    ranges: Vec<(u64, u64)>,
+    since: u64,
+}
+
+impl ChangeSource for Tracked {
+    fn name(&self) -> &str {
+        "test tracker"
+    }
+    fn volume_size(&self) -> u64 {
+        self.image.len() as u64
+    }
+    fn block_size(&self) -> u32 {
+        BS
+    }
+    fn coverage(&self) -> Coverage {
+        Coverage::ChangedSince { generation: self.since }
+    }
+    fn report(&mut self, sink: &mut dyn FnMut(ScannedChunk) -> Result<(), SyncError>) -> Result<(), SyncError> {
+        let zeros = ZeroHashes::new(BS);
+        for &(first, end) in &self.ranges {
+            let offset = first * BS as u64;
+            let stop = (end * BS as u64).min(self.image.len() as u64);
+            let data = self.image.slice(offset as usize..stop as usize);
+            let (hashes, zero) = data.chunks(BS as usize).map(|b| hash_block_zero_aware(b, &zeros)).unzip();
+            sink(ScannedChunk { offset, first_block: first, data, hashes, zero })?;
+        }
+        Ok(())
+    }
+}
+
+struct Side {
+    dir: tempfile::TempDir,
+    target: Target,
+}
+
+impl Side {
+    fn new() -> Side {
+        let dir = tempfile::tempdir().unwrap();
+        let shadow = dir.path().join("shadow");
+        std::fs::write(&shadow, vec![0x5a; SIZE]).unwrap();
+        let target =
+            Target::open(&shadow, &dir.path().join("standby"), TargetOptions::new("v", IoOptions::default())).unwrap();
+        Side { dir, target }
+    }
+    fn manifest(&self) -> PathBuf {
+        self.dir.path().join("primary.manifest")
+    }
+    fn full(&mut self, image: &[u8]) -> Result<SyncReport, SyncError> {
+        let src = self.dir.path().join("source");
+        std::fs::write(&src, image).unwrap();
+        let vol = Volume::open(&src, Access::Read, &IoOptions::default()).unwrap();
+        let manifest = self.manifest();
+        sync_volume("v", &vol, &manifest, &mut self.target, &SyncOptions::new(BS), &mut |_, _| {})
+    }
+    fn tracked(&mut self, source: &mut Tracked) -> Result<SyncReport, SyncError> {
+        let manifest = self.manifest();
+        sync_changes("v", source, &manifest, &mut self.target, &SyncOptions::new(BS), &mut |_, _| {})
+    }
+    fn shadow(&self) -> Vec<u8> {
+        std::fs::read(self.dir.path().join("shadow")).unwrap()[..SIZE].to_vec()
+    }
+}
+
+fn generation(t: &mut Target) -> u64 {
+    TargetLink::info(t).unwrap().generation
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap()
+}
+
+/// Overwrites a few pieces of `image`: inside blocks 3, 9-10 and the short last block, and zeroes block 20.
+fn change(image: &[u8], rng: &mut rand::rngs::SmallRng) -> Vec<u8> {
+    let mut v = image.to_vec();
+    let bs = BS as usize;
+    for at in [3 * bs + 100, 9 * bs + bs - 10, SIZE - 7] {
+        let n = 20.min(SIZE - at);
+        rng.fill(&mut v[at..at + n]);
+    }
+    v[20 * bs..21 * bs].fill(0);
+    v
+}
+
+#[test]
+fn a_source_reporting_only_changed_blocks_gives_the_full_scans_manifest_root_and_shadow() {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let mut v0 = vec![0u8; SIZE];
+    rng.fill(&mut v0[..]);
+    let v1 = change(&v0, &mut rng);
+    let (mut scanned, mut tracked) = (Side::new(), Side::new());
+    for side in [&mut scanned, &mut tracked] {
+        assert_eq!(side.full(&v0).unwrap().generation, 1);
+    }
+    let full = scanned.full(&v1).unwrap();
+    // Changed blocks, one unchanged block reported anyway (8), and gaps before, between and after.
+    let nblocks = crate::hash::block_count(SIZE as u64, BS);
+    let ranges = vec![(3, 4), (8, 11), (20, 21), (nblocks - 1, nblocks)];
+    let mut source = Tracked { image: Bytes::from(v1.clone()), ranges, since: 1 };
+    let part = tracked.tracked(&mut source).unwrap();
+    assert_eq!((part.generation, part.mode), (2, SyncMode::Incremental));
+    assert_eq!(part.root, full.root);
+    assert_eq!(
+        part.root,
+        hex(&crate::hash::root_hash(
+            SIZE as u64,
+            BS,
+            &v1.chunks(BS as usize).map(crate::hash::hash_block).collect::<Vec<_>>()
+        ))
+    );
+    assert_eq!(
+        (part.blocks_changed, part.bytes_changed, part.zero_bytes),
+        (full.blocks_changed, full.bytes_changed, full.zero_bytes)
+    );
+    assert_eq!(part.bytes_scanned, 5 * BS as u64 + (SIZE % BS as usize) as u64);
+    assert_eq!(read(&tracked.manifest()), read(&scanned.manifest()), "the same manifest file, byte for byte");
+    assert_eq!(tracked.shadow(), v1);
+    assert_eq!(scanned.shadow(), v1);
+    assert!(tracked.target.verify().unwrap());
+    // Nothing reported at all: nothing changed, the manifest is carried over, generation 3.
+    let mut idle = Tracked { image: Bytes::from(v1.clone()), ranges: Vec::new(), since: 2 };
+    let r = tracked.tracked(&mut idle).unwrap();
+    assert_eq!((r.generation, r.blocks_changed, r.bytes_scanned, r.root), (3, 0, 0, full.root.clone()));
+    assert_eq!(tracked.shadow(), v1);
+}
+
+#[test]
+fn a_source_claiming_unchanged_blocks_without_a_valid_manifest_is_refused_before_anything_is_sent() {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(8);
+    let mut v0 = vec![0u8; SIZE];
+    rng.fill(&mut v0[..]);
+    let mut side = Side::new();
+    let mut source = Tracked { image: Bytes::from(v0.clone()), ranges: vec![(0, 1)], since: 0 };
+    // No manifest at all (first sync).
+    let err = side.tracked(&mut source).unwrap_err();
+    assert!(matches!(&err, SyncError::NoBaseForChanges { since: 0, .. }), "{err}");
+    assert!(err.to_string().contains("no valid manifest"), "{err}");
+    assert_eq!(generation(&mut side.target), 0);
+    assert!(!side.manifest().exists() && !crate::manifest::next_path(&side.manifest()).exists());
+    side.full(&v0).unwrap();
+    // A manifest of another generation than the one claimed.
+    source.since = 5;
+    let err = side.tracked(&mut source).unwrap_err();
+    assert!(err.to_string().contains("manifest is of generation 1"), "{err}");
+    // A corrupt manifest.
+    let mut m = read(&side.manifest());
+    m[200] ^= 1;
+    std::fs::write(side.manifest(), &m).unwrap();
+    source.since = 1;
+    let err = side.tracked(&mut source).unwrap_err();
+    assert!(matches!(&err, SyncError::NoBaseForChanges { .. }), "{err}");
+    assert_eq!(generation(&mut side.target), 1);
+    assert_eq!(side.shadow(), v0);
+}
+
+#[test]
+fn chunks_out_of_order_or_misshapen_fail_the_sync_and_keep_the_generation() {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(9);
+    let mut v0 = vec![0u8; SIZE];
+    rng.fill(&mut v0[..]);
+    let mut side = Side::new();
+    side.full(&v0).unwrap();
+    let v1 = change(&v0, &mut rng);
+    for ranges in [vec![(5, 6), (2, 3)], vec![(1, 3), (2, 4)]] {
+        let mut source = Tracked { image: Bytes::from(v1.clone()), ranges: ranges.clone(), since: 1 };
+        let err = side.tracked(&mut source).unwrap_err();
+        assert!(matches!(&err, SyncError::BadChange { .. }), "{ranges:?}: {err}");
+        assert_eq!(generation(&mut side.target), 1);
+        assert_eq!(side.shadow(), v0);
+    }
+}
