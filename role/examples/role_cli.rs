@@ -12,27 +12,29 @@
 //! ```
 //!
 //! The config file holds a `[role]` table. `--crash-after STEP` aborts the process right after the journal
-//! records STEP (fault injection). Exit codes: 0 ok, 1 failed, 2 usage, 4 refused as unsafe.
+//! records STEP (fault injection).
+//!
+//! Exit codes are the `blockrep` binary's (`cli/src/exit.rs`), of which this driver can produce: 0 ok, 1 failed,
+//! 2 usage or configuration error, 4 refused as unsafe. It has no peer, so never 3 (peer unreachable) or 5
+//! (refused by the peer).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
+
+use link::error_chain;
+
+/// The operation failed (the binary's `FAILED`).
+const FAILED: u8 = 1;
+/// Usage or configuration error (the binary's `USAGE`).
+const USAGE: u8 = 2;
+/// Refused because it is unsafe (the binary's `UNSAFE`).
+const UNSAFE: u8 = 4;
 
 fn usage(msg: &str) -> ExitCode {
     eprintln!(
         "role_cli: {msg}\nusage: role_cli --config FILE promote|demote|status|mark-synced|announce|probe [options]"
     );
-    ExitCode::from(2)
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut c = e.source();
-    while let Some(x) = c {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        c = x.source();
-    }
-    s
+    ExitCode::from(USAGE)
 }
 
 fn main() -> ExitCode {
@@ -61,7 +63,7 @@ fn main() -> ExitCode {
     };
     let cfg = match role::Config::from_toml(&text) {
         Ok(c) => c,
-        Err(e) => return usage(&chain(&e)),
+        Err(e) => return usage(&error_chain(&e)),
     };
     let crash = move |step: &str| {
         if crash_after.as_deref() == Some(step) {
@@ -91,8 +93,8 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("role_cli: {}", chain(&e));
-                    ExitCode::from(1)
+                    eprintln!("role_cli: {}", error_chain(&e));
+                    ExitCode::from(FAILED)
                 }
             };
         }
@@ -100,8 +102,8 @@ fn main() -> ExitCode {
             return match role::mark_first_full_sync(&cfg.state_dir) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("role_cli: {}", chain(&e));
-                    ExitCode::from(1)
+                    eprintln!("role_cli: {}", error_chain(&e));
+                    ExitCode::from(FAILED)
                 }
             };
         }
@@ -111,8 +113,8 @@ fn main() -> ExitCode {
             return match r {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("role_cli: {}", chain(&e));
-                    ExitCode::from(1)
+                    eprintln!("role_cli: {}", error_chain(&e));
+                    ExitCode::from(FAILED)
                 }
             };
         }
@@ -121,8 +123,8 @@ fn main() -> ExitCode {
             return match role::arp::refresh(&cfg, &stop) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("role_cli: {}", chain(&e));
-                    ExitCode::from(1)
+                    eprintln!("role_cli: {}", error_chain(&e));
+                    ExitCode::from(FAILED)
                 }
             };
         }
@@ -142,8 +144,8 @@ fn main() -> ExitCode {
                 }
                 Ok(None) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("role_cli: {}", chain(&e));
-                    ExitCode::from(1)
+                    eprintln!("role_cli: {}", error_chain(&e));
+                    ExitCode::from(FAILED)
                 }
             };
         }
@@ -160,8 +162,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("role_cli: {}", chain(&e));
-            ExitCode::from(if e.refused_as_unsafe() { 4 } else { 1 })
+            eprintln!("role_cli: {}", error_chain(&e));
+            ExitCode::from(if e.refused_as_unsafe() { UNSAFE } else { FAILED })
         }
     }
 }

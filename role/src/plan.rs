@@ -13,6 +13,7 @@
 use std::fmt;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use link::error_chain;
 use serde::Serialize;
 
 use crate::arp::{self, ArpError, MacAddr};
@@ -404,17 +405,6 @@ impl<'a> Run<'a> {
         self.report.millis = t.elapsed().as_millis() as u64;
         self.report
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn vip_plan(cfg: &Config) -> String {
