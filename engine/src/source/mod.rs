@@ -349,6 +349,8 @@ pub fn sync_changes(
         let covered = chunk.offset + chunk.data.len() as u64;
         let reference = st.reference(&chunk, manifest.as_ref())?;
         st.take(chunk, reference)?;
+        // Between chunks, also when nothing was sent: tells a link with an idle timeout that the source is there.
+        st.link.keepalive()?;
         progress(covered, size);
         Ok(())
     })?;
