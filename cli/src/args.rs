@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use node::config::parse_size;
 
 /// blockrep: block-level replication of LVM volumes to a standby server.
 ///
@@ -12,7 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[command(version, about, long_about)]
 pub struct Cli {
     /// Configuration file (before or after the command).
-    #[arg(long, global = true, default_value = crate::config::DEFAULT_PATH)]
+    #[arg(long, global = true, default_value = node::config::DEFAULT_PATH)]
     pub config: PathBuf,
     /// More log output on stderr (-v info, -vv debug); BLOCKREP_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -239,41 +240,4 @@ pub struct VerifyArgs {
     /// I/O options.
     #[command(flatten)]
     pub io: IoArgs,
-}
-
-/// Parses sizes like `4096`, `64K`, `256M`, `2G` (binary units).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => {
-            let unit = s[i..].to_ascii_uppercase();
-            let mult: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
-                "" => 1,
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                "T" => 1 << 40,
-                _ => return Err(format!("unknown size unit in {s:?}: use K, M, G or T")),
-            };
-            (&s[..i], mult)
-        }
-        None => (s, 1),
-    };
-    let n: u64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size (examples: 4096, 64K, 256M, 2G)"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse_with_binary_units() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64K"), Ok(65536));
-        assert_eq!(parse_size("256M"), Ok(256 << 20));
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert!(parse_size("12Q").is_err());
-        assert!(parse_size("x").is_err());
-    }
 }

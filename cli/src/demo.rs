@@ -7,13 +7,11 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use engine::sync::SyncOptions;
+use node::config::Config;
+use node::primary::{sync_one, NetReport, NetSyncOptions};
 use rand::{Rng, RngCore, SeedableRng};
 
 use crate::args::DemoArgs;
-use crate::config::Config;
-use crate::local::run_local;
-use crate::netsync::{sync_one, NetReport, NetSyncOptions};
 use crate::report::bytes;
 
 /// Seed of the demo's content, so every run shows the same volume.
@@ -53,23 +51,46 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     let io = a.io.options();
     let mut rows = Vec::new();
     if a.local {
-        let opts = SyncOptions::new(engine::hash::DEFAULT_BLOCK_SIZE);
+        let s = node::local::LocalSync {
+            name: "demo".into(),
+            source: primary.clone(),
+            target: shadow.clone(),
+            state_dir: state.clone(),
+            io,
+            block_size: engine::hash::DEFAULT_BLOCK_SIZE,
+            no_refine: false,
+        };
         let sync = || -> Result<NetReport> {
-            let r = run_local("demo", &primary, &shadow, &state, &io, &opts, &mut |_, _| {})?;
-            Ok(NetReport { sync: r, bytes_on_wire: 0, compression_ratio: 1.0 })
+            Ok(NetReport { sync: s.run(&mut |_, _| {})?, bytes_on_wire: 0, compression_ratio: 1.0 })
         };
         rows.push(("initial full sync", sync()?));
         changed = change_scattered(&primary, a.size, a.change_percent, &mut rng)?;
         rows.push(("incremental sync", sync()?));
     } else {
-        let standby = Standby::start(&dir, &shadow, &state, a.json)?;
-        let cfg = Config::parse(&standby.config_text(Some(&primary)), &dir.join("primary.toml"))?;
-        let opts = NetSyncOptions { io, bwlimit: None, refine: true, cancel: None };
-        let sync = || sync_one(&cfg, &cfg.volumes[0], &primary, &opts);
-        rows.push(("initial full sync", sync()?));
-        changed = change_scattered(&primary, a.size, a.change_percent, &mut rng)?;
-        rows.push(("incremental sync", sync()?));
-        standby.stop()?;
+        // The standby daemon runs in this process, on a thread, and the sync goes through loopback TCP.
+        let key = dir.join("key");
+        node::generate_key(&key, true)?;
+        let standby_cfg = Config::parse(&config_text(&key, &state, &shadow, None), &dir.join("standby.toml"))?;
+        let server = node::serve::Server::bind(standby_cfg, None, io)?;
+        let addr = server.local_addr()?.to_string();
+        let stopper = server.stopper();
+        let serving = std::thread::spawn(move || server.run());
+        if !a.json {
+            println!("standby: `blockrep serve` in this process, listening on {addr}");
+        }
+        let cfg = Config::parse(&config_text(&key, &state, &shadow, Some((&addr, &primary))), &dir.join("p.toml"))?;
+        let opts = NetSyncOptions { io, ..Default::default() };
+        let sync = || sync_one(&cfg, &cfg.volumes[0], &primary, &opts, &mut |_, _| {});
+        let result = (|| -> Result<_> {
+            let first = sync()?;
+            let n = change_scattered(&primary, a.size, a.change_percent, &mut rng)?;
+            Ok((first, n, sync()?))
+        })();
+        stopper.stop();
+        serving.join().map_err(|_| anyhow::anyhow!("the demo standby failed"))??;
+        let (first, n, second) = result?;
+        changed = n;
+        rows.extend([("initial full sync", first), ("incremental sync", second)]);
     }
 
     let (hp, hs) = (file_hash(&primary)?, file_hash(&shadow)?);
@@ -184,83 +205,16 @@ pub fn file_hash(path: &Path) -> Result<String> {
     Ok(h.finalize().to_hex().to_string())
 }
 
-/// A `blockrep serve` child process on 127.0.0.1, stopped (SIGTERM) on drop.
-struct Standby {
-    child: std::process::Child,
-    addr: String,
-    key: PathBuf,
-    state: PathBuf,
-    shadow: PathBuf,
-}
-
-impl Standby {
-    /// Writes a key and a configuration into `dir` and starts the standby daemon on a free loopback port.
-    fn start(dir: &Path, shadow: &Path, state: &Path, quiet: bool) -> Result<Standby> {
-        use std::io::BufRead;
-        let key = dir.join("key");
-        netproto::generate_key(&key, true).context("cannot write the demo key")?;
-        let config = dir.join("standby.toml");
-        std::fs::write(&config, config_text(&key, state, shadow, None, None))?;
-        let exe = std::env::current_exe().context("cannot find the blockrep executable")?;
-        let mut child = std::process::Command::new(exe)
-            .args(["serve", "--announce", "--listen", "127.0.0.1:0", "--config"])
-            .arg(&config)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .context("cannot start the demo standby (blockrep serve)")?;
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let mut s = Standby { child, addr: String::new(), key, state: state.into(), shadow: shadow.into() };
-        let mut line = String::new();
-        std::io::BufReader::new(stdout).read_line(&mut line)?;
-        s.addr = line.trim().strip_prefix("listening on ").unwrap_or_default().to_owned();
-        if s.addr.is_empty() {
-            bail!("the demo standby did not start (see its messages above)");
-        }
-        if !quiet {
-            println!("standby: `blockrep serve` (pid {}) listening on {}", s.child.id(), s.addr);
-        }
-        Ok(s)
-    }
-
-    /// The primary's configuration: the standby's plus the peer address and the source.
-    fn config_text(&self, source: Option<&Path>) -> String {
-        config_text(&self.key, &self.state, &self.shadow, Some(&self.addr), source)
-    }
-
-    /// SIGTERM, then wait: the daemon exits 0 at a consistent point.
-    fn stop(mut self) -> Result<()> {
-        self.terminate();
-        let st = self.child.wait()?;
-        if !st.success() {
-            bail!("the demo standby exited with {st}");
-        }
-        Ok(())
-    }
-
-    fn terminate(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    }
-}
-
-impl Drop for Standby {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.terminate();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// The demo's configuration: one volume, both nodes on 127.0.0.1.
-fn config_text(key: &Path, state: &Path, shadow: &Path, peer: Option<&str>, source: Option<&Path>) -> String {
+/// With `primary`, the primary's (peer address and source), else the standby's.
+fn config_text(key: &Path, state: &Path, shadow: &Path, primary: Option<(&str, &Path)>) -> String {
     let mut t =
         format!("node = \"demo\"\nkey_file = {key:?}\nstate_dir = {state:?}\n[standby]\nlisten = \"127.0.0.1:0\"\n");
-    if let Some(peer) = peer {
+    if let Some((peer, _)) = primary {
         t += &format!("[primary]\npeer = {peer:?}\n");
     }
     t += &format!("[[volume]]\nname = \"demo\"\nshadow = {shadow:?}\n");
-    if let Some(src) = source {
+    if let Some((_, src)) = primary {
         t += &format!("source = {src:?}\n");
     }
     t

@@ -1,42 +1,47 @@
-//! Exit codes, so that scripts can tell outcomes apart.
+//! Exit codes, so that scripts can tell outcomes apart: one enum, mapped from [`node::ErrorKind`].
 
-/// Success.
-#[allow(dead_code)]
-pub const OK: i32 = 0;
-/// The operation failed.
-pub const FAILED: i32 = 1;
-/// Usage or configuration error.
-pub const USAGE: i32 = 2;
-/// The peer could not be reached.
-pub const PEER_UNREACHABLE: i32 = 3;
-/// Refused because it is unsafe (stale data, peer still active, split brain).
-pub const UNSAFE: i32 = 4;
-/// Refused by the peer (authentication, protocol version).
-pub const REFUSED_BY_PEER: i32 = 5;
+use node::ErrorKind;
 
-/// A failure that carries its exit code; anything else exits with [`FAILED`].
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct Coded {
-    /// The exit code.
-    pub code: i32,
-    /// The message.
-    pub message: String,
+/// The documented exit codes (`blockrep --help`, README, docs/ARCHITECTURE.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitCode {
+    /// 0: success.
+    Ok = 0,
+    /// 1: the operation failed.
+    Failed = 1,
+    /// 2: usage or configuration error.
+    Usage = 2,
+    /// 3: the peer could not be reached.
+    PeerUnreachable = 3,
+    /// 4: refused because it is unsafe (stale data, peer still active, virtual IP in use).
+    Unsafe = 4,
+    /// 5: refused by the peer (wrong key, protocol version).
+    RefusedByPeer = 5,
 }
 
-/// An error that exits with `code`.
-pub fn coded(code: i32, message: impl Into<String>) -> anyhow::Error {
-    Coded { code, message: message.into() }.into()
-}
-
-/// The exit code for an error chain.
-pub fn code_for(err: &anyhow::Error) -> i32 {
-    for cause in err.chain() {
-        if let Some(c) = cause.downcast_ref::<Coded>() {
-            return c.code;
+impl From<ErrorKind> for ExitCode {
+    fn from(kind: ErrorKind) -> Self {
+        match kind {
+            ErrorKind::Usage => ExitCode::Usage,
+            ErrorKind::PeerUnreachable => ExitCode::PeerUnreachable,
+            ErrorKind::Unsafe => ExitCode::Unsafe,
+            ErrorKind::RefusedByPeer => ExitCode::RefusedByPeer,
+            ErrorKind::Failed => ExitCode::Failed,
         }
     }
-    FAILED
+}
+
+impl ExitCode {
+    /// The code for an error: the kind of the first node error in its chain; anything else failed.
+    pub fn for_error(err: &anyhow::Error) -> ExitCode {
+        err.chain().find_map(|c| c.downcast_ref::<node::Error>()).map_or(ExitCode::Failed, |e| e.kind().into())
+    }
+}
+
+impl From<ExitCode> for std::process::ExitCode {
+    fn from(c: ExitCode) -> Self {
+        std::process::ExitCode::from(c as u8)
+    }
 }
 
 #[cfg(test)]
@@ -44,10 +49,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn coded_errors_keep_their_code_through_context() {
+    fn node_errors_keep_their_code_through_context() {
         use anyhow::Context;
-        let e: anyhow::Error = Err::<(), _>(coded(USAGE, "bad")).context("outer").unwrap_err();
-        assert_eq!(code_for(&e), USAGE);
-        assert_eq!(code_for(&anyhow::anyhow!("plain")), FAILED);
+        let usage = node::config::ConfigError::Invalid { path: "c.toml".into(), message: "bad".into() };
+        let e = Err::<(), _>(node::Error::from(usage)).context("outer").unwrap_err();
+        assert_eq!(ExitCode::for_error(&e), ExitCode::Usage);
+        assert_eq!(ExitCode::for_error(&anyhow::anyhow!("plain")), ExitCode::Failed);
     }
 }

@@ -1,49 +1,64 @@
-//! The `blockrep` binary: parses the command line, runs one command, maps its outcome to an exit code.
+//! The `blockrep` binary: parses the command line, runs one command through the node library (crate `node`),
+//! renders its result and maps its outcome to an exit code ([`exit::ExitCode`]).
 //!
 //! Exit codes (also in `blockrep --help` and docs/ARCHITECTURE.md):
 //! 0 success; 1 the operation failed; 2 usage or configuration error; 3 the peer is unreachable;
 //! 4 refused because it is unsafe (stale data, peer still active); 5 refused by the peer (wrong key, version).
 
 mod args;
-mod config;
 mod demo;
 mod exit;
-mod local;
-mod netsync;
 mod report;
-mod role_glue;
-mod serve;
-mod shadow;
-mod snapshot;
 
+use std::path::Path;
+
+use anyhow::Result;
 use clap::Parser;
+use exit::ExitCode;
+use node::config::Config;
+use node::roles::{Plan, PlanOptions};
 
-fn main() {
+fn main() -> std::process::ExitCode {
     let cli = args::Cli::parse();
     init_logging(cli.verbose);
-    let outcome = match cli.command {
-        args::Command::Demo(a) => demo::run(&a),
-        args::Command::Sync(a) if !a.local.is_empty() => local::sync(&a),
-        args::Command::Sync(a) => sync(&cli.config, &a),
-        args::Command::Verify(a) => local::verify(&a),
-        args::Command::Serve(a) => {
-            config::Config::load(&cli.config).and_then(|c| serve::run(c, a.listen, a.announce, a.io.options()))
-        }
-        args::Command::Keygen(a) => keygen(&a),
-        args::Command::Status(a) => {
-            config::Config::load(&cli.config).and_then(|c| role_glue::status(&c, a.json, Default::default()))
-        }
-        args::Command::Promote(a) => plan(&cli.config, "promote", &a),
-        args::Command::Demote(a) => plan(&cli.config, "demote", &a),
-        args::Command::Switchover(a) => plan(&cli.config, "switchover", &a),
-        args::Command::Announce => config::Config::load(&cli.config).and_then(|c| role_glue::announce(&c)),
-        args::Command::Shadow(args::ShadowCommand::Create { volumes, size }) => {
-            config::Config::load(&cli.config).and_then(|c| shadow::create(&c, &volumes, size))
+    let code = match run(&cli) {
+        Ok(()) => ExitCode::Ok,
+        Err(err) => {
+            eprintln!("blockrep: error: {err:#}");
+            ExitCode::for_error(&err)
         }
     };
-    if let Err(err) = outcome {
-        eprintln!("blockrep: error: {err:#}");
-        std::process::exit(exit::code_for(&err));
+    code.into()
+}
+
+fn run(cli: &args::Cli) -> Result<()> {
+    let load = || Config::load(&cli.config).map_err(node::Error::from);
+    match &cli.command {
+        args::Command::Demo(a) => demo::run(a),
+        args::Command::Sync(a) if !a.local.is_empty() => sync_local(a),
+        args::Command::Sync(a) => sync(&load()?, a),
+        args::Command::Verify(a) => verify(a),
+        args::Command::Serve(a) => Ok(node::serve::run(load()?, a.listen, a.io.options(), |addr| {
+            if a.announce {
+                report::announce(addr)
+            }
+        })?),
+        args::Command::Keygen(a) => {
+            node::generate_key(&a.path, a.force)?;
+            println!("wrote a new key to {} (mode 0600); copy it to the other node's key_file", a.path.display());
+            Ok(())
+        }
+        args::Command::Status(a) => {
+            report::print_status(&node::status::status(&load()?, Default::default())?, a.json);
+            Ok(())
+        }
+        args::Command::Promote(a) => plan(&cli.config, Plan::Promote, a),
+        args::Command::Demote(a) => plan(&cli.config, Plan::Demote, a),
+        args::Command::Switchover(a) => plan(&cli.config, Plan::Switchover, a),
+        args::Command::Announce => Ok(node::roles::announce(&load()?)?),
+        args::Command::Shadow(args::ShadowCommand::Create { volumes, size }) => {
+            Ok(node::shadow::create(&load()?, volumes, *size, &mut report::print_shadow)?)
+        }
     }
 }
 
@@ -59,65 +74,53 @@ fn init_logging(verbose: u8) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 
-fn keygen(a: &args::KeygenArgs) -> anyhow::Result<()> {
-    netproto::generate_key(&a.path, a.force)
-        .map_err(|e| exit::coded(exit::USAGE, format!("{:#}", anyhow::Error::from(e))))?;
-    println!("wrote a new key to {} (mode 0600); copy it to the other node's key_file", a.path.display());
+/// `blockrep sync [VOLUME...]` over the network; every selected volume is tried, the first failure decides the
+/// exit code.
+fn sync(cfg: &Config, a: &args::SyncArgs) -> Result<()> {
+    let opts =
+        node::primary::NetSyncOptions { io: a.io.options(), bwlimit: a.bwlimit, no_refine: a.no_refine, cancel: None };
+    let mut out = report::SyncOutput::new(a.json);
+    let run = node::primary::sync_volumes(cfg, &a.volumes, &opts, &mut out)?;
+    run.into_result()?;
     Ok(())
 }
 
-/// `blockrep sync [VOLUME...]` over the network; every selected volume is tried, the first failure decides the
-/// exit code.
-fn sync(config: &std::path::Path, a: &args::SyncArgs) -> anyhow::Result<()> {
-    let cfg = config::Config::load(config)?;
-    let vols = cfg.select(&a.volumes)?;
-    let cancel = snapshot::cancel_on_signals()?;
-    let opts = netsync::NetSyncOptions {
+/// `blockrep sync --local SOURCE TARGET`.
+fn sync_local(a: &args::SyncArgs) -> Result<()> {
+    let [source, target] = a.local.as_slice() else { unreachable!("clap takes two values for --local") };
+    let s = node::local::LocalSync {
+        name: node::layout::volume_name(a.name.as_deref(), source).map_err(node::Error::from)?,
+        source: source.clone(),
+        target: target.clone(),
+        state_dir: a.state_dir.clone(),
         io: a.io.options(),
-        bwlimit: a.bwlimit,
-        refine: !a.no_refine,
-        cancel: Some(cancel.clone()),
+        block_size: node::config::block_size(a.block_size).map_err(node::Error::from)?,
+        no_refine: a.no_refine,
     };
-    let total = vols.len();
-    let mut failed: Vec<(String, anyhow::Error)> = Vec::new();
-    for vol in vols {
-        let r = snapshot::with_frozen_source(&cfg, vol, |source| netsync::sync_one(&cfg, vol, source, &opts));
-        match r {
-            Ok(r) => netsync::print(&r, a.json)?,
-            // With several volumes, say each failure as it happens; the last line sums up.
-            Err(e) if total > 1 => {
-                eprintln!("blockrep: volume {}: {e:#}", vol.name);
-                failed.push((vol.name.clone(), e));
-            }
-            Err(e) => failed.push((vol.name.clone(), e)),
-        }
-        if cancel.load(std::sync::atomic::Ordering::SeqCst) {
-            break;
-        }
-    }
-    match failed.len() {
-        0 => Ok(()),
-        1 if total == 1 => Err(failed.pop().expect("one").1),
-        n => {
-            let names = failed.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ");
-            let first = failed.remove(0).1;
-            Err(first.context(format!("{n} of {total} volumes failed to sync ({names})")))
-        }
-    }
+    let mut bar = report::Progress::new(&s.name);
+    let r = s.run(&mut |d, t| bar.update(d, t));
+    bar.finish();
+    report::print_sync(&r?, a.json);
+    Ok(())
 }
 
-fn plan(config: &std::path::Path, which: &str, a: &args::PlanArgs) -> anyhow::Result<()> {
-    let cfg = config::Config::load(config)?;
-    let p = role_glue::PlanArgs {
-        force: a.force,
-        dry_run: a.dry_run,
-        reason: a.reason.clone(),
-        poweroff: a.poweroff,
-        json: a.json,
-    };
-    role_glue::run_plan(&cfg, which, &p, Default::default())?;
-    if which != "demote" && !a.dry_run {
-        role_glue::spawn_announcer(config)?;
+/// `blockrep verify --local TARGET`.
+fn verify(a: &args::VerifyArgs) -> Result<()> {
+    let name = node::layout::volume_name(a.name.as_deref(), &a.local).map_err(node::Error::from)?;
+    let v = node::local::verify(&a.local, &a.state_dir, &name, a.io.options())?;
+    report::print_verify(&v, a.json);
+    v.into_result()?;
+    Ok(())
+}
+
+/// `blockrep promote | demote | switchover`; after a promote, re-announce the virtual IP in the background.
+fn plan(config: &Path, plan: Plan, a: &args::PlanArgs) -> Result<()> {
+    let opts = PlanOptions { force: a.force, dry_run: a.dry_run, reason: a.reason.clone(), poweroff: a.poweroff };
+    let report = node::roles::run(&Config::load(config).map_err(node::Error::from)?, plan, &opts, Default::default())?;
+    report::print_plan(&report, a.json);
+    if plan != Plan::Demote && !a.dry_run {
+        let exe = std::env::current_exe().map_err(|e| anyhow::anyhow!("cannot find the blockrep executable: {e}"))?;
+        node::roles::spawn_announcer(&exe, config)?;
     }
     Ok(())
 }

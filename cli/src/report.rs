@@ -1,9 +1,17 @@
-//! Human and JSON output, and the progress bar.
+//! Rendering of what the node library returns: one line of text or one JSON object per result, and the progress
+//! bar.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
-use anyhow::Result;
 use engine::sync::SyncReport;
+use node::primary::{NetReport, SyncObserver, VolumeOutcome};
+use serde::Serialize;
+
+/// One JSON object on one line.
+fn json(v: &impl Serialize) -> String {
+    // The rendered types are plain structs of strings and numbers, which always serialize.
+    serde_json::to_string(v).expect("report types serialize")
+}
 
 /// `1.5 MiB`-style sizes.
 pub fn bytes(n: u64) -> String {
@@ -22,27 +30,136 @@ pub fn bytes(n: u64) -> String {
 }
 
 /// Prints a sync report as one line of text or one JSON object.
-pub fn print_sync(r: &SyncReport, json: bool) -> Result<()> {
-    if json {
-        println!("{}", serde_json::to_string(r)?);
-    } else {
-        let rate = r.bytes_scanned as f64 / r.duration_s.max(1e-9);
-        println!(
-            "volume {}: generation {} committed ({:?}); scanned {}, {} blocks changed, {} changed, {} sent \
-             ({} as zero extents), {:.2} s, {}/s",
-            r.volume,
-            r.generation,
-            r.mode,
-            bytes(r.bytes_scanned),
-            r.blocks_changed,
-            bytes(r.bytes_changed),
-            bytes(r.bytes_sent),
-            bytes(r.zero_bytes),
-            r.duration_s,
-            bytes(rate as u64)
-        );
+pub fn print_sync(r: &SyncReport, as_json: bool) {
+    if as_json {
+        println!("{}", json(r));
+        return;
     }
-    Ok(())
+    let rate = r.bytes_scanned as f64 / r.duration_s.max(1e-9);
+    println!(
+        "volume {}: generation {} committed ({:?}); scanned {}, {} blocks changed, {} changed, {} sent \
+         ({} as zero extents), {:.2} s, {}/s",
+        r.volume,
+        r.generation,
+        r.mode,
+        bytes(r.bytes_scanned),
+        r.blocks_changed,
+        bytes(r.bytes_changed),
+        bytes(r.bytes_sent),
+        bytes(r.zero_bytes),
+        r.duration_s,
+        bytes(rate as u64)
+    );
+}
+
+/// Prints one volume's network sync.
+fn print_net(r: &NetReport, as_json: bool) {
+    if as_json {
+        println!("{}", json(r));
+        return;
+    }
+    print_sync(&r.sync, false);
+    println!(
+        "  {} on the wire, compression ratio {:.2}, {} resumed",
+        bytes(r.bytes_on_wire),
+        r.compression_ratio,
+        bytes(r.sync.resumed_bytes)
+    );
+}
+
+/// What `blockrep sync` shows while the node syncs: a progress bar per volume, each result as it comes, and
+/// with several volumes each failure as it happens (the final error sums up).
+pub struct SyncOutput {
+    as_json: bool,
+    bar: Option<(String, Progress)>,
+}
+
+impl SyncOutput {
+    /// Output as text or JSON.
+    pub fn new(as_json: bool) -> Self {
+        SyncOutput { as_json, bar: None }
+    }
+}
+
+impl SyncObserver for SyncOutput {
+    fn progress(&mut self, volume: &str, done: u64, total: u64) {
+        if self.bar.as_ref().is_none_or(|(v, _)| v != volume) {
+            self.bar = Some((volume.to_owned(), Progress::new(volume)));
+        }
+        if let Some((_, bar)) = &mut self.bar {
+            bar.update(done, total);
+        }
+    }
+
+    fn finished(&mut self, o: &VolumeOutcome, total: usize) {
+        if let Some((_, bar)) = self.bar.take() {
+            bar.finish();
+        }
+        match &o.result {
+            Ok(r) => print_net(r, self.as_json),
+            Err(e) if total > 1 => eprintln!("blockrep: volume {}: {}", o.volume, node::error_chain(e)),
+            Err(_) => {}
+        }
+    }
+}
+
+/// Prints `listening on ADDR` once the standby daemon is bound (for scripts and tests).
+pub fn announce(addr: std::net::SocketAddr) {
+    println!("listening on {addr}");
+    let _ = std::io::stdout().flush();
+}
+
+/// Prints the result of `verify --local`.
+pub fn print_verify(v: &node::local::Verification, as_json: bool) {
+    if as_json {
+        println!("{}", json(v));
+    } else if v.ok {
+        println!("volume {}: shadow matches generation {} (complete: {})", v.volume, v.generation, v.complete);
+    }
+}
+
+/// Prints a role plan's report.
+pub fn print_plan(r: &node::roles::Report, as_json: bool) {
+    if as_json {
+        println!("{}", json(r));
+    } else {
+        println!("{r}");
+    }
+}
+
+/// Prints a shadow now in place.
+pub fn print_shadow(s: &node::shadow::ShadowReady) {
+    let (v, vg, lv, n) = (&s.volume, &s.vg, &s.lv, s.size);
+    if s.created {
+        println!("volume {v}: created shadow {vg}/{lv} ({n} bytes, tag blockrep_shadow)");
+    } else {
+        println!("volume {v}: shadow {vg}/{lv} already exists ({n} bytes)");
+    }
+}
+
+/// Prints the node's status.
+pub fn print_status(s: &node::status::NodeStatus, as_json: bool) {
+    if as_json {
+        println!("{}", json(s));
+        return;
+    }
+    let accepts = if s.role.accepts_syncs { " (accepts syncs)" } else { "" };
+    println!("node {}: {}{accepts}", s.node, s.role.role);
+    match &s.role.last_switchover {
+        Some(sw) => println!("last switchover: {}", json(sw)),
+        None => println!("last switchover: none"),
+    }
+    if let Some(p) = &s.role.plan {
+        println!("plan in progress: {}", json(p));
+    }
+    for v in &s.volumes {
+        let incomplete = if v.complete == Some(false) { ", INCOMPLETE (not promotable)" } else { "" };
+        let last = v.last_sync.map(|t| format!(", last sync at {t} (unix)")).unwrap_or_default();
+        println!("volume {} ({}): generation {}{incomplete}{last}", v.name, v.side.as_str(), v.generation);
+    }
+    for a in &s.alarms {
+        println!("ALARM{}: {}", a.volume.as_ref().map(|v| format!(" volume {v}")).unwrap_or_default(), a.message);
+    }
 }
 
 /// A progress bar on stderr when it is a terminal; nothing otherwise.

@@ -1,16 +1,74 @@
 //! The configuration file (`/etc/blockrep/blockrep.toml`, `--config PATH`), documented in docs/config.md.
 //!
 //! Raw TOML is deserialized with unknown keys refused (the TOML error names the key and its line), then checked
-//! once into a [`Config`] the commands use.
+//! once into a [`Config`] the commands use. Every error here is a usage error ([`crate::ErrorKind::Usage`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
 use serde::Deserialize;
 
-use crate::args::parse_size;
-use crate::exit::{coded, USAGE};
+use crate::layout;
+
+/// A configuration that cannot be used; the message names the file, the key and what to write instead.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read configuration {}: {error} (create it, or pass --config PATH)", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error (in the message, which ends with what to do).
+        error: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or missing keys.
+    #[error("configuration {} is invalid: {error}", path.display())]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The TOML error, naming the key and its line.
+        error: toml::de::Error,
+    },
+    /// A value is wrong.
+    #[error("configuration {}: {message}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and what to write instead.
+        message: String,
+    },
+    /// A volume named on the command line is not configured.
+    #[error("volume {name:?} is not in {}", path.display())]
+    UnknownVolume {
+        /// The name given.
+        name: String,
+        /// The file.
+        path: PathBuf,
+    },
+    /// A volume lacks the path this side needs.
+    #[error("volume {volume} has no `{key}` in {}{hint}", path.display())]
+    MissingPath {
+        /// Volume name.
+        volume: String,
+        /// `source` or `shadow`.
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Which side needs it.
+        hint: &'static str,
+    },
+    /// A section this command needs is missing.
+    #[error("{} has no {what}", path.display())]
+    Missing {
+        /// The file.
+        path: PathBuf,
+        /// What is missing, and where to read about it.
+        what: &'static str,
+    },
+    /// A block size given on the command line is not usable.
+    #[error("{0}")]
+    BlockSize(String),
+}
 
 /// Default configuration path.
 pub const DEFAULT_PATH: &str = "/etc/blockrep/blockrep.toml";
@@ -147,21 +205,15 @@ pub struct Config {
 
 impl Config {
     /// Reads and checks the file at `path`.
-    pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            coded(
-                USAGE,
-                format!("cannot read configuration {}: {e} (create it, or pass --config PATH)", path.display()),
-            )
-        })?;
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.into(), error })?;
         Self::parse(&text, path)
     }
 
     /// Parses and checks configuration text.
-    pub fn parse(text: &str, path: &Path) -> Result<Config> {
-        let raw: Raw = toml::from_str(text)
-            .map_err(|e| coded(USAGE, format!("configuration {} is invalid: {e}", path.display())))?;
-        let bad = |msg: String| coded(USAGE, format!("configuration {}: {msg}", path.display()));
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: Raw = toml::from_str(text).map_err(|error| ConfigError::Syntax { path: path.into(), error })?;
+        let bad = |message: String| ConfigError::Invalid { path: path.into(), message };
         let listen = match &raw.standby {
             Some(s) => Some(
                 s.listen
@@ -176,7 +228,7 @@ impl Config {
         };
         let mut volumes = Vec::new();
         for v in raw.volumes {
-            crate::local::volume_name(Some(&v.name), Path::new(""))
+            layout::volume_name(Some(&v.name), Path::new(""))
                 .map_err(|_| bad(format!("volume name {:?}: use letters, digits and . _ + -", v.name)))?;
             if volumes.iter().any(|o: &Volume| o.name == v.name) {
                 return Err(bad(format!("volume {:?} is configured twice", v.name)));
@@ -227,7 +279,7 @@ impl Config {
     }
 
     /// The named volumes, or all of them; an unknown name is an error naming it.
-    pub fn select(&self, names: &[String]) -> Result<Vec<&Volume>> {
+    pub fn select(&self, names: &[String]) -> Result<Vec<&Volume>, ConfigError> {
         if names.is_empty() {
             return Ok(self.volumes.iter().collect());
         }
@@ -237,15 +289,56 @@ impl Config {
                 self.volumes
                     .iter()
                     .find(|v| &v.name == n)
-                    .ok_or_else(|| coded(USAGE, format!("volume {n:?} is not in {}", self.path.display())))
+                    .ok_or_else(|| ConfigError::UnknownVolume { name: n.clone(), path: self.path.clone() })
             })
             .collect()
     }
 
-    /// The state directory of one side of one volume.
-    pub fn side_dir(&self, side: &str, volume: &str) -> PathBuf {
-        crate::local::side_dir(&self.state_dir, side, volume)
+    /// This node's state layout.
+    pub fn layout(&self) -> layout::Layout {
+        layout::Layout::new(&self.state_dir, self.role.as_ref())
     }
+
+    /// A volume's source (primary side), or an error naming the missing key.
+    pub fn source_of<'a>(&self, vol: &'a Volume) -> Result<&'a Path, ConfigError> {
+        vol.source.as_deref().ok_or_else(|| self.missing_path(vol, "source", " (this is the primary side)"))
+    }
+
+    /// A volume's shadow (standby side), or an error naming the missing key.
+    pub fn shadow_of<'a>(&self, vol: &'a Volume) -> Result<&'a Path, ConfigError> {
+        vol.shadow.as_deref().ok_or_else(|| self.missing_path(vol, "shadow", ""))
+    }
+
+    fn missing_path(&self, vol: &Volume, key: &'static str, hint: &'static str) -> ConfigError {
+        ConfigError::MissingPath { volume: vol.name.clone(), key, path: self.path.clone(), hint }
+    }
+}
+
+/// A block size from the command line (power of two, 4 KiB to 1 MiB).
+pub fn block_size(bs: u64) -> Result<u32, ConfigError> {
+    engine::hash::validate_block_size(bs).map_err(|e| ConfigError::BlockSize(e.to_string()))
+}
+
+/// Parses sizes like `4096`, `64K`, `256M`, `2G` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = s[i..].to_ascii_uppercase();
+            let mult: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("unknown size unit in {s:?}: use K, M, G or T")),
+            };
+            (&s[..i], mult)
+        }
+        None => (s, 1),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size (examples: 4096, 64K, 256M, 2G)"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 /// `20%` or a size like `2G`.
@@ -268,6 +361,16 @@ mod tests {
     const EXAMPLE: &str = include_str!("../../docs/blockrep.example.toml");
 
     #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("x").is_err());
+    }
+
+    #[test]
     fn the_documented_example_parses() {
         let c = Config::parse(EXAMPLE, Path::new("example.toml")).unwrap();
         assert_eq!(c.node, "pbx-a");
@@ -279,12 +382,12 @@ mod tests {
     #[test]
     fn unknown_and_missing_keys_name_the_key_and_line() {
         let text = "node = \"a\"\nkey_file = \"/k\"\ncolour = \"red\"\n";
-        let e = format!("{:#}", Config::parse(text, Path::new("c.toml")).unwrap_err());
+        let e = link::error_chain(&Config::parse(text, Path::new("c.toml")).unwrap_err());
         assert!(e.contains("colour") && e.contains("line 3"), "{e}");
-        let e = format!("{:#}", Config::parse("node = \"a\"\n", Path::new("c.toml")).unwrap_err());
+        let e = link::error_chain(&Config::parse("node = \"a\"\n", Path::new("c.toml")).unwrap_err());
         assert!(e.contains("key_file"), "{e}");
         let text = "node = \"a\"\nkey_file = \"/k\"\n[[volume]]\nname = \"v\"\nsource = \"/x\"\nsnapshot = \"zfs\"\n";
-        let e = format!("{:#}", Config::parse(text, Path::new("c.toml")).unwrap_err());
+        let e = link::error_chain(&Config::parse(text, Path::new("c.toml")).unwrap_err());
         assert!(e.contains("zfs"), "{e}");
     }
 }

@@ -1,0 +1,153 @@
+//! What a blockrep node does, as a library: the `blockrep` binary parses arguments, calls into this crate and
+//! renders what it returns.
+//!
+//! * [`config`]: the configuration file, checked once into a [`config::Config`]; size parsing.
+//! * [`layout`]: where a node keeps its state (`<state_dir>/{primary,standby}/<volume>`, the role directory).
+//! * [`signals`]: SIGTERM/SIGINT, turned into a stop request in one place.
+//! * [`freeze`]: freezing a source for the duration of a sync (snapshot lifecycle).
+//! * [`primary`]: the primary's network sync, one volume or all of them.
+//! * [`serve`]: the standby daemon.
+//! * [`roles`]: role guards and plans (promote, demote, switchover), the periodic re-announcement.
+//! * [`status`]: the node's status as a typed struct.
+//! * [`shadow`]: provisioning the standby's shadow LVs.
+//! * [`local`]: sync and verify in one process, without network or configuration file.
+//!
+//! Every module has its own error enum; [`Error`] gathers them, and [`Error::kind`] says which of the outcomes a
+//! script must tell apart ([`ErrorKind`]) an error is.
+//!
+//! ```no_run
+//! let cfg = node::config::Config::load("/etc/blockrep/blockrep.toml".as_ref())?;
+//! let status = node::status::status(&cfg, Default::default())?;
+//! println!("node {} is {}", status.node, status.role.role);
+//! # Ok::<(), node::Error>(())
+//! ```
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod freeze;
+pub mod layout;
+pub mod local;
+pub mod primary;
+pub mod roles;
+pub mod serve;
+pub mod shadow;
+pub mod signals;
+pub mod status;
+
+pub use link::error_chain;
+
+/// What kind of failure an error is: the outcomes a script must be able to tell apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Bad arguments or configuration: fix the command line or the configuration file.
+    Usage,
+    /// The peer could not be reached.
+    PeerUnreachable,
+    /// Refused because it is unsafe (stale data, peer still active, virtual IP in use).
+    Unsafe,
+    /// The peer refused (wrong key, no common protocol version).
+    RefusedByPeer,
+    /// The operation failed.
+    Failed,
+}
+
+/// Any error of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Configuration.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// State layout (volume names).
+    #[error(transparent)]
+    Layout(#[from] layout::LayoutError),
+    /// Key file.
+    #[error(transparent)]
+    Key(#[from] netproto::KeyError),
+    /// Signal handling.
+    #[error(transparent)]
+    Signals(#[from] signals::SignalError),
+    /// Freezing a source.
+    #[error(transparent)]
+    Freeze(#[from] freeze::FreezeError),
+    /// The primary's sync.
+    #[error(transparent)]
+    Primary(#[from] primary::PrimaryError),
+    /// The standby daemon.
+    #[error(transparent)]
+    Serve(#[from] serve::ServeError),
+    /// Roles.
+    #[error(transparent)]
+    Roles(#[from] roles::RoleError),
+    /// Status.
+    #[error(transparent)]
+    Status(#[from] status::StatusError),
+    /// Shadow provisioning.
+    #[error(transparent)]
+    Shadow(#[from] shadow::ShadowError),
+    /// Local sync and verify.
+    #[error(transparent)]
+    Local(#[from] local::LocalError),
+}
+
+impl Error {
+    /// The kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Config(_) | Error::Layout(_) | Error::Key(_) => ErrorKind::Usage,
+            Error::Signals(_) | Error::Status(_) => ErrorKind::Failed,
+            Error::Freeze(e) => e.kind(),
+            Error::Primary(e) => e.kind(),
+            Error::Serve(e) => e.kind(),
+            Error::Roles(e) => e.kind(),
+            Error::Shadow(e) => e.kind(),
+            Error::Local(e) => e.kind(),
+        }
+    }
+}
+
+/// The kind of a link error: the standby's refusal for a wrong key or protocol version is the peer's refusal.
+pub fn link_error_kind(e: &link::LinkError) -> ErrorKind {
+    use link::{LinkError, RemoteKind};
+    match e {
+        LinkError::Remote { kind: RemoteKind::Auth | RemoteKind::Version, .. } => ErrorKind::RefusedByPeer,
+        LinkError::Transport(t) => match t.downcast_ref::<netproto::ConnError>() {
+            Some(c) => conn_error_kind(c),
+            None => ErrorKind::Failed,
+        },
+        _ => ErrorKind::Failed,
+    }
+}
+
+/// The kind of a connection error: unreachable and refused-by-peer are told apart for scripts.
+pub fn conn_error_kind(e: &netproto::ConnError) -> ErrorKind {
+    match e {
+        netproto::ConnError::Unreachable { .. } => ErrorKind::PeerUnreachable,
+        netproto::ConnError::Handshake(_) => ErrorKind::RefusedByPeer,
+        netproto::ConnError::Remote { code, .. } => match netproto::client::remote_kind(*code) {
+            link::RemoteKind::Auth | link::RemoteKind::Version => ErrorKind::RefusedByPeer,
+            _ => ErrorKind::Failed,
+        },
+        _ => ErrorKind::Failed,
+    }
+}
+
+/// Writes a new random key file (mode 0600) at `path`; an existing file is replaced only with `force`.
+pub fn generate_key(path: &std::path::Path, force: bool) -> Result<(), Error> {
+    netproto::generate_key(path, force)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_follow_the_cause() {
+        let refused = link::LinkError::Remote { kind: link::RemoteKind::Auth, message: "no".into() };
+        assert_eq!(link_error_kind(&refused), ErrorKind::RefusedByPeer);
+        let busy = link::LinkError::Remote { kind: link::RemoteKind::Busy, message: "busy".into() };
+        assert_eq!(link_error_kind(&busy), ErrorKind::Failed);
+        let e: Error = config::ConfigError::Invalid { path: "c.toml".into(), message: "x".into() }.into();
+        assert_eq!(e.kind(), ErrorKind::Usage);
+    }
+}

@@ -1,0 +1,237 @@
+//! The primary's network sync: for each configured volume, freeze it ([`crate::freeze`]), connect to the
+//! standby, and run the engine's sync through a [`RemoteTarget`]. Every selected volume is tried; the caller gets
+//! one typed result per volume as it finishes.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use engine::sync::{sync_volume, SyncOptions, SyncReport};
+use engine::volume::{Access, IoOptions, Volume};
+use link::LinkError;
+use netproto::RemoteTarget;
+use serde::Serialize;
+
+use crate::config::{self, Config, ConfigError};
+use crate::freeze::with_frozen_source;
+use crate::{Error, ErrorKind};
+
+/// Errors of the primary's sync.
+#[derive(Debug, thiserror::Error)]
+pub enum PrimaryError {
+    /// Connecting to the standby failed.
+    #[error(transparent)]
+    Connect(#[from] netproto::ConnError),
+    /// The source could not be opened.
+    #[error("cannot open the source")]
+    OpenSource(#[source] engine::volume::VolumeError),
+    /// The standby did not open the volume.
+    #[error("cannot open volume {volume} on the standby")]
+    OpenRemote {
+        /// Volume name.
+        volume: String,
+        /// The link's error (the standby's refusal).
+        #[source]
+        source: LinkError,
+    },
+    /// The primary's state directory could not be created.
+    #[error("cannot create state directory {}", path.display())]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The sync itself failed.
+    #[error("sync of volume {volume} failed; the shadow keeps its last complete generation")]
+    Sync {
+        /// Volume name.
+        volume: String,
+        /// The engine's error.
+        #[source]
+        source: engine::sync::SyncError,
+    },
+    /// Some of several volumes failed; the first failure is the source.
+    #[error("{failed} of {total} volumes failed to sync ({names})")]
+    SomeVolumes {
+        /// How many failed.
+        failed: usize,
+        /// How many were tried.
+        total: usize,
+        /// Their names.
+        names: String,
+        /// The first failure.
+        #[source]
+        first: Box<Error>,
+    },
+}
+
+impl PrimaryError {
+    /// The kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            PrimaryError::Connect(e) => crate::conn_error_kind(e),
+            PrimaryError::OpenRemote { source, .. } => crate::link_error_kind(source),
+            PrimaryError::Sync { source: engine::sync::SyncError::Link(l), .. } => crate::link_error_kind(l),
+            PrimaryError::SomeVolumes { first, .. } => first.kind(),
+            _ => ErrorKind::Failed,
+        }
+    }
+}
+
+/// One volume's result: the local sync's fields plus the wire's (the fields of `blockrep sync --json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct NetReport {
+    /// The engine's report.
+    #[serde(flatten)]
+    pub sync: SyncReport,
+    /// All frame bytes this node sent (handshake included).
+    pub bytes_on_wire: u64,
+    /// Data bytes of extents / their bytes on the wire (1.0: nothing compressed).
+    pub compression_ratio: f64,
+}
+
+/// Options of a network sync.
+#[derive(Debug, Clone, Default)]
+pub struct NetSyncOptions {
+    /// I/O options for the source.
+    pub io: IoOptions,
+    /// Send-rate cap override (bytes per second).
+    pub bwlimit: Option<u64>,
+    /// Do not narrow changed blocks to 4 KiB pieces.
+    pub no_refine: bool,
+    /// Set to stop between two chunks (SIGINT/SIGTERM in [`sync_volumes`]).
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+/// The engine's options for one volume: block size, the mapped scan with the automatic I/O engine, refinement,
+/// cancellation.
+pub(crate) fn engine_options(block_size: u32, io: &IoOptions, no_refine: bool) -> SyncOptions {
+    let mut opts = SyncOptions::new(block_size);
+    opts.scan.mmap = io.engine == engine::io::EngineKind::Auto;
+    opts.refine = !no_refine;
+    opts
+}
+
+/// Connects to the configured standby.
+pub fn connect(cfg: &Config) -> Result<netproto::Connection, Error> {
+    let peer = cfg.peer.as_deref().ok_or_else(|| ConfigError::Missing {
+        path: cfg.path.clone(),
+        what: "[primary] peer address of the standby",
+    })?;
+    let key = netproto::load_key(&cfg.key_file)?;
+    let conn = netproto::connect(peer, &key, &cfg.node, Duration::from_secs(cfg.connect_timeout_s))
+        .map_err(PrimaryError::from)?;
+    Ok(conn)
+}
+
+/// Syncs one volume whose source is already frozen at `source`; `progress` gets (bytes scanned, total).
+pub fn sync_one(
+    cfg: &Config,
+    vol: &config::Volume,
+    source: &Path,
+    o: &NetSyncOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<NetReport, Error> {
+    let src = Volume::open(source, Access::Read, &o.io).map_err(PrimaryError::OpenSource)?;
+    let mut conn = connect(cfg)?;
+    conn.set_compression(Some(cfg.compression_level)).map_err(PrimaryError::from)?;
+    conn.set_bwlimit(o.bwlimit.or(cfg.bwlimit));
+    let mut remote = RemoteTarget::open(conn, &vol.name, src.size(), vol.block_size)
+        .map_err(|source| PrimaryError::OpenRemote { volume: vol.name.clone(), source })?;
+    let layout = cfg.layout();
+    let manifest = layout.source_manifest(&vol.name);
+    let dir = manifest.parent().expect("a manifest lives in a directory");
+    std::fs::create_dir_all(dir).map_err(|source| PrimaryError::StateDir { path: dir.into(), source })?;
+    let mut opts = engine_options(vol.block_size, &o.io, o.no_refine);
+    opts.cancel = o.cancel.clone();
+    let r = sync_volume(&vol.name, &src, &manifest, &mut remote, &opts, progress)
+        .map_err(|source| PrimaryError::Sync { volume: vol.name.clone(), source })?;
+    let s = remote.close().stats();
+    Ok(NetReport {
+        sync: r,
+        bytes_on_wire: s.bytes_sent,
+        compression_ratio: if s.extent_wire_bytes_sent == 0 {
+            1.0
+        } else {
+            s.extent_bytes_sent as f64 / s.extent_wire_bytes_sent as f64
+        },
+    })
+}
+
+/// One volume's outcome in [`sync_volumes`].
+#[derive(Debug)]
+pub struct VolumeOutcome {
+    /// Volume name.
+    pub volume: String,
+    /// Its report, or why it failed.
+    pub result: Result<NetReport, Error>,
+}
+
+/// What the caller of [`sync_volumes`] sees while it runs.
+pub trait SyncObserver {
+    /// Bytes scanned of the volume being synced, and its size.
+    fn progress(&mut self, volume: &str, done: u64, total: u64);
+    /// A volume finished (`total`: how many volumes this run syncs).
+    fn finished(&mut self, outcome: &VolumeOutcome, total: usize);
+}
+
+/// Every volume's outcome of one [`sync_volumes`] run.
+#[derive(Debug)]
+pub struct SyncRun {
+    /// How many volumes were selected.
+    pub total: usize,
+    /// The outcomes, in order (fewer than `total` after an interrupt).
+    pub outcomes: Vec<VolumeOutcome>,
+}
+
+impl SyncRun {
+    /// The run as one result: the reports, or the single failure, or a summary naming the failed volumes with
+    /// the first failure as its cause (and its kind).
+    pub fn into_result(self) -> Result<Vec<NetReport>, Error> {
+        let (mut ok, mut failed) = (Vec::new(), Vec::new());
+        for o in self.outcomes {
+            match o.result {
+                Ok(r) => ok.push(r),
+                Err(e) => failed.push((o.volume, e)),
+            }
+        }
+        match failed.len() {
+            0 => Ok(ok),
+            1 if self.total == 1 => Err(failed.pop().expect("one").1),
+            n => {
+                let names = failed.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ");
+                let first = Box::new(failed.remove(0).1);
+                Err(PrimaryError::SomeVolumes { failed: n, total: self.total, names, first }.into())
+            }
+        }
+    }
+}
+
+/// `blockrep sync [VOLUME...]` over the network: syncs the named (or all) volumes one after the other, each
+/// from a frozen source. SIGINT/SIGTERM stop the running sync between two chunks and skip the rest.
+pub fn sync_volumes(
+    cfg: &Config,
+    names: &[String],
+    o: &NetSyncOptions,
+    observer: &mut dyn SyncObserver,
+) -> Result<SyncRun, Error> {
+    let vols = cfg.select(names)?;
+    let cancel = crate::signals::stop_flag("interrupted: stopping the sync and cleaning up")?;
+    let o = NetSyncOptions { cancel: Some(cancel.clone()), ..o.clone() };
+    let mut run = SyncRun { total: vols.len(), outcomes: Vec::new() };
+    for vol in vols {
+        let result = with_frozen_source(cfg, vol, |source| {
+            sync_one(cfg, vol, source, &o, &mut |d, t| observer.progress(&vol.name, d, t))
+        });
+        let outcome = VolumeOutcome { volume: vol.name.clone(), result };
+        observer.finished(&outcome, run.total);
+        run.outcomes.push(outcome);
+        if cancel.load(Ordering::SeqCst) {
+            break;
+        }
+    }
+    Ok(run)
+}

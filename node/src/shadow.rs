@@ -1,0 +1,116 @@
+//! Provisioning the standby's shadow LVs (`blockrep shadow create`), through lvmctl's
+//! [`lvmctl::Lvm::ensure_shadow`]: tagged `blockrep_shadow`, with the size the primary reported (recorded by the
+//! standby daemon when a sync found the shadow missing) or an explicit size.
+
+use std::path::{Path, PathBuf};
+
+use lvmctl::{Lvm, LvmError};
+
+use crate::config::Config;
+use crate::{Error, ErrorKind};
+
+/// Errors of shadow provisioning.
+#[derive(Debug, thiserror::Error)]
+pub enum ShadowError {
+    /// The lvm2 tool cannot be used.
+    #[error(transparent)]
+    NoLvm(LvmError),
+    /// The configured shadow is not an LV path.
+    #[error("volume {volume}: shadow {} is not of the form /dev/VG/LV", shadow.display())]
+    NotAnLvPath {
+        /// Volume name.
+        volume: String,
+        /// The configured shadow.
+        shadow: PathBuf,
+    },
+    /// No size was given and the primary has not reported one.
+    #[error(
+        "volume {volume}: the primary has not reported its size yet; pass --size, or run `blockrep sync {volume}` \
+         on the primary once (it is refused, and the size is recorded here)"
+    )]
+    UnknownSize {
+        /// Volume name.
+        volume: String,
+    },
+    /// lvm refused or failed (an LV of that name that is not a shadow, another size, no space).
+    #[error("volume {volume}")]
+    Ensure {
+        /// Volume name.
+        volume: String,
+        /// lvmctl's error, which says what to do.
+        #[source]
+        error: LvmError,
+    },
+}
+
+impl ShadowError {
+    /// The kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ShadowError::Ensure { error: LvmError::NotOurs { .. } | LvmError::InvalidName(_), .. }
+            | ShadowError::NoLvm(_)
+            | ShadowError::NotAnLvPath { .. }
+            | ShadowError::UnknownSize { .. } => ErrorKind::Usage,
+            ShadowError::Ensure { .. } => ErrorKind::Failed,
+        }
+    }
+}
+
+/// A shadow that is now in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShadowReady {
+    /// Volume name.
+    pub volume: String,
+    /// VG.
+    pub vg: String,
+    /// LV.
+    pub lv: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Whether it was created now (else it was already there).
+    pub created: bool,
+}
+
+/// `/dev/VG/LV` → (VG, LV).
+fn vg_lv(path: &Path) -> Option<(String, String)> {
+    let mut parts = path.strip_prefix("/dev").ok()?.components();
+    let vg = parts.next()?.as_os_str().to_str()?.to_owned();
+    let lv = parts.next()?.as_os_str().to_str()?.to_owned();
+    parts.next().is_none().then_some((vg, lv))
+}
+
+/// Creates the shadows of the named (or all) volumes, with `size` or the size the primary reported; `done` is
+/// called for each shadow in place. Stops at the first failure.
+pub fn create(
+    cfg: &Config,
+    names: &[String],
+    size: Option<u64>,
+    done: &mut dyn FnMut(&ShadowReady),
+) -> Result<(), Error> {
+    let lvm = Lvm::new().map_err(ShadowError::NoLvm)?;
+    let layout = cfg.layout();
+    for vol in cfg.select(names)? {
+        let shadow = cfg.shadow_of(vol)?;
+        let (vg, lv) = vg_lv(shadow)
+            .ok_or_else(|| ShadowError::NotAnLvPath { volume: vol.name.clone(), shadow: shadow.into() })?;
+        let want = size
+            .or_else(|| layout.recorded_source_size(&vol.name))
+            .ok_or_else(|| ShadowError::UnknownSize { volume: vol.name.clone() })?;
+        let found = lvm
+            .ensure_shadow(&vg, &lv, want)
+            .map_err(|error| ShadowError::Ensure { volume: vol.name.clone(), error })?;
+        let created = matches!(found, lvmctl::Shadow::Created(_));
+        done(&ShadowReady { volume: vol.name.clone(), vg, lv, size: want, created });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn shadow_paths_split_into_vg_and_lv() {
+        assert_eq!(super::vg_lv("/dev/vg1/root_shadow".as_ref()), Some(("vg1".into(), "root_shadow".into())));
+        assert_eq!(super::vg_lv("/srv/shadow.img".as_ref()), None);
+        assert_eq!(super::vg_lv("/dev/mapper/x/y/z".as_ref()), None);
+    }
+}
