@@ -103,3 +103,22 @@ fn demo_runs_and_verifies() {
     assert!(out.contains("identical"), "{out}");
     assert!(out.contains("incremental sync"), "{out}");
 }
+
+#[test]
+fn verify_of_an_unknown_name_fails_and_creates_no_state() {
+    let d = tempfile::tempdir().unwrap();
+    let (src, dst, state) = (d.path().join("src.img"), d.path().join("dst.img"), d.path().join("state"));
+    write_volume(&src, 1 << 20, 4);
+    std::fs::write(&dst, vec![0u8; 1 << 20]).unwrap();
+    sync_json(&src, &dst, &state);
+    let o =
+        run(blockrep().args(["verify", "--state-dir"]).arg(&state).arg("--local").arg(&dst).args(["--name", "nosuch"]));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("nosuch") && stderr(&o).contains("--name"), "{}", stderr(&o));
+    assert!(!state.join("standby/nosuch").exists(), "verify created a state directory for an unknown name");
+    // A state directory that does not exist at all is not created either.
+    let none = d.path().join("none");
+    let o = run(blockrep().args(["verify", "--state-dir"]).arg(&none).arg("--local").arg(&dst));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(!none.exists(), "verify created {}", none.display());
+}
