@@ -18,6 +18,7 @@ pub mod differ;
 pub mod durable;
 pub mod hash;
 pub mod io;
+mod layout;
 pub mod manifest;
 pub mod source;
 pub mod spool;

@@ -46,6 +46,7 @@ use memmap2::{Mmap, MmapMut};
 
 use crate::durable::{Durable, Op};
 use crate::hash::{self, BlockHash, RootHasher};
+use crate::layout::{Get, PrefixError, Put};
 
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"BRMANIF1";
@@ -59,8 +60,6 @@ pub const HASH_LEN: usize = 32;
 pub const MAX_BLOCK_COUNT: u64 = 1 << 32;
 /// Flag bits this version understands (none).
 pub const SUPPORTED_FLAGS: u32 = 0;
-
-const CRC_OFFSET: usize = 80;
 
 /// Errors reading or writing a manifest.
 #[derive(Debug, thiserror::Error)]
@@ -182,66 +181,43 @@ impl ManifestHeader {
     /// Encodes the header (with crc and padding).
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
-        b[0..8].copy_from_slice(MAGIC);
-        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        b[12..16].copy_from_slice(&0u32.to_le_bytes());
-        b[16..24].copy_from_slice(&self.generation.to_le_bytes());
-        b[24..32].copy_from_slice(&self.volume_size.to_le_bytes());
-        b[32..36].copy_from_slice(&self.block_size.to_le_bytes());
-        b[40..48].copy_from_slice(&self.block_count.to_le_bytes());
-        b[48..80].copy_from_slice(&self.root);
-        let crc = crc32fast::hash(&b[..CRC_OFFSET]);
-        b[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
+        Put::header(&mut b, MAGIC, VERSION)
+            .u32(0) // flags
+            .u64(self.generation)
+            .u64(self.volume_size)
+            .u32(self.block_size)
+            .zeros(4)
+            .u64(self.block_count)
+            .bytes(&self.root)
+            .crc();
         b
     }
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4-byte slice"))
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8-byte slice"))
-}
-
 /// Phase one: validates header, crc, geometry and total length of a whole manifest file, without reading hashes.
 pub fn check(bytes: &[u8]) -> Result<ManifestHeader, ManifestError> {
-    if bytes.len() < HEADER_LEN {
-        return Err(ManifestError::TooShort { len: bytes.len() as u64 });
-    }
-    let h = &bytes[..HEADER_LEN];
-    if &h[0..8] != MAGIC {
-        return Err(ManifestError::BadMagic { found: h[0..8].try_into().expect("8 bytes") });
-    }
-    let version = u32_at(h, 8);
-    if version != VERSION {
-        return Err(ManifestError::BadVersion { found: version });
-    }
-    let stored = u32_at(h, CRC_OFFSET);
-    let computed = crc32fast::hash(&h[..CRC_OFFSET]);
-    if stored != computed {
-        return Err(ManifestError::HeaderCrc { stored, computed });
-    }
-    if h[CRC_OFFSET + 4..].iter().any(|&b| b != 0) {
+    let mut h = Get::header(bytes, HEADER_LEN, MAGIC, VERSION).map_err(|e| match e {
+        PrefixError::TooShort { len } => ManifestError::TooShort { len: len as u64 },
+        PrefixError::BadMagic { found } => ManifestError::BadMagic { found },
+        PrefixError::BadVersion { found } => ManifestError::BadVersion { found },
+    })?;
+    let flags = h.u32();
+    let (generation, volume_size, block_size) = (h.u64(), h.u64(), h.u32());
+    let reserved = h.u32();
+    let header = ManifestHeader { generation, volume_size, block_size, block_count: h.u64(), root: h.array() };
+    h.crc().map_err(|(stored, computed)| ManifestError::HeaderCrc { stored, computed })?;
+    if !h.rest_is_zero() {
         return Err(ManifestError::Padding);
     }
-    let flags = u32_at(h, 12);
     if flags & !SUPPORTED_FLAGS != 0 {
         return Err(ManifestError::UnknownFlags { bits: flags & !SUPPORTED_FLAGS });
     }
-    let header = ManifestHeader {
-        generation: u64_at(h, 16),
-        volume_size: u64_at(h, 24),
-        block_size: u32_at(h, 32),
-        block_count: u64_at(h, 40),
-        root: h[48..80].try_into().expect("32 bytes"),
-    };
     let geometry = || ManifestError::Geometry {
         volume_size: header.volume_size,
         block_size: header.block_size,
         block_count: header.block_count,
     };
-    if hash::validate_block_size(header.block_size as u64).is_err() || u32_at(h, 36) != 0 {
+    if hash::validate_block_size(header.block_size as u64).is_err() || reserved != 0 {
         return Err(geometry());
     }
     if header.block_count > MAX_BLOCK_COUNT {

@@ -53,6 +53,7 @@ use std::path::{Path, PathBuf};
 
 use crate::durable::{Durable, Op};
 use crate::hash::BlockHash;
+use crate::layout::{Get, PrefixError, Put};
 
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"BRSPOOL1";
@@ -208,55 +209,39 @@ impl SpoolHeader {
     /// Encodes the header.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
-        b[0..8].copy_from_slice(MAGIC);
-        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        b[16..24].copy_from_slice(&self.generation.to_le_bytes());
-        b[24..32].copy_from_slice(&self.base_generation.to_le_bytes());
-        b[32..40].copy_from_slice(&self.volume_size.to_le_bytes());
-        b[40..44].copy_from_slice(&self.block_size.to_le_bytes());
-        let crc = crc32fast::hash(&b[..48]);
-        b[48..52].copy_from_slice(&crc.to_le_bytes());
+        Put::header(&mut b, MAGIC, VERSION)
+            .u32(0) // flags
+            .u64(self.generation)
+            .u64(self.base_generation)
+            .u64(self.volume_size)
+            .u32(self.block_size)
+            .zeros(4)
+            .crc();
         b
     }
 
     /// Checks and decodes a header.
     pub fn decode(b: &[u8]) -> Result<SpoolHeader, SpoolError> {
-        if b.len() < HEADER_LEN {
-            return Err(SpoolError::TooShort { len: b.len() as u64 });
-        }
-        if &b[0..8] != MAGIC {
-            return Err(SpoolError::BadMagic { found: b[0..8].try_into().expect("8 bytes") });
-        }
-        let version = u32_at(b, 8);
-        if version != VERSION {
-            return Err(SpoolError::BadVersion { found: version });
-        }
-        if u32_at(b, 48) != crc32fast::hash(&b[..48]) || b[52..HEADER_LEN].iter().any(|&x| x != 0) {
+        let mut g = Get::header(b, HEADER_LEN, MAGIC, VERSION).map_err(|e| match e {
+            PrefixError::TooShort { len } => SpoolError::TooShort { len: len as u64 },
+            PrefixError::BadMagic { found } => SpoolError::BadMagic { found },
+            PrefixError::BadVersion { found } => SpoolError::BadVersion { found },
+        })?;
+        let flags = g.u32();
+        let h =
+            SpoolHeader { generation: g.u64(), base_generation: g.u64(), volume_size: g.u64(), block_size: g.u32() };
+        let reserved = g.u32();
+        if g.crc().is_err() || !g.rest_is_zero() {
             return Err(SpoolError::HeaderCrc);
         }
-        let flags = u32_at(b, 12);
         if flags & !SUPPORTED_FLAGS != 0 {
             return Err(SpoolError::UnknownFlags { bits: flags & !SUPPORTED_FLAGS });
         }
-        let h = SpoolHeader {
-            generation: u64_at(b, 16),
-            base_generation: u64_at(b, 24),
-            volume_size: u64_at(b, 32),
-            block_size: u32_at(b, 40),
-        };
-        if crate::hash::validate_block_size(h.block_size as u64).is_err() || u32_at(b, 44) != 0 {
+        if crate::hash::validate_block_size(h.block_size as u64).is_err() || reserved != 0 {
             return Err(SpoolError::Geometry { block_size: h.block_size });
         }
         Ok(h)
     }
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4-byte slice"))
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8-byte slice"))
 }
 
 /// What a record writes.
@@ -372,17 +357,25 @@ struct RawRecord {
     payload_len: u64,
 }
 
+/// Encodes a record header: kind, 3 zero bytes, payload crc, offset, length, 4 reserved bytes, crc.
+fn record_header(kind: u8, payload_crc: u32, offset: u64, len: u64) -> [u8; RECORD_HEADER_LEN] {
+    let mut h = [0u8; RECORD_HEADER_LEN];
+    Put::new(&mut h).u8(kind).zeros(3).u32(payload_crc).u64(offset).u64(len).zeros(4).crc();
+    h
+}
+
 /// Phase one for a record: checks the fixed header (crc, kind, limits, range) without reading the payload.
 fn check_record_header(b: &[u8; RECORD_HEADER_LEN], pos: u64, volume_size: u64) -> Result<RawRecord, SpoolError> {
-    if u32_at(b, 28) != crc32fast::hash(&b[..28]) {
+    let mut g = Get::new(b);
+    let (kind, pad, payload_crc, offset, len, reserved) = (g.u8(), g.array::<3>(), g.u32(), g.u64(), g.u64(), g.u32());
+    if g.crc().is_err() {
         return Err(SpoolError::RecordCrc { pos });
     }
     let malformed = |what: String| SpoolError::Malformed { pos, what };
-    if b[1..4] != [0, 0, 0] || u32_at(b, 24) != 0 {
+    if pad != [0, 0, 0] || reserved != 0 {
         return Err(malformed("reserved bytes are not zero".into()));
     }
-    let r =
-        RawRecord { kind: b[0], payload_crc: u32_at(b, 4), offset: u64_at(b, 8), len: u64_at(b, 16), payload_len: 0 };
+    let r = RawRecord { kind, payload_crc, offset, len, payload_len: 0 };
     let payload_len = match r.kind {
         KIND_DATA => {
             if r.len == 0 || r.len > MAX_RECORD_PAYLOAD {
@@ -432,12 +425,8 @@ fn payload_crc<R: ReadAt + ?Sized>(r: &R, pos: u64, len: u64) -> std::io::Result
 }
 
 fn decode_commit(p: &[u8]) -> CommitInfo {
-    CommitInfo {
-        generation: u64_at(p, 0),
-        root: p[8..40].try_into().expect("32 bytes"),
-        record_count: u64_at(p, 40),
-        data_bytes: u64_at(p, 48),
-    }
+    let mut g = Get::new(p);
+    CommitInfo { generation: g.u64(), root: g.array(), record_count: g.u64(), data_bytes: g.u64() }
 }
 
 /// Whether the image ends with a valid commit record (checked independently of the records before it).
@@ -675,14 +664,7 @@ impl SpoolWriter {
 
     /// Encodes a record into the buffer (nothing is written yet); returns the file position of its payload.
     fn encode_record(&mut self, kind: u8, offset: u64, len: u64, payload: &[u8]) -> u64 {
-        let mut h = [0u8; RECORD_HEADER_LEN];
-        h[0] = kind;
-        h[4..8].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
-        h[8..16].copy_from_slice(&offset.to_le_bytes());
-        h[16..24].copy_from_slice(&len.to_le_bytes());
-        let crc = crc32fast::hash(&h[..28]);
-        h[28..32].copy_from_slice(&crc.to_le_bytes());
-        self.buf.extend_from_slice(&h);
+        self.buf.extend_from_slice(&record_header(kind, crc32fast::hash(payload), offset, len));
         let payload_pos = self.buf_pos + self.buf.len() as u64;
         self.buf.extend_from_slice(payload);
         payload_pos
@@ -789,10 +771,7 @@ impl SpoolWriter {
             data_bytes: self.data_bytes,
         };
         let mut p = [0u8; COMMIT_PAYLOAD_LEN];
-        p[0..8].copy_from_slice(&c.generation.to_le_bytes());
-        p[8..40].copy_from_slice(&c.root);
-        p[40..48].copy_from_slice(&c.record_count.to_le_bytes());
-        p[48..56].copy_from_slice(&c.data_bytes.to_le_bytes());
+        Put::new(&mut p).u64(c.generation).bytes(&c.root).u64(c.record_count).u64(c.data_bytes);
         self.encode_record(KIND_COMMIT, 0, COMMIT_PAYLOAD_LEN as u64, &p);
         self.sync()?;
         Ok(c)
