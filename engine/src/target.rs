@@ -8,7 +8,7 @@
 //! * `spool`: the redo log of the transfer in progress (see [`crate::spool`]).
 //! * `state`: a small versioned file saying whether the shadow holds a complete generation (it does not while the
 //!   first full sync, or an interrupted one, writes in place), and the last generation committed (so that losing
-//!   a corrupt manifest does not make generation numbers go back).
+//!   a corrupt manifest does not make generation numbers go back). Its format is in `target/state.rs`.
 //!
 //! # Commit protocol
 //!
@@ -44,8 +44,12 @@ use crate::sync::{BeginAck, BeginPlan, CommitAck, Extent, ExtentData, LinkError,
 use crate::volume::{Access, IoOptions, Volume, VolumeError};
 use link::error_chain;
 
+mod state;
 #[cfg(test)]
 mod tests;
+
+pub use state::decode_state;
+use state::StateFile;
 
 /// Name of the committed manifest in the state directory.
 pub const MANIFEST_FILE: &str = "manifest";
@@ -56,11 +60,6 @@ pub const STATE_FILE: &str = "state";
 /// Name of the lock file in the state directory (`flock`ed while a `Target` is open).
 pub const LOCK_FILE: &str = "lock";
 
-const STATE_MAGIC: &[u8; 8] = b"BRSTATE1";
-const STATE_VERSION: u32 = 1;
-const STATE_LEN: usize = 28;
-const STATE_INCOMPLETE: u32 = 1;
-const STATE_SUPPORTED_FLAGS: u32 = STATE_INCOMPLETE;
 /// Largest chunk written or read at once while applying or hashing.
 const IO_CHUNK: usize = 1 << 20;
 /// Writes in flight while applying a spool to the shadow.
@@ -290,56 +289,6 @@ impl TargetOptions {
     }
 }
 
-/// The decoded state file.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct StateFile {
-    exists: bool,
-    incomplete: bool,
-    /// The file exists but could not be decoded: the shadow is treated as incomplete, but is not overwritten in
-    /// place either.
-    corrupt: bool,
-    /// The generation an in-place transfer is building (when incomplete), else the last generation committed (it
-    /// lags by one after a crash between installing a manifest and rewriting this file). Used for
-    /// [`TargetInfo::generation`] when the manifest is lost, so generation numbers never go back.
-    generation: u64,
-}
-
-impl StateFile {
-    fn encode(&self) -> [u8; STATE_LEN] {
-        let mut b = [0u8; STATE_LEN];
-        b[0..8].copy_from_slice(STATE_MAGIC);
-        b[8..12].copy_from_slice(&STATE_VERSION.to_le_bytes());
-        let flags = if self.incomplete { STATE_INCOMPLETE } else { 0 };
-        b[12..16].copy_from_slice(&flags.to_le_bytes());
-        b[16..24].copy_from_slice(&self.generation.to_le_bytes());
-        let crc = crc32fast::hash(&b[..24]);
-        b[24..28].copy_from_slice(&crc.to_le_bytes());
-        b
-    }
-}
-
-/// Decodes a state file. The fuzz targets may call this.
-pub fn decode_state(b: &[u8]) -> Result<(bool, u64), String> {
-    if b.len() != STATE_LEN {
-        return Err(format!("it is {} bytes long, expected {STATE_LEN}", b.len()));
-    }
-    if &b[0..8] != STATE_MAGIC {
-        return Err("bad magic".into());
-    }
-    let version = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
-    if version != STATE_VERSION {
-        return Err(format!("version {version} is not supported (expected {STATE_VERSION})"));
-    }
-    if u32::from_le_bytes(b[24..28].try_into().expect("4 bytes")) != crc32fast::hash(&b[..24]) {
-        return Err("crc32 mismatch".into());
-    }
-    let flags = u32::from_le_bytes(b[12..16].try_into().expect("4 bytes"));
-    if flags & !STATE_SUPPORTED_FLAGS != 0 {
-        return Err(format!("unknown flag bits {:#x}", flags & !STATE_SUPPORTED_FLAGS));
-    }
-    Ok((flags & STATE_INCOMPLETE != 0, u64::from_le_bytes(b[16..24].try_into().expect("8 bytes"))))
-}
-
 /// A set of block indexes.
 #[derive(Debug, Clone)]
 struct BitSet(Vec<u64>);
@@ -454,7 +403,7 @@ impl Target {
                 if !t.state.corrupt && m.generation() >= t.state.generation {
                     // The in-place commit installed its manifest, then crashed before clearing the mark.
                     let generation = m.generation();
-                    t.write_state(StateFile { exists: true, incomplete: false, corrupt: false, generation })?;
+                    t.write_state(StateFile::new(false, generation))?;
                 }
             }
         }
@@ -485,7 +434,7 @@ impl Target {
         let path = self.path(STATE_FILE);
         match std::fs::read(&path) {
             Ok(b) => match decode_state(&b) {
-                Ok((incomplete, generation)) => Ok(StateFile { exists: true, incomplete, corrupt: false, generation }),
+                Ok((incomplete, generation)) => Ok(StateFile::new(incomplete, generation)),
                 Err(what) => {
                     let e = TargetError::State { path, what };
                     tracing::warn!(volume = %self.opts.volume, error = %e, "corrupt state file");
@@ -796,12 +745,7 @@ impl Target {
             if pending.is_some() {
                 self.remove_spool()?;
             }
-            self.write_state(StateFile {
-                exists: true,
-                incomplete: true,
-                corrupt: false,
-                generation: plan.generation,
-            })?;
+            self.write_state(StateFile::new(true, plan.generation))?;
             Mode::InPlace
         } else {
             match pending {
@@ -1013,13 +957,13 @@ impl Target {
                 s.next.install().map_err(|e| self.manifest_err(e))?;
                 drop(file);
                 self.remove_spool()?;
-                self.write_state(StateFile { exists: true, incomplete: false, corrupt: false, generation })?;
+                self.write_state(StateFile::new(false, generation))?;
             }
             Mode::InPlace => {
                 self.sync_shadow()?;
                 s.next.write().map_err(|e| self.manifest_err(e))?;
                 s.next.install().map_err(|e| self.manifest_err(e))?;
-                self.write_state(StateFile { exists: true, incomplete: false, corrupt: false, generation })?;
+                self.write_state(StateFile::new(false, generation))?;
             }
         }
         self.load_manifest();
