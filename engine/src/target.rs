@@ -184,20 +184,31 @@ pub enum TargetError {
         /// Committed generation.
         committed: u64,
     },
-    /// The plan's generation is not newer than the committed one.
+    /// The plan's generation is not the one after the committed one (generations advance by one).
     #[error(
-        "transfer for volume {volume} would create generation {generation}, but generation {committed} is already \
-         committed; the primary must number it {next} or higher"
+        "transfer for volume {volume} would create generation {generation}, but generation {committed} is \
+         committed and generations advance by one: the next one is {next} (nothing was written)"
     )]
-    NotNewer {
+    NotNext {
         /// Volume name.
         volume: String,
         /// Plan's generation.
         generation: u64,
         /// Committed generation.
         committed: u64,
-        /// Smallest acceptable generation.
+        /// The only acceptable generation.
         next: u64,
+    },
+    /// The committed generation is the largest number there is, so no generation can follow it.
+    #[error(
+        "volume {volume} has committed generation {committed}, the largest there is: no later generation can be \
+         numbered (nothing was written); start the shadow over (remove its state directory and run a full sync)"
+    )]
+    GenerationExhausted {
+        /// Volume name.
+        volume: String,
+        /// Committed generation.
+        committed: u64,
     },
     /// An operation needs a transfer in progress.
     #[error("no transfer in progress for volume {volume}: call begin before {op}")]
@@ -696,9 +707,9 @@ impl Target {
     }
 
     /// Starts (or resumes) a transfer. Refuses, writing nothing, a source larger than the shadow, an invalid block
-    /// size, a base generation the shadow does not hold, or a generation that is not newer than the committed one.
+    /// size, a base generation the shadow does not hold, or a generation other than the committed one plus one
+    /// (checked: after generation `u64::MAX` there is none).
     fn begin_impl(&mut self, plan: &BeginPlan) -> Result<BeginAck, TargetError> {
-        self.abort()?;
         hash::validate_block_size(plan.block_size as u64)
             .map_err(|source| TargetError::BlockSize { volume: self.volume(), source })?;
         if plan.volume_size > self.shadow.size() {
@@ -712,14 +723,14 @@ impl Target {
         if plan.base_generation != 0 && plan.base_generation != committed {
             return Err(TargetError::BaseMismatch { volume: self.volume(), base: plan.base_generation, committed });
         }
-        if plan.generation <= committed {
-            return Err(TargetError::NotNewer {
-                volume: self.volume(),
-                generation: plan.generation,
-                committed,
-                next: committed + 1,
-            });
+        let next = committed
+            .checked_add(1)
+            .ok_or_else(|| TargetError::GenerationExhausted { volume: self.volume(), committed })?;
+        if plan.generation != next {
+            return Err(TargetError::NotNext { volume: self.volume(), generation: plan.generation, committed, next });
         }
+        // The plan is acceptable: end a transfer in progress (its spool is kept for resume) before this one.
+        self.abort()?;
         let in_place =
             (self.state.incomplete && !self.state.corrupt) || (!self.state.exists && self.manifest.is_none());
         let dest = self.path(MANIFEST_FILE);

@@ -501,7 +501,8 @@ fn plans_with_a_wrong_base_or_old_generation_are_refused() {
         resume: false,
     };
     assert!(matches!(t.begin_impl(&plan(2, 7)), Err(TargetError::BaseMismatch { committed: 1, .. })));
-    assert!(matches!(t.begin_impl(&plan(1, 0)), Err(TargetError::NotNewer { .. })));
+    assert!(matches!(t.begin_impl(&plan(1, 0)), Err(TargetError::NotNext { next: 2, .. })));
+    assert!(matches!(t.begin_impl(&plan(3, 1)), Err(TargetError::NotNext { generation: 3, next: 2, .. })));
     assert!(matches!(t.begin_impl(&BeginPlan { block_size: 3000, ..plan(2, 1) }), Err(TargetError::BlockSize { .. })));
     assert!(matches!(t.block_hashes_impl(0, 1), Err(TargetError::NoTransfer { .. })));
     t.begin_impl(&plan(2, 1)).unwrap();
@@ -510,6 +511,62 @@ fn plans_with_a_wrong_base_or_old_generation_are_refused() {
     let err = t.commit_impl([0u8; 32]).unwrap_err();
     assert!(matches!(err, TargetError::RootMismatch { .. }), "{err}");
     assert_eq!(t.info_impl().generation, 1);
+    assert_eq!(shadow_bytes(&e, SIZE), v0);
+}
+
+/// Every file of the state directory with its content, and the shadow.
+fn snapshot(e: &Env) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files: Vec<_> = std::fs::read_dir(&e.state)
+        .unwrap()
+        .map(|f| f.unwrap().path())
+        .chain([e.shadow.clone()])
+        .map(|p| {
+            let b = std::fs::read(&p).unwrap();
+            (p, b)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn after_generation_u64_max_every_plan_is_refused_and_nothing_written() {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(21);
+    let (v0, v1) = (image(&mut rng, SIZE), image(&mut rng, SIZE));
+    let e = env(SIZE);
+    // A shadow whose state file says generation 2^64 - 2 is committed (its manifest lost), then one sync.
+    std::fs::create_dir_all(&e.state).unwrap();
+    std::fs::write(e.state.join(STATE_FILE), StateFile::new(false, u64::MAX - 1).encode()).unwrap();
+    let mut t = open(&e, Durable::new()).unwrap();
+    assert_eq!(sync(&mut t, &v0, 4096).generation, u64::MAX);
+    assert_eq!(t.info_impl().generation, u64::MAX);
+    let before = snapshot(&e);
+    for generation in [u64::MAX, 0, 1] {
+        let plan = BeginPlan {
+            generation,
+            base_generation: u64::MAX,
+            volume_size: SIZE as u64,
+            block_size: 4096,
+            resume: false,
+        };
+        let err = t.begin_impl(&plan).unwrap_err();
+        assert!(matches!(err, TargetError::GenerationExhausted { committed: u64::MAX, .. }), "{err}");
+        assert!(err.to_string().contains("nothing was written"), "{err}");
+    }
+    // The real source refuses before it asks the target anything but its state.
+    let src = e.state.parent().unwrap().join("source");
+    std::fs::write(&src, &v1).unwrap();
+    let vol = Volume::open(&src, Access::Read, &IoOptions::default()).unwrap();
+    let manifest = e.state.parent().unwrap().join("primary.manifest");
+    let err =
+        crate::sync::sync_volume("vol", &vol, &manifest, &mut t, &crate::sync::SyncOptions::new(4096), &mut |_, _| {})
+            .unwrap_err();
+    assert!(matches!(err, crate::sync::SyncError::GenerationExhausted { generation: u64::MAX, .. }), "{err}");
+    assert!(!manifest.exists() && !crate::manifest::next_path(&manifest).exists());
+    drop(t);
+    assert_eq!(snapshot(&e), before, "the state directory and the shadow are unchanged");
+    let t = open(&e, Durable::new()).unwrap();
+    assert_eq!((t.info_impl().generation, t.info_impl().complete), (u64::MAX, true));
     assert_eq!(shadow_bytes(&e, SIZE), v0);
 }
 
