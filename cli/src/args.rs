@@ -148,20 +148,13 @@ pub struct IoArgs {
 impl IoArgs {
     /// The engine's I/O options.
     pub fn options(&self) -> engine::volume::IoOptions {
-        engine::volume::IoOptions {
-            engine: match self.io_engine {
-                IoEngineArg::Auto => engine::io::EngineKind::Auto,
-                IoEngineArg::Uring => engine::io::EngineKind::Uring,
-                IoEngineArg::Sync => engine::io::EngineKind::Sync,
-            },
-            direct: if self.direct {
-                Some(true)
-            } else if self.buffered {
-                Some(false)
-            } else {
-                None
-            },
-        }
+        use engine::io::EngineKind;
+        let engine = match self.io_engine {
+            IoEngineArg::Auto => EngineKind::Auto,
+            IoEngineArg::Uring => EngineKind::Uring,
+            IoEngineArg::Sync => EngineKind::Sync,
+        };
+        engine::volume::IoOptions { engine, direct: (self.direct || self.buffered).then_some(self.direct) }
     }
 }
 

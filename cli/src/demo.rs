@@ -2,7 +2,7 @@
 //! a shadow, changes a few percent of scattered 4 KiB blocks, syncs again, and proves the shadow byte-identical.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -42,56 +42,53 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         println!("blockrep demo in {}: {} primary volume, file-backed shadow", dir.display(), bytes(a.size));
     }
     let mut rng = rand::rngs::SmallRng::seed_from_u64(SEED);
-    let changed;
     write_realistic(&primary, a.size, &mut rng)?;
     File::create(&shadow)
         .and_then(|f| f.set_len(a.size))
         .with_context(|| format!("cannot create {}", shadow.display()))?;
 
     let io = a.io.options();
-    let mut rows = Vec::new();
-    if a.local {
-        let s = node::local::LocalSync {
-            name: "demo".into(),
-            source: primary.clone(),
-            target: shadow.clone(),
-            state_dir: state.clone(),
-            io,
-            block_size: engine::hash::DEFAULT_BLOCK_SIZE,
-            no_refine: false,
-        };
-        let sync = || -> Result<NetReport> {
-            Ok(NetReport { sync: s.run(&mut |_, _| {})?, bytes_on_wire: 0, compression_ratio: 1.0 })
-        };
-        rows.push(("initial full sync", sync()?));
-        changed = change_scattered(&primary, a.size, a.change_percent, &mut rng)?;
-        rows.push(("incremental sync", sync()?));
-    } else {
-        // The standby daemon runs in this process, on a thread, and the sync goes through loopback TCP.
+    let local = node::local::LocalSync {
+        name: "demo".into(),
+        source: primary.clone(),
+        target: shadow.clone(),
+        state_dir: state.clone(),
+        io,
+        block_size: engine::hash::DEFAULT_BLOCK_SIZE,
+        no_refine: false,
+    };
+    // Without --local, the standby daemon runs in this process, on a thread, and the sync goes through TCP.
+    let mut standby = None;
+    if !a.local {
         let key = dir.join("key");
         node::generate_key(&key, true)?;
-        let standby_cfg = Config::parse(&config_text(&key, &state, &shadow, None), &dir.join("standby.toml"))?;
-        let server = node::serve::Server::bind(standby_cfg, None, io)?;
+        let mut cfg = Config::parse(&config_text(&key, &state, &primary, &shadow), &dir.join("demo.toml"))?;
+        let server = node::serve::Server::bind(cfg.clone(), None, io)?;
         let addr = server.local_addr()?.to_string();
-        let stopper = server.stopper();
-        let serving = std::thread::spawn(move || server.run());
         if !a.json {
             println!("standby: `blockrep serve` in this process, listening on {addr}");
         }
-        let cfg = Config::parse(&config_text(&key, &state, &shadow, Some((&addr, &primary))), &dir.join("p.toml"))?;
-        let opts = NetSyncOptions { io, ..Default::default() };
-        let sync = || sync_one(&cfg, &cfg.volumes[0], &primary, &opts, &mut |_, _| {});
-        let result = (|| -> Result<_> {
-            let first = sync()?;
-            let n = change_scattered(&primary, a.size, a.change_percent, &mut rng)?;
-            Ok((first, n, sync()?))
-        })();
+        cfg.peer = Some(addr); // the primary's view: the same node, with the standby's address
+        standby = Some((cfg, server.stopper(), std::thread::spawn(move || server.run())));
+    }
+    let sync = || -> Result<NetReport> {
+        Ok(match &standby {
+            Some((cfg, ..)) => {
+                sync_one(cfg, &cfg.volumes[0], &primary, &NetSyncOptions { io, ..Default::default() }, &mut |_, _| {})?
+            }
+            None => NetReport { sync: local.run(&mut |_, _| {})?, bytes_on_wire: 0, compression_ratio: 1.0 },
+        })
+    };
+    let result = (|| -> Result<_> {
+        let first = sync()?;
+        let changed = change_scattered(&primary, a.size, a.change_percent, &mut rng)?;
+        Ok((changed, [("initial full sync", first), ("incremental sync", sync()?)]))
+    })();
+    if let Some((_, stopper, serving)) = standby {
         stopper.stop();
         serving.join().map_err(|_| anyhow::anyhow!("the demo standby failed"))??;
-        let (first, n, second) = result?;
-        changed = n;
-        rows.extend([("initial full sync", first), ("incremental sync", second)]);
     }
+    let (changed, rows) = result?;
 
     let (hp, hs) = (file_hash(&primary)?, file_hash(&shadow)?);
     let identical = hp == hs;
@@ -192,30 +189,14 @@ fn change_scattered(path: &Path, size: u64, percent: f64, rng: &mut rand::rngs::
 
 /// BLAKE3 of a whole file (hex).
 pub fn file_hash(path: &Path) -> Result<String> {
-    let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().to_hex().to_string())
+    let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    Ok(blake3::Hasher::new().update_reader(f)?.finalize().to_hex().to_string())
 }
 
-/// The demo's configuration: one volume, both nodes on 127.0.0.1.
-/// With `primary`, the primary's (peer address and source), else the standby's.
-fn config_text(key: &Path, state: &Path, shadow: &Path, primary: Option<(&str, &Path)>) -> String {
-    let mut t =
-        format!("node = \"demo\"\nkey_file = {key:?}\nstate_dir = {state:?}\n[standby]\nlisten = \"127.0.0.1:0\"\n");
-    if let Some((peer, _)) = primary {
-        t += &format!("[primary]\npeer = {peer:?}\n");
-    }
-    t += &format!("[[volume]]\nname = \"demo\"\nshadow = {shadow:?}\n");
-    if let Some((_, src)) = primary {
-        t += &format!("source = {src:?}\n");
-    }
-    t
+/// The demo's configuration: one volume, both sides on this node, the standby on a free port of 127.0.0.1.
+fn config_text(key: &Path, state: &Path, source: &Path, shadow: &Path) -> String {
+    format!(
+        "node = \"demo\"\nkey_file = {key:?}\nstate_dir = {state:?}\n[standby]\nlisten = \"127.0.0.1:0\"\n\
+         [[volume]]\nname = \"demo\"\nsource = {source:?}\nshadow = {shadow:?}\n"
+    )
 }

@@ -38,12 +38,6 @@ impl ExitCode {
     }
 }
 
-impl From<ExitCode> for std::process::ExitCode {
-    fn from(c: ExitCode) -> Self {
-        std::process::ExitCode::from(c as u8)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

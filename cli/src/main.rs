@@ -28,7 +28,7 @@ fn main() -> std::process::ExitCode {
             ExitCode::for_error(&err)
         }
     };
-    code.into()
+    std::process::ExitCode::from(code as u8)
 }
 
 fn run(cli: &args::Cli) -> Result<()> {
@@ -63,12 +63,7 @@ fn run(cli: &args::Cli) -> Result<()> {
 }
 
 fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
-    };
+    let default = ["warn", "info", "debug", "trace"][usize::from(verbose.min(3))];
     let filter = tracing_subscriber::EnvFilter::try_from_env("BLOCKREP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
@@ -79,9 +74,8 @@ fn init_logging(verbose: u8) {
 fn sync(cfg: &Config, a: &args::SyncArgs) -> Result<()> {
     let opts =
         node::primary::NetSyncOptions { io: a.io.options(), bwlimit: a.bwlimit, no_refine: a.no_refine, cancel: None };
-    let mut out = report::SyncOutput::new(a.json);
-    let run = node::primary::sync_volumes(cfg, &a.volumes, &opts, &mut out)?;
-    run.into_result()?;
+    let mut out = report::SyncOutput { as_json: a.json, bar: None };
+    node::primary::sync_volumes(cfg, &a.volumes, &opts, &mut out)?.into_result()?;
     Ok(())
 }
 
@@ -97,9 +91,9 @@ fn sync_local(a: &args::SyncArgs) -> Result<()> {
         block_size: node::config::block_size(a.block_size).map_err(node::Error::from)?,
         no_refine: a.no_refine,
     };
-    let mut bar = report::Progress::new(&s.name);
-    let r = s.run(&mut |d, t| bar.update(d, t));
-    bar.finish();
+    let bar = report::progress_bar(&s.name);
+    let r = s.run(&mut |d, t| report::update(&bar, d, t));
+    bar.finish_and_clear();
     report::print_sync(&r?, a.json);
     Ok(())
 }
@@ -109,8 +103,7 @@ fn verify(a: &args::VerifyArgs) -> Result<()> {
     let name = node::layout::volume_name(a.name.as_deref(), &a.local).map_err(node::Error::from)?;
     let v = node::local::verify(&a.local, &a.state_dir, &name, a.io.options())?;
     report::print_verify(&v, a.json);
-    v.into_result()?;
-    Ok(())
+    Ok(v.into_result()?)
 }
 
 /// `blockrep promote | demote | switchover`; after a promote, re-announce the virtual IP in the background.

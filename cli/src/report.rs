@@ -70,30 +70,25 @@ fn print_net(r: &NetReport, as_json: bool) {
 /// What `blockrep sync` shows while the node syncs: a progress bar per volume, each result as it comes, and
 /// with several volumes each failure as it happens (the final error sums up).
 pub struct SyncOutput {
-    as_json: bool,
-    bar: Option<(String, Progress)>,
-}
-
-impl SyncOutput {
-    /// Output as text or JSON.
-    pub fn new(as_json: bool) -> Self {
-        SyncOutput { as_json, bar: None }
-    }
+    /// One JSON object per volume instead of text.
+    pub as_json: bool,
+    /// The bar of the volume being synced.
+    pub bar: Option<(String, indicatif::ProgressBar)>,
 }
 
 impl SyncObserver for SyncOutput {
     fn progress(&mut self, volume: &str, done: u64, total: u64) {
         if self.bar.as_ref().is_none_or(|(v, _)| v != volume) {
-            self.bar = Some((volume.to_owned(), Progress::new(volume)));
+            self.bar = Some((volume.to_owned(), progress_bar(volume)));
         }
-        if let Some((_, bar)) = &mut self.bar {
-            bar.update(done, total);
+        if let Some((_, bar)) = &self.bar {
+            update(bar, done, total);
         }
     }
 
     fn finished(&mut self, o: &VolumeOutcome, total: usize) {
         if let Some((_, bar)) = self.bar.take() {
-            bar.finish();
+            bar.finish_and_clear();
         }
         match &o.result {
             Ok(r) => print_net(r, self.as_json),
@@ -162,41 +157,22 @@ pub fn print_status(s: &node::status::NodeStatus, as_json: bool) {
     }
 }
 
-/// A progress bar on stderr when it is a terminal; nothing otherwise.
-pub struct Progress(Option<indicatif::ProgressBar>);
-
-impl Progress {
-    /// A bar for one volume.
-    pub fn new(volume: &str) -> Self {
-        if !std::io::stderr().is_terminal() {
-            return Progress(None);
-        }
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-            )
-            .expect("static template")
-            .progress_chars("=> "),
-        );
-        bar.set_prefix(volume.to_owned());
-        Progress(Some(bar))
+/// A progress bar for one volume on stderr when it is a terminal (hidden otherwise).
+pub fn progress_bar(volume: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
     }
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+    )
+    .expect("static template");
+    indicatif::ProgressBar::new(0).with_style(style.progress_chars("=> ")).with_prefix(volume.to_owned())
+}
 
-    /// Updates with bytes done and total.
-    pub fn update(&mut self, done: u64, total: u64) {
-        if let Some(b) = &self.0 {
-            b.set_length(total);
-            b.set_position(done);
-        }
-    }
-
-    /// Removes the bar.
-    pub fn finish(&self) {
-        if let Some(b) = &self.0 {
-            b.finish_and_clear();
-        }
-    }
+/// Shows bytes done of total on a bar.
+pub fn update(bar: &indicatif::ProgressBar, done: u64, total: u64) {
+    bar.set_length(total);
+    bar.set_position(done);
 }
 
 #[cfg(test)]

@@ -56,37 +56,104 @@ pub enum ErrorKind {
 pub enum Error {
     /// Configuration.
     #[error(transparent)]
-    Config(#[from] config::ConfigError),
+    Config(Box<config::ConfigError>),
     /// State layout (volume names).
     #[error(transparent)]
-    Layout(#[from] layout::LayoutError),
+    Layout(Box<layout::LayoutError>),
     /// Key file.
     #[error(transparent)]
-    Key(#[from] netproto::KeyError),
+    Key(Box<netproto::KeyError>),
     /// Signal handling.
     #[error(transparent)]
-    Signals(#[from] signals::SignalError),
+    Signals(Box<signals::SignalError>),
     /// Freezing a source.
     #[error(transparent)]
-    Freeze(#[from] freeze::FreezeError),
+    Freeze(Box<freeze::FreezeError>),
     /// The primary's sync.
     #[error(transparent)]
-    Primary(#[from] primary::PrimaryError),
+    Primary(Box<primary::PrimaryError>),
     /// The standby daemon.
     #[error(transparent)]
-    Serve(#[from] serve::ServeError),
+    Serve(Box<serve::ServeError>),
     /// Roles.
     #[error(transparent)]
-    Roles(#[from] roles::RoleError),
+    Roles(Box<roles::RoleError>),
     /// Status.
     #[error(transparent)]
-    Status(#[from] status::StatusError),
+    Status(Box<status::StatusError>),
     /// Shadow provisioning.
     #[error(transparent)]
-    Shadow(#[from] shadow::ShadowError),
+    Shadow(Box<shadow::ShadowError>),
     /// Local sync and verify.
     #[error(transparent)]
-    Local(#[from] local::LocalError),
+    Local(Box<local::LocalError>),
+}
+
+// Boxed, so that a `Result<_, Error>` stays small.
+impl From<config::ConfigError> for Error {
+    fn from(e: config::ConfigError) -> Self {
+        Error::Config(Box::new(e))
+    }
+}
+
+impl From<layout::LayoutError> for Error {
+    fn from(e: layout::LayoutError) -> Self {
+        Error::Layout(Box::new(e))
+    }
+}
+
+impl From<netproto::KeyError> for Error {
+    fn from(e: netproto::KeyError) -> Self {
+        Error::Key(Box::new(e))
+    }
+}
+
+impl From<signals::SignalError> for Error {
+    fn from(e: signals::SignalError) -> Self {
+        Error::Signals(Box::new(e))
+    }
+}
+
+impl From<freeze::FreezeError> for Error {
+    fn from(e: freeze::FreezeError) -> Self {
+        Error::Freeze(Box::new(e))
+    }
+}
+
+impl From<primary::PrimaryError> for Error {
+    fn from(e: primary::PrimaryError) -> Self {
+        Error::Primary(Box::new(e))
+    }
+}
+
+impl From<serve::ServeError> for Error {
+    fn from(e: serve::ServeError) -> Self {
+        Error::Serve(Box::new(e))
+    }
+}
+
+impl From<roles::RoleError> for Error {
+    fn from(e: roles::RoleError) -> Self {
+        Error::Roles(Box::new(e))
+    }
+}
+
+impl From<status::StatusError> for Error {
+    fn from(e: status::StatusError) -> Self {
+        Error::Status(Box::new(e))
+    }
+}
+
+impl From<shadow::ShadowError> for Error {
+    fn from(e: shadow::ShadowError) -> Self {
+        Error::Shadow(Box::new(e))
+    }
+}
+
+impl From<local::LocalError> for Error {
+    fn from(e: local::LocalError) -> Self {
+        Error::Local(Box::new(e))
+    }
 }
 
 impl Error {

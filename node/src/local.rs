@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use engine::sync::{sync_volume, SyncOptions, SyncReport};
+use engine::sync::{sync_volume, SyncReport};
 use engine::target::{Target, TargetOptions};
 use engine::volume::{Access, IoOptions, Volume};
 use link::TargetLink;
@@ -127,11 +127,6 @@ impl LocalSync {
     /// Runs the sync; `progress` gets (bytes scanned, total).
     pub fn run(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<SyncReport, Error> {
         let opts = crate::primary::engine_options(self.block_size, &self.io, self.no_refine);
-        self.run_with(&opts, progress)
-    }
-
-    /// Runs the sync with explicit engine options.
-    pub fn run_with(&self, opts: &SyncOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<SyncReport, Error> {
         let name = &self.name;
         refuse_same(&self.source, &self.target)?;
         let src = Volume::open(&self.source, Access::Read, &self.io).map_err(LocalError::OpenSource)?;
@@ -142,7 +137,7 @@ impl LocalSync {
         let mut tgt =
             Target::open(&self.target, &layout.side_dir(Side::Standby, name), TargetOptions::new(name, self.io))
                 .map_err(LocalError::OpenTarget)?;
-        let report = sync_volume(name, &src, &manifest, &mut tgt, opts, progress)
+        let report = sync_volume(name, &src, &manifest, &mut tgt, &opts, progress)
             .map_err(|source| LocalError::Sync { volume: name.clone(), source })?;
         Ok(report)
     }
@@ -166,9 +161,9 @@ pub struct Verification {
 
 impl Verification {
     /// `Ok` when the shadow matches, else the error that says so and what to do.
-    pub fn into_result(self) -> Result<Verification, Error> {
+    pub fn into_result(self) -> Result<(), Error> {
         if self.ok {
-            return Ok(self);
+            return Ok(());
         }
         Err(LocalError::Mismatch { volume: self.volume, target: self.target, generation: self.generation }.into())
     }
