@@ -14,7 +14,8 @@
 //! * [`client`]: [`RemoteTarget`], the primary's `TargetLink` over a connection.
 //! * [`server`]: [`serve_session`], the standby's per-connection dispatch loop over any `TargetLink`.
 //! * [`key`]: loading and generating the shared key file.
-//! * [`fuzzing`]: the entry points of the fuzz targets in `fuzz/`, also run by this crate's tests.
+//! * `fuzzing` (cargo feature `fuzzing`, on for `fuzz/` and this crate's tests): the entry points of the fuzz
+//!   targets in `fuzz/`.
 //!
 //! ```no_run
 //! use netproto::{connect, message::{Message, OpenVolume}};
@@ -30,6 +31,7 @@
 pub mod client;
 pub mod conn;
 pub mod frame;
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod handshake;
 pub mod key;
