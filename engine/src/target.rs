@@ -25,9 +25,10 @@
 //! extents are written straight to the shadow, and `commit` fsyncs the shadow, installs the manifest and clears the
 //! mark. Until then [`TargetInfo::complete`] is false and the shadow must not be promoted.
 //!
-//! The link operations (`info`, `begin`, `block_hashes`, `sub_hashes`, `extent`, `commit`) are the methods of
+//! The link operations (`begin`, `block_hashes`, `sub_hashes`, `extent`, `commit`) are the methods of
 //! [`TargetLink`], implemented by `Target` (bring the trait into scope); errors come back as
-//! [`LinkError::Local`] (holding a [`TargetError`]). [`Target::abort`] and [`Target::verify`] are inherent.
+//! [`LinkError::Local`] (holding a [`TargetError`]). [`Target::info`] (which cannot fail; the trait's `info`
+//! delegates to it), [`Target::abort`] and [`Target::verify`] are inherent.
 //!
 //! Every durable step goes through the [`Durable`] handle of [`TargetOptions`], so tests can crash a sync at each
 //! step and check recovery.
@@ -689,8 +690,9 @@ impl Target {
         !self.state.incomplete && (self.manifest.is_some() || self.state.exists)
     }
 
-    /// State of the shadow.
-    fn info_impl(&self) -> TargetInfo {
+    /// State of the shadow: size, committed generation and root, whether it is complete, and an interrupted
+    /// transfer kept for resume. Reading it cannot fail (the target read its state at [`Target::open`]).
+    pub fn info(&self) -> TargetInfo {
         TargetInfo {
             volume_size: self.shadow.size(),
             generation: self.committed_generation(),
@@ -1058,7 +1060,7 @@ impl From<TargetError> for LinkError {
 
 impl TargetLink for Target {
     fn info(&mut self) -> Result<TargetInfo, LinkError> {
-        Ok(self.info_impl())
+        Ok(Target::info(self))
     }
     fn begin(&mut self, plan: &BeginPlan) -> Result<BeginAck, LinkError> {
         Ok(self.begin_impl(plan)?)

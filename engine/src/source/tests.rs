@@ -81,7 +81,7 @@ impl Side {
 }
 
 fn generation(t: &mut Target) -> u64 {
-    TargetLink::info(t).unwrap().generation
+    Target::info(t).generation
 }
 
 fn read(p: &Path) -> Vec<u8> {

@@ -59,7 +59,7 @@ impl Drive {
 /// changed pieces (zero pieces as zero extents, adjacent pieces coalesced) and commits. Returns the commit (None
 /// when stopped early) and the bytes sent.
 fn drive(t: &mut Target, src: &[u8], d: Drive) -> Result<(Option<CommitAck>, u64), TargetError> {
-    let info = t.info_impl();
+    let info = Target::info(t);
     let base = if info.root.is_some() { info.generation } else { 0 };
     let plan = BeginPlan {
         generation: info.generation + 1,
@@ -192,7 +192,7 @@ fn crash_at_every_durable_operation_of_an_incremental_sync_leaves_one_generation
                     }
                 };
                 let mut t = open(&e, Durable::new()).unwrap();
-                let info = t.info_impl();
+                let info = t.info();
                 let shadow = shadow_bytes(&e, SIZE);
                 assert!(info.complete, "bs {bs} torn {torn} n {n}");
                 assert!(info.pending.is_none() || info.generation == 2, "pending only for an uncommitted transfer");
@@ -250,7 +250,7 @@ fn crash_during_the_first_full_sync_leaves_the_shadow_incomplete_until_a_sync_co
                 crashed_at.insert(format!("{:?}", crash_op(err).unwrap_or_else(|| panic!("{err:?}"))));
             }
             let mut t = open(&e, Durable::new()).unwrap();
-            let info = t.info_impl();
+            let info = t.info();
             if info.complete {
                 assert_eq!(shadow_bytes(&e, SIZE), v0, "n {n}: complete but not the new generation");
                 assert_eq!(info.generation, 1);
@@ -260,7 +260,7 @@ fn crash_during_the_first_full_sync_leaves_the_shadow_incomplete_until_a_sync_co
                 // A later sync (also in place) completes it.
                 let again = drive(&mut t, &v0, Drive::bs(4096)).unwrap().0.unwrap();
                 assert_eq!(again.generation, 1);
-                assert!(t.info_impl().complete);
+                assert!(t.info().complete);
                 assert_eq!(shadow_bytes(&e, SIZE), v0);
             }
             if r.is_ok() {
@@ -297,7 +297,7 @@ fn corrupt_manifest_is_reported_and_treated_as_absent() {
         std::fs::write(&path, &b).unwrap();
         let mut t = open(&e, Durable::new()).unwrap();
         assert!(t.manifest_problem().is_some_and(|p| p.contains("corrupt")), "{what}: {:?}", t.manifest_problem());
-        let info = t.info_impl();
+        let info = t.info();
         assert_eq!(info.root, None, "{what}");
         assert_eq!(info.generation, 1, "{what}: the generation number survives the manifest");
         assert!(info.complete, "{what}: the shadow still holds its generation");
@@ -364,7 +364,7 @@ fn committed_spool_is_rolled_forward_on_open() {
     let e = crash_after_spool_commit(&v0, &v1);
     let t = open(&e, Durable::new()).unwrap();
     assert_eq!(shadow_bytes(&e, SIZE), v1);
-    assert_eq!(t.info_impl().generation, 2);
+    assert_eq!(t.info().generation, 2);
     assert!(!e.state.join(SPOOL_FILE).exists());
 }
 
@@ -383,7 +383,7 @@ fn uncommitted_spool_with_garbage_tail_keeps_its_valid_prefix() {
     b.extend_from_slice(&[0x42; 100]);
     std::fs::write(&spool_path, &b).unwrap();
     let mut t = open(&e, Durable::new()).unwrap();
-    let p = t.info_impl().pending.expect("the valid prefix is pending");
+    let p = t.info().pending.expect("the valid prefix is pending");
     assert_eq!(std::fs::metadata(&spool_path).unwrap().len() as usize, b.len() - 100, "the torn tail is cut at open");
     assert_eq!((p.generation, p.base_generation, p.bytes), (2, 1, sent));
     assert_eq!(shadow_bytes(&e, SIZE), v0, "an uncommitted spool never touches the shadow");
@@ -391,7 +391,7 @@ fn uncommitted_spool_with_garbage_tail_keeps_its_valid_prefix() {
     let (ack, _) = drive(&mut t, &v1, Drive::bs(4096)).unwrap();
     assert_eq!(ack.unwrap().generation, 2);
     assert_eq!(shadow_bytes(&e, SIZE), v1);
-    assert!(t.info_impl().pending.is_none());
+    assert!(t.info().pending.is_none());
 }
 
 #[test]
@@ -409,7 +409,7 @@ fn resume_continues_a_durably_spooled_transfer() {
     assert!(first > 0);
     drop(t);
     let mut t = open(&e, Durable::new()).unwrap();
-    let p = t.info_impl().pending.expect("pending transfer");
+    let p = t.info().pending.expect("pending transfer");
     assert_eq!((p.generation, p.bytes), (2, first));
     assert!(p.end_offset > 0);
     let (ack, rest) = drive(&mut t, &v1, Drive { resume: true, ..Drive::bs(16384) }).unwrap();
@@ -442,7 +442,7 @@ fn target_smaller_than_source_is_refused_and_nothing_written() {
         assert!(msg.contains(&(SIZE - 4096).to_string()) && msg.contains(&SIZE.to_string()), "{msg}");
         assert_eq!(std::fs::read(&e.shadow).unwrap(), before);
         assert!(!e.state.join(SPOOL_FILE).exists());
-        assert_eq!(t.info_impl().complete, synced_before);
+        assert_eq!(t.info().complete, synced_before);
     }
 }
 
@@ -457,7 +457,7 @@ fn extent_past_the_end_is_refused_and_nothing_written() {
             sync(&mut t, &v0, 4096);
         }
         let before = std::fs::read(&e.shadow).unwrap();
-        let g = t.info_impl().generation;
+        let g = t.info().generation;
         let plan = BeginPlan {
             generation: g + 1,
             base_generation: g,
@@ -482,7 +482,7 @@ fn extent_past_the_end_is_refused_and_nothing_written() {
         assert!(matches!(err, Err(TargetError::BadExtent { .. })));
         t.abort().unwrap();
         assert_eq!(std::fs::read(&e.shadow).unwrap(), before, "in place {in_place}");
-        assert_eq!(t.info_impl().pending.map_or(0, |p| p.bytes), 0);
+        assert_eq!(t.info().pending.map_or(0, |p| p.bytes), 0);
     }
 }
 
@@ -510,7 +510,7 @@ fn plans_with_a_wrong_base_or_old_generation_are_refused() {
     // Wrong root: nothing committed.
     let err = t.commit_impl([0u8; 32]).unwrap_err();
     assert!(matches!(err, TargetError::RootMismatch { .. }), "{err}");
-    assert_eq!(t.info_impl().generation, 1);
+    assert_eq!(t.info().generation, 1);
     assert_eq!(shadow_bytes(&e, SIZE), v0);
 }
 
@@ -539,7 +539,7 @@ fn after_generation_u64_max_every_plan_is_refused_and_nothing_written() {
     std::fs::write(e.state.join(STATE_FILE), StateFile::new(false, u64::MAX - 1).encode()).unwrap();
     let mut t = open(&e, Durable::new()).unwrap();
     assert_eq!(sync(&mut t, &v0, 4096).generation, u64::MAX);
-    assert_eq!(t.info_impl().generation, u64::MAX);
+    assert_eq!(t.info().generation, u64::MAX);
     let before = snapshot(&e);
     for generation in [u64::MAX, 0, 1] {
         let plan = BeginPlan {
@@ -566,7 +566,7 @@ fn after_generation_u64_max_every_plan_is_refused_and_nothing_written() {
     drop(t);
     assert_eq!(snapshot(&e), before, "the state directory and the shadow are unchanged");
     let t = open(&e, Durable::new()).unwrap();
-    assert_eq!((t.info_impl().generation, t.info_impl().complete), (u64::MAX, true));
+    assert_eq!((t.info().generation, t.info().complete), (u64::MAX, true));
     assert_eq!(shadow_bytes(&e, SIZE), v0);
 }
 
@@ -623,7 +623,7 @@ fn full_state_filesystem_fails_cleanly_with_needed_and_free_bytes() {
     drop(t);
     assert_eq!(shadow_bytes(&e, size), v0, "the shadow keeps its previous generation");
     let t = open(&e, Durable::new()).unwrap();
-    assert_eq!(t.info_impl().generation, 1);
+    assert_eq!(t.info().generation, 1);
     assert!(t.verify().unwrap());
 }
 
@@ -724,7 +724,7 @@ fn real_sync_survives_a_crash_at_every_durable_operation() {
         drop(t);
         d.power_loss().unwrap();
         let mut t = open(&e, Durable::new()).unwrap();
-        let info = t.info_impl();
+        let info = t.info();
         let shadow = shadow_bytes(&e, size);
         if shadow == v0 {
             assert!(r.is_err());
@@ -751,7 +751,7 @@ fn target_can_move_to_another_thread() {
     send::<Target>();
     let e = env(8192);
     let t = open(&e, Durable::new()).unwrap();
-    std::thread::spawn(move || assert_eq!(t.info_impl().volume_size, 8192)).join().unwrap();
+    std::thread::spawn(move || assert_eq!(t.info().volume_size, 8192)).join().unwrap();
 }
 
 #[test]
@@ -765,8 +765,8 @@ fn corrupt_state_file_is_not_promotable_and_the_next_sync_still_protects_the_sha
     drop(t);
     std::fs::write(e.state.join(STATE_FILE), b"garbage").unwrap();
     let mut t = open(&e, Durable::new()).unwrap();
-    assert!(!t.info_impl().complete, "an unreadable state file must not claim a complete shadow");
-    let info = t.info_impl();
+    assert!(!t.info().complete, "an unreadable state file must not claim a complete shadow");
+    let info = t.info();
     let plan = BeginPlan {
         generation: info.generation + 1,
         base_generation: 0,
@@ -778,8 +778,8 @@ fn corrupt_state_file_is_not_promotable_and_the_next_sync_still_protects_the_sha
     t.abort().unwrap();
     let ack = sync(&mut t, &v1, 4096);
     assert_eq!(ack.generation, 2);
-    assert!(t.info_impl().complete);
+    assert!(t.info().complete);
     assert_eq!(shadow_bytes(&e, SIZE), v1);
     drop(t);
-    assert!(open(&e, Durable::new()).unwrap().info_impl().complete, "the state file was rewritten");
+    assert!(open(&e, Durable::new()).unwrap().info().complete, "the state file was rewritten");
 }
