@@ -97,6 +97,7 @@ impl HandshakeOptions {
     }
 
     /// Uses a fixed nonce (fuzzing and seed generation only: a repeated nonce lets a recorded session replay).
+    #[cfg(feature = "fuzzing")]
     pub(crate) fn fixed_nonce(mut self, nonce: [u8; 32]) -> Self {
         self.fixed_nonce = Some(nonce);
         self
