@@ -10,8 +10,9 @@
 //! [`bytes::Bytes`] whose owner returns the buffer to the pool when the last slice of it is dropped, so extents
 //! cut from a chunk are zero-copy.
 //!
-//! Comparison with a reference (the manifest of the last generation, or the target's own hashes) is
-//! [`changed_blocks`]; the orchestration that turns changed blocks into extents is in [`crate::sync`].
+//! A sync reaches this scan through [`crate::source::FullScan`], its change source; the comparison with a reference
+//! (the manifest of the last generation, or the target's own hashes) and the extents are in [`crate::source`].
+//! [`changed_blocks`] is a stand-alone comparison for tools (the benchmark harness).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
