@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use engine::sync::{sync_volume, SyncReport};
 use engine::target::{Target, TargetOptions};
 use engine::volume::{Access, IoOptions, Volume};
-use link::TargetLink;
 use serde::Serialize;
 
 use crate::layout::{Layout, Side};
@@ -176,8 +175,8 @@ pub fn verify(target: &Path, state_dir: &Path, name: &str, io: IoOptions) -> Res
     if !dir.is_dir() {
         return Err(LocalError::NoState { volume: name.into(), dir }.into());
     }
-    let mut tgt = Target::open(target, &dir, TargetOptions::new(name, io)).map_err(LocalError::OpenTarget)?;
-    let info = TargetLink::info(&mut tgt).map_err(LocalError::Info)?;
+    let tgt = Target::open(target, &dir, TargetOptions::new(name, io)).map_err(LocalError::OpenTarget)?;
+    let info = tgt.info();
     let ok = tgt.verify().map_err(LocalError::Verify)?;
     Ok(Verification {
         volume: name.into(),

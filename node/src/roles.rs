@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use engine::target::{Target, TargetOptions};
-use link::TargetLink;
 
 pub use role::Report;
 
@@ -134,9 +133,9 @@ impl role::Guards for NodeGuards<'_> {
             let shadow = v.shadow.as_ref().expect("filtered");
             let dir = layout.side_dir(Side::Standby, &v.name);
             // Opening the target rolls a committed spool forward; an uncommitted one never touched the shadow.
-            let mut t = Target::open(shadow, &dir, TargetOptions::new(&v.name, self.io))
+            let t = Target::open(shadow, &dir, TargetOptions::new(&v.name, self.io))
                 .map_err(|e| format!("volume {}: cannot open the shadow: {}", v.name, link::error_chain(&e)))?;
-            let info = TargetLink::info(&mut t).map_err(|e| format!("volume {}: {e}", v.name))?;
+            let info = t.info();
             if !info.complete || info.generation == 0 {
                 return Err(format!(
                     "volume {} has no complete generation on this node (the first full sync has not finished)",

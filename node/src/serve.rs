@@ -217,7 +217,7 @@ pub struct OpenShadow {
 
 impl TargetLink for OpenShadow {
     fn info(&mut self) -> Result<TargetInfo, LinkError> {
-        TargetLink::info(&mut self.target)
+        Ok(self.target.info())
     }
     fn begin(&mut self, plan: &BeginPlan) -> Result<BeginAck, LinkError> {
         self.target.begin(plan)
@@ -317,10 +317,10 @@ fn open_volume(shared: &Shared, o: &m::OpenVolume) -> Result<OpenShadow, (u16, S
         ));
     }
     let dir = cfg.layout().side_dir(Side::Standby, &o.name);
-    let mut target = Target::open(shadow, &dir, TargetOptions::new(&o.name, shared.io)).map_err(|e| {
+    let target = Target::open(shadow, &dir, TargetOptions::new(&o.name, shared.io)).map_err(|e| {
         (code::FAILED, format!("cannot open the shadow of volume {}: {}", o.name, link::error_chain(&e)))
     })?;
-    let size = TargetLink::info(&mut target).map_err(|e| (code::FAILED, link::error_chain(&e)))?.volume_size;
+    let size = target.info().volume_size;
     if size != o.source_size {
         return Err((
             code::REFUSED,
@@ -348,7 +348,7 @@ fn note_first_full_sync(cfg: &Config, io: engine::volume::IoOptions, just_commit
         let shadow = v.shadow.as_ref().expect("filtered");
         Target::open(shadow, &layout.side_dir(Side::Standby, &v.name), TargetOptions::new(&v.name, io))
             .ok()
-            .and_then(|mut t| TargetLink::info(&mut t).ok())
+            .map(|t| t.info())
             .is_some_and(|i| i.complete && i.generation > 0)
     });
     if all_complete {

@@ -2,7 +2,6 @@
 //! and alarms.
 
 use engine::target::{Target, TargetOptions};
-use link::TargetLink;
 use serde::Serialize;
 
 use crate::config::Config;
@@ -104,10 +103,9 @@ pub fn status(cfg: &Config, io: engine::volume::IoOptions) -> Result<NodeStatus,
         if let Some(shadow) = &v.shadow {
             let dir = layout.side_dir(Side::Standby, &v.name);
             if shadow.exists() && dir.exists() {
-                let mut t = Target::open(shadow, &dir, TargetOptions::new(&v.name, io))
+                let t = Target::open(shadow, &dir, TargetOptions::new(&v.name, io))
                     .map_err(|source| StatusError::Shadow { volume: v.name.clone(), source })?;
-                let info =
-                    TargetLink::info(&mut t).map_err(|source| StatusError::Info { volume: v.name.clone(), source })?;
+                let info = t.info();
                 volumes.push(VolumeStatus {
                     name: v.name.clone(),
                     side: VolumeSide::Standby,
