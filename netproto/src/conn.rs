@@ -18,6 +18,8 @@ use crate::message::{ErrorMsg, ExtentCompressor, ExtentData, Message, MessageErr
 
 /// How much to read at least per `read` call.
 const READ_CHUNK: usize = 256 * 1024;
+/// Unanswered TCP keepalive probes before the kernel drops a connection ([`Connection::set_tcp_keepalive`]).
+pub const KEEPALIVE_PROBES: u32 = 3;
 /// Default time a handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -420,6 +422,16 @@ impl Connection<TcpStream> {
     pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<(), ConnError> {
         self.stream.set_read_timeout(timeout).map_err(ConnError::Socket)?;
         self.stream.set_write_timeout(timeout).map_err(ConnError::Socket)
+    }
+
+    /// Turns on TCP keepalive so that a peer that vanished without a reset (power loss, network split) is noticed
+    /// within about `within`: the first probe after half of it without traffic, then [`KEEPALIVE_PROBES`] probes
+    /// spread over the other half.
+    pub fn set_tcp_keepalive(&self, within: Duration) -> Result<(), ConnError> {
+        let half = (within / 2).max(Duration::from_secs(1));
+        let interval = (half / KEEPALIVE_PROBES).max(Duration::from_secs(1));
+        let ka = socket2::TcpKeepalive::new().with_time(half).with_interval(interval).with_retries(KEEPALIVE_PROBES);
+        socket2::SockRef::from(&self.stream).set_tcp_keepalive(&ka).map_err(ConnError::Socket)
     }
 }
 

@@ -100,6 +100,8 @@ struct RawStandby {
     listen: String,
     #[serde(default)]
     peer: Option<String>,
+    #[serde(default)]
+    idle_timeout_s: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -197,6 +199,8 @@ pub struct Config {
     pub compression_level: i32,
     /// Connect timeout in seconds.
     pub connect_timeout_s: u64,
+    /// The standby ends an authenticated session that sends nothing for this long (`[standby] idle_timeout_s`).
+    pub idle_timeout: std::time::Duration,
     /// Volumes.
     pub volumes: Vec<Volume>,
     /// The `[role]` section, for the role manager.
@@ -221,6 +225,11 @@ impl Config {
                     .map_err(|_| bad(format!("standby.listen {:?} is not an address like 0.0.0.0:7788", s.listen)))?,
             ),
             None => None,
+        };
+        let idle_timeout = match raw.standby.as_ref().and_then(|s| s.idle_timeout_s) {
+            Some(0) => return Err(bad("standby.idle_timeout_s must be at least 1 (seconds)".into())),
+            Some(s) => std::time::Duration::from_secs(s),
+            None => crate::serve::DEFAULT_IDLE_TIMEOUT,
         };
         let bwlimit = match raw.primary.as_ref().and_then(|p| p.bwlimit.as_deref()) {
             Some(s) => Some(parse_size(s).map_err(|e| bad(format!("primary.bwlimit: {e}")))?),
@@ -273,6 +282,7 @@ impl Config {
             bwlimit,
             compression_level: primary.and_then(|p| p.compression_level).unwrap_or(3),
             connect_timeout_s: primary.and_then(|p| p.connect_timeout_s).unwrap_or(10),
+            idle_timeout,
             volumes,
             role: raw.role,
         })

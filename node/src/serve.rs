@@ -1,29 +1,53 @@
 //! The standby daemon (`blockrep serve`).
 //!
-//! One thread per connection; each connection authenticates, opens one volume at a time and drives that volume's
-//! [`Target`] with the requests it receives (the same calls a local sync makes), through
-//! [`netproto::serve_session`]. Two concurrent syncs of one volume are refused. [`Stopper::stop`] (wired to
-//! SIGTERM/SIGINT by [`run`]) stops accepting, cuts the read side of every connection (so a transfer stops
-//! between two frames, with its spool durable for resume, while a commit in progress finishes), and [`Server::run`]
-//! returns once the connection threads have ended.
+//! Connections are accepted and timed on a small tokio runtime; each one's handshake and session run on a blocking
+//! thread (the data path, hashing, spool and apply, stays synchronous), through [`netproto::serve_session`], which
+//! drives the volume's [`Target`] with the requests it receives (the same calls a local sync makes).
+//!
+//! Limits, so that nobody without the key can make the daemon hold memory or threads:
+//! - at most [`MAX_HANDSHAKES`] connections in the handshake and [`MAX_CONNECTIONS`] in total; excess connections
+//!   are closed at once, with one log line per burst;
+//! - frames before authentication are capped by netproto at a few KiB;
+//! - the whole handshake must finish within [`HANDSHAKE_DEADLINE`] (one deadline, not one per read).
+//!
+//! After authentication a session that receives nothing for the configured idle timeout (`[standby]
+//! idle_timeout_s`, default [`DEFAULT_IDLE_TIMEOUT`]) ends: its volume is released and its spool kept for resume.
+//! TCP keepalive finds peers that vanished without a reset sooner. A primary that is scanning sends keepalive frames.
+//!
+//! Before accepting anything, [`run`] rolls every committed spool forward ([`recover`]), so a shadow is never left
+//! half-applied after a crash until some sync happens to open it. Two concurrent syncs of one volume are refused.
+//! [`Stopper::stop`] (SIGTERM/SIGINT) stops accepting, cuts the read side of every connection (a transfer stops
+//! between two frames, with its spool durable for resume, while a commit in progress finishes), tells each peer
+//! that the standby is shutting down, and [`Server::run`] returns once every connection has ended.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use engine::target::{Target, TargetOptions};
 use link::{BeginAck, BeginPlan, BlockHash, CommitAck, Extent, LinkError, TargetInfo, TargetLink};
 use netproto::message::{self as m, code};
-use netproto::{Key, Refusal};
-use tracing::{info, warn};
+use netproto::{ConnError, Key, Refusal, SessionError};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, info, warn};
 
 use crate::config::{Config, ConfigError};
 use crate::layout::Side;
 use crate::roles::{self, Plan, PlanOptions};
 use crate::{Error, ErrorKind};
+
+/// Most connections in the handshake at once.
+pub const MAX_HANDSHAKES: usize = 16;
+/// Most connections at once (handshake and sessions).
+pub const MAX_CONNECTIONS: usize = 64;
+/// Time a connection has to complete the whole handshake.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// Idle timeout of an authenticated session unless configured.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Refused connections are summed up in one log line per this interval.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Errors of the standby daemon.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +64,9 @@ pub enum ServeError {
     /// The listening socket failed.
     #[error("the listening socket failed")]
     Listener(#[source] std::io::Error),
+    /// The async runtime could not be started.
+    #[error("cannot start the daemon's runtime")]
+    Runtime(#[source] std::io::Error),
 }
 
 impl ServeError {
@@ -56,11 +83,13 @@ struct Shared {
     key: Key,
     io: engine::volume::IoOptions,
     busy: Arc<Mutex<HashSet<String>>>,
+    /// A clone of every open connection's socket, so that a stop can cut its read side.
     streams: Mutex<HashMap<u64, TcpStream>>,
-    /// A clone of the listening socket, so that a stop can wake the blocked accept.
-    listener: Mutex<Option<TcpListener>>,
     stopping: AtomicBool,
+    stop: Notify,
     next_id: AtomicU64,
+    handshakes: Arc<Semaphore>,
+    connections: Arc<Semaphore>,
 }
 
 /// A bound standby daemon, not yet accepting.
@@ -79,11 +108,7 @@ impl Stopper {
     pub fn stop(&self) {
         let shared = &self.0;
         shared.stopping.store(true, Ordering::SeqCst);
-        if let Some(l) = shared.listener.lock().expect("lock").as_ref() {
-            // SAFETY: the descriptor belongs to the listener clone held (and kept open) under the lock; shutdown
-            // only makes the blocked accept() on the same socket return.
-            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
-        }
+        shared.stop.notify_one();
         for s in shared.streams.lock().expect("lock").values() {
             let _ = s.shutdown(std::net::Shutdown::Read);
         }
@@ -99,16 +124,18 @@ impl Server {
             what: "[standby] listen address (or pass --listen)",
         })?;
         let listener = TcpListener::bind(addr).map_err(|source| ServeError::Bind { addr, source })?;
-        let clone = listener.try_clone().map_err(ServeError::Listener)?;
+        listener.set_nonblocking(true).map_err(ServeError::Listener)?;
         let shared = Arc::new(Shared {
             cfg,
             key,
             io,
             busy: Arc::new(Mutex::new(HashSet::new())),
             streams: Mutex::new(HashMap::new()),
-            listener: Mutex::new(Some(clone)),
             stopping: AtomicBool::new(false),
+            stop: Notify::new(),
             next_id: AtomicU64::new(0),
+            handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
         });
         Ok(Server { listener, shared })
     }
@@ -123,73 +150,221 @@ impl Server {
         Stopper(self.shared.clone())
     }
 
-    /// Accepts connections until stopped, then waits for the connection threads.
+    /// Accepts connections until stopped, then waits for every connection to end.
     pub fn run(self) -> Result<(), Error> {
-        let shared = self.shared;
-        let local = self.listener.local_addr().map_err(ServeError::Listener)?;
-        info!(%local, node = %shared.cfg.node, volumes = shared.cfg.volumes.len(), "serving");
-        let mut workers = Vec::new();
-        for stream in self.listener.incoming() {
-            if shared.stopping.load(Ordering::SeqCst) {
-                break;
+        self.run_with(false)
+    }
+
+    /// [`Server::run`], also stopping on SIGTERM or SIGINT.
+    fn run_with(self, signals: bool) -> Result<(), Error> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(MAX_CONNECTIONS + 4)
+            .thread_name("serve")
+            .enable_all()
+            .build()
+            .map_err(ServeError::Runtime)?;
+        rt.block_on(async move {
+            if signals {
+                let stopper = self.stopper();
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .map_err(ServeError::Runtime)?;
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = term.recv() => info!("SIGTERM: stopping"),
+                        _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
+                    }
+                    stopper.stop();
+                });
             }
-            let stream = match stream {
-                Ok(s) => s,
+            self.accept_loop().await
+        })
+    }
+
+    async fn accept_loop(self) -> Result<(), Error> {
+        let shared = self.shared;
+        let listener = tokio::net::TcpListener::from_std(self.listener).map_err(ServeError::Listener)?;
+        let local = listener.local_addr().map_err(ServeError::Listener)?;
+        info!(%local, node = %shared.cfg.node, volumes = shared.cfg.volumes.len(), "serving");
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut refusals = RefusalLog::default();
+        while !shared.stopping.load(Ordering::SeqCst) {
+            let accepted = tokio::select! {
+                _ = shared.stop.notified() => break,
+                r = listener.accept() => r,
+            };
+            while tasks.try_join_next().is_some() {}
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
                 Err(e) => {
                     warn!(error = %e, "accept failed");
-                    std::thread::sleep(Duration::from_millis(50));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
-            let shared = shared.clone();
-            workers.retain(|w: &std::thread::JoinHandle<()>| !w.is_finished());
-            workers.push(std::thread::spawn(move || connection(shared, stream)));
+            let permits =
+                shared.connections.clone().try_acquire_owned().map_err(|_| "connections").and_then(|c| {
+                    shared.handshakes.clone().try_acquire_owned().map(|h| (c, h)).map_err(|_| "handshakes")
+                });
+            match permits {
+                Ok((conn_permit, hs_permit)) => {
+                    refusals.flush();
+                    tasks.spawn(connection(shared.clone(), stream, peer, conn_permit, hs_permit));
+                }
+                Err(limit) => refusals.note(peer, limit),
+            }
         }
-        shared.listener.lock().expect("lock").take();
+        refusals.flush();
         info!("shutting down: waiting for connections to reach a consistent point");
-        for w in workers {
-            let _ = w.join();
-        }
+        while tasks.join_next().await.is_some() {}
         info!("stopped");
         Ok(())
     }
 }
 
-/// `blockrep serve`: binds, calls `bound` with the address (to announce it), and runs until SIGTERM/SIGINT.
+/// One log line per burst of refused connections.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    count: u64,
+    since: Option<Instant>,
+}
+
+impl RefusalLog {
+    fn note(&mut self, peer: SocketAddr, limit: &str) {
+        let limit_n = if limit == "handshakes" { MAX_HANDSHAKES } else { MAX_CONNECTIONS };
+        match self.since {
+            None => {
+                warn!(%peer, "refusing connections: {limit_n} {limit} already open (logged once per burst)");
+                self.since = Some(Instant::now());
+            }
+            Some(t) if t.elapsed() >= REFUSAL_LOG_INTERVAL => {
+                self.count += 1;
+                self.flush();
+                self.since = Some(Instant::now());
+            }
+            Some(_) => self.count += 1,
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.count > 0 {
+            warn!(
+                "refused {} more connections (limits: {MAX_HANDSHAKES} in handshake, {MAX_CONNECTIONS} in total)",
+                self.count
+            );
+        }
+        self.count = 0;
+        self.since = None;
+    }
+}
+
+/// `blockrep serve`: rolls committed spools forward, binds, calls `bound` with the address (to announce it), and
+/// runs until SIGTERM/SIGINT.
 pub fn run(
     cfg: Config,
     listen: Option<SocketAddr>,
     io: engine::volume::IoOptions,
     bound: impl FnOnce(SocketAddr),
 ) -> Result<(), Error> {
+    recover(&cfg, io);
     let server = Server::bind(cfg, listen, io)?;
     bound(server.local_addr()?);
-    let stopper = server.stopper();
-    crate::signals::on_stop(move |signal| {
-        info!(?signal, "stop requested");
-        stopper.stop();
-    })?;
-    server.run()
+    server.run_with(true)
 }
 
-fn connection(shared: Arc<Shared>, stream: TcpStream) {
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+/// Rolls every committed spool forward (opening a target finishes a commit that a crash interrupted), so every
+/// shadow holds one complete generation before anything else happens. A volume that cannot be opened is logged
+/// and left to fail when a sync or promote opens it.
+pub fn recover(cfg: &Config, io: engine::volume::IoOptions) {
+    let layout = cfg.layout();
+    for v in &cfg.volumes {
+        let Some(shadow) = &v.shadow else { continue };
+        let dir = layout.side_dir(Side::Standby, &v.name);
+        if !shadow.exists() || !dir.exists() {
+            continue;
+        }
+        match Target::open(shadow, &dir, TargetOptions::new(&v.name, io)) {
+            Ok(mut t) => match TargetLink::info(&mut t) {
+                Ok(i) => debug!(volume = %v.name, generation = i.generation, complete = i.complete, "shadow checked"),
+                Err(e) => warn!(volume = %v.name, "cannot read the shadow's state: {}", link::error_chain(&e)),
+            },
+            Err(e) => warn!(volume = %v.name, "cannot open the shadow: {}", link::error_chain(&e)),
+        }
+    }
+}
+
+/// Serves one accepted connection: the handshake and session on a blocking thread, under one deadline for the
+/// handshake.
+async fn connection(
+    shared: Arc<Shared>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    conn_permit: OwnedSemaphorePermit,
+    hs_permit: OwnedSemaphorePermit,
+) {
+    let std = match stream.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) {
+        Ok(s) => s,
+        Err(e) => return warn!(%peer, error = %e, "cannot use the accepted connection"),
+    };
+    let Ok(cut) = std.try_clone() else { return warn!(%peer, "cannot register the connection") };
     let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
-    if let Ok(clone) = stream.try_clone() {
-        shared.streams.lock().expect("lock").insert(id, clone);
+    if let Ok(c) = cut.try_clone() {
+        shared.streams.lock().expect("lock").insert(id, c);
     }
     if shared.stopping.load(Ordering::SeqCst) {
-        let _ = stream.shutdown(std::net::Shutdown::Read);
+        let _ = cut.shutdown(std::net::Shutdown::Read);
     }
-    let result = netproto::accept_handshake(stream, &shared.key, &shared.cfg.node).map_err(|e| link::error_chain(&e));
-    let result = result.and_then(|mut conn| {
-        info!(%peer, node = conn.peer_node(), "peer authenticated");
-        netproto::serve_session(&mut conn, &*shared).map_err(|e| link::error_chain(&e))
-    });
-    if let Err(e) = result {
-        warn!(%peer, "connection ended with an error: {e}");
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let s = shared.clone();
+    let work = tokio::task::spawn_blocking(move || session(&s, std, peer, hs_permit, done_tx));
+    if tokio::time::timeout(HANDSHAKE_DEADLINE, done_rx).await.is_err() {
+        warn!(%peer, "no complete handshake within {} s: closing the connection", HANDSHAKE_DEADLINE.as_secs());
+        let _ = cut.shutdown(std::net::Shutdown::Both);
     }
+    let _ = work.await;
     shared.streams.lock().expect("lock").remove(&id);
+    drop(conn_permit);
+}
+
+/// The blocking part of a connection: handshake (then `handshake_done`), session, and the goodbye on shutdown.
+fn session(
+    shared: &Shared,
+    stream: TcpStream,
+    peer: SocketAddr,
+    hs_permit: OwnedSemaphorePermit,
+    handshake_done: tokio::sync::oneshot::Sender<()>,
+) {
+    let conn = netproto::accept_handshake(stream, &shared.key, &shared.cfg.node);
+    drop(hs_permit);
+    let _ = handshake_done.send(());
+    let mut conn = match conn {
+        Ok(c) => c,
+        Err(e) => return warn!(%peer, "handshake failed: {}", link::error_chain(&e)),
+    };
+    let node = conn.peer_node().to_owned();
+    info!(%peer, %node, "peer authenticated");
+    let idle = shared.cfg.idle_timeout;
+    if let Err(e) = conn.set_timeout(Some(idle)).and_then(|()| conn.set_tcp_keepalive(idle)) {
+        warn!(%peer, "cannot set the session's timeouts: {}", link::error_chain(&e));
+    }
+    match netproto::serve_session(&mut conn, shared) {
+        Ok(()) => debug!(%peer, %node, "session ended"),
+        Err(SessionError::Conn(ConnError::Timeout { .. })) => warn!(
+            %peer, %node,
+            "the primary vanished: nothing received for {} s; its volume is released and its spool kept for resume",
+            idle.as_secs()
+        ),
+        Err(e) => warn!(%peer, %node, "session ended with an error: {}", link::error_chain(&e)),
+    }
+    if shared.stopping.load(Ordering::SeqCst) {
+        conn.send_error(
+            code::SHUTDOWN,
+            &format!(
+                "standby {} is shutting down; the shadow keeps its last complete generation and the next sync resumes",
+                shared.cfg.node
+            ),
+        );
+    }
 }
 
 /// Releases a volume's busy mark when the session ends.
