@@ -5,8 +5,9 @@
 //! drives the volume's [`Target`] with the requests it receives (the same calls a local sync makes).
 //!
 //! Limits, so that nobody without the key can make the daemon hold memory or threads:
-//! - at most [`MAX_HANDSHAKES`] connections in the handshake and [`MAX_CONNECTIONS`] in total; excess connections
-//!   are closed at once, with one log line per burst;
+//! - at most [`MAX_HANDSHAKES`] connections in the handshake (further ones wait in the kernel's listen backlog
+//!   until a slot frees) and [`MAX_CONNECTIONS`] in total (further ones are closed at once, with one log line per
+//!   burst);
 //! - frames before authentication are capped by netproto at a few KiB;
 //! - the whole handshake must finish within [`HANDSHAKE_DEADLINE`] (one deadline, not one per read).
 //!
@@ -189,6 +190,12 @@ impl Server {
         let mut tasks = tokio::task::JoinSet::new();
         let mut refusals = RefusalLog::default();
         while !shared.stopping.load(Ordering::SeqCst) {
+            // A handshake slot first: while all are taken, new connections wait in the kernel's listen backlog
+            // (a legitimate primary's connect succeeds once a slot frees; a flood cannot queue in this process).
+            let hs_permit = tokio::select! {
+                _ = shared.stop.notified() => break,
+                p = shared.handshakes.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            };
             let accepted = tokio::select! {
                 _ = shared.stop.notified() => break,
                 r = listener.accept() => r,
@@ -202,16 +209,12 @@ impl Server {
                     continue;
                 }
             };
-            let permits =
-                shared.connections.clone().try_acquire_owned().map_err(|_| "connections").and_then(|c| {
-                    shared.handshakes.clone().try_acquire_owned().map(|h| (c, h)).map_err(|_| "handshakes")
-                });
-            match permits {
-                Ok((conn_permit, hs_permit)) => {
+            match shared.connections.clone().try_acquire_owned() {
+                Ok(conn_permit) => {
                     refusals.flush();
                     tasks.spawn(connection(shared.clone(), stream, peer, conn_permit, hs_permit));
                 }
-                Err(limit) => refusals.note(peer, limit),
+                Err(_) => refusals.note(peer),
             }
         }
         refusals.flush();
@@ -230,11 +233,10 @@ struct RefusalLog {
 }
 
 impl RefusalLog {
-    fn note(&mut self, peer: SocketAddr, limit: &str) {
-        let limit_n = if limit == "handshakes" { MAX_HANDSHAKES } else { MAX_CONNECTIONS };
+    fn note(&mut self, peer: SocketAddr) {
         match self.since {
             None => {
-                warn!(%peer, "refusing connections: {limit_n} {limit} already open (logged once per burst)");
+                warn!(%peer, "refusing connections: {MAX_CONNECTIONS} already open (logged once per burst)");
                 self.since = Some(Instant::now());
             }
             Some(t) if t.elapsed() >= REFUSAL_LOG_INTERVAL => {

@@ -1,5 +1,6 @@
 //! Shared helpers for the integration tests.
 
+mod hardening;
 mod local_sync;
 mod network;
 mod role_cli;

@@ -12,31 +12,34 @@ use std::sync::Arc;
 use super::*;
 
 /// Two nodes' files in one temp dir: key, configs, source and shadow volumes.
-struct Pair {
+pub(super) struct Pair {
     dir: tempfile::TempDir,
-    serve: Option<Child>,
-    addr: String,
+    pub(super) serve: Option<Child>,
+    pub(super) addr: String,
+    /// Extra lines for the `[standby]` section.
+    pub(super) standby_extra: String,
 }
 
 impl Pair {
-    fn new(size: usize) -> Pair {
+    pub(super) fn new(size: usize) -> Pair {
         let dir = tempfile::tempdir().unwrap();
         let o = run(blockrep().arg("keygen").arg(dir.path().join("key")));
         assert!(o.status.success(), "keygen: {}", stderr(&o));
         write_volume(&dir.path().join("src.img"), size, 5);
         std::fs::write(dir.path().join("shadow.img"), vec![0u8; size]).unwrap();
-        Pair { dir, serve: None, addr: String::new() }
+        Pair { dir, serve: None, addr: String::new(), standby_extra: String::new() }
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(super) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
-    fn config(&self, side: &str, key: &Path, peer: &str) -> PathBuf {
+    pub(super) fn config(&self, side: &str, key: &Path, peer: &str) -> PathBuf {
         let state = self.path(&format!("state-{side}"));
         let text = format!(
-            "node = \"{side}\"\nkey_file = {key:?}\nstate_dir = {state:?}\n[standby]\nlisten = \"127.0.0.1:0\"\n\
+            "node = \"{side}\"\nkey_file = {key:?}\nstate_dir = {state:?}\n[standby]\nlisten = \"127.0.0.1:0\"\n{}\n\
              [primary]\npeer = \"{peer}\"\n[[volume]]\nname = \"vol\"\nsource = {:?}\nshadow = {:?}\n",
+            self.standby_extra,
             self.path("src.img"),
             self.path("shadow.img"),
         );
@@ -46,7 +49,7 @@ impl Pair {
     }
 
     /// Starts the standby daemon and waits until it listens.
-    fn start_serve(&mut self) {
+    pub(super) fn start_serve(&mut self) {
         let cfg = self.config("standby", &self.path("key"), "127.0.0.1:1");
         let mut child = blockrep()
             .args(["serve", "--announce", "--listen", "127.0.0.1:0", "--config"])
@@ -67,22 +70,22 @@ impl Pair {
         run(blockrep().args(["sync", "--json", "--config"]).arg(cfg))
     }
 
-    fn sync(&self) -> std::process::Output {
+    pub(super) fn sync(&self) -> std::process::Output {
         self.sync_via(&self.addr, &self.path("key"))
     }
 
-    fn sync_ok(&self) -> serde_json::Value {
+    pub(super) fn sync_ok(&self) -> serde_json::Value {
         let o = self.sync();
         assert!(o.status.success(), "sync failed: {}", stderr(&o));
         serde_json::from_str(stdout(&o).trim()).unwrap()
     }
 
-    fn identical(&self) -> bool {
+    pub(super) fn identical(&self) -> bool {
         std::fs::read(self.path("src.img")).unwrap() == std::fs::read(self.path("shadow.img")).unwrap()
     }
 
     /// SIGTERM the daemon; returns its exit status and stderr.
-    fn stop_serve(&mut self) -> (std::process::ExitStatus, String) {
+    pub(super) fn stop_serve(&mut self) -> (std::process::ExitStatus, String) {
         let mut child = self.serve.take().unwrap();
         unsafe_free_kill(child.id());
         let mut err = String::new();

@@ -1,0 +1,155 @@
+//! The standby under abuse and bad days, with real processes on 127.0.0.1: a flood of unauthenticated
+//! connections, trickling handshakes, a primary that vanishes mid-transfer without a reset, and a standby that is
+//! stopped mid-transfer.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use super::network::Pair;
+use super::*;
+
+fn signal(pid: u32, sig: &str) {
+    let st = std::process::Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
+    assert!(st.success(), "kill {sig} {pid}");
+}
+
+/// Peak resident memory of a process, from /proc.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM in /proc/PID/status");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A frame header as a client would send it first (type Hello), announcing `len` payload bytes.
+fn hello_header(len: u32) -> Vec<u8> {
+    let mut h = b"BRP1".to_vec();
+    h.extend_from_slice(&1u16.to_le_bytes());
+    h.extend_from_slice(&[1, 0]);
+    h.extend_from_slice(&len.to_le_bytes());
+    h.extend_from_slice(&[0u8; 12]);
+    h
+}
+
+/// A background `blockrep sync` of the pair, sending at most `bwlimit` bytes per second.
+fn slow_sync(p: &Pair, bwlimit: &str) -> Child {
+    let cfg = p.config("primary", &p.path("key"), &p.addr);
+    blockrep()
+        .args(["sync", "--json", "--bwlimit", bwlimit, "--config"])
+        .arg(cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Every fourth 4 KiB block of the first `mib` MiB, rewritten with incompressible bytes.
+fn change_mib(p: &Pair, mib: u64, seed: u8) {
+    let blocks: Vec<u64> = (0..mib * 256).filter(|b| b % 4 != 3).collect();
+    scribble(&p.path("src.img"), &blocks, seed);
+}
+
+#[test]
+fn an_unauthenticated_flood_keeps_serve_small_and_a_real_sync_still_succeeds() {
+    let mut p = Pair::new(4 << 20);
+    p.start_serve();
+    p.sync_ok();
+    let pid = p.serve.as_ref().unwrap().id();
+
+    // Five connections that trickle a valid-looking handshake, one byte a second.
+    let tricklers: Vec<TcpStream> = (0..5).map(|_| TcpStream::connect(&p.addr).unwrap()).collect();
+    let dribble: Vec<TcpStream> = tricklers.iter().map(|s| s.try_clone().unwrap()).collect();
+    std::thread::spawn(move || {
+        for byte in hello_header(64) {
+            for mut s in &dribble {
+                let _ = s.write_all(&[byte]);
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    // 200 connections announcing the largest payload a frame may carry after authentication.
+    let max = netproto::frame::MAX_PAYLOAD as u32;
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        if let Ok(mut s) = TcpStream::connect_timeout(&p.addr.parse().unwrap(), Duration::from_secs(5)) {
+            let _ = s.write_all(&hello_header(max));
+            flood.push(s);
+        }
+    }
+    assert!(flood.len() >= 150, "only {} flood connections were accepted by the kernel", flood.len());
+
+    // A real sync goes through while the trickling connections still hold their handshake slots.
+    scribble(&p.path("src.img"), &[3, 300, 900], 9);
+    let r = p.sync_ok();
+    assert_eq!(r["generation"], 2, "{r}");
+    assert!(p.identical());
+    let started = Instant::now();
+    let rss = peak_rss_kib(pid);
+    assert!(rss < 128 * 1024, "serve's peak RSS is {rss} KiB under the flood (limit 128 MiB)");
+
+    // The trickling connections are cut at the handshake deadline, not kept open byte by byte.
+    for mut s in tricklers {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 64];
+        let cut = matches!(s.read(&mut buf), Ok(0) | Err(_));
+        assert!(cut, "a trickling connection got an answer instead of being cut");
+    }
+    assert!(started.elapsed() < Duration::from_secs(25), "trickling connections were kept past the deadline");
+    let (status, log) = p.stop_serve();
+    assert!(status.success(), "serve: {log}");
+    assert!(log.contains("no complete handshake within"), "{log}");
+    assert!(log.contains("before authentication"), "{log}");
+}
+
+#[test]
+fn a_vanished_primary_releases_its_volume_after_the_idle_timeout_and_the_next_sync_resumes() {
+    let mut p = Pair::new(16 << 20);
+    p.standby_extra = "idle_timeout_s = 2".into();
+    p.start_serve();
+    p.sync_ok();
+    change_mib(&p, 12, 4);
+    // A sync that will take several seconds, stopped mid-transfer: no reset, no FIN, just silence.
+    let mut stalled = slow_sync(&p, "1M");
+    std::thread::sleep(Duration::from_millis(2500));
+    signal(stalled.id(), "-STOP");
+
+    // Within the idle timeout (plus scheduling slack) the volume is free again and the next sync resumes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let report = loop {
+        let o = p.sync();
+        if o.status.success() {
+            break serde_json::from_str::<serde_json::Value>(stdout(&o).trim()).unwrap();
+        }
+        let err = stderr(&o);
+        assert!(err.contains("another sync of volume vol is running"), "unexpected failure: {err}");
+        assert!(Instant::now() < deadline, "the stalled session still holds the volume: {err}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    signal(stalled.id(), "-KILL");
+    let _ = stalled.wait();
+    assert!(p.identical(), "the shadow differs from the source after the resumed sync");
+    assert_eq!(report["generation"], 2, "{report}");
+    assert!(report["resumed_bytes"].as_u64().unwrap() > 0, "the stalled transfer's spool was not kept: {report}");
+    let (_, log) = p.stop_serve();
+    assert!(log.contains("the primary vanished: nothing received for 2 s"), "{log}");
+}
+
+#[test]
+fn stopping_serve_mid_transfer_tells_the_primary_and_keeps_the_shadow() {
+    let mut p = Pair::new(8 << 20);
+    p.start_serve();
+    p.sync_ok();
+    let before = std::fs::read(p.path("shadow.img")).unwrap();
+    change_mib(&p, 6, 5);
+    let sync = slow_sync(&p, "1M");
+    std::thread::sleep(Duration::from_millis(2000));
+    let (status, log) = p.stop_serve();
+    assert!(status.success(), "serve did not stop cleanly: {log}");
+    let o = sync.wait_with_output().unwrap();
+    assert!(!o.status.success(), "the sync succeeded although the standby stopped");
+    let err = stderr(&o);
+    assert!(err.contains("is shutting down"), "the primary was not told why: {err}");
+    assert!(!err.contains("Broken pipe"), "{err}");
+    assert_eq!(std::fs::read(p.path("shadow.img")).unwrap(), before, "the shadow changed");
+}
