@@ -208,10 +208,12 @@ pub struct Config {
 }
 
 impl Config {
-    /// Reads and checks the file at `path`.
+    /// Reads and checks the file at `path`, including the path rules of [`crate::paths`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.into(), error })?;
-        Self::parse(&text, path)
+        let cfg = Self::parse(&text, path)?;
+        crate::paths::check(&cfg)?;
+        Ok(cfg)
     }
 
     /// Parses and checks configuration text.

@@ -2,6 +2,8 @@
 //! renders what it returns.
 //!
 //! * [`config`]: the configuration file, checked once into a [`config::Config`]; size parsing.
+//! * [`paths`]: the path rules checked at load (a shadow never aimed at blockrep's own files or another
+//!   volume's, the state directory never on a replicated volume).
 //! * [`layout`]: where a node keeps its state (`<state_dir>/{primary,standby}/<volume>`, the role directory).
 //! * [`signals`]: SIGTERM/SIGINT, turned into a stop request in one place.
 //! * [`freeze`]: freezing a source for the duration of a sync (snapshot lifecycle).
@@ -27,6 +29,7 @@ pub mod config;
 pub mod freeze;
 pub mod layout;
 pub mod local;
+pub mod paths;
 pub mod primary;
 pub mod roles;
 pub mod serve;

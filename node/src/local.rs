@@ -58,9 +58,6 @@ pub enum LocalError {
         /// The directory that does not exist.
         dir: PathBuf,
     },
-    /// The target's state could not be read.
-    #[error("cannot read the target's state")]
-    Info(#[source] link::LinkError),
     /// Verifying failed (not: found a difference).
     #[error("cannot verify the shadow")]
     Verify(#[source] engine::target::TargetError),

@@ -23,15 +23,6 @@ pub enum StatusError {
         #[source]
         source: engine::target::TargetError,
     },
-    /// A shadow's state could not be read.
-    #[error("volume {volume}: cannot read the shadow's state")]
-    Info {
-        /// Volume name.
-        volume: String,
-        /// The target's error.
-        #[source]
-        source: link::LinkError,
-    },
 }
 
 /// Which side of a volume this node holds.

@@ -153,3 +153,29 @@ fn stopping_serve_mid_transfer_tells_the_primary_and_keeps_the_shadow() {
     assert!(!err.contains("Broken pipe"), "{err}");
     assert_eq!(std::fs::read(p.path("shadow.img")).unwrap(), before, "the shadow changed");
 }
+
+#[test]
+fn a_shadow_aimed_at_the_state_directory_is_refused_at_load_by_every_command() {
+    let d = tempfile::tempdir().unwrap();
+    let state = d.path().join("state");
+    let o = run(blockrep().arg("keygen").arg(d.path().join("key")));
+    assert!(o.status.success(), "{}", stderr(&o));
+    for target in ["standby/vol/manifest", "standby/vol/spool", "."] {
+        let cfg = d.path().join("c.toml");
+        let text = format!(
+            "node = \"s\"\nkey_file = {:?}\nstate_dir = {state:?}\n[standby]\nlisten = \"127.0.0.1:0\"\n\
+             [[volume]]\nname = \"vol\"\nshadow = {:?}\n",
+            d.path().join("key"),
+            state.join(target)
+        );
+        std::fs::write(&cfg, text).unwrap();
+        for args in
+            [&["serve"][..], &["status"], &["sync"], &["promote", "--dry-run"], &["shadow", "create", "--size", "1M"]]
+        {
+            let o = run(blockrep().args(args).arg("--config").arg(&cfg));
+            assert_eq!(o.status.code(), Some(2), "{args:?} with shadow {target}: {}", stderr(&o));
+            assert!(stderr(&o).contains("where blockrep keeps its own files"), "{args:?}: {}", stderr(&o));
+            assert!(!state.exists(), "{args:?} wrote into the state directory");
+        }
+    }
+}
