@@ -52,6 +52,17 @@ pub enum RoleError {
     /// The periodic re-announcement failed.
     #[error("cannot re-announce the virtual IP")]
     Announce(#[source] role::arp::ArpError),
+    /// A shadow's interrupted commit could not be finished, so promoting it would serve a half-written volume.
+    #[error(
+        "volume {volume}: the shadow's last commit cannot be finished ({error}); not promoting a half-written \
+         shadow: repair the state directory or the shadow (see the error), or sync it again from the peer"
+    )]
+    NotRolledForward {
+        /// Volume name.
+        volume: String,
+        /// Why.
+        error: String,
+    },
     /// The background re-announcement could not be started.
     #[error("cannot start the background re-announcement (blockrep announce)")]
     SpawnAnnouncer(#[source] std::io::Error),
@@ -63,6 +74,7 @@ impl RoleError {
         match self {
             RoleError::Section { .. } | RoleError::Invalid { .. } | RoleError::StateDir(_) => ErrorKind::Usage,
             RoleError::Plan(e) if e.refused_as_unsafe() => ErrorKind::Unsafe,
+            RoleError::NotRolledForward { .. } => ErrorKind::Unsafe,
             RoleError::Switchover(role::SwitchoverError::LocalPromote(e)) if e.refused_as_unsafe() => ErrorKind::Unsafe,
             _ => ErrorKind::Failed,
         }
@@ -251,6 +263,13 @@ pub fn run(cfg: &Config, plan: Plan, a: &PlanOptions, io: engine::volume::IoOpti
         poweroff: a.poweroff,
         ..Default::default()
     };
+    // Before anything touches the boot target: finish every interrupted commit (with or without --force, which
+    // only skips the guards), and never promote a shadow that cannot be finished.
+    if plan != Plan::Demote && !a.dry_run {
+        if let Some(f) = crate::shadow::roll_forward(cfg, io).into_iter().next() {
+            return Err(RoleError::NotRolledForward { volume: f.volume, error: f.error }.into());
+        }
+    }
     let guards = NodeGuards { cfg, io };
     let report = match plan {
         Plan::Promote => role::promote(&rc, &guards, &opts).map_err(RoleError::from)?,

@@ -15,7 +15,7 @@
 //! idle_timeout_s`, default [`DEFAULT_IDLE_TIMEOUT`]) ends: its volume is released and its spool kept for resume.
 //! TCP keepalive finds peers that vanished without a reset sooner. A primary that is scanning sends keepalive frames.
 //!
-//! Before accepting anything, [`run`] rolls every committed spool forward ([`recover`]), so a shadow is never left
+//! Before accepting anything, [`run`] rolls every committed spool forward ([`crate::shadow::roll_forward`]), so a shadow is never left
 //! half-applied after a crash until some sync happens to open it. Two concurrent syncs of one volume are refused.
 //! [`Stopper::stop`] (SIGTERM/SIGINT) stops accepting, cuts the read side of every connection (a transfer stops
 //! between two frames, with its spool durable for resume, while a commit in progress finishes), tells each peer
@@ -268,31 +268,12 @@ pub fn run(
     io: engine::volume::IoOptions,
     bound: impl FnOnce(SocketAddr),
 ) -> Result<(), Error> {
-    recover(&cfg, io);
+    for f in crate::shadow::roll_forward(&cfg, io) {
+        warn!(volume = %f.volume, "cannot bring the shadow to a complete generation: {}; syncs of it will fail", f.error);
+    }
     let server = Server::bind(cfg, listen, io)?;
     bound(server.local_addr()?);
     server.run_with(true)
-}
-
-/// Rolls every committed spool forward (opening a target finishes a commit that a crash interrupted), so every
-/// shadow holds one complete generation before anything else happens. A volume that cannot be opened is logged
-/// and left to fail when a sync or promote opens it.
-pub fn recover(cfg: &Config, io: engine::volume::IoOptions) {
-    let layout = cfg.layout();
-    for v in &cfg.volumes {
-        let Some(shadow) = &v.shadow else { continue };
-        let dir = layout.side_dir(Side::Standby, &v.name);
-        if !shadow.exists() || !dir.exists() {
-            continue;
-        }
-        match Target::open(shadow, &dir, TargetOptions::new(&v.name, io)) {
-            Ok(mut t) => match TargetLink::info(&mut t) {
-                Ok(i) => debug!(volume = %v.name, generation = i.generation, complete = i.complete, "shadow checked"),
-                Err(e) => warn!(volume = %v.name, "cannot read the shadow's state: {}", link::error_chain(&e)),
-            },
-            Err(e) => warn!(volume = %v.name, "cannot open the shadow: {}", link::error_chain(&e)),
-        }
-    }
 }
 
 /// Serves one accepted connection: the handshake and session on a blocking thread, under one deadline for the

@@ -6,8 +6,44 @@ use std::path::{Path, PathBuf};
 
 use lvmctl::{Lvm, LvmError};
 
+use engine::target::{Target, TargetOptions};
+
 use crate::config::Config;
+use crate::layout::Side;
 use crate::{Error, ErrorKind};
+
+/// A shadow that could not be brought to a complete generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotRolledForward {
+    /// Volume name.
+    pub volume: String,
+    /// Why (the engine's error chain).
+    pub error: String,
+}
+
+/// Rolls every shadow's committed transfer forward: opening a target finishes a commit that a crash interrupted
+/// (the apply is idempotent), so that each shadow holds one complete generation before the daemon accepts a
+/// connection or a promote touches the boot target. Shadows without state (never synced) are skipped; the ones
+/// that cannot be opened are returned.
+pub fn roll_forward(cfg: &Config, io: engine::volume::IoOptions) -> Vec<NotRolledForward> {
+    let layout = cfg.layout();
+    let mut failed = Vec::new();
+    for v in &cfg.volumes {
+        let Some(shadow) = &v.shadow else { continue };
+        let dir = layout.side_dir(Side::Standby, &v.name);
+        if !shadow.exists() || !dir.exists() {
+            continue;
+        }
+        match Target::open(shadow, &dir, TargetOptions::new(&v.name, io)) {
+            Ok(t) => {
+                let i = t.info();
+                tracing::debug!(volume = %v.name, generation = i.generation, complete = i.complete, "shadow checked");
+            }
+            Err(e) => failed.push(NotRolledForward { volume: v.name.clone(), error: link::error_chain(&e) }),
+        }
+    }
+    failed
+}
 
 /// Errors of shadow provisioning.
 #[derive(Debug, thiserror::Error)]

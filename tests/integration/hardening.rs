@@ -179,3 +179,61 @@ fn a_shadow_aimed_at_the_state_directory_is_refused_at_load_by_every_command() {
         }
     }
 }
+
+/// Builds, with the engine's fault injection, a standby whose last sync crashed in the middle of applying a
+/// committed spool: the shadow is neither the old nor the new generation. Returns (old, new) contents.
+fn crash_mid_apply(p: &Pair) -> (Vec<u8>, Vec<u8>) {
+    use engine::durable::{Durable, FaultPlan};
+    use engine::sync::{sync_volume, SyncOptions};
+    use engine::target::{Target, TargetOptions};
+    use engine::volume::{Access, IoOptions, Volume};
+
+    let (src, shadow) = (p.path("src.img"), p.path("shadow.img"));
+    let standby_dir = p.path("state-standby/standby/vol");
+    let manifest = p.path("state-primary/primary/vol/manifest");
+    std::fs::create_dir_all(&standby_dir).unwrap();
+    std::fs::create_dir_all(manifest.parent().unwrap()).unwrap();
+    let old = std::fs::read(&src).unwrap();
+    let mut new = old.clone();
+    for b in new.chunks_mut(4096).step_by(3) {
+        b.iter_mut().for_each(|x| *x = x.wrapping_add(1));
+    }
+    let io = IoOptions::default();
+    let sync = |durable: &Durable| {
+        let opts = TargetOptions { durable: durable.clone(), ..TargetOptions::new("vol", io) };
+        let mut t = Target::open(&shadow, &standby_dir, opts).unwrap();
+        let v = Volume::open(&src, Access::Read, &io).unwrap();
+        sync_volume("vol", &v, &manifest, &mut t, &SyncOptions::new(65536), &mut |_, _| {}).map(|_| ())
+    };
+    for n in 0.. {
+        // Start from the committed old generation each time.
+        let _ = std::fs::remove_dir_all(p.path("state-standby"));
+        let _ = std::fs::remove_dir_all(p.path("state-primary"));
+        std::fs::create_dir_all(&standby_dir).unwrap();
+        std::fs::create_dir_all(manifest.parent().unwrap()).unwrap();
+        std::fs::write(&shadow, vec![0u8; old.len()]).unwrap();
+        std::fs::write(&src, &old).unwrap();
+        sync(&Durable::new()).unwrap();
+        std::fs::write(&src, &new).unwrap();
+        let d = Durable::with_plan(FaultPlan { crash_after: n, torn: false, lose_unsynced: false });
+        assert!(sync(&d).is_err(), "no crash point left inside the apply");
+        let now = std::fs::read(&shadow).unwrap();
+        if now != old && now != new {
+            return (old, new);
+        }
+    }
+    unreachable!()
+}
+
+#[test]
+fn serve_finishes_a_commit_interrupted_mid_apply_before_it_accepts_a_connection() {
+    let mut p = Pair::new(1 << 20);
+    let (old, new) = crash_mid_apply(&p);
+    let half = std::fs::read(p.path("shadow.img")).unwrap();
+    assert!(half != old && half != new);
+    p.start_serve();
+    // The daemon announced its address: no connection yet, and the shadow is already the new generation.
+    assert_eq!(std::fs::read(p.path("shadow.img")).unwrap(), new, "serve accepted with a half-applied shadow");
+    let r = p.sync_ok();
+    assert_eq!(r["blocks_changed"], 0, "{r}");
+}
