@@ -77,6 +77,11 @@ impl<S: Read + Write> RemoteTarget<S> {
         }
     }
 
+    /// The shadow's state as the standby reported it when the volume was opened.
+    pub fn info_now(&self) -> TargetInfo {
+        self.info.clone()
+    }
+
     /// The connection (for its byte counters).
     pub fn connection(&self) -> &Connection<S> {
         &self.conn

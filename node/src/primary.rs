@@ -44,11 +44,13 @@ pub enum PrimaryError {
         #[source]
         source: std::io::Error,
     },
-    /// The sync itself failed.
-    #[error("sync of volume {volume} failed; the shadow keeps its last complete generation")]
+    /// The sync itself failed; the standby was asked afterwards which generation it holds.
+    #[error("sync of volume {volume} failed; {standby}")]
     Sync {
         /// Volume name.
         volume: String,
+        /// What the standby holds now, as far as this node can tell.
+        standby: StandbyAfterFailure,
         /// The engine's error.
         #[source]
         source: engine::sync::SyncError,
@@ -79,6 +81,87 @@ impl PrimaryError {
             _ => ErrorKind::Failed,
         }
     }
+}
+
+/// What the standby holds after a failed sync: asked over a new connection, because a failure at commit time
+/// leaves the primary unable to know whether the commit happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StandbyAfterFailure {
+    /// The standby still holds the generation it had when the sync started.
+    Kept {
+        /// That generation.
+        generation: u64,
+    },
+    /// The standby committed the new generation; the primary's manifest was not updated.
+    Committed {
+        /// The new generation.
+        generation: u64,
+    },
+    /// The standby could not be asked.
+    Unknown {
+        /// The generation it had when the sync started.
+        before: u64,
+        /// Why it could not be asked.
+        why: String,
+    },
+}
+
+impl std::fmt::Display for StandbyAfterFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StandbyAfterFailure::Kept { generation: 0 } => {
+                write!(f, "the standby holds no complete generation yet (the first full sync did not finish)")
+            }
+            StandbyAfterFailure::Kept { generation } => {
+                write!(f, "the standby keeps its last complete generation {generation}")
+            }
+            StandbyAfterFailure::Committed { generation } => write!(
+                f,
+                "the standby had already committed generation {generation}; this node's manifest was not updated, \
+                 so the next sync compares both sides"
+            ),
+            StandbyAfterFailure::Unknown { before, why } => write!(
+                f,
+                "this node cannot tell whether the standby committed generation {} or kept generation {before} \
+                 (asking it failed: {why}); either way it holds one complete generation, and the next sync \
+                 compares both sides",
+                before + 1
+            ),
+        }
+    }
+}
+
+/// Asks the standby which generation volume `vol` holds now (a few tries: the failed session may still hold the
+/// volume for a moment).
+fn ask_standby(cfg: &Config, vol: &config::Volume, size: u64, before: u64) -> StandbyAfterFailure {
+    let mut why = String::new();
+    for attempt in 0..5 {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let remote = connect(cfg).and_then(|conn| {
+            RemoteTarget::open(conn, &vol.name, size, vol.block_size)
+                .map_err(|source| PrimaryError::OpenRemote { volume: vol.name.clone(), source }.into())
+        });
+        match remote {
+            Ok(r) => {
+                let now = r.info_now();
+                drop(r.close());
+                return match now.generation {
+                    g if g == before => StandbyAfterFailure::Kept { generation: g },
+                    g if now.complete && Some(g) == before.checked_add(1) => {
+                        StandbyAfterFailure::Committed { generation: g }
+                    }
+                    g => StandbyAfterFailure::Unknown {
+                        before,
+                        why: format!("it reports generation {g}, which this sync did not make"),
+                    },
+                };
+            }
+            Err(e) => why = crate::error_chain(&e),
+        }
+    }
+    StandbyAfterFailure::Unknown { before, why }
 }
 
 /// One volume's result: the local sync's fields plus the wire's (the fields of `blockrep sync --json`).
@@ -147,8 +230,15 @@ pub fn sync_one(
     std::fs::create_dir_all(dir).map_err(|source| PrimaryError::StateDir { path: dir.into(), source })?;
     let mut opts = engine_options(vol.block_size, &o.io, o.no_refine);
     opts.cancel = o.cancel.clone();
-    let r = sync_volume(&vol.name, &src, &manifest, &mut remote, &opts, progress)
-        .map_err(|source| PrimaryError::Sync { volume: vol.name.clone(), source })?;
+    let before = remote.info_now().generation;
+    let r = match sync_volume(&vol.name, &src, &manifest, &mut remote, &opts, progress) {
+        Ok(r) => r,
+        Err(source) => {
+            drop(remote); // end this session so that the standby releases the volume
+            let standby = ask_standby(cfg, vol, src.size(), before);
+            return Err(PrimaryError::Sync { volume: vol.name.clone(), standby, source }.into());
+        }
+    };
     let s = remote.close().stats();
     Ok(NetReport {
         sync: r,

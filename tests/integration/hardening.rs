@@ -237,3 +237,60 @@ fn serve_finishes_a_commit_interrupted_mid_apply_before_it_accepts_a_connection(
     let r = p.sync_ok();
     assert_eq!(r["blocks_changed"], 0, "{r}");
 }
+
+/// A proxy to `target` that forwards everything, except that on the first connection it swallows the standby's
+/// CommitAck frame and closes: the primary cannot know whether its commit happened. Later connections pass.
+fn proxy_losing_the_commit_ack(target: String) -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for (i, client) in l.incoming().enumerate() {
+            let Ok(client) = client else { return };
+            let server = TcpStream::connect(&target).unwrap();
+            let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c_in, &mut s_out);
+            });
+            let (mut s_in, mut c_out) = (server, client);
+            std::thread::spawn(move || loop {
+                // One frame at a time: 24-byte header (type at 6, flags at 7, payload length at 8..12), payload,
+                // and a 16-byte MAC when flag 1 is set.
+                let mut h = [0u8; 24];
+                if s_in.read_exact(&mut h).is_err() {
+                    break;
+                }
+                let len =
+                    u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize + if h[7] & 1 != 0 { 16 } else { 0 };
+                let mut rest = vec![0u8; len];
+                if s_in.read_exact(&mut rest).is_err() {
+                    break;
+                }
+                if i == 0 && h[6] == 16 {
+                    let _ = c_out.shutdown(std::net::Shutdown::Both);
+                    let _ = s_in.shutdown(std::net::Shutdown::Both);
+                    break;
+                }
+                if c_out.write_all(&h).and_then(|()| c_out.write_all(&rest)).is_err() {
+                    break;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_sync_that_loses_the_commit_acknowledgement_asks_the_standby_and_says_what_it_holds() {
+    let mut p = Pair::new(2 << 20);
+    p.start_serve();
+    let via = proxy_losing_the_commit_ack(p.addr.clone());
+    let o = p.sync_via(&via, &p.path("key"));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("the standby had already committed generation 1"), "{err}");
+    assert!(!err.contains("keeps its last complete generation"), "{err}");
+    assert!(p.identical(), "the standby did commit");
+    // The primary's manifest was not updated: the next sync compares both sides and ships nothing.
+    let r = p.sync_ok();
+    assert_eq!((r["mode"].as_str(), r["bytes_sent"].as_u64()), (Some("compare"), Some(0)), "{r}");
+}

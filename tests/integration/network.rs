@@ -65,7 +65,7 @@ impl Pair {
         self.serve = Some(child);
     }
 
-    fn sync_via(&self, peer: &str, key: &Path) -> std::process::Output {
+    pub(super) fn sync_via(&self, peer: &str, key: &Path) -> std::process::Output {
         let cfg = self.config("primary", key, peer);
         run(blockrep().args(["sync", "--json", "--config"]).arg(cfg))
     }
@@ -235,6 +235,7 @@ fn cut_connection_leaves_shadow_at_last_generation_and_next_sync_resumes() {
     let (via, _) = proxy(p.addr.clone(), Some(3 << 20), None);
     let o = p.sync_via(&via, &p.path("key"));
     assert_ne!(o.status.code(), Some(0), "the cut sync must fail");
+    assert!(stderr(&o).contains("the standby keeps its last complete generation 1"), "{}", stderr(&o));
     assert_eq!(std::fs::read(p.path("shadow.img")).unwrap(), gen1, "shadow must still be generation 1");
     let r = p.sync_ok();
     assert!(p.identical());
