@@ -124,11 +124,11 @@ pub fn print_plan(r: &node::roles::Report, as_json: bool) {
 
 /// Prints a shadow now in place.
 pub fn print_shadow(s: &node::shadow::ShadowReady) {
-    let (v, vg, lv, n) = (&s.volume, &s.vg, &s.lv, s.size);
+    let (v, shadow, n) = (&s.volume, &s.shadow, s.size);
     if s.created {
-        println!("volume {v}: created shadow {vg}/{lv} ({n} bytes, tag blockrep_shadow)");
+        println!("volume {v}: created shadow {shadow} ({n} bytes)");
     } else {
-        println!("volume {v}: shadow {vg}/{lv} already exists ({n} bytes)");
+        println!("volume {v}: shadow {shadow} already exists ({n} bytes)");
     }
 }
 

@@ -96,7 +96,8 @@ pub enum SpoolError {
     /// The filesystem of the state directory is full.
     #[error(
         "spool for volume {volume} is full: needs at least {needed} bytes so far, {free} bytes free on {}; \
-         free space or move --state-dir",
+         free space there, or move the state directory (`state_dir` in the configuration; --state-dir for \
+         `sync --local`)",
         dir.display()
     )]
     Full {

@@ -70,7 +70,10 @@ pub const APPLY_DEPTH: usize = 16;
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
     /// The state directory could not be created or read.
-    #[error("cannot use state directory {path}: check that it exists and is writable, or pass another --state-dir")]
+    #[error(
+        "cannot use state directory {path}: check that it exists and is writable, or choose another one \
+         (`state_dir` in the configuration; --state-dir for `sync --local`)"
+    )]
     StateDir {
         /// The directory.
         path: PathBuf,

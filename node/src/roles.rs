@@ -121,9 +121,21 @@ pub fn role_config(cfg: &Config) -> Result<role::Config, Error> {
     Ok(rc)
 }
 
-/// Whether this node is (becoming) primary, so `serve` must refuse syncs.
-pub fn is_primary(cfg: &Config) -> bool {
-    !role::accepts_syncs(cfg.layout().role_dir()).unwrap_or(false)
+/// Why `serve` must refuse a sync now: this node is (becoming) primary, or its role state cannot be read (then
+/// nobody can say it is a standby). `None`: it accepts syncs.
+pub fn refuses_syncs(cfg: &Config) -> Option<String> {
+    let layout = cfg.layout();
+    let dir = layout.role_dir();
+    match role::accepts_syncs(dir) {
+        Ok(true) => None,
+        Ok(false) => Some(format!("this node ({}) is primary: it does not accept syncs; demote it first", cfg.node)),
+        Err(e) => Some(format!(
+            "this node ({}) cannot read its role state in {} ({e}); it does not accept syncs until that is \
+             repaired (`blockrep status` on it shows the same error)",
+            cfg.node,
+            dir.display()
+        )),
+    }
 }
 
 /// Every path a configured volume replicates (sources and shadows): the state directory must be on none of them.

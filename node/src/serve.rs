@@ -390,11 +390,8 @@ impl TargetLink for OpenShadow {
         self.target.extent(extent)
     }
     fn commit(&mut self, root: BlockHash) -> Result<CommitAck, LinkError> {
-        if roles::is_primary(&self.cfg) {
-            return Err(LinkError::Refused(format!(
-                "this node ({}) became primary during the sync; not committing",
-                self.cfg.node
-            )));
+        if let Some(why) = roles::refuses_syncs(&self.cfg) {
+            return Err(LinkError::Refused(format!("not committing: {why}")));
         }
         let ack = self.target.commit(root)?;
         // The target logs "generation committed" with the root hash.
@@ -446,11 +443,8 @@ fn open_volume(shared: &Shared, o: &m::OpenVolume) -> Result<OpenShadow, (u16, S
         .shadow
         .as_ref()
         .ok_or_else(|| (code::UNKNOWN_VOLUME, format!("volume {} has no `shadow` on standby {}", o.name, cfg.node)))?;
-    if roles::is_primary(cfg) {
-        return Err((
-            code::REFUSED,
-            format!("this node ({}) is primary: it does not accept syncs; demote it first", cfg.node),
-        ));
+    if let Some(why) = roles::refuses_syncs(cfg) {
+        return Err((code::REFUSED, why));
     }
     if !shared.busy.lock().expect("lock").insert(o.name.clone()) {
         return Err((

@@ -1,6 +1,6 @@
-//! Provisioning the standby's shadow LVs (`blockrep shadow create`), through lvmctl's
-//! [`lvmctl::Lvm::ensure_shadow`]: tagged `blockrep_shadow`, with the size the primary reported (recorded by the
-//! standby daemon when a sync found the shadow missing) or an explicit size.
+//! Provisioning the standby's shadows (`blockrep shadow create`): LVs through lvmctl's
+//! [`lvmctl::Lvm::ensure_shadow`] (tagged `blockrep_shadow`), files created sparse (never replacing one), with the
+//! size the primary reported (recorded by the standby daemon when a sync found the shadow missing) or --size.
 
 use std::path::{Path, PathBuf};
 
@@ -51,13 +51,23 @@ pub enum ShadowError {
     /// The lvm2 tool cannot be used.
     #[error(transparent)]
     NoLvm(LvmError),
-    /// The configured shadow is not an LV path.
-    #[error("volume {volume}: shadow {} is not of the form /dev/VG/LV", shadow.display())]
+    /// The configured shadow is under /dev but not an LV path.
+    #[error("volume {volume}: shadow {} is not of the form /dev/VG/LV (or a file outside /dev)", shadow.display())]
     NotAnLvPath {
         /// Volume name.
         volume: String,
         /// The configured shadow.
         shadow: PathBuf,
+    },
+    /// A file shadow could not be created, or exists with another size.
+    #[error("volume {volume}: cannot provide the file shadow {}: {why}", shadow.display())]
+    File {
+        /// Volume name.
+        volume: String,
+        /// The configured shadow.
+        shadow: PathBuf,
+        /// What went wrong and what to do.
+        why: String,
     },
     /// No size was given and the primary has not reported one.
     #[error(
@@ -87,7 +97,7 @@ impl ShadowError {
             | ShadowError::NoLvm(_)
             | ShadowError::NotAnLvPath { .. }
             | ShadowError::UnknownSize { .. } => ErrorKind::Usage,
-            ShadowError::Ensure { .. } => ErrorKind::Failed,
+            ShadowError::Ensure { .. } | ShadowError::File { .. } => ErrorKind::Failed,
         }
     }
 }
@@ -97,10 +107,8 @@ impl ShadowError {
 pub struct ShadowReady {
     /// Volume name.
     pub volume: String,
-    /// VG.
-    pub vg: String,
-    /// LV.
-    pub lv: String,
+    /// The shadow: `VG/LV`, or the file's path.
+    pub shadow: String,
     /// Size in bytes.
     pub size: u64,
     /// Whether it was created now (else it was already there).
@@ -123,26 +131,74 @@ pub fn create(
     size: Option<u64>,
     done: &mut dyn FnMut(&ShadowReady),
 ) -> Result<(), Error> {
-    let lvm = Lvm::new().map_err(ShadowError::NoLvm)?;
     let layout = cfg.layout();
+    let mut lvm = None;
     for vol in cfg.select(names)? {
         let shadow = cfg.shadow_of(vol)?;
-        let (vg, lv) = vg_lv(shadow)
-            .ok_or_else(|| ShadowError::NotAnLvPath { volume: vol.name.clone(), shadow: shadow.into() })?;
         let want = size
             .or_else(|| layout.recorded_source_size(&vol.name))
             .ok_or_else(|| ShadowError::UnknownSize { volume: vol.name.clone() })?;
+        if !shadow.starts_with("/dev") {
+            let created = ensure_file(&vol.name, shadow, want).map_err(|e| *e)?;
+            let shadow = shadow.display().to_string();
+            done(&ShadowReady { volume: vol.name.clone(), shadow, size: want, created });
+            continue;
+        }
+        let (vg, lv) = vg_lv(shadow)
+            .ok_or_else(|| ShadowError::NotAnLvPath { volume: vol.name.clone(), shadow: shadow.into() })?;
+        let lvm = match &mut lvm {
+            Some(l) => l,
+            None => lvm.insert(Lvm::new().map_err(ShadowError::NoLvm)?),
+        };
         let found = lvm
             .ensure_shadow(&vg, &lv, want)
             .map_err(|error| ShadowError::Ensure { volume: vol.name.clone(), error })?;
         let created = matches!(found, lvmctl::Shadow::Created(_));
-        done(&ShadowReady { volume: vol.name.clone(), vg, lv, size: want, created });
+        done(&ShadowReady { volume: vol.name.clone(), shadow: format!("{vg}/{lv}"), size: want, created });
     }
     Ok(())
 }
 
+/// A file shadow of exactly `size` bytes: created sparse if missing (never replacing a file), accepted if it
+/// exists with that size. Returns whether it was created.
+fn ensure_file(volume: &str, path: &Path, size: u64) -> Result<bool, Box<ShadowError>> {
+    let err = |why: String| Box::new(ShadowError::File { volume: volume.into(), shadow: path.into(), why });
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() && m.len() == size => Ok(false),
+        Ok(m) if m.is_file() => Err(err(format!(
+            "it exists with {} bytes but the source is {size} bytes; sizes must be equal: move it away (it is \
+             not replaced), or pass --size",
+            m.len()
+        ))),
+        Ok(_) => Err(err("it exists and is not a regular file".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(|e| err(format!("{e} (does its directory exist?)")))?;
+            f.set_len(size).and_then(|()| f.sync_all()).map_err(|e| err(e.to_string()))?;
+            Ok(true)
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_file_shadow_is_created_sparse_and_never_replaced() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("shadow.img");
+        assert!(super::ensure_file("v", &p, 1 << 20).unwrap());
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20);
+        assert!(!super::ensure_file("v", &p, 1 << 20).unwrap(), "an existing shadow of the right size is kept");
+        std::fs::write(&p, b"precious").unwrap();
+        let e = super::ensure_file("v", &p, 1 << 20).unwrap_err().to_string();
+        assert!(e.contains("exists with 8 bytes") && e.contains("not replaced"), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"precious");
+    }
+
     #[test]
     fn shadow_paths_split_into_vg_and_lv() {
         assert_eq!(super::vg_lv("/dev/vg1/root_shadow".as_ref()), Some(("vg1".into(), "root_shadow".into())));

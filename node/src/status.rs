@@ -87,6 +87,9 @@ pub struct NodeStatus {
 
 /// Reads this node's status.
 pub fn status(cfg: &Config, io: engine::volume::IoOptions) -> Result<NodeStatus, Error> {
+    if cfg.role.is_some() {
+        crate::roles::role_config(cfg)?; // an invalid [role] section is a configuration error here too
+    }
     let layout = cfg.layout();
     let st = role::status(layout.role_dir()).map_err(StatusError::Role)?;
     let mut volumes = Vec::new();

@@ -42,7 +42,13 @@ pub fn switchover(
 ) -> Result<Report, SwitchoverError> {
     let local = crate::state::load(&cfg.state_dir).map(|s| s.role).unwrap_or(Role::Standby);
     let describe = |r: Result<Role, String>| r.map_or_else(|e| format!("unknown ({e})"), |r| r.to_string());
-    if !opts.dry_run {
+    if opts.dry_run {
+        // A dry run fails where the real one would: the peer must answer.
+        if let Err(e) = peer.role() {
+            let reason = format!("it cannot be asked ({e})");
+            return Err(SwitchoverError::PeerDemote { reason, peer: "unknown".into(), local });
+        }
+    } else {
         if let Err(reason) = peer.demote(&opts.reason) {
             return Err(SwitchoverError::PeerDemote { reason, peer: describe(peer.role()), local });
         }

@@ -294,3 +294,56 @@ fn a_sync_that_loses_the_commit_acknowledgement_asks_the_standby_and_says_what_i
     let r = p.sync_ok();
     assert_eq!((r["mode"].as_str(), r["bytes_sent"].as_u64()), (Some("compare"), Some(0)), "{r}");
 }
+
+#[test]
+fn messages_tell_the_truth_about_role_state_shadows_and_colour() {
+    let mut p = Pair::new(1 << 20);
+    std::fs::remove_file(p.path("shadow.img")).unwrap();
+    p.start_serve();
+    // A missing file shadow: the hint works for files too.
+    let o = p.sync();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("blockrep shadow create vol"), "{}", stderr(&o));
+    let standby_cfg = p.config("standby", &p.path("key"), "127.0.0.1:1");
+    let o = run(blockrep().args(["shadow", "create", "vol", "--config"]).arg(&standby_cfg));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::metadata(p.path("shadow.img")).unwrap().len(), 1 << 20);
+    let o = run(blockrep()
+        .args(["sync", "--json", "--config"])
+        .arg(p.config("primary", &p.path("key"), &p.addr))
+        .env("BLOCKREP_LOG", "info"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(p.identical());
+    assert!(!stderr(&o).contains('\x1b'), "colour codes in a log that is not a terminal: {:?}", stderr(&o));
+
+    // A damaged role state: the standby refuses, and says why, instead of claiming to be primary.
+    let role_state = p.path("state-standby/role/role.state");
+    std::fs::create_dir_all(role_state.parent().unwrap()).unwrap();
+    std::fs::write(&role_state, b"\x00garbage").unwrap();
+    let o = p.sync();
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains("cannot read its role state") && !err.contains("is primary"), "{err}");
+    let (_, log) = p.stop_serve();
+    assert!(!log.contains('\x1b'), "colour codes in serve's log: {log:?}");
+
+    // [role] with an unknown key: status is a configuration error; a dry-run switchover with no peer fails
+    // as the real one would.
+    let role = |extra: &str| {
+        let text = format!(
+            "node = \"a\"\nkey_file = {:?}\nstate_dir = {:?}\n[standby]\nlisten = \"127.0.0.1:0\"\n\
+             peer = \"127.0.0.1:1\"\n[role]\ninterface = \"lo\"\nvip = \"127.0.0.99/8\"\n{extra}",
+            p.path("key"),
+            p.path("state-role")
+        );
+        let c = p.path("role.toml");
+        std::fs::write(&c, text).unwrap();
+        c
+    };
+    let o = run(blockrep().args(["status", "--config"]).arg(role("colour = \"red\"\n")));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("colour"), "{}", stderr(&o));
+    let o = run(blockrep().args(["switchover", "--dry-run", "--config"]).arg(role("")));
+    assert_ne!(o.status.code(), Some(0), "a dry run succeeded where the switchover would fail: {}", stdout(&o));
+    assert!(stderr(&o).contains("cannot be asked"), "{}", stderr(&o));
+}
