@@ -37,11 +37,13 @@ pub enum LocalError {
         #[source]
         source: std::io::Error,
     },
-    /// The sync failed.
-    #[error("sync of volume {volume} failed; the shadow keeps its last complete generation")]
+    /// The sync failed; the target was asked afterwards which generation it holds.
+    #[error("sync of volume {volume} failed; {target}")]
     Sync {
         /// Volume name.
         volume: String,
+        /// What the target holds now.
+        target: crate::primary::StandbyAfterFailure,
         /// The engine's error.
         #[source]
         source: engine::sync::SyncError,
@@ -133,9 +135,15 @@ impl LocalSync {
         let mut tgt =
             Target::open(&self.target, &layout.side_dir(Side::Standby, name), TargetOptions::new(name, self.io))
                 .map_err(LocalError::OpenTarget)?;
-        let report = sync_volume(name, &src, &manifest, &mut tgt, &opts, progress)
-            .map_err(|source| LocalError::Sync { volume: name.clone(), source })?;
-        Ok(report)
+        let before = tgt.info().generation;
+        sync_volume(name, &src, &manifest, &mut tgt, &opts, progress).map_err(|source| {
+            let now = tgt.info();
+            let target = match now.generation {
+                g if g == before => crate::primary::StandbyAfterFailure::Kept { generation: g },
+                g => crate::primary::StandbyAfterFailure::Committed { generation: g },
+            };
+            LocalError::Sync { volume: name.clone(), target, source }.into()
+        })
     }
 }
 
