@@ -76,6 +76,8 @@ pub const DEFAULT_PATH: &str = "/etc/blockrep/blockrep.toml";
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
+    #[serde(default)]
+    version: Option<toml::Spanned<i64>>,
     node: String,
     key_file: PathBuf,
     #[serde(default = "default_state_dir")]
@@ -97,7 +99,7 @@ fn default_state_dir() -> PathBuf {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawStandby {
-    listen: String,
+    listen: toml::Spanned<String>,
     #[serde(default)]
     peer: Option<String>,
     #[serde(default)]
@@ -109,7 +111,7 @@ struct RawStandby {
 struct RawPrimary {
     peer: String,
     #[serde(default)]
-    bwlimit: Option<String>,
+    bwlimit: Option<toml::Spanned<String>>,
     #[serde(default)]
     compression_level: Option<i32>,
     #[serde(default)]
@@ -127,11 +129,13 @@ struct RawVolume {
     #[serde(default = "default_snapshot")]
     snapshot: String,
     #[serde(default)]
-    snapshot_size: Option<String>,
+    snapshot_size: Option<toml::Spanned<String>>,
     #[serde(default)]
     snapshot_name: Option<String>,
     #[serde(default)]
-    block_size: Option<String>,
+    block_size: Option<toml::Spanned<String>>,
+    #[serde(default)]
+    size: Option<toml::Spanned<String>>,
 }
 
 fn default_snapshot() -> String {
@@ -174,6 +178,8 @@ pub struct Volume {
     pub snapshot: SnapshotDriver,
     /// Block size.
     pub block_size: u32,
+    /// The source's size (`size`), for `blockrep shadow create` when the primary has not reported it.
+    pub size: Option<u64>,
 }
 
 /// The checked configuration.
@@ -220,12 +226,25 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let raw: Raw = toml::from_str(text).map_err(|error| ConfigError::Syntax { path: path.into(), error })?;
         let bad = |message: String| ConfigError::Invalid { path: path.into(), message };
+        // A semantic error names the key and its line, as the TOML parser does for syntax errors.
+        let key_at = |key: &str, span: std::ops::Range<usize>| format!("{key} (line {})", line_of(text, span));
+        if let Some(v) = &raw.version {
+            if *v.get_ref() != i64::from(CONFIG_VERSION) {
+                return Err(bad(format!(
+                    "{}: configuration version {} is not supported: this blockrep reads version {CONFIG_VERSION}",
+                    key_at("version", v.span()),
+                    v.get_ref()
+                )));
+            }
+        }
         let listen = match &raw.standby {
-            Some(s) => Some(
-                s.listen
-                    .parse::<SocketAddr>()
-                    .map_err(|_| bad(format!("standby.listen {:?} is not an address like 0.0.0.0:7788", s.listen)))?,
-            ),
+            Some(s) => Some(s.listen.get_ref().parse::<SocketAddr>().map_err(|_| {
+                bad(format!(
+                    "{}: {:?} is not an address like 0.0.0.0:7788",
+                    key_at("standby.listen", s.listen.span()),
+                    s.listen.get_ref()
+                ))
+            })?),
             None => None,
         };
         let idle_timeout = match raw.standby.as_ref().and_then(|s| s.idle_timeout_s) {
@@ -233,8 +252,10 @@ impl Config {
             Some(s) => std::time::Duration::from_secs(s),
             None => crate::serve::DEFAULT_IDLE_TIMEOUT,
         };
-        let bwlimit = match raw.primary.as_ref().and_then(|p| p.bwlimit.as_deref()) {
-            Some(s) => Some(parse_size(s).map_err(|e| bad(format!("primary.bwlimit: {e}")))?),
+        let bwlimit = match raw.primary.as_ref().and_then(|p| p.bwlimit.as_ref()) {
+            Some(s) => Some(
+                parse_size(s.get_ref()).map_err(|e| bad(format!("{}: {e}", key_at("primary.bwlimit", s.span()))))?,
+            ),
             None => None,
         };
         let mut volumes = Vec::new();
@@ -244,17 +265,37 @@ impl Config {
             if volumes.iter().any(|o: &Volume| o.name == v.name) {
                 return Err(bad(format!("volume {:?} is configured twice", v.name)));
             }
+            let block_key = match &v.block_size {
+                Some(s) => key_at("block_size", s.span()),
+                None => "block_size".into(),
+            };
             let bs = match &v.block_size {
-                Some(s) => parse_size(s).map_err(|e| bad(format!("volume {}: block_size: {e}", v.name)))?,
+                Some(s) => parse_size(s.get_ref()).map_err(|e| bad(format!("volume {}: {block_key}: {e}", v.name)))?,
                 None => engine::hash::DEFAULT_BLOCK_SIZE as u64,
             };
             let block_size = engine::hash::validate_block_size(bs)
-                .map_err(|e| bad(format!("volume {}: block_size: {e}", v.name)))?;
+                .map_err(|e| bad(format!("volume {}: {block_key}: {e}", v.name)))?;
+            let size = match &v.size {
+                Some(s) => Some(
+                    parse_size(s.get_ref())
+                        .and_then(|n| if n == 0 { Err("the size must not be 0".into()) } else { Ok(n) })
+                        .map_err(|e| bad(format!("volume {}: {}: {e}", v.name, key_at("size", s.span()))))?,
+                ),
+                None => None,
+            };
             let snapshot = match v.snapshot.as_str() {
                 "none" => SnapshotDriver::None,
                 "lvm" => SnapshotDriver::Lvm {
-                    size: parse_snapshot_size(v.snapshot_size.as_deref().unwrap_or("20%"))
-                        .map_err(|e| bad(format!("volume {}: snapshot_size: {e}", v.name)))?,
+                    size: match &v.snapshot_size {
+                        Some(s) => {
+                            let key = key_at("snapshot_size", s.span());
+                            let size = parse_snapshot_size(s.get_ref())
+                                .map_err(|e| bad(format!("volume {}: {key}: {e}", v.name)))?;
+                            warn_small_snapshot(&v.name, &key, size);
+                            size
+                        }
+                        None => SnapshotSize::Percent(lvmctl::DEFAULT_SNAPSHOT_PERCENT),
+                    },
                     name: v.snapshot_name.clone(),
                 },
                 other => {
@@ -270,7 +311,7 @@ impl Config {
                     v.name
                 )));
             }
-            volumes.push(Volume { name: v.name, source: v.source, shadow: v.shadow, snapshot, block_size });
+            volumes.push(Volume { name: v.name, source: v.source, shadow: v.shadow, snapshot, block_size, size });
         }
         let primary = raw.primary.as_ref();
         Ok(Config {
@@ -323,6 +364,33 @@ impl Config {
 
     fn missing_path(&self, vol: &Volume, key: &'static str, hint: &'static str) -> ConfigError {
         ConfigError::MissingPath { volume: vol.name.clone(), key, path: self.path.clone(), hint }
+    }
+}
+
+/// The configuration format this blockrep reads (`version = 1` at the top; optional, 1 when absent).
+pub const CONFIG_VERSION: u8 = 1;
+
+/// Below this percentage of the origin, a snapshot is likely to overflow during a sync of a busy volume.
+pub const SNAPSHOT_WARN_PERCENT: u8 = 20;
+
+/// The 1-based line of a byte offset in `text`.
+fn line_of(text: &str, span: std::ops::Range<usize>) -> usize {
+    text.as_bytes()[..span.start.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+/// A warning at load for a snapshot under [`SNAPSHOT_WARN_PERCENT`] of its origin. Only the percent form is
+/// checked: the byte form would need the origin's size from lvm on every load of the configuration (also on the
+/// standby, where the source does not exist), so it is left to the sync, which fails with a hint when the
+/// snapshot overflows.
+fn warn_small_snapshot(volume: &str, key: &str, size: SnapshotSize) {
+    if let SnapshotSize::Percent(p) = size {
+        if p < SNAPSHOT_WARN_PERCENT {
+            tracing::warn!(
+                volume,
+                "{key}: a snapshot of {p}% of the origin is under {SNAPSHOT_WARN_PERCENT}%: a busy volume can \
+                 overflow it during a sync, which then fails"
+            );
+        }
     }
 }
 
@@ -389,6 +457,30 @@ mod tests {
         assert_eq!(c.volumes.len(), 2);
         assert_eq!(c.volumes[0].snapshot, SnapshotDriver::Lvm { size: SnapshotSize::Percent(20), name: None });
         assert_eq!(c.listen, Some("0.0.0.0:7788".parse().unwrap()));
+    }
+
+    #[test]
+    fn version_and_semantic_errors_name_the_key_and_line() {
+        let ok = Config::parse("version = 1\nnode = \"a\"\nkey_file = \"/k\"\n", Path::new("c.toml"));
+        assert!(ok.is_ok(), "{ok:?}");
+        let e = link::error_chain(
+            &Config::parse("version = 2\nnode = \"a\"\nkey_file = \"/k\"\n", Path::new("c.toml")).unwrap_err(),
+        );
+        assert!(e.contains("version 2") && e.contains("line 1") && e.contains("version 1"), "{e}");
+        let text = "node = \"a\"\nkey_file = \"/k\"\n[standby]\n\nlisten = \"0.0.0.0\"\n";
+        let e = link::error_chain(&Config::parse(text, Path::new("c.toml")).unwrap_err());
+        assert!(e.contains("standby.listen") && e.contains("line 5") && e.contains("0.0.0.0"), "{e}");
+        let vol = "node = \"a\"\nkey_file = \"/k\"\n[[volume]]\nname = \"v\"\nshadow = \"/s\"\n";
+        let e = link::error_chain(&Config::parse(&format!("{vol}size = \"12Q\"\n"), Path::new("c.toml")).unwrap_err());
+        assert!(e.contains("size (line 6)") && e.contains("12Q"), "{e}");
+        let e =
+            link::error_chain(&Config::parse(&format!("{vol}block_size = \"3K\"\n"), Path::new("c.toml")).unwrap_err());
+        assert!(e.contains("block_size (line 6)"), "{e}");
+        let text = format!("{vol}source = \"/x\"\nsnapshot = \"lvm\"\nsnapshot_size = \"120%\"\n");
+        let e = link::error_chain(&Config::parse(&text, Path::new("c.toml")).unwrap_err());
+        assert!(e.contains("snapshot_size (line 8)"), "{e}");
+        let c = Config::parse(&format!("{vol}size = \"1G\"\n"), Path::new("c.toml")).unwrap();
+        assert_eq!(c.volumes[0].size, Some(1 << 30));
     }
 
     #[test]

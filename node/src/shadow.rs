@@ -1,6 +1,7 @@
 //! Provisioning the standby's shadows (`blockrep shadow create`): LVs through lvmctl's
-//! [`lvmctl::Lvm::ensure_shadow`] (tagged `blockrep_shadow`), files created sparse (never replacing one), with the
-//! size the primary reported (recorded by the standby daemon when a sync found the shadow missing) or --size.
+//! [`lvmctl::Lvm::ensure_shadow`] (tagged `blockrep_shadow`), files created sparse (never replacing one), with
+//! --size, else the volume's `size` in the configuration, else the size the primary reported (recorded by the
+//! standby daemon when a sync found the shadow missing).
 
 use std::path::{Path, PathBuf};
 
@@ -71,8 +72,8 @@ pub enum ShadowError {
     },
     /// No size was given and the primary has not reported one.
     #[error(
-        "volume {volume}: the primary has not reported its size yet; pass --size, or run `blockrep sync {volume}` \
-         on the primary once (it is refused, and the size is recorded here)"
+        "volume {volume}: no size known: set `size` in its [[volume]] section, pass --size, or run `blockrep \
+         sync {volume}` on the primary once (it is refused, and the size is recorded here)"
     )]
     UnknownSize {
         /// Volume name.
@@ -116,15 +117,15 @@ pub struct ShadowReady {
 }
 
 /// `/dev/VG/LV` → (VG, LV).
-fn vg_lv(path: &Path) -> Option<(String, String)> {
+pub(crate) fn vg_lv(path: &Path) -> Option<(String, String)> {
     let mut parts = path.strip_prefix("/dev").ok()?.components();
     let vg = parts.next()?.as_os_str().to_str()?.to_owned();
     let lv = parts.next()?.as_os_str().to_str()?.to_owned();
     parts.next().is_none().then_some((vg, lv))
 }
 
-/// Creates the shadows of the named (or all) volumes, with `size` or the size the primary reported; `done` is
-/// called for each shadow in place. Stops at the first failure.
+/// Creates the shadows of the named (or all) volumes, with `size`, else the volume's configured `size`, else the
+/// size the primary reported; `done` is called for each shadow in place. Stops at the first failure.
 pub fn create(
     cfg: &Config,
     names: &[String],
@@ -136,6 +137,7 @@ pub fn create(
     for vol in cfg.select(names)? {
         let shadow = cfg.shadow_of(vol)?;
         let want = size
+            .or(vol.size)
             .or_else(|| layout.recorded_source_size(&vol.name))
             .ok_or_else(|| ShadowError::UnknownSize { volume: vol.name.clone() })?;
         if !shadow.starts_with("/dev") {
