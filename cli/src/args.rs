@@ -50,17 +50,48 @@ pub enum Command {
     /// Manage the standby's shadow volumes.
     #[command(subcommand)]
     Shadow(ShadowCommand),
+    /// Return this node to standalone: stop replication, remove blockrep's leftover snapshots and its state
+    /// (shadows are kept unless --delete-shadows).
+    Deconfigure(DeconfigureArgs),
+    /// Write man pages or shell completions generated from these definitions (used by scripts/install.sh).
+    #[command(subcommand, hide = true)]
+    Generate(GenerateCommand),
+}
+
+/// `blockrep deconfigure`.
+#[derive(Debug, Args)]
+pub struct DeconfigureArgs {
+    /// Also delete the shadows: file shadows are deleted, LV shadows removed only when tagged blockrep_shadow.
+    #[arg(long)]
+    pub delete_shadows: bool,
+}
+
+/// `blockrep generate ...`.
+#[derive(Debug, Subcommand)]
+pub enum GenerateCommand {
+    /// Man pages (blockrep.1 and one per subcommand) into DIR.
+    Man {
+        /// Output directory (created if missing).
+        dir: PathBuf,
+    },
+    /// The completion script for SHELL into DIR.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+        /// Output directory (created if missing).
+        dir: PathBuf,
+    },
 }
 
 /// `blockrep shadow ...`.
 #[derive(Debug, Subcommand)]
 pub enum ShadowCommand {
-    /// Create the shadow LVs (tagged blockrep_shadow) of the named or all volumes, with the size the primary
-    /// reported or --size.
+    /// Create the shadows of the named or all volumes (LVs tagged blockrep_shadow, or sparse files), with
+    /// --size, else the volume's `size` in the configuration, else the size the primary reported.
     Create {
         /// Volumes (default: all).
         volumes: Vec<String>,
-        /// Size in bytes (K, M, G suffixes) instead of the size the primary reported.
+        /// Size in bytes (K, M, G suffixes) instead of the configured or reported size.
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
     },

@@ -8,6 +8,7 @@
 mod args;
 mod demo;
 mod exit;
+mod generate;
 mod report;
 
 use std::path::Path;
@@ -59,6 +60,11 @@ fn run(cli: &args::Cli) -> Result<()> {
         args::Command::Shadow(args::ShadowCommand::Create { volumes, size }) => {
             Ok(node::shadow::create(&load()?, volumes, *size, &mut report::print_shadow)?)
         }
+        args::Command::Deconfigure(a) => {
+            let opts = node::deconfigure::DeconfigureOptions { delete_shadows: a.delete_shadows };
+            Ok(node::deconfigure::run(&load()?, opts, &mut report::print_deconfigure)?)
+        }
+        args::Command::Generate(g) => generate::run(g),
     }
 }
 

@@ -122,6 +122,28 @@ pub fn print_plan(r: &node::roles::Report, as_json: bool) {
     }
 }
 
+/// Prints one step of `blockrep deconfigure`.
+pub fn print_deconfigure(step: &node::deconfigure::Step) {
+    use node::deconfigure::{Outcome, Step};
+    let outcome = |o: &Outcome| match o {
+        Outcome::Removed => "removed".to_owned(),
+        Outcome::Absent => "not there".to_owned(),
+        Outcome::Kept(why) => format!("kept: {why}"),
+        Outcome::Failed(why) => format!("NOT removed: {why}"),
+    };
+    match step {
+        Step::Replication(note) => println!("replication: {note}"),
+        Step::Snapshot { volume, snapshot, outcome: o } if snapshot.is_empty() => {
+            println!("volume {volume}: snapshot {}", outcome(o))
+        }
+        Step::Snapshot { volume, snapshot, outcome: o } => {
+            println!("volume {volume}: snapshot {snapshot} {}", outcome(o))
+        }
+        Step::State { path, outcome: o } => println!("state {}: {}", path.display(), outcome(o)),
+        Step::Shadow { volume, shadow, outcome: o } => println!("volume {volume}: shadow {shadow} {}", outcome(o)),
+    }
+}
+
 /// Prints a shadow now in place.
 pub fn print_shadow(s: &node::shadow::ShadowReady) {
     let (v, shadow, n) = (&s.volume, &s.shadow, s.size);

@@ -13,6 +13,7 @@
 //! * [`status`]: the node's status as a typed struct.
 //! * [`shadow`]: provisioning the standby's shadow LVs.
 //! * [`local`]: sync and verify in one process, without network or configuration file.
+//! * [`deconfigure`]: returning a node to standalone (snapshots, state, optionally shadows).
 //!
 //! Every module has its own error enum; [`Error`] gathers them, and [`Error::kind`] says which of the outcomes a
 //! script must tell apart ([`ErrorKind`]) an error is.
@@ -26,6 +27,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod deconfigure;
 pub mod freeze;
 pub mod layout;
 pub mod local;
@@ -90,6 +92,9 @@ pub enum Error {
     /// Local sync and verify.
     #[error(transparent)]
     Local(Box<local::LocalError>),
+    /// Returning a node to standalone.
+    #[error(transparent)]
+    Deconfigure(Box<deconfigure::DeconfigureError>),
 }
 
 // Boxed, so that a `Result<_, Error>` stays small.
@@ -159,6 +164,12 @@ impl From<local::LocalError> for Error {
     }
 }
 
+impl From<deconfigure::DeconfigureError> for Error {
+    fn from(e: deconfigure::DeconfigureError) -> Self {
+        Error::Deconfigure(Box::new(e))
+    }
+}
+
 impl Error {
     /// The kind of this error.
     pub fn kind(&self) -> ErrorKind {
@@ -171,6 +182,7 @@ impl Error {
             Error::Roles(e) => e.kind(),
             Error::Shadow(e) => e.kind(),
             Error::Local(e) => e.kind(),
+            Error::Deconfigure(e) => e.kind(),
         }
     }
 }
