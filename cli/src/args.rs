@@ -18,9 +18,22 @@ pub struct Cli {
     /// More log output on stderr (-v info, -vv debug); BLOCKREP_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// Log format on stderr: text, or one JSON object per line (for log collectors).
+    #[arg(long, value_enum, default_value_t, global = true)]
+    pub log_format: LogFormat,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per event.
+    Json,
 }
 
 /// Commands.
@@ -50,6 +63,19 @@ pub enum Command {
     /// Manage the standby's shadow volumes.
     #[command(subcommand)]
     Shadow(ShadowCommand),
+    /// Print the systemd units rendered from `[schedule]` (for the install step).
+    Schedule(ScheduleArgs),
+    /// Turn replication on or off on this node (recorded in the state directory; `sync` does nothing while off).
+    Replication {
+        /// enable or disable.
+        #[arg(value_enum)]
+        switch: ReplicationSwitch,
+    },
+    /// Stop the running sync at the next consistent point (SIGTERM to the process holding the sync lock); the
+    /// standby keeps its previous generation.
+    Cancel,
+    /// List what happened on this node: syncs, verifies, switchovers, alarms.
+    Log(LogArgs),
     /// Return this node to standalone: stop replication, remove blockrep's leftover snapshots and its state
     /// (shadows are kept unless --delete-shadows).
     Deconfigure(DeconfigureArgs),
@@ -81,6 +107,40 @@ pub enum GenerateCommand {
         /// Output directory (created if missing).
         dir: PathBuf,
     },
+}
+
+/// `blockrep replication enable|disable`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReplicationSwitch {
+    /// Syncs run.
+    Enable,
+    /// Syncs do nothing (exit 0, logged) until enabled again.
+    Disable,
+}
+
+/// `blockrep schedule`.
+#[derive(Debug, Args)]
+pub struct ScheduleArgs {
+    /// The timer unit (blockrep-sync.timer), OnCalendar from `[schedule] on_calendar`.
+    #[arg(long, required_unless_present = "print_service")]
+    pub print_timer: bool,
+    /// The service unit (blockrep-sync.service) the timer starts.
+    #[arg(long, conflicts_with = "print_timer")]
+    pub print_service: bool,
+    /// With --print-service: the blockrep binary the unit runs (default: this one).
+    #[arg(long)]
+    pub exe: Option<PathBuf>,
+}
+
+/// `blockrep log`.
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+    /// Only events since then: Unix seconds, or an age like 2h or 7d.
+    #[arg(long, value_parser = node::history::parse_since)]
+    pub since: Option<u64>,
 }
 
 /// `blockrep shadow ...`.

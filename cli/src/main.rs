@@ -21,7 +21,7 @@ use node::roles::{Plan, PlanOptions};
 
 fn main() -> std::process::ExitCode {
     let cli = args::Cli::parse();
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, cli.log_format);
     let code = match run(&cli) {
         Ok(()) => ExitCode::Ok,
         Err(err) => {
@@ -49,10 +49,7 @@ fn run(cli: &args::Cli) -> Result<()> {
             println!("wrote a new key to {} (mode 0600); copy it to the other node's key_file", a.path.display());
             Ok(())
         }
-        args::Command::Status(a) => {
-            report::print_status(&node::status::status(&load()?, Default::default())?, a.json);
-            Ok(())
-        }
+        args::Command::Status(a) => status(&cli.config, a.json),
         args::Command::Promote(a) => plan(&cli.config, Plan::Promote, a),
         args::Command::Demote(a) => plan(&cli.config, Plan::Demote, a),
         args::Command::Switchover(a) => plan(&cli.config, Plan::Switchover, a),
@@ -65,17 +62,67 @@ fn run(cli: &args::Cli) -> Result<()> {
             Ok(node::deconfigure::run(&load()?, opts, &mut report::print_deconfigure)?)
         }
         args::Command::Generate(g) => generate::run(g),
+        args::Command::Schedule(a) if a.print_service => {
+            let exe = match &a.exe {
+                Some(p) => p.clone(),
+                None => std::env::current_exe()?,
+            };
+            print!("{}", node::schedule::render_service(&load()?, &exe));
+            Ok(())
+        }
+        args::Command::Schedule(_) => {
+            print!("{}", node::schedule::render_timer(&load()?)?);
+            Ok(())
+        }
+        args::Command::Replication { switch } => {
+            let on = *switch == args::ReplicationSwitch::Enable;
+            node::schedule::set_replication(&load()?, on)?;
+            println!("replication {}", if on { "enabled" } else { "disabled: syncs do nothing until enabled" });
+            Ok(())
+        }
+        args::Command::Cancel => {
+            let h = node::lock::cancel(&load()?)?;
+            println!("sent SIGTERM to the sync (process {}, running since {} unix)", h.pid, h.since);
+            Ok(())
+        }
+        args::Command::Log(a) => {
+            report::print_log(&node::history::read(&load()?, a.since.unwrap_or(0)), a.json);
+            Ok(())
+        }
     }
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, format: args::LogFormat) {
     let default = ["warn", "info", "debug", "trace"][usize::from(verbose.min(3))];
     let filter = tracing_subscriber::EnvFilter::try_from_env("BLOCKREP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal;
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    fmt.with_target(false).init();
+    match format {
+        args::LogFormat::Text => fmt.with_target(false).init(),
+        args::LogFormat::Json => fmt.json().with_current_span(false).init(),
+    }
+}
+
+/// `blockrep status`: exit 0 without alarm, 1 with an alarm raised, 2 when the configuration cannot be used
+/// (with --json, still one object saying so).
+fn status(config: &Path, as_json: bool) -> Result<()> {
+    let s = Config::load(config).map_err(node::Error::from).and_then(|c| node::status::status(&c, Default::default()));
+    let s = match s {
+        Ok(s) => s,
+        Err(e) if as_json && e.kind() == node::ErrorKind::Usage => {
+            let state = node::status::ReplicationState::ConfigurationFailed;
+            println!("{}", serde_json::json!({ "state": state, "error": node::error_chain(&e) }));
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    report::print_status(&s, as_json);
+    match s.alarms.len() {
+        0 => Ok(()),
+        n => Err(anyhow::anyhow!("{n} alarm(s) raised")),
+    }
 }
 
 /// `blockrep sync [VOLUME...]` over the network; every selected volume is tried, the first failure decides the

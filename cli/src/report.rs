@@ -2,6 +2,7 @@
 //! bar.
 
 use std::io::{IsTerminal, Write};
+use std::time::Duration;
 
 use engine::sync::SyncReport;
 use node::primary::{NetReport, SyncObserver, VolumeOutcome};
@@ -154,7 +155,7 @@ pub fn print_shadow(s: &node::shadow::ShadowReady) {
     }
 }
 
-/// Prints the node's status.
+/// Prints the node's status: one screen, or one JSON object.
 pub fn print_status(s: &node::status::NodeStatus, as_json: bool) {
     if as_json {
         println!("{}", json(s));
@@ -162,20 +163,76 @@ pub fn print_status(s: &node::status::NodeStatus, as_json: bool) {
     }
     let accepts = if s.role.accepts_syncs { " (accepts syncs)" } else { "" };
     println!("node {}: {}{accepts}", s.node, s.role.role);
+    let enabled = if s.replication_enabled { "enabled" } else { "DISABLED (blockrep replication enable)" };
+    println!("replication: {enabled}; state: {}", s.state.as_str());
+    if let Some(r) = &s.running {
+        println!("sync running: process {} since {}", r.pid, ago(r.since));
+    }
     match &s.role.last_switchover {
-        Some(sw) => println!("last switchover: {}", json(sw)),
+        Some(sw) => println!("last switchover: {} -> {} {} ({})", sw.from, sw.to, ago(sw.time), sw.reason),
         None => println!("last switchover: none"),
     }
     if let Some(p) = &s.role.plan {
         println!("plan in progress: {}", json(p));
     }
+    if let Some(p) = &s.peer {
+        match (&p.role, &p.error) {
+            (Some(r), _) => println!("peer {}: reachable, {r}", p.address),
+            (None, Some(e)) => {
+                println!("peer {}: {} ({e})", p.address, if p.reachable { "answers" } else { "UNREACHABLE" })
+            }
+            (None, None) => println!("peer {}: unknown", p.address),
+        }
+    }
+    for sv in &s.services {
+        println!("service {} ({}): {}", sv.name, sv.runs_on, sv.state);
+    }
     for v in &s.volumes {
         let incomplete = if v.complete == Some(false) { ", INCOMPLETE (not promotable)" } else { "" };
-        let last = v.last_sync.map(|t| format!(", last sync at {t} (unix)")).unwrap_or_default();
-        println!("volume {} ({}): generation {}{incomplete}{last}", v.name, v.side.as_str(), v.generation);
+        let age =
+            v.data_age_s.map(|a| format!(", data age {}", node::schedule::format_duration(Duration::from_secs(a))));
+        println!(
+            "volume {} ({}): generation {}{incomplete}{}",
+            v.name,
+            v.side.as_str(),
+            v.generation,
+            age.unwrap_or_default()
+        );
+        if let Some(l) = &v.record.last_success {
+            println!(
+                "  last success {}: generation {}, {:.1} s, {} changed, {} sent",
+                ago(l.time),
+                l.generation,
+                l.duration_s,
+                bytes(l.bytes_changed),
+                bytes(l.bytes_sent)
+            );
+        }
+        if let Some(f) =
+            v.record.last_failure.as_ref().filter(|_| v.record.last_outcome != Some(node::status::Outcome::Ok))
+        {
+            println!("  last {} {}: {}", f.outcome.as_str(), ago(f.time), f.cause);
+        }
     }
     for a in &s.alarms {
-        println!("ALARM{}: {}", a.volume.as_ref().map(|v| format!(" volume {v}")).unwrap_or_default(), a.message);
+        println!("ALARM {} since {}: {}", a.key(), ago(a.since), a.message);
+    }
+}
+
+/// `12 s ago`-style times from Unix seconds.
+fn ago(t: u64) -> String {
+    let d = node::history::now().saturating_sub(t);
+    format!("{} ago (unix {t})", node::schedule::format_duration(Duration::from_secs(d)))
+}
+
+/// Prints `blockrep log`: one line per event, or one JSON object per line.
+pub fn print_log(entries: &[node::history::Entry], as_json: bool) {
+    for e in entries {
+        if as_json {
+            println!("{}", json(e));
+        } else {
+            println!("{} {}", e.time, e.event);
+        }
     }
 }
 

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use toml::Spanned;
 
 use crate::layout;
 
@@ -90,6 +91,34 @@ struct Raw {
     volumes: Vec<RawVolume>,
     #[serde(default)]
     role: Option<toml::Table>,
+    #[serde(default)]
+    schedule: Option<RawSchedule>,
+    #[serde(default)]
+    monitoring: Option<RawMonitoring>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSchedule {
+    #[serde(default)]
+    on_calendar: Option<Spanned<String>>,
+    #[serde(default)]
+    retry_count: Option<u32>,
+    #[serde(default)]
+    retry_interval: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMonitoring {
+    #[serde(default)]
+    max_data_age: Option<Spanned<String>>,
+    #[serde(default)]
+    metrics_file: Option<PathBuf>,
+    #[serde(default)]
+    metrics_interval: Option<Spanned<String>>,
+    #[serde(default)]
+    standby_node: Option<String>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -211,6 +240,34 @@ pub struct Config {
     pub volumes: Vec<Volume>,
     /// The `[role]` section, for the role manager.
     pub role: Option<toml::Table>,
+    /// The `[schedule]` section.
+    pub schedule: crate::schedule::Schedule,
+    /// The `[monitoring]` section.
+    pub monitoring: Monitoring,
+}
+
+/// The `[monitoring]` section: alarm thresholds and the metrics file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Monitoring {
+    /// Standby data older than this raises an alarm.
+    pub max_data_age: Option<std::time::Duration>,
+    /// Prometheus text file (node_exporter textfile collector), written after each sync and by `serve`.
+    pub metrics_file: Option<PathBuf>,
+    /// How often `serve` rewrites the metrics file.
+    pub metrics_interval: std::time::Duration,
+    /// The node configured as standby: an alarm when it runs as primary.
+    pub standby_node: Option<String>,
+}
+
+impl Default for Monitoring {
+    fn default() -> Self {
+        Monitoring {
+            max_data_age: None,
+            metrics_file: None,
+            metrics_interval: std::time::Duration::from_secs(60),
+            standby_node: None,
+        }
+    }
 }
 
 impl Config {
@@ -313,6 +370,38 @@ impl Config {
             }
             volumes.push(Volume { name: v.name, source: v.source, shadow: v.shadow, snapshot, block_size, size });
         }
+        let at = |key: &str, v: &Spanned<String>, e: String| {
+            let line = text[..v.span().start.min(text.len())].matches('\n').count() + 1;
+            bad(format!("{key} (line {line}): {e}"))
+        };
+        let mut schedule = crate::schedule::Schedule::default();
+        if let Some(s) = &raw.schedule {
+            if let Some(c) = &s.on_calendar {
+                let cal = crate::schedule::normalize_calendar(c.get_ref());
+                schedule.on_calendar = Some(cal.map_err(|e| at("schedule.on_calendar", c, e))?);
+            }
+            schedule.retry_count = s.retry_count.unwrap_or(0);
+            if let Some(i) = &s.retry_interval {
+                schedule.retry_interval =
+                    crate::schedule::parse_duration(i.get_ref()).map_err(|e| at("schedule.retry_interval", i, e))?;
+            }
+        }
+        let mut monitoring = Monitoring::default();
+        if let Some(m) = raw.monitoring {
+            if let Some(a) = &m.max_data_age {
+                let d =
+                    crate::schedule::parse_duration(a.get_ref()).map_err(|e| at("monitoring.max_data_age", a, e))?;
+                monitoring.max_data_age = Some(d);
+            }
+            if let Some(i) = &m.metrics_interval {
+                let d = crate::schedule::parse_duration(i.get_ref())
+                    .and_then(|d| if d.is_zero() { Err("must be at least 1s".into()) } else { Ok(d) })
+                    .map_err(|e| at("monitoring.metrics_interval", i, e))?;
+                monitoring.metrics_interval = d;
+            }
+            monitoring.metrics_file = m.metrics_file;
+            monitoring.standby_node = m.standby_node;
+        }
         let primary = raw.primary.as_ref();
         Ok(Config {
             path: path.to_owned(),
@@ -328,6 +417,8 @@ impl Config {
             idle_timeout,
             volumes,
             role: raw.role,
+            schedule,
+            monitoring,
         })
     }
 
@@ -493,5 +584,22 @@ mod tests {
         let text = "node = \"a\"\nkey_file = \"/k\"\n[[volume]]\nname = \"v\"\nsource = \"/x\"\nsnapshot = \"zfs\"\n";
         let e = link::error_chain(&Config::parse(text, Path::new("c.toml")).unwrap_err());
         assert!(e.contains("zfs"), "{e}");
+    }
+
+    #[test]
+    fn schedule_and_monitoring() {
+        let text = "node = \"a\"\nkey_file = \"/k\"\n[schedule]\non_calendar = \"daily 22:00\"\nretry_count = 3\n\
+                    retry_interval = \"5m\"\n[monitoring]\nmax_data_age = \"26h\"\n";
+        let c = Config::parse(text, Path::new("c.toml")).unwrap();
+        assert_eq!(c.schedule.on_calendar.as_deref(), Some("*-*-* 22:00:00"));
+        assert_eq!(c.schedule.retry_count, 3);
+        assert_eq!(c.schedule.retry_interval, std::time::Duration::from_secs(300));
+        assert_eq!(c.monitoring.max_data_age, Some(std::time::Duration::from_secs(26 * 3600)));
+        let text = "node = \"a\"\nkey_file = \"/k\"\n[schedule]\nretry_interval = \"5 parsecs\"\n";
+        let e = link::error_chain(&Config::parse(text, Path::new("c.toml")).unwrap_err());
+        assert!(e.contains("schedule.retry_interval") && e.contains("line 4"), "{e}");
+        let text = "node = \"a\"\nkey_file = \"/k\"\n[schedule]\nretries = 3\n";
+        let e = link::error_chain(&Config::parse(text, Path::new("c.toml")).unwrap_err());
+        assert!(e.contains("retries") && e.contains("line 4"), "{e}");
     }
 }

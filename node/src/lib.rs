@@ -13,6 +13,9 @@
 //! * [`status`]: the node's status as a typed struct.
 //! * [`shadow`]: provisioning the standby's shadow LVs.
 //! * [`local`]: sync and verify in one process, without network or configuration file.
+//! * [`schedule`]: `[schedule]`, the systemd units rendered from it, retries, the replication switch.
+//! * [`lock`]: one sync per node (`sync.lock`), `cancel`.
+//! * [`alarms`], [`metrics`], [`history`]: alarms with notify hooks, the Prometheus text file, `blockrep log`.
 //! * [`deconfigure`]: returning a node to standalone (snapshots, state, optionally shadows).
 //!
 //! Every module has its own error enum; [`Error`] gathers them, and [`Error::kind`] says which of the outcomes a
@@ -26,14 +29,19 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod alarms;
 pub mod config;
 pub mod deconfigure;
 pub mod freeze;
+pub mod history;
 pub mod layout;
 pub mod local;
+pub mod lock;
+pub mod metrics;
 pub mod paths;
 pub mod primary;
 pub mod roles;
+pub mod schedule;
 pub mod serve;
 pub mod shadow;
 pub mod signals;
@@ -95,6 +103,12 @@ pub enum Error {
     /// Returning a node to standalone.
     #[error(transparent)]
     Deconfigure(Box<deconfigure::DeconfigureError>),
+    /// The sync lock and cancel.
+    #[error(transparent)]
+    Lock(Box<lock::LockError>),
+    /// The schedule and the replication switch.
+    #[error(transparent)]
+    Schedule(Box<schedule::ScheduleError>),
 }
 
 // Boxed, so that a `Result<_, Error>` stays small.
@@ -170,6 +184,18 @@ impl From<deconfigure::DeconfigureError> for Error {
     }
 }
 
+impl From<lock::LockError> for Error {
+    fn from(e: lock::LockError) -> Self {
+        Error::Lock(Box::new(e))
+    }
+}
+
+impl From<schedule::ScheduleError> for Error {
+    fn from(e: schedule::ScheduleError) -> Self {
+        Error::Schedule(Box::new(e))
+    }
+}
+
 impl Error {
     /// The kind of this error.
     pub fn kind(&self) -> ErrorKind {
@@ -183,6 +209,8 @@ impl Error {
             Error::Shadow(e) => e.kind(),
             Error::Local(e) => e.kind(),
             Error::Deconfigure(e) => e.kind(),
+            Error::Lock(e) => e.kind(),
+            Error::Schedule(e) => e.kind(),
         }
     }
 }

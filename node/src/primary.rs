@@ -309,19 +309,47 @@ pub fn sync_volumes(
     observer: &mut dyn SyncObserver,
 ) -> Result<SyncRun, Error> {
     let vols = cfg.select(names)?;
+    if !crate::schedule::replication_enabled(cfg) {
+        tracing::warn!("replication is disabled on this node (blockrep replication enable): nothing synced");
+        crate::history::append(cfg, crate::history::Event::SyncSkipped);
+        return Ok(SyncRun { total: 0, outcomes: Vec::new() });
+    }
+    let _lock = crate::lock::SyncLock::acquire(cfg)?; // held for the whole run, retries included
     let cancel = crate::signals::stop_flag("interrupted: stopping the sync and cleaning up")?;
     let o = NetSyncOptions { cancel: Some(cancel.clone()), ..o.clone() };
     let mut run = SyncRun { total: vols.len(), outcomes: Vec::new() };
     for vol in vols {
-        let result = with_frozen_source(cfg, vol, |source| {
-            sync_one(cfg, vol, source, &o, &mut |d, t| observer.progress(&vol.name, d, t))
-        });
+        let (retries, pause) = (cfg.schedule.retry_count, cfg.schedule.retry_interval);
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            let result = with_frozen_source(cfg, vol, |source| {
+                sync_one(cfg, vol, source, &o, &mut |d, t| observer.progress(&vol.name, d, t))
+            });
+            match &result {
+                Err(e)
+                    if attempt <= retries && crate::schedule::worth_retrying(e) && !cancel.load(Ordering::SeqCst) =>
+                {
+                    let error = crate::error_chain(e);
+                    tracing::warn!(volume = %vol.name, attempt, retries, "sync failed, retrying in {}: {error}",
+                        crate::schedule::format_duration(pause));
+                    if crate::schedule::pause(pause, &cancel) {
+                        continue;
+                    }
+                    break result;
+                }
+                _ => break result,
+            }
+        };
+        let cancelled = cancel.load(Ordering::SeqCst);
+        crate::schedule::after_volume(cfg, &vol.name, &result, cancelled, attempt);
         let outcome = VolumeOutcome { volume: vol.name.clone(), result };
         observer.finished(&outcome, run.total);
         run.outcomes.push(outcome);
-        if cancel.load(Ordering::SeqCst) {
+        if cancelled {
             break;
         }
     }
+    crate::schedule::after_run(cfg, &run.outcomes, cancel.load(Ordering::SeqCst));
     Ok(run)
 }

@@ -187,6 +187,7 @@ impl Server {
         let listener = tokio::net::TcpListener::from_std(self.listener).map_err(ServeError::Listener)?;
         let local = listener.local_addr().map_err(ServeError::Listener)?;
         info!(%local, node = %shared.cfg.node, volumes = shared.cfg.volumes.len(), "serving");
+        let metrics = crate::metrics::spawn_periodic(&shared.cfg);
         let mut tasks = tokio::task::JoinSet::new();
         let mut refusals = RefusalLog::default();
         while !shared.stopping.load(Ordering::SeqCst) {
@@ -219,6 +220,9 @@ impl Server {
         }
         refusals.flush();
         info!("shutting down: waiting for connections to reach a consistent point");
+        if let Some(m) = metrics {
+            m.abort();
+        }
         while tasks.join_next().await.is_some() {}
         info!("stopped");
         Ok(())

@@ -1,9 +1,17 @@
-//! The node's status (`blockrep status`): role, last switchover, the generation of every volume on this node,
-//! and alarms.
+//! The node's status (`blockrep status`): role, whether replication is enabled, the replication state, per volume
+//! the last successful sync and the last failure, the age of the standby's data, the peer, this node's services,
+//! the last switchover, and the alarms raised.
+//!
+//! Each finished sync is recorded per volume in `<state_dir>/primary/<volume>/last_sync.json` (written
+//! atomically, [`record_outcome`]), which is where the status and the metrics read it.
+
+use std::path::Path;
+use std::time::Duration;
 
 use engine::target::{Target, TargetOptions};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use crate::alarms::{self, Alarm};
 use crate::config::Config;
 use crate::layout::{mtime_secs, Side};
 use crate::Error;
@@ -25,6 +33,11 @@ pub enum StatusError {
     },
 }
 
+/// How long status waits for the peer.
+const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+/// The per-volume record of the last syncs.
+const RECORD_FILE: &str = "last_sync.json";
+
 /// Which side of a volume this node holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -45,6 +58,68 @@ impl VolumeSide {
     }
 }
 
+/// How a sync ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Committed.
+    Ok,
+    /// Failed (after its retries).
+    Failed,
+    /// Stopped by SIGTERM/SIGINT or `blockrep cancel`; the standby kept its generation.
+    Cancelled,
+}
+
+impl Outcome {
+    /// `ok`, `failed` or `cancelled`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Failed => "failed",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// The last successful sync of a volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastSuccess {
+    /// Unix seconds it finished.
+    pub time: u64,
+    /// Seconds it took.
+    pub duration_s: f64,
+    /// Bytes read from the source.
+    pub bytes_scanned: u64,
+    /// Bytes that differed.
+    pub bytes_changed: u64,
+    /// Data bytes sent.
+    pub bytes_sent: u64,
+    /// The generation committed.
+    pub generation: u64,
+}
+
+/// The last failed (or cancelled) sync of a volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastFailure {
+    /// Unix seconds it ended.
+    pub time: u64,
+    /// Failed or cancelled.
+    pub outcome: Outcome,
+    /// The error, with its causes.
+    pub cause: String,
+}
+
+/// What a node records about a volume's syncs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SyncRecord {
+    /// How the last sync ended.
+    pub last_outcome: Option<Outcome>,
+    /// The last success.
+    pub last_success: Option<LastSuccess>,
+    /// The last failure or cancel.
+    pub last_failure: Option<LastFailure>,
+}
+
 /// One volume in the status.
 #[derive(Debug, Clone, Serialize)]
 pub struct VolumeStatus {
@@ -60,15 +135,73 @@ pub struct VolumeStatus {
     pub last_sync: Option<u64>,
     /// Bytes kept from an interrupted transfer.
     pub pending_bytes: Option<u64>,
+    /// Seconds since the standby's data was taken (the last successful sync), if there is any.
+    pub data_age_s: Option<u64>,
+    /// The record of the last syncs (primary side).
+    #[serde(flatten)]
+    pub record: SyncRecord,
 }
 
-/// Something an operator should look at. None are raised yet; monitoring reads the list from `status --json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Alarm {
-    /// The volume concerned, if it is about one.
-    pub volume: Option<String>,
-    /// What is wrong and what to do.
-    pub message: String,
+/// The replication state of the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicationState {
+    /// Every volume's last sync succeeded (or none ran yet).
+    Ok,
+    /// A sync is running now.
+    ReplicationRunning,
+    /// A volume's last sync failed.
+    ReplicationFailed,
+    /// The last sync was cancelled.
+    Cancelled,
+    /// The configuration cannot be used (only the binary reports this: the node cannot read its own status).
+    ConfigurationFailed,
+}
+
+impl ReplicationState {
+    /// The words shown on the status screen.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicationState::Ok => "ok",
+            ReplicationState::ReplicationRunning => "replication running",
+            ReplicationState::ReplicationFailed => "replication failed",
+            ReplicationState::Cancelled => "cancelled",
+            ReplicationState::ConfigurationFailed => "configuration failed",
+        }
+    }
+}
+
+/// The running sync.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Running {
+    /// Its pid.
+    pub pid: u32,
+    /// Unix seconds it started.
+    pub since: u64,
+}
+
+/// The peer as seen from here.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    /// Its address.
+    pub address: String,
+    /// Whether it answered within the status timeout.
+    pub reachable: bool,
+    /// Its role, when it answered.
+    pub role: Option<role::Role>,
+    /// Why it did not answer.
+    pub error: Option<String>,
+}
+
+/// One service of this node.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceStatus {
+    /// Unit name or hook label.
+    pub name: String,
+    /// `primary_only` or `standby_only`.
+    pub runs_on: &'static str,
+    /// `up`, `down` or `unknown` (a hook, or no systemctl).
+    pub state: &'static str,
 }
 
 /// The node's status.
@@ -79,34 +212,83 @@ pub struct NodeStatus {
     /// Role, last switchover, plan in progress, first full sync.
     #[serde(flatten)]
     pub role: role::Status,
+    /// Whether replication is enabled (`blockrep replication enable|disable`).
+    pub replication_enabled: bool,
+    /// The replication state.
+    pub state: ReplicationState,
+    /// The sync running now.
+    pub running: Option<Running>,
     /// Every configured volume present on this node.
     pub volumes: Vec<VolumeStatus>,
-    /// Alarms (empty for now).
+    /// The peer (not asked for the metrics).
+    pub peer: Option<PeerStatus>,
+    /// The `[role]` services of this node.
+    pub services: Vec<ServiceStatus>,
+    /// The alarms raised.
     pub alarms: Vec<Alarm>,
 }
 
-/// Reads this node's status.
+/// What to do besides reading local state.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StatusOptions {
+    /// I/O options for opening shadows.
+    pub io: engine::volume::IoOptions,
+    /// Ask the peer its role (a short timeout).
+    pub probe_peer: bool,
+    /// Ask systemd about the services.
+    pub services: bool,
+    /// Open the shadows (completeness, pending bytes); otherwise read only their manifests.
+    pub open_shadows: bool,
+}
+
+/// Reads this node's status, asking the peer and systemd, and judges the standing alarms.
 pub fn status(cfg: &Config, io: engine::volume::IoOptions) -> Result<NodeStatus, Error> {
-    if cfg.role.is_some() {
-        crate::roles::role_config(cfg)?; // an invalid [role] section is a configuration error here too
-    }
+    status_with(cfg, StatusOptions { io, probe_peer: true, services: true, open_shadows: true })
+}
+
+/// Reads this node's status with options; the standing alarms are judged and recorded (edges notify).
+pub fn status_with(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error> {
+    let rc = match cfg.role {
+        Some(_) => Some(crate::roles::role_config(cfg)?), // an invalid [role] section is a configuration error here too
+        None => None,
+    };
     let layout = cfg.layout();
     let st = role::status(layout.role_dir()).map_err(StatusError::Role)?;
+    let now = crate::history::now();
     let mut volumes = Vec::new();
     for v in &cfg.volumes {
         if let Some(shadow) = &v.shadow {
             let dir = layout.side_dir(Side::Standby, &v.name);
+            if shadow.exists() && dir.exists() && !o.open_shadows {
+                let m = layout.target_manifest(&v.name);
+                let generation = engine::manifest::Manifest::open(&m).map(|m| m.generation()).unwrap_or(0);
+                let last_sync = mtime_secs(&m);
+                volumes.push(VolumeStatus {
+                    name: v.name.clone(),
+                    side: VolumeSide::Standby,
+                    generation,
+                    complete: None,
+                    last_sync,
+                    pending_bytes: None,
+                    data_age_s: last_sync.filter(|_| generation > 0).map(|t| now.saturating_sub(t)),
+                    record: SyncRecord::default(),
+                });
+                continue;
+            }
             if shadow.exists() && dir.exists() {
-                let t = Target::open(shadow, &dir, TargetOptions::new(&v.name, io))
+                let t = Target::open(shadow, &dir, TargetOptions::new(&v.name, o.io))
                     .map_err(|source| StatusError::Shadow { volume: v.name.clone(), source })?;
                 let info = t.info();
+                let last_sync = mtime_secs(&layout.target_manifest(&v.name));
                 volumes.push(VolumeStatus {
                     name: v.name.clone(),
                     side: VolumeSide::Standby,
                     generation: info.generation,
                     complete: Some(info.complete),
-                    last_sync: mtime_secs(&layout.target_manifest(&v.name)),
+                    last_sync,
                     pending_bytes: info.pending.map(|p| p.bytes),
+                    data_age_s: last_sync.filter(|_| info.generation > 0).map(|t| now.saturating_sub(t)),
+                    record: SyncRecord::default(),
                 });
                 continue;
             }
@@ -114,15 +296,171 @@ pub fn status(cfg: &Config, io: engine::volume::IoOptions) -> Result<NodeStatus,
         if v.source.is_some() {
             let m = layout.source_manifest(&v.name);
             let generation = engine::manifest::Manifest::open(&m).map(|m| m.generation()).unwrap_or(0);
+            let record = read_record(cfg, &v.name);
+            let last_sync = record.last_success.as_ref().map(|s| s.time).or_else(|| mtime_secs(&m));
             volumes.push(VolumeStatus {
                 name: v.name.clone(),
                 side: VolumeSide::Primary,
                 generation,
                 complete: None,
-                last_sync: mtime_secs(&m),
+                last_sync,
                 pending_bytes: None,
+                data_age_s: last_sync.filter(|_| generation > 0).map(|t| now.saturating_sub(t)),
+                record,
             });
         }
     }
-    Ok(NodeStatus { node: cfg.node.clone(), role: st, volumes, alarms: Vec::new() })
+    let running = crate::lock::holder(cfg).map(|h| Running { pid: h.pid, since: h.since });
+    let outcomes: Vec<_> = volumes.iter().filter_map(|v| v.record.last_outcome).collect();
+    let state = if running.is_some() {
+        ReplicationState::ReplicationRunning
+    } else if outcomes.contains(&Outcome::Failed) {
+        ReplicationState::ReplicationFailed
+    } else if outcomes.contains(&Outcome::Cancelled) {
+        ReplicationState::Cancelled
+    } else {
+        ReplicationState::Ok
+    };
+    let peer = o.probe_peer.then(|| probe_peer(cfg)).flatten();
+    let mut judged = alarms::judge_standing(cfg, Some(st.role), &volumes);
+    if let Some(p) = &peer {
+        // Only the primary needs its standby.
+        if st.role == role::Role::Primary && cfg.volumes.iter().any(|v| v.source.is_some()) {
+            judged.push(match &p.error {
+                Some(e) => alarms::Judgement::raise(
+                    alarms::AlarmKind::StandbyUnreachable,
+                    None,
+                    format!("the standby {} does not answer: {e}", p.address),
+                ),
+                None => alarms::Judgement::clear(alarms::AlarmKind::StandbyUnreachable, None),
+            });
+        }
+    }
+    let services = match (&rc, o.services) {
+        (Some(rc), true) => services(rc),
+        _ => Vec::new(),
+    };
+    let alarms = alarms::update(cfg, &judged);
+    Ok(NodeStatus {
+        node: cfg.node.clone(),
+        role: st,
+        replication_enabled: crate::schedule::replication_enabled(cfg),
+        state,
+        running,
+        volumes,
+        peer,
+        services,
+        alarms,
+    })
+}
+
+/// The other node's address: the standby from a primary (volumes with a source), else `[standby] peer`.
+fn peer_address(cfg: &Config) -> Option<&str> {
+    let primary_side = cfg.volumes.iter().any(|v| v.source.is_some());
+    match primary_side {
+        true => cfg.peer.as_deref().or(cfg.standby_peer.as_deref()),
+        false => cfg.standby_peer.as_deref(),
+    }
+}
+
+fn probe_peer(cfg: &Config) -> Option<PeerStatus> {
+    let address = peer_address(cfg)?.to_owned();
+    let ask = || -> Result<role::Role, String> {
+        let key = netproto::load_key(&cfg.key_file).map_err(|e| e.to_string())?;
+        let mut conn = netproto::connect(&address, &key, &cfg.node, PEER_TIMEOUT).map_err(|e| link::error_chain(&e))?;
+        conn.set_timeout(Some(PEER_TIMEOUT)).map_err(|e| e.to_string())?;
+        conn.send(&netproto::Message::RoleReq).map_err(|e| e.to_string())?;
+        match conn.recv_expect("the peer's role").map_err(|e| e.to_string())? {
+            netproto::Message::RoleInfo(r) => Ok(role_from_wire(r.role)),
+            other => Err(format!("unexpected answer {}", other.frame_type())),
+        }
+    };
+    Some(match ask() {
+        Ok(r) => PeerStatus { address, reachable: true, role: Some(r), error: None },
+        Err(e) => {
+            // An answer that is not a role (a refusal) still means the peer is up.
+            let reachable = !e.contains("cannot connect") && !e.contains("unreachable") && !e.contains("timed out");
+            PeerStatus { address, reachable, role: None, error: Some(e) }
+        }
+    })
+}
+
+/// A role's wire code (the inverse of [`crate::roles::role_to_wire`]).
+fn role_from_wire(r: u8) -> role::Role {
+    match r {
+        0 => role::Role::Standby,
+        1 => role::Role::Promoting,
+        2 => role::Role::Primary,
+        _ => role::Role::Demoting,
+    }
+}
+
+/// The `[role]` services: `systemctl is-active` for units, `unknown` for hooks or without systemctl.
+fn services(rc: &role::Config) -> Vec<ServiceStatus> {
+    use role::config::{Service, UnitSpec};
+    let systemctl = Path::new(role::exec::SYSTEMCTL).exists();
+    let one = |s: &Service, runs_on| {
+        let state = match s {
+            Service::Unit(u) | Service::UnitWithTimeout(UnitSpec { unit: u, .. }) if systemctl => {
+                match std::process::Command::new(role::exec::SYSTEMCTL).args(["is-active", "--quiet", "--", u]).status()
+                {
+                    Ok(st) if st.success() => "up",
+                    Ok(_) => "down",
+                    Err(_) => "unknown",
+                }
+            }
+            _ => "unknown",
+        };
+        ServiceStatus { name: s.label(), runs_on, state }
+    };
+    let p = rc.services.primary_only.iter().map(|s| one(s, "primary_only"));
+    p.chain(rc.services.standby_only.iter().map(|s| one(s, "standby_only"))).collect()
+}
+
+/// The record of a volume's syncs (empty when none was recorded or it cannot be read).
+pub fn read_record(cfg: &Config, volume: &str) -> SyncRecord {
+    let p = cfg.layout().side_dir(Side::Primary, volume).join(RECORD_FILE);
+    std::fs::read(p).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
+/// Records how a volume's sync ended (best effort: a warning when it cannot be written).
+pub fn record_outcome(cfg: &Config, volume: &str, result: &Result<crate::primary::NetReport, Error>, cancelled: bool) {
+    let mut rec = read_record(cfg, volume);
+    let now = crate::history::now();
+    match result {
+        Ok(r) => {
+            rec.last_outcome = Some(Outcome::Ok);
+            rec.last_success = Some(LastSuccess {
+                time: now,
+                duration_s: r.sync.duration_s,
+                bytes_scanned: r.sync.bytes_scanned,
+                bytes_changed: r.sync.bytes_changed,
+                bytes_sent: r.sync.bytes_sent,
+                generation: r.sync.generation,
+            });
+        }
+        Err(e) => {
+            let outcome = if cancelled { Outcome::Cancelled } else { Outcome::Failed };
+            rec.last_outcome = Some(outcome);
+            rec.last_failure = Some(LastFailure { time: now, outcome, cause: crate::error_chain(e) });
+        }
+    }
+    let path = cfg.layout().side_dir(Side::Primary, volume).join(RECORD_FILE);
+    let json = serde_json::to_vec_pretty(&rec).unwrap_or_default();
+    if let Err(e) =
+        std::fs::create_dir_all(cfg.layout().side_dir(Side::Primary, volume)).and_then(|()| write_atomic(&path, &json))
+    {
+        tracing::warn!(path = %path.display(), error = %e, "cannot record the sync's outcome");
+    }
+}
+
+/// Writes a file atomically: a temporary file in the same directory, fsynced, then renamed over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp.{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }

@@ -109,8 +109,23 @@ fn a_vanished_primary_releases_its_volume_after_the_idle_timeout_and_the_next_sy
     p.start_serve();
     p.sync_ok();
     change_mib(&p, 12, 4);
-    // A sync that will take several seconds, stopped mid-transfer: no reset, no FIN, just silence.
-    let mut stalled = slow_sync(&p, "1M");
+    // A sync that will take several seconds, stopped mid-transfer: no reset, no FIN, just silence. It runs as
+    // a vanished primary would: its own state directory (a copy at generation 1) and so its own sync lock, which
+    // a stopped process on this node would otherwise keep holding.
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(p.path("state-primary"))
+        .arg(p.path("state-stalled"))
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let mut stalled = blockrep()
+        .args(["sync", "--json", "--bwlimit", "1M", "--config"])
+        .arg(p.config("stalled", &p.path("key"), &p.addr))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(2500));
     signal(stalled.id(), "-STOP");
 

@@ -3,6 +3,7 @@
 mod hardening;
 mod local_sync;
 mod network;
+mod operations;
 mod role_cli;
 mod uml_lvm;
 

@@ -18,6 +18,8 @@ pub(super) struct Pair {
     pub(super) addr: String,
     /// Extra lines for the `[standby]` section.
     pub(super) standby_extra: String,
+    /// Extra sections at the end of both configurations (`[schedule]`, `[monitoring]`, `[role]`).
+    pub(super) extra: String,
 }
 
 impl Pair {
@@ -27,7 +29,7 @@ impl Pair {
         assert!(o.status.success(), "keygen: {}", stderr(&o));
         write_volume(&dir.path().join("src.img"), size, 5);
         std::fs::write(dir.path().join("shadow.img"), vec![0u8; size]).unwrap();
-        Pair { dir, serve: None, addr: String::new(), standby_extra: String::new() }
+        Pair { dir, serve: None, addr: String::new(), standby_extra: String::new(), extra: String::new() }
     }
 
     pub(super) fn path(&self, name: &str) -> PathBuf {
@@ -38,10 +40,11 @@ impl Pair {
         let state = self.path(&format!("state-{side}"));
         let text = format!(
             "node = \"{side}\"\nkey_file = {key:?}\nstate_dir = {state:?}\n[standby]\nlisten = \"127.0.0.1:0\"\n{}\n\
-             [primary]\npeer = \"{peer}\"\n[[volume]]\nname = \"vol\"\nsource = {:?}\nshadow = {:?}\n",
+             [primary]\npeer = \"{peer}\"\n[[volume]]\nname = \"vol\"\nsource = {:?}\nshadow = {:?}\n{}\n",
             self.standby_extra,
             self.path("src.img"),
             self.path("shadow.img"),
+            self.extra,
         );
         let p = self.path(&format!("{side}-{}.toml", peer.replace([':', '.'], "_")));
         std::fs::write(&p, text).unwrap();
@@ -50,9 +53,14 @@ impl Pair {
 
     /// Starts the standby daemon and waits until it listens.
     pub(super) fn start_serve(&mut self) {
+        self.start_serve_on("127.0.0.1:0")
+    }
+
+    /// Starts the standby daemon on `listen` and waits until it listens.
+    pub(super) fn start_serve_on(&mut self, listen: &str) {
         let cfg = self.config("standby", &self.path("key"), "127.0.0.1:1");
         let mut child = blockrep()
-            .args(["serve", "--announce", "--listen", "127.0.0.1:0", "--config"])
+            .args(["serve", "--announce", "--listen", listen, "--config"])
             .arg(cfg)
             .env("BLOCKREP_LOG", "info")
             .stdout(Stdio::piped())

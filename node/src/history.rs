@@ -1,0 +1,184 @@
+//! What happened on this node (`blockrep log`): syncs, verifies, switchovers, alarms and the replication switch,
+//! one JSON object per line in `<state_dir>/history.jsonl`. The file is bounded: past [`MAX_BYTES`] it is
+//! renamed to `history.jsonl.1` (replacing the older one), so at most twice that is kept.
+//!
+//! Writing is best effort: a full disk must not fail a sync, so a failed append is a warning in the log.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+
+/// Size past which the history file is rotated.
+pub const MAX_BYTES: u64 = 1 << 20;
+const FILE: &str = "history.jsonl";
+const OLD_FILE: &str = "history.jsonl.1";
+
+/// Unix seconds now.
+pub fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// One thing that happened.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A volume's sync finished (`outcome`: ok, failed or cancelled).
+    Sync {
+        /// Volume name.
+        volume: String,
+        /// ok, failed or cancelled.
+        outcome: String,
+        /// The generation committed (ok) or kept.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        generation: Option<u64>,
+        /// Seconds.
+        #[serde(default)]
+        duration_s: f64,
+        /// Bytes sent (ok).
+        #[serde(default)]
+        bytes_sent: u64,
+        /// The attempt (1 = first).
+        #[serde(default)]
+        attempt: u32,
+        /// Why it failed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// A sync was skipped because replication is disabled.
+    SyncSkipped,
+    /// A verify ran.
+    Verify {
+        /// Volume name.
+        volume: String,
+        /// Whether the shadow matched.
+        ok: bool,
+    },
+    /// A role change (promote, demote, switchover).
+    Switchover {
+        /// Which plan.
+        plan: String,
+        /// The reason given.
+        reason: String,
+    },
+    /// An alarm was raised.
+    AlarmRaised {
+        /// The alarm's key.
+        alarm: String,
+        /// Its message.
+        message: String,
+    },
+    /// An alarm cleared.
+    AlarmCleared {
+        /// The alarm's key.
+        alarm: String,
+    },
+    /// Replication was enabled or disabled.
+    Replication {
+        /// The new setting.
+        enabled: bool,
+    },
+}
+
+/// An event with its time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Unix seconds.
+    pub time: u64,
+    /// What happened.
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+fn file(cfg: &Config) -> PathBuf {
+    cfg.state_dir.join(FILE)
+}
+
+/// Appends an event (best effort, see the module docs).
+pub fn append(cfg: &Config, event: Event) {
+    let path = file(cfg);
+    let entry = Entry { time: now(), event };
+    let r = (|| -> std::io::Result<()> {
+        std::fs::create_dir_all(&cfg.state_dir)?;
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() >= MAX_BYTES) {
+            std::fs::rename(&path, cfg.state_dir.join(OLD_FILE))?;
+        }
+        let mut line = serde_json::to_string(&entry).map_err(std::io::Error::other)?;
+        line.push('\n');
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        f.write_all(line.as_bytes())
+    })();
+    if let Err(e) = r {
+        tracing::warn!(path = %path.display(), error = %e, "cannot append to the history");
+    }
+}
+
+/// The recorded events at or after `since` (Unix seconds), oldest first; unreadable lines are skipped.
+pub fn read(cfg: &Config, since: u64) -> Vec<Entry> {
+    let mut out = Vec::new();
+    for name in [OLD_FILE, FILE] {
+        let Ok(text) = std::fs::read_to_string(cfg.state_dir.join(name)) else { continue };
+        out.extend(text.lines().filter_map(|l| serde_json::from_str::<Entry>(l).ok()).filter(|e| e.time >= since));
+    }
+    out
+}
+
+/// `--since` values: Unix seconds, or an age like `2h`, `7d` (that long ago).
+pub fn parse_since(s: &str) -> Result<u64, String> {
+    if let Ok(n) = s.trim().parse::<u64>() {
+        return Ok(n);
+    }
+    let d = crate::schedule::parse_duration(s).map_err(|e| format!("{e}, or Unix seconds"))?;
+    Ok(now().saturating_sub(d.as_secs()))
+}
+
+impl std::fmt::Display for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Event::Sync { volume, outcome, generation, duration_s, bytes_sent, attempt, error } => {
+                write!(f, "sync {volume}: {outcome}")?;
+                if let Some(g) = generation {
+                    write!(f, ", generation {g}")?;
+                }
+                write!(f, ", {duration_s:.1} s, {bytes_sent} bytes sent, attempt {attempt}")?;
+                if let Some(e) = error {
+                    write!(f, ": {e}")?;
+                }
+                Ok(())
+            }
+            Event::SyncSkipped => write!(f, "sync skipped: replication is disabled"),
+            Event::Verify { volume, ok } => write!(f, "verify {volume}: {}", if *ok { "ok" } else { "MISMATCH" }),
+            Event::Switchover { plan, reason } => write!(f, "{plan}: {reason}"),
+            Event::AlarmRaised { alarm, message } => write!(f, "alarm raised {alarm}: {message}"),
+            Event::AlarmCleared { alarm } => write!(f, "alarm cleared {alarm}"),
+            Event::Replication { enabled } => {
+                write!(f, "replication {}", if *enabled { "enabled" } else { "disabled" })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_and_rotate() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("node = \"a\"\nkey_file = \"/k\"\nstate_dir = {:?}\n", dir.path());
+        let cfg = Config::parse(&text, std::path::Path::new("c.toml")).unwrap();
+        append(&cfg, Event::Replication { enabled: false });
+        append(&cfg, Event::AlarmCleared { alarm: "sync_failed/v".into() });
+        let got = read(&cfg, 0);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].event, Event::Replication { enabled: false });
+        assert!(read(&cfg, now() + 10).is_empty());
+        // Past the bound the file is rotated; both generations are read.
+        std::fs::write(dir.path().join(FILE), vec![b'\n'; MAX_BYTES as usize]).unwrap();
+        append(&cfg, Event::SyncSkipped);
+        assert!(dir.path().join(OLD_FILE).exists());
+        assert_eq!(read(&cfg, 0).last().unwrap().event, Event::SyncSkipped);
+    }
+}
