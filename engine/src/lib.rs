@@ -42,6 +42,7 @@
 
 pub mod differ;
 pub mod durable;
+pub mod generations;
 pub mod hash;
 pub mod io;
 mod layout;

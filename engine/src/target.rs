@@ -37,6 +37,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::durable::{Durable, Gate, Op};
+use crate::generations::{self, Evidence};
 use crate::hash::{self, BlockHash, HashError, ZeroHashes, SUB_BLOCK_SIZE};
 use crate::io::{AlignedBuf, BufPool};
 use crate::manifest::{self, Manifest, ManifestError, ManifestWriter};
@@ -44,13 +45,14 @@ use crate::spool::{self, Record, RecordKind, Scan, SpoolError, SpoolHeader, Spoo
 use crate::sync::{BeginAck, BeginPlan, CommitAck, Extent, ExtentData, LinkError, PendingInfo, TargetInfo, TargetLink};
 use crate::volume::{Access, IoOptions, Volume, VolumeError};
 use link::error_chain;
+use link::PlanMode;
 
 mod state;
 #[cfg(test)]
 mod tests;
 
-pub use state::decode_state;
 use state::StateFile;
+pub use state::{decode_state, Distrust};
 
 /// Name of the committed manifest in the state directory.
 pub const MANIFEST_FILE: &str = "manifest";
@@ -295,12 +297,14 @@ pub struct TargetOptions {
     pub volume: String,
     /// Handle every durable operation goes through (unarmed in production).
     pub durable: Durable,
+    /// The node whose transfers this target commits (recorded in the history; empty: `local`).
+    pub peer: String,
 }
 
 impl TargetOptions {
     /// Options for volume `volume` with I/O options `io` and an unarmed durable handle.
     pub fn new(volume: &str, io: IoOptions) -> Self {
-        TargetOptions { io, volume: volume.to_owned(), durable: Durable::new() }
+        TargetOptions { io, volume: volume.to_owned(), durable: Durable::new(), peer: String::new() }
     }
 }
 
@@ -418,7 +422,7 @@ impl Target {
                 if !t.state.corrupt && m.generation() >= t.state.generation {
                     // The in-place commit installed its manifest, then crashed before clearing the mark.
                     let generation = m.generation();
-                    t.write_state(StateFile::new(false, generation))?;
+                    t.write_state(t.state_with(false, generation))?;
                 }
             }
         }
@@ -448,12 +452,12 @@ impl Target {
     fn read_state(&self) -> Result<StateFile, TargetError> {
         let path = self.path(STATE_FILE);
         match std::fs::read(&path) {
-            Ok(b) => match decode_state(&b) {
-                Ok((incomplete, generation)) => Ok(StateFile::new(incomplete, generation)),
+            Ok(b) => match state::decode(&b) {
+                Ok(s) => Ok(s),
                 Err(what) => {
                     let e = TargetError::State { path, what };
                     tracing::warn!(volume = %self.opts.volume, error = %e, "corrupt state file");
-                    Ok(StateFile { exists: true, incomplete: true, corrupt: true, generation: u64::MAX })
+                    Ok(StateFile { incomplete: true, corrupt: true, generation: u64::MAX, ..StateFile::new(true, 0) })
                 }
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StateFile::default()),
@@ -679,6 +683,101 @@ impl Target {
         w.flush().map_err(engine_err)
     }
 
+    /// The current state with `incomplete` and `generation` replaced and no evidence (the shadow is about to be,
+    /// or was, written without a commit recording it).
+    fn state_with(&self, incomplete: bool, generation: u64) -> StateFile {
+        StateFile {
+            incomplete,
+            generation,
+            corrupt: false,
+            exists: true,
+            evidence: Evidence::None,
+            ..self.state.clone()
+        }
+    }
+
+    /// The state after committing `generation` with identifier `id`: trusted, the shadow's evidence as it is now
+    /// (after its fsync), `id` current in the history.
+    fn committed_state(&self, generation: u64, id: link::GenId) -> StateFile {
+        let mut history = if self.state.corrupt { Default::default() } else { self.state.history.clone() };
+        let node = if self.opts.peer.is_empty() { "local" } else { &self.opts.peer };
+        history.push(generations::record(generation, id, node));
+        StateFile {
+            exists: true,
+            incomplete: false,
+            corrupt: false,
+            generation,
+            distrust: Distrust::None,
+            evidence: Evidence::of(self.shadow.file()),
+            history,
+        }
+    }
+
+    /// The identifier of the shadow's content: the current record, when it describes the committed generation.
+    fn generation_id(&self) -> Option<link::GenId> {
+        let c = self.state.history.current.as_ref()?;
+        let committed = self.committed_generation();
+        (!self.state.corrupt && self.complete() && c.generation == committed && self.state.generation == committed)
+            .then_some(c.id)
+    }
+
+    /// Why the shadow is not trusted to hold exactly its committed generation (`None`: it is).
+    pub fn distrust(&self) -> Option<String> {
+        if !self.complete() {
+            return Some("it holds no complete generation".into());
+        }
+        if self.state.corrupt {
+            return Some("its state file is corrupt".into());
+        }
+        let committed = self.committed_generation();
+        match self.state.distrust {
+            Distrust::Promoted => {
+                let by = self
+                    .state
+                    .history
+                    .current
+                    .as_ref()
+                    .map_or_else(String::new, |c| format!(" on node {} at unix {}", c.node, c.time));
+                return Some(format!("it was promoted to production{by} and may have been written since"));
+            }
+            Distrust::VerifyFailed => {
+                return Some(format!("a verify found it different from its committed generation {committed}"))
+            }
+            Distrust::None => {}
+        }
+        if self.generation_id().is_none() {
+            return Some(
+                "the identity of its committed generation was not recorded (an interrupted commit, or state \
+                 written by an older version)"
+                    .into(),
+            );
+        }
+        self.state.evidence.changed(&Evidence::of(self.shadow.file()))
+    }
+
+    /// Marks the shadow untrusted (durably): the next sync compares its actual content with the source.
+    pub fn mark_untrusted(&mut self, why: Distrust) -> Result<(), TargetError> {
+        let mut s = self.state.clone();
+        if !s.exists || s.corrupt {
+            return Ok(()); // nothing to protect: an incomplete or unreadable state is never trusted
+        }
+        s.distrust = why;
+        self.write_state(s)
+    }
+
+    /// Records (durably) that the shadow became production on `node`: its content gets a new identifier, so that
+    /// a sync from the old primary sees that both sides wrote since their last common generation (split brain),
+    /// and it is untrusted.
+    pub fn mark_promoted(&mut self, node: &str) -> Result<(), TargetError> {
+        let mut s = self.state.clone();
+        if !s.exists || s.corrupt || s.incomplete {
+            return Ok(());
+        }
+        s.history.push(generations::record(self.committed_generation(), generations::new_id(), node));
+        s.distrust = Distrust::Promoted;
+        self.write_state(s)
+    }
+
     /// The committed generation (0: none).
     fn committed_generation(&self) -> u64 {
         match &self.manifest {
@@ -708,6 +807,14 @@ impl Target {
                 bytes: s.bytes(),
                 end_offset: s.end_offset(),
             }),
+            generation_id: self.generation_id(),
+            distrust: self.distrust().unwrap_or_default(),
+            trusted: self.distrust().is_none(),
+            history: if self.state.corrupt {
+                Vec::new()
+            } else {
+                self.state.history.all().into_iter().take(link::MAX_HISTORY).collect()
+            },
         }
     }
 
@@ -741,7 +848,14 @@ impl Target {
         let dest = self.path(MANIFEST_FILE);
         let d = self.opts.durable.clone();
         let (next, clean) = match &self.manifest {
-            Some(m) if !in_place && m.volume_size() == plan.volume_size && m.block_size() == plan.block_size => {
+            // Only an incremental sync may take the unchanged blocks' hashes from the manifest: in a compare sync
+            // the shadow is not trusted to hold what its manifest says, so every hash comes from its content.
+            Some(m)
+                if !in_place
+                    && plan.mode == PlanMode::Incremental
+                    && m.volume_size() == plan.volume_size
+                    && m.block_size() == plan.block_size =>
+            {
                 (ManifestWriter::from_manifest(&dest, plan.generation, m, d), true)
             }
             _ => (ManifestWriter::create_with(&dest, plan.generation, plan.volume_size, plan.block_size, d), false),
@@ -761,7 +875,7 @@ impl Target {
             if pending.is_some() {
                 self.remove_spool()?;
             }
-            self.write_state(StateFile::new(true, plan.generation))?;
+            self.write_state(self.state_with(true, plan.generation))?;
             Mode::InPlace
         } else {
             match pending {
@@ -973,13 +1087,13 @@ impl Target {
                 s.next.install().map_err(|e| self.manifest_err(e))?;
                 drop(file);
                 self.remove_spool()?;
-                self.write_state(StateFile::new(false, generation))?;
+                self.write_state(self.committed_state(generation, s.plan.id))?;
             }
             Mode::InPlace => {
                 self.sync_shadow()?;
                 s.next.write().map_err(|e| self.manifest_err(e))?;
                 s.next.install().map_err(|e| self.manifest_err(e))?;
-                self.write_state(StateFile::new(false, generation))?;
+                self.write_state(self.committed_state(generation, s.plan.id))?;
             }
         }
         self.load_manifest();

@@ -25,8 +25,44 @@ pub const MAX_EXTENT_LEN: u64 = 1 << 20;
 /// Longest zero extent (it has no payload, so it may be long).
 pub const MAX_ZERO_EXTENT_LEN: u64 = 1 << 30;
 
+/// A generation's random identifier (128 bits): two generations with the same number made by different nodes
+/// (split brain) or content the number alone cannot tell apart have different identifiers.
+pub type GenId = [u8; 16];
+
+/// Most earlier generations a side keeps in its history (and the most a `TargetInfo` carries).
+pub const MAX_HISTORY: usize = 32;
+
+/// Longest node name kept in a history record (longer names are cut at a character boundary).
+pub const MAX_RECORD_NODE: usize = 31;
+
+/// One generation in a side's history: which number, which identifier, when, and which node made it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GenRecord {
+    /// The generation number.
+    pub generation: u64,
+    /// Its identifier.
+    pub id: GenId,
+    /// Unix seconds when it was committed (or, for a promote, when the shadow became production).
+    pub time: u64,
+    /// The node that wrote it: the primary that synced it, or the node that promoted its shadow (at most
+    /// [`MAX_RECORD_NODE`] bytes).
+    pub node: String,
+}
+
+/// How a sync compares the source with the shadow; the source decides and tells the target in [`BeginPlan`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PlanMode {
+    /// Against the source's manifest of the shadow's committed generation (the shadow is trusted).
+    Incremental,
+    /// Against hashes the target computes from the shadow's actual content.
+    #[default]
+    Compare,
+    /// Every block is sent (the shadow holds no complete generation).
+    Full,
+}
+
 /// What the target reports at the start of a session.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TargetInfo {
     /// Size of the shadow volume in bytes.
     pub volume_size: u64,
@@ -40,6 +76,17 @@ pub struct TargetInfo {
     pub complete: bool,
     /// An uncommitted, durably spooled transfer kept for resume.
     pub pending: Option<PendingInfo>,
+    /// The identifier of the shadow's current content: the committed generation's, or the one a promote gave
+    /// it; `None` when unknown (older state, or a crash before it was recorded).
+    pub generation_id: Option<GenId>,
+    /// Whether the shadow is known untouched since its generation was committed (evidence recorded at commit
+    /// still matches, and nothing marked it untrusted).
+    pub trusted: bool,
+    /// Why it is not trusted (empty when trusted).
+    pub distrust: String,
+    /// The records of the shadow's content, newest first: the current one (also when its identifier does not
+    /// describe the committed generation) and earlier ones (at most [`MAX_HISTORY`]).
+    pub history: Vec<GenRecord>,
 }
 
 /// A durably spooled, uncommitted transfer that a new session may continue.
@@ -56,7 +103,7 @@ pub struct PendingInfo {
 }
 
 /// What the source asks the target to start.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct BeginPlan {
     /// The new generation (the target's committed generation + 1).
     pub generation: u64,
@@ -69,6 +116,11 @@ pub struct BeginPlan {
     pub block_size: u32,
     /// Continue the pending transfer ([`TargetInfo::pending`]) instead of discarding it.
     pub resume: bool,
+    /// How the source compares: in [`PlanMode::Compare`] the target answers hash queries from the shadow's actual
+    /// content, never from its manifest.
+    pub mode: PlanMode,
+    /// The identifier the new generation gets when it commits.
+    pub id: GenId,
 }
 
 /// The target's answer to `begin`.

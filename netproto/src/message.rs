@@ -17,7 +17,8 @@ use crate::frame::FrameType;
 pub use link::BlockHash as Hash;
 /// The session types this protocol carries are the link crate's own, not copies.
 pub use link::{
-    BeginAck, BeginPlan, CommitAck, Extent, ExtentData, PendingInfo, TargetInfo, MAX_EXTENT_LEN, MAX_ZERO_EXTENT_LEN,
+    BeginAck, BeginPlan, CommitAck, Extent, ExtentData, GenRecord, PendingInfo, PlanMode, TargetInfo, MAX_EXTENT_LEN,
+    MAX_HISTORY, MAX_ZERO_EXTENT_LEN,
 };
 
 /// Longest node or volume name, in bytes.
@@ -523,6 +524,20 @@ impl Message {
                     w.u64(p.bytes);
                     w.u64(p.end_offset);
                 }
+                w.bool(v.generation_id.is_some());
+                if let Some(id) = &v.generation_id {
+                    w.0.extend_from_slice(id);
+                }
+                w.bool(v.trusted);
+                w.str(ty, "distrust", &v.distrust, MAX_ERROR_LEN)?;
+                limit(ty, "history", v.history.len() as u64, MAX_HISTORY as u64)?;
+                w.u8(v.history.len() as u8);
+                for h in &v.history {
+                    w.u64(h.generation);
+                    w.0.extend_from_slice(&h.id);
+                    w.u64(h.time);
+                    w.str(ty, "history.node", &h.node, MAX_NAME_LEN)?;
+                }
             }
             Message::Begin(b) => {
                 w.u64(b.generation);
@@ -530,6 +545,12 @@ impl Message {
                 w.u64(b.volume_size);
                 w.u32(b.block_size);
                 w.bool(b.resume);
+                w.u8(match b.mode {
+                    PlanMode::Incremental => 0,
+                    PlanMode::Compare => 1,
+                    PlanMode::Full => 2,
+                });
+                w.0.extend_from_slice(&b.id);
             }
             Message::BeginAck(a) => {
                 w.bool(a.resumed);
@@ -635,7 +656,32 @@ impl Message {
                 } else {
                     None
                 };
-                Message::VolumeInfo(TargetInfo { volume_size, generation, block_size, root, complete, pending })
+                let generation_id = if r.bool("generation_id")? { Some(r.array("generation_id")?) } else { None };
+                let trusted = r.bool("trusted")?;
+                let distrust = r.str("distrust", MAX_ERROR_LEN)?;
+                let n = r.u8("history")?;
+                limit(ty, "history", n as u64, MAX_HISTORY as u64)?;
+                let mut history = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    history.push(GenRecord {
+                        generation: r.u64("history.generation")?,
+                        id: r.array("history.id")?,
+                        time: r.u64("history.time")?,
+                        node: r.str("history.node", MAX_NAME_LEN)?,
+                    });
+                }
+                Message::VolumeInfo(TargetInfo {
+                    volume_size,
+                    generation,
+                    block_size,
+                    root,
+                    complete,
+                    pending,
+                    generation_id,
+                    trusted,
+                    distrust,
+                    history,
+                })
             }
             FrameType::Begin => Message::Begin(BeginPlan {
                 generation: r.u64("generation")?,
@@ -643,6 +689,13 @@ impl Message {
                 volume_size: r.u64("volume_size")?,
                 block_size: r.u32("block_size")?,
                 resume: r.bool("resume")?,
+                mode: match r.u8("mode")? {
+                    0 => PlanMode::Incremental,
+                    1 => PlanMode::Compare,
+                    2 => PlanMode::Full,
+                    value => return Err(MessageError::BadTag { ty, field: "mode", value }),
+                },
+                id: r.array("id")?,
             }),
             FrameType::BeginAck => {
                 Message::BeginAck(BeginAck { resumed: r.bool("resumed")?, in_place: r.bool("in_place")? })
@@ -767,31 +820,47 @@ pub(crate) mod tests {
             (
                 any::<(u64, u64, u32, bool)>(),
                 proptest::option::of(hash()),
-                proptest::option::of(any::<(u64, u64, u64, u64)>())
+                proptest::option::of(any::<(u64, u64, u64, u64)>()),
+                (proptest::option::of(any::<[u8; 16]>()), any::<bool>(), name(MAX_ERROR_LEN)),
+                proptest::collection::vec(
+                    (any::<u64>(), any::<[u8; 16]>(), any::<u64>(), name(MAX_NAME_LEN))
+                        .prop_map(|(generation, id, time, node)| GenRecord { generation, id, time, node }),
+                    0..=MAX_HISTORY
+                ),
             )
-                .prop_map(|((volume_size, generation, block_size, complete), root, p)| {
-                    Message::VolumeInfo(TargetInfo {
-                        volume_size,
-                        generation,
-                        block_size,
-                        root,
-                        complete,
-                        pending: p.map(|(generation, base_generation, bytes, end_offset)| PendingInfo {
+                .prop_map(
+                    |((volume_size, generation, block_size, complete), root, p, (gid, trusted, distrust), history)| {
+                        Message::VolumeInfo(TargetInfo {
+                            volume_size,
                             generation,
-                            base_generation,
-                            bytes,
-                            end_offset,
-                        }),
-                    })
-                }),
-            any::<(u64, u64, u64, u32, bool)>().prop_map(
-                |(generation, base_generation, volume_size, block_size, resume)| Message::Begin(BeginPlan {
-                    generation,
-                    base_generation,
-                    volume_size,
-                    block_size,
-                    resume
-                })
+                            block_size,
+                            root,
+                            complete,
+                            pending: p.map(|(generation, base_generation, bytes, end_offset)| PendingInfo {
+                                generation,
+                                base_generation,
+                                bytes,
+                                end_offset,
+                            }),
+                            generation_id: gid,
+                            trusted,
+                            distrust,
+                            history,
+                        })
+                    }
+                ),
+            (any::<(u64, u64, u64, u32, bool)>(), 0..3u8, any::<[u8; 16]>()).prop_map(
+                |((generation, base_generation, volume_size, block_size, resume), mode, id)| Message::Begin(
+                    BeginPlan {
+                        generation,
+                        base_generation,
+                        volume_size,
+                        block_size,
+                        resume,
+                        mode: [PlanMode::Incremental, PlanMode::Compare, PlanMode::Full][mode as usize],
+                        id,
+                    }
+                )
             ),
             any::<(bool, bool)>().prop_map(|(resumed, in_place)| Message::BeginAck(BeginAck { resumed, in_place })),
             (any::<u64>(), 0..=MAX_HASH_BATCH).prop_map(|(first, count)| Message::BlockHashesReq { first, count }),

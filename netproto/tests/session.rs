@@ -32,6 +32,10 @@ impl TargetLink for MemTarget {
             root: None,
             complete: self.generation > 0,
             pending: None,
+            generation_id: Some([self.generation as u8; 16]),
+            trusted: true,
+            distrust: String::new(),
+            history: vec![link::GenRecord { generation: self.generation, id: [1; 16], time: 2, node: "p".into() }],
         })
     }
     fn begin(&mut self, plan: &BeginPlan) -> Result<BeginAck, LinkError> {
@@ -100,7 +104,14 @@ fn remote_target_drives_a_served_target_and_keepalives_are_accepted() {
     let conn = netproto::connect(&addr, &KEY, "primary", TIMEOUT).unwrap();
     let mut remote = RemoteTarget::open(conn, "data", SIZE, 4096).unwrap();
     assert_eq!(remote.info().unwrap().volume_size, SIZE);
-    let plan = BeginPlan { generation: 1, base_generation: 0, volume_size: SIZE, block_size: 4096, resume: false };
+    let plan = BeginPlan {
+        generation: 1,
+        base_generation: 0,
+        volume_size: SIZE,
+        block_size: 4096,
+        resume: false,
+        ..Default::default()
+    };
     assert!(remote.begin(&plan).unwrap().in_place);
     let data = Bytes::from(vec![7u8; 8192]);
     remote.extent(Extent { offset: 4096, len: 8192, data: ExtentData::Data(data) }).unwrap();
@@ -151,7 +162,14 @@ fn refusals_keep_their_kind_and_message_on_the_client() {
     let (addr, server) = serve(target);
     let conn = netproto::connect(&addr, &KEY, "primary", TIMEOUT).unwrap();
     let mut remote = RemoteTarget::open(conn, "data", SIZE, 4096).unwrap();
-    let plan = BeginPlan { generation: 1, base_generation: 0, volume_size: SIZE + 1, block_size: 4096, resume: false };
+    let plan = BeginPlan {
+        generation: 1,
+        base_generation: 0,
+        volume_size: SIZE + 1,
+        block_size: 4096,
+        resume: false,
+        ..Default::default()
+    };
     match remote.begin(&plan).unwrap_err() {
         LinkError::Remote { kind: RemoteKind::Refused, message } => {
             assert!(message.contains("is not 65536"), "{message}")

@@ -67,6 +67,7 @@ fn handshake_then_request_and_answer() {
             root: None,
             complete: false,
             pending: None,
+            ..Default::default()
         };
         conn.send(&Message::VolumeInfo(info)).unwrap();
         drain(conn)

@@ -46,7 +46,7 @@ pub enum LocalError {
         target: crate::primary::StandbyAfterFailure,
         /// The engine's error.
         #[source]
-        source: engine::sync::SyncError,
+        source: Box<engine::sync::SyncError>,
     },
     /// Nothing was ever synced under this name into this state directory.
     #[error(
@@ -63,10 +63,10 @@ pub enum LocalError {
     /// Verifying failed (not: found a difference).
     #[error("cannot verify the shadow")]
     Verify(#[source] engine::target::TargetError),
-    /// The shadow differs from its committed generation.
+    /// The shadow differs from its committed generation (it is now marked untrusted).
     #[error(
-        "volume {volume}: the shadow {} does not match its committed generation {generation}; run a sync to \
-         repair it",
+        "volume {volume}: the shadow {} does not match its committed generation {generation}; it is marked \
+         untrusted, so the next sync compares its actual content with the source and repairs it",
         target.display()
     )]
     Mismatch {
@@ -84,6 +84,9 @@ impl LocalError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             LocalError::SameVolume { .. } => ErrorKind::Usage,
+            LocalError::Sync { source, .. } if matches!(**source, engine::sync::SyncError::SplitBrain { .. }) => {
+                ErrorKind::Unsafe
+            }
             _ => ErrorKind::Failed,
         }
     }
@@ -121,10 +124,33 @@ pub struct LocalSync {
     pub no_refine: bool,
 }
 
+/// What the operator asked about the mode of a sync (`sync --verify`, `sync --discard-standby-changes`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ModeChoice {
+    /// Compare with the shadow's actual content even if an incremental sync would be allowed.
+    pub verify: bool,
+    /// In a split brain, discard the standby's changes (a compare sync that overwrites them).
+    pub discard_standby_changes: bool,
+}
+
+impl ModeChoice {
+    /// Sets the engine's options accordingly.
+    pub(crate) fn apply(self, opts: &mut engine::sync::SyncOptions) {
+        opts.force_compare = self.verify;
+        opts.discard_standby_changes = self.discard_standby_changes;
+    }
+}
+
 impl LocalSync {
     /// Runs the sync; `progress` gets (bytes scanned, total).
     pub fn run(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<SyncReport, Error> {
-        let opts = crate::primary::engine_options(self.block_size, &self.io, self.no_refine);
+        self.run_with(ModeChoice::default(), progress)
+    }
+
+    /// [`LocalSync::run`] with the operator's choice of mode.
+    pub fn run_with(&self, choice: ModeChoice, progress: &mut dyn FnMut(u64, u64)) -> Result<SyncReport, Error> {
+        let mut opts = crate::primary::engine_options(self.block_size, &self.io, self.no_refine);
+        choice.apply(&mut opts);
         let name = &self.name;
         refuse_same(&self.source, &self.target)?;
         let src = Volume::open(&self.source, Access::Read, &self.io).map_err(LocalError::OpenSource)?;
@@ -142,7 +168,7 @@ impl LocalSync {
                 g if g == before => crate::primary::StandbyAfterFailure::Kept { generation: g },
                 g => crate::primary::StandbyAfterFailure::Committed { generation: g },
             };
-            LocalError::Sync { volume: name.clone(), target, source }.into()
+            LocalError::Sync { volume: name.clone(), target, source: Box::new(source) }.into()
         })
     }
 }
@@ -173,16 +199,21 @@ impl Verification {
     }
 }
 
-/// `blockrep verify --local`: re-hashes the shadow `target` and compares it with its committed generation.
-/// Creates nothing: a name never synced into `state_dir` is an error.
+/// `blockrep verify --local`: re-hashes the shadow `target` and compares it with its committed generation; a
+/// mismatch marks the shadow untrusted (durably), so that the next sync compares its actual content and repairs
+/// it. Creates nothing: a name never synced into `state_dir` is an error.
 pub fn verify(target: &Path, state_dir: &Path, name: &str, io: IoOptions) -> Result<Verification, Error> {
     let dir = Layout::new(state_dir, None).side_dir(Side::Standby, name);
     if !dir.is_dir() {
         return Err(LocalError::NoState { volume: name.into(), dir }.into());
     }
-    let tgt = Target::open(target, &dir, TargetOptions::new(name, io)).map_err(LocalError::OpenTarget)?;
+    let mut tgt = Target::open(target, &dir, TargetOptions::new(name, io)).map_err(LocalError::OpenTarget)?;
     let info = tgt.info();
     let ok = tgt.verify().map_err(LocalError::Verify)?;
+    if !ok {
+        tgt.mark_untrusted(engine::target::Distrust::VerifyFailed).map_err(LocalError::Verify)?;
+        tracing::warn!(volume = name, "the shadow differs from its committed generation: marked untrusted");
+    }
     Ok(Verification {
         volume: name.into(),
         generation: info.generation,

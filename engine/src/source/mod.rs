@@ -7,10 +7,11 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::differ::{DiffError, ScanOptions, ScannedChunk};
+use crate::generations::{self, SourceGenerations};
 use crate::hash::{block_count, hex, RootHasher};
 use crate::manifest::{Manifest, ManifestError, ManifestWriter};
 use crate::volume::Volume;
-use link::{BeginPlan, LinkError, TargetLink};
+use link::{BeginPlan, GenRecord, LinkError, PlanMode, TargetInfo, TargetLink};
 
 mod change;
 mod sender;
@@ -42,12 +43,29 @@ pub struct SyncOptions {
     /// Set (e.g. by a signal handler) to stop the sync between two chunks; it then fails with
     /// [`SyncError::Cancelled`] and the target keeps its last complete generation.
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// This node's name, recorded with the generations it makes (empty: `local`).
+    pub node: String,
+    /// Compare with the shadow's actual content even when an incremental sync would be allowed (`sync --verify`).
+    pub force_compare: bool,
+    /// Sync even when the standby holds changes this side does not know (split brain), discarding them: a compare
+    /// sync that overwrites whatever differs on the standby.
+    pub discard_standby_changes: bool,
+    /// Handle the writes of this side's generation records go through (unarmed in production; tests crash them).
+    pub durable: crate::durable::Durable,
 }
 
 impl SyncOptions {
     /// Defaults for a block size.
     pub fn new(block_size: u32) -> Self {
-        SyncOptions { scan: ScanOptions::new(block_size), refine: true, cancel: None }
+        SyncOptions {
+            scan: ScanOptions::new(block_size),
+            refine: true,
+            cancel: None,
+            node: String::new(),
+            force_compare: false,
+            discard_standby_changes: false,
+            durable: crate::durable::Durable::new(),
+        }
     }
 }
 
@@ -60,6 +78,11 @@ pub struct SyncReport {
     pub generation: u64,
     /// How source and shadow were compared.
     pub mode: SyncMode,
+    /// Why this mode.
+    pub reason: String,
+    /// With `discard_standby_changes`: bytes of the standby's own changes that this sync overwrote.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub standby_bytes_overwritten: Option<u64>,
     /// Bytes read and hashed on the source.
     pub bytes_scanned: u64,
     /// Blocks whose hash differed from the reference.
@@ -76,6 +99,17 @@ pub struct SyncReport {
     pub root: String,
     /// Wall time in seconds.
     pub duration_s: f64,
+}
+
+/// Both sides' generation records in a split brain, for the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitBrainHistories {
+    /// The standby's current identifier (hex).
+    pub standby_id: String,
+    /// This node's records, one per line, newest first.
+    pub primary: String,
+    /// The standby's records, one per line, newest first.
+    pub standby: String,
 }
 
 /// Errors of a sync.
@@ -161,6 +195,30 @@ pub enum SyncError {
         change_source: String,
         /// What is wrong.
         what: String,
+    },
+    /// Both sides wrote since their last common generation: syncing would discard the standby's changes.
+    #[error(
+        "volume {volume}: split brain: the standby holds {} that this node never made, so both sides were written \
+         since their last common generation; nothing was synced. This node's history:\n{}\nThe standby's \
+         history:\n{}\nTo keep this node's data and discard the standby's changes, run `blockrep sync \
+         --discard-standby-changes {volume}` (it reports how many bytes on the standby it overwrote); to keep the \
+         standby's, make it the primary instead (docs/role.md)",
+        .histories.standby_id, .histories.primary, .histories.standby
+    )]
+    SplitBrain {
+        /// Volume name.
+        volume: String,
+        /// Both sides' records.
+        histories: Box<SplitBrainHistories>,
+    },
+    /// The source's generation records could not be written.
+    #[error("cannot record generation identifiers in {path}")]
+    Generations {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
     },
     /// The target's committed generation is the last number there is.
     #[error("volume {volume}: the target's committed generation is {generation}, there is no next generation")]
@@ -263,17 +321,50 @@ pub fn sync_changes(
             });
         }
     }
-    let manifest = manifest.ok();
-    let mode = match (&manifest, info.complete) {
-        (Some(_), _) => SyncMode::Incremental,
-        (None, true) => SyncMode::Compare,
-        (None, false) => SyncMode::Full,
-    };
+    let gens_path = generations::source_path(manifest_path);
+    let mut gens = generations::read_source(&gens_path);
+    let split = split_brain(&info, &gens);
+    if let Some(standby_id) = &split {
+        if !opts.discard_standby_changes {
+            return Err(SyncError::SplitBrain {
+                volume: volume.into(),
+                histories: Box::new(SplitBrainHistories {
+                    standby_id: standby_id.clone(),
+                    primary: lines(&gens.history.all()),
+                    standby: lines(&info.history),
+                }),
+            });
+        }
+        tracing::warn!(volume, standby = %standby_id, "split brain: discarding the standby's changes as asked");
+    }
+    let (mode, reason) = choose_mode(&info, manifest.as_ref(), &gens, opts, split.is_some());
+    if let Coverage::ChangedSince { generation } = coverage {
+        if mode != SyncMode::Incremental {
+            return Err(SyncError::NoBaseForChanges {
+                volume: volume.into(),
+                change_source: changes.name().into(),
+                since: generation,
+                why: reason,
+            });
+        }
+    }
+    let manifest = manifest.ok().filter(|_| mode == SyncMode::Incremental);
     let generation = info
         .generation
         .checked_add(1)
         .ok_or(SyncError::GenerationExhausted { volume: volume.into(), generation: info.generation })?;
     let base_generation = if info.complete { info.generation } else { 0 };
+    // Propose the new generation's identifier durably before the target can commit it, so that a commit this
+    // side fails to record is still known here (never mistaken for the standby's own changes).
+    let node = if opts.node.is_empty() { "local" } else { opts.node.as_str() };
+    let proposed = match &gens.proposed {
+        Some(p) if p.generation == generation && !info.history.iter().any(|r| r.id == p.id) => p.clone(),
+        _ => generations::record(generation, generations::new_id(), node),
+    };
+    gens.proposed = Some(proposed.clone());
+    let durable = &opts.durable;
+    generations::write_source(durable, &gens_path, &gens)
+        .map_err(|source| SyncError::Generations { path: gens_path.clone(), source })?;
     let plan = BeginPlan {
         generation,
         base_generation,
@@ -284,6 +375,12 @@ pub fn sync_changes(
                 .pending
                 .as_ref()
                 .is_some_and(|p| p.generation == generation && p.base_generation == base_generation),
+        mode: match mode {
+            SyncMode::Incremental => PlanMode::Incremental,
+            SyncMode::Compare => PlanMode::Compare,
+            SyncMode::Full => PlanMode::Full,
+        },
+        id: proposed.id,
     };
     let ack = link.begin(&plan)?;
     let resumed_end = match (&info.pending, ack.resumed) {
@@ -293,6 +390,7 @@ pub fn sync_changes(
     tracing::info!(
         volume,
         ?mode,
+        %reason,
         generation = plan.generation,
         resumed = ack.resumed,
         source = changes.name(),
@@ -306,6 +404,8 @@ pub fn sync_changes(
         volume: volume.into(),
         generation: plan.generation,
         mode,
+        reason,
+        standby_bytes_overwritten: None,
         bytes_scanned: 0,
         blocks_changed: 0,
         bytes_changed: 0,
@@ -377,12 +477,89 @@ pub fn sync_changes(
     }
     writer.set_generation(commit.generation);
     writer.finish().map_err(|source| SyncError::Manifest { path: manifest_path.into(), source })?;
+    // The manifest describes the new generation: record its identifier (a crash before this leaves the proposed
+    // record, and the next sync compares).
+    gens.history.push(GenRecord { generation: commit.generation, ..proposed });
+    gens.proposed = None;
+    generations::write_source(durable, &gens_path, &gens)
+        .map_err(|source| SyncError::Generations { path: gens_path.clone(), source })?;
     let mut report = st.report;
+    if split.is_some() {
+        report.standby_bytes_overwritten = Some(report.bytes_changed);
+    }
     report.generation = commit.generation;
     report.root = hex(&root);
     report.duration_s = started.elapsed().as_secs_f64();
     tracing::info!(volume, generation = report.generation, bytes_sent = report.bytes_sent, "sync committed");
     Ok(report)
+}
+
+/// The standby's current identifier (hex) when it holds content this side never made: its identifier is none of
+/// this side's records, and this side has records (or the standby says it was promoted). `None`: no split brain.
+fn split_brain(info: &TargetInfo, gens: &SourceGenerations) -> Option<String> {
+    let current = info.history.first()?;
+    if !info.complete || gens.knows(&current.id) {
+        return None;
+    }
+    let promoted = info.distrust.contains("promoted");
+    let ours = gens.history.current.is_some() || !gens.history.earlier.is_empty();
+    (ours || promoted).then(|| generations::id_hex(&current.id))
+}
+
+/// Which mode, and why: incremental only when the target's identifier is the one the manifest describes and the
+/// target trusts its shadow.
+fn choose_mode(
+    info: &TargetInfo,
+    manifest: Result<&Manifest, &String>,
+    gens: &SourceGenerations,
+    opts: &SyncOptions,
+    split: bool,
+) -> (SyncMode, String) {
+    if !info.complete {
+        return (SyncMode::Full, "the standby holds no complete generation".into());
+    }
+    let compare = |why: String| (SyncMode::Compare, why);
+    if split {
+        return compare("discarding the standby's changes (split brain, --discard-standby-changes)".into());
+    }
+    if opts.force_compare {
+        return compare("asked to verify the standby's content (sync --verify)".into());
+    }
+    let m = match manifest {
+        Ok(m) => m,
+        Err(why) => return compare(why.clone()),
+    };
+    if !info.trusted {
+        return compare(format!("the standby's shadow is not trusted: {}", info.distrust));
+    }
+    let Some(theirs) = info.generation_id else {
+        return compare("the standby does not know the identifier of its generation".into());
+    };
+    match gens.history.current.as_ref().filter(|c| c.generation == m.generation()) {
+        None => compare(format!("this node has no identifier for its manifest's generation {}", m.generation())),
+        Some(c) if c.id != theirs => compare(format!(
+            "the standby's generation {} is {}, this node's manifest describes {}",
+            info.generation,
+            generations::id_hex(&theirs),
+            generations::id_hex(&c.id)
+        )),
+        Some(c) => (
+            SyncMode::Incremental,
+            format!(
+                "the standby holds generation {} ({}) as recorded here, and its shadow is untouched",
+                c.generation,
+                generations::id_hex(&c.id)
+            ),
+        ),
+    }
+}
+
+/// Records one per line, indented.
+fn lines(records: &[GenRecord]) -> String {
+    if records.is_empty() {
+        return "  (none)".into();
+    }
+    records.iter().map(|r| format!("  {}", generations::describe(r))).collect::<Vec<_>>().join("\n")
 }
 
 /// Checks the shape of a reported chunk: whole blocks from a block boundary at or after block `next` (exactly

@@ -67,6 +67,7 @@ fn drive(t: &mut Target, src: &[u8], d: Drive) -> Result<(Option<CommitAck>, u64
         volume_size: src.len() as u64,
         block_size: d.bs,
         resume: d.resume,
+        ..Default::default()
     };
     t.begin_impl(&plan)?;
     let bs = d.bs as usize;
@@ -464,6 +465,7 @@ fn extent_past_the_end_is_refused_and_nothing_written() {
             volume_size: SIZE as u64,
             block_size: 4096,
             resume: false,
+            ..Default::default()
         };
         assert_eq!(t.begin_impl(&plan).unwrap().in_place, in_place);
         let bad = [
@@ -499,6 +501,7 @@ fn plans_with_a_wrong_base_or_old_generation_are_refused() {
         volume_size: SIZE as u64,
         block_size: 4096,
         resume: false,
+        ..Default::default()
     };
     assert!(matches!(t.begin_impl(&plan(2, 7)), Err(TargetError::BaseMismatch { committed: 1, .. })));
     assert!(matches!(t.begin_impl(&plan(1, 0)), Err(TargetError::NotNext { next: 2, .. })));
@@ -548,6 +551,7 @@ fn after_generation_u64_max_every_plan_is_refused_and_nothing_written() {
             volume_size: SIZE as u64,
             block_size: 4096,
             resume: false,
+            ..Default::default()
         };
         let err = t.begin_impl(&plan).unwrap_err();
         assert!(matches!(err, TargetError::GenerationExhausted { committed: u64::MAX, .. }), "{err}");
@@ -668,8 +672,14 @@ fn target_link_trait_drives_a_sync_and_reports_target_errors() {
     let link: &mut dyn TargetLink = &mut t;
     let info = link.info().unwrap();
     assert_eq!((info.volume_size, info.generation, info.complete), (SIZE as u64, 0, false));
-    let plan =
-        BeginPlan { generation: 1, base_generation: 0, volume_size: SIZE as u64, block_size: 4096, resume: false };
+    let plan = BeginPlan {
+        generation: 1,
+        base_generation: 0,
+        volume_size: SIZE as u64,
+        block_size: 4096,
+        resume: false,
+        ..Default::default()
+    };
     assert!(link.begin(&plan).unwrap().in_place);
     link.extent(Extent { offset: 0, len: SIZE as u64, data: ExtentData::Data(Bytes::from(v0.clone())) }).unwrap();
     assert_eq!(link.block_hashes(0, 1).unwrap(), vec![hash::hash_block(&v0[..4096])]);
@@ -703,8 +713,8 @@ fn real_sync_survives_a_crash_at_every_durable_operation() {
     let v1 = mutate(&mut rng, &v0);
     let v2 = mutate(&mut rng, &v1);
     let bs = 16384;
-    let opts = SyncOptions::new(bs);
-    let run = |e: &Env, src: &[u8], t: &mut Target| {
+    let run = |e: &Env, src: &[u8], t: &mut Target, d: &Durable| {
+        let opts = SyncOptions { durable: d.clone(), ..SyncOptions::new(bs) };
         let src_path = e.state.parent().unwrap().join("source");
         std::fs::write(&src_path, src).unwrap();
         let vol = Volume::open(&src_path, Access::Read, &IoOptions::default()).unwrap();
@@ -716,11 +726,11 @@ fn real_sync_survives_a_crash_at_every_durable_operation() {
         let e = env(size);
         let d = Durable::new();
         let mut t = open(&e, d.clone()).unwrap();
-        run(&e, &v0, &mut t).unwrap();
+        run(&e, &v0, &mut t, &d).unwrap();
         assert_eq!(shadow_bytes(&e, size), v0);
         let (torn, lose_unsynced) = MODES[n as usize % MODES.len()];
         d.arm(FaultPlan { crash_after: n, torn, lose_unsynced });
-        let r = run(&e, &v1, &mut t);
+        let r = run(&e, &v1, &mut t, &d);
         drop(t);
         d.power_loss().unwrap();
         let mut t = open(&e, Durable::new()).unwrap();
@@ -734,7 +744,14 @@ fn real_sync_survives_a_crash_at_every_durable_operation() {
             assert_eq!((info.generation, info.root), (2, Some(source_root(&v1, bs))), "n {n}");
         }
         assert!(info.complete);
-        let report = run(&e, &v2, &mut t).unwrap();
+        // The primary's manifest, and the identifier it records, describe what the next sync may assume; an
+        // incremental sync is right only if the shadow holds exactly that.
+        let manifest = crate::manifest::Manifest::open(&e.state.parent().unwrap().join("primary.manifest")).unwrap();
+        let described = if manifest.generation() == 1 { &v0 } else { &v1 };
+        let report = run(&e, &v2, &mut t, &Durable::new()).unwrap();
+        if report.mode == crate::sync::SyncMode::Incremental {
+            assert!(&shadow == described, "n {n}: an incremental sync onto a shadow its manifest does not describe");
+        }
         assert_eq!(report.generation, info.generation + 1);
         assert_eq!(shadow_bytes(&e, size), v2, "n {n}");
         if r.is_ok() {
@@ -773,6 +790,7 @@ fn corrupt_state_file_is_not_promotable_and_the_next_sync_still_protects_the_sha
         volume_size: SIZE as u64,
         block_size: 4096,
         resume: false,
+        ..Default::default()
     };
     assert!(!t.begin_impl(&plan).unwrap().in_place, "the shadow is not overwritten in place");
     t.abort().unwrap();
@@ -782,4 +800,128 @@ fn corrupt_state_file_is_not_promotable_and_the_next_sync_still_protects_the_sha
     assert_eq!(shadow_bytes(&e, SIZE), v1);
     drop(t);
     assert!(open(&e, Durable::new()).unwrap().info().complete, "the state file was rewritten");
+}
+
+/// Files of a local sync for the trust tests: a source image, its manifest, and the target.
+struct Trust {
+    e: Env,
+    size: usize,
+    bs: u32,
+}
+
+impl Trust {
+    fn new() -> Trust {
+        Trust { e: env(200 * 1024 + 100), size: 200 * 1024 + 100, bs: 16384 }
+    }
+    fn sync(
+        &self,
+        src: &[u8],
+        opts: crate::sync::SyncOptions,
+    ) -> Result<crate::sync::SyncReport, crate::sync::SyncError> {
+        let dir = self.e.state.parent().unwrap();
+        std::fs::write(dir.join("source"), src).unwrap();
+        let vol = Volume::open(&dir.join("source"), Access::Read, &IoOptions::default()).unwrap();
+        let mut t = open(&self.e, Durable::new()).unwrap();
+        crate::sync::sync_volume("vol", &vol, &dir.join("primary.manifest"), &mut t, &opts, &mut |_, _| {})
+    }
+    fn opts(&self) -> crate::sync::SyncOptions {
+        crate::sync::SyncOptions::new(self.bs)
+    }
+    fn write_shadow(&self, offset: u64, data: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        std::thread::sleep(std::time::Duration::from_millis(5)); // a distinct mtime even on coarse clocks
+        let f = std::fs::OpenOptions::new().write(true).open(&self.e.shadow).unwrap();
+        f.write_all_at(data, offset).unwrap();
+    }
+}
+
+/// The divergence case: full sync, 15 bytes written to the shadow outside blockrep, 8 bytes changed on the
+/// source. The next sync compares the shadow's actual content (its manifest cannot be trusted) and repairs it;
+/// after that commit the shadow is trusted again and syncs are incremental.
+#[test]
+fn a_shadow_written_outside_blockrep_is_repaired_by_the_next_sync() {
+    use crate::sync::SyncMode;
+    let t = Trust::new();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
+    let v0 = image(&mut rng, t.size);
+    assert_eq!(t.sync(&v0, t.opts()).unwrap().mode, SyncMode::Full);
+    assert_eq!(t.sync(&v0, t.opts()).unwrap().mode, SyncMode::Incremental);
+    t.write_shadow(100_000, b"outside write!!");
+    let mut v1 = v0.clone();
+    v1[5000..5008].copy_from_slice(b"changed!");
+    let r = t.sync(&v1, t.opts()).unwrap();
+    assert_eq!(r.mode, SyncMode::Compare, "{}", r.reason);
+    assert!(r.reason.contains("not trusted") && r.reason.contains("modified"), "{}", r.reason);
+    assert_eq!(shadow_bytes(&t.e, t.size), v1);
+    assert_eq!(r.bytes_changed, 2 * 4096, "the outside write and the source's change, one 4 KiB piece each");
+    let r = t.sync(&v1, t.opts()).unwrap();
+    assert_eq!((r.mode, r.bytes_changed), (SyncMode::Incremental, 0), "{}", r.reason);
+    let r = t.sync(&v1, crate::sync::SyncOptions { force_compare: true, ..t.opts() }).unwrap();
+    assert_eq!((r.mode, r.bytes_changed), (SyncMode::Compare, 0), "{}", r.reason);
+}
+
+/// A verify that found a difference, and a state file of the previous version (no identifier, no evidence),
+/// both make the next sync a compare sync that repairs the shadow.
+#[test]
+fn untrusted_marks_and_old_state_files_force_a_compare_sync() {
+    use crate::sync::SyncMode;
+    let t = Trust::new();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(4);
+    let v0 = image(&mut rng, t.size);
+    t.sync(&v0, t.opts()).unwrap();
+    // Garbage with the file's modification time put back: only a verify can find it.
+    let mtime = std::fs::metadata(&t.e.shadow).unwrap().modified().unwrap();
+    t.write_shadow(7, b"silent corruption");
+    std::fs::File::options().write(true).open(&t.e.shadow).unwrap().set_modified(mtime).unwrap();
+    {
+        let mut tg = open(&t.e, Durable::new()).unwrap();
+        assert!(tg.info().trusted, "no evidence of the write");
+        assert!(!tg.verify().unwrap());
+        tg.mark_untrusted(Distrust::VerifyFailed).unwrap();
+    }
+    let info = open(&t.e, Durable::new()).unwrap().info();
+    assert!(!info.trusted && info.distrust.contains("verify"), "{}", info.distrust);
+    let r = t.sync(&v0, t.opts()).unwrap();
+    assert_eq!(r.mode, SyncMode::Compare, "{}", r.reason);
+    assert_eq!(shadow_bytes(&t.e, t.size), v0);
+    assert!(open(&t.e, Durable::new()).unwrap().verify().unwrap());
+    assert!(open(&t.e, Durable::new()).unwrap().info().trusted);
+    // A version 1 state file (the previous release) is read, but proves nothing.
+    let mut b = [0u8; 28];
+    crate::layout::Put::header(&mut b, b"BRSTATE1", 1).u32(0).u64(2).crc();
+    std::fs::write(t.e.state.join(STATE_FILE), b).unwrap();
+    let info = open(&t.e, Durable::new()).unwrap().info();
+    assert_eq!((info.generation, info.complete, info.trusted, info.generation_id), (2, true, false, None));
+    assert_eq!(t.sync(&v0, t.opts()).unwrap().mode, SyncMode::Compare);
+}
+
+/// A promoted shadow gets a new identifier: a sync from the old primary refuses (split brain) with both
+/// histories, writing nothing, until asked to discard the standby's changes; then it reports what it overwrote.
+#[test]
+fn split_brain_is_refused_until_the_standby_changes_are_discarded() {
+    use crate::sync::{SyncError, SyncMode};
+    let t = Trust::new();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+    let v0 = image(&mut rng, t.size);
+    t.sync(&v0, t.opts()).unwrap();
+    open(&t.e, Durable::new()).unwrap().mark_promoted("standby-b").unwrap();
+    t.write_shadow(65536, &[0xee; 10000]);
+    let before = shadow_bytes(&t.e, t.size);
+    let mut v1 = v0.clone();
+    v1[0] ^= 1;
+    match t.sync(&v1, t.opts()) {
+        Err(e @ SyncError::SplitBrain { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("by standby-b") && msg.contains("by local"), "{msg}");
+            assert!(msg.contains("--discard-standby-changes"), "{msg}");
+        }
+        other => panic!("expected a split brain, got {other:?}"),
+    }
+    assert_eq!(shadow_bytes(&t.e, t.size), before, "nothing written");
+    let r = t.sync(&v1, crate::sync::SyncOptions { discard_standby_changes: true, ..t.opts() }).unwrap();
+    assert_eq!(r.mode, SyncMode::Compare);
+    assert_eq!(r.standby_bytes_overwritten, Some(r.bytes_changed));
+    assert_eq!(r.bytes_changed, 4 * 4096, "one piece at 0, and 10000 bytes at 64 KiB over 3 pieces");
+    assert_eq!(shadow_bytes(&t.e, t.size), v1);
+    assert_eq!(t.sync(&v1, t.opts()).unwrap().mode, SyncMode::Incremental);
 }
