@@ -158,6 +158,7 @@ fn sync_local(a: &args::SyncArgs) -> Result<()> {
 fn verify(a: &args::VerifyArgs) -> Result<()> {
     let name = node::layout::volume_name(a.name.as_deref(), &a.local).map_err(node::Error::from)?;
     let v = node::local::verify(&a.local, &a.state_dir, &name, a.io.options())?;
+    node::history::append_at(&a.state_dir, node::history::Event::Verify { volume: name, ok: v.ok });
     report::print_verify(&v, a.json);
     Ok(v.into_result()?)
 }
@@ -165,7 +166,12 @@ fn verify(a: &args::VerifyArgs) -> Result<()> {
 /// `blockrep promote | demote | switchover`; after a promote, re-announce the virtual IP in the background.
 fn plan(config: &Path, plan: Plan, a: &args::PlanArgs) -> Result<()> {
     let opts = PlanOptions { force: a.force, dry_run: a.dry_run, reason: a.reason.clone(), poweroff: a.poweroff };
-    let report = node::roles::run(&Config::load(config).map_err(node::Error::from)?, plan, &opts, Default::default())?;
+    let cfg = Config::load(config).map_err(node::Error::from)?;
+    let report = node::roles::run(&cfg, plan, &opts, Default::default())?;
+    if !a.dry_run {
+        let plan = format!("{plan:?}").to_lowercase();
+        node::history::append(&cfg, node::history::Event::Switchover { plan, reason: a.reason.clone() });
+    }
     report::print_plan(&report, a.json);
     if plan != Plan::Demote && !a.dry_run {
         let exe = std::env::current_exe().map_err(|e| anyhow::anyhow!("cannot find the blockrep executable: {e}"))?;

@@ -5,7 +5,6 @@
 //! Writing is best effort: a full disk must not fail a sync, so a failed append is a warning in the log.
 
 use std::io::Write;
-use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -92,18 +91,19 @@ pub struct Entry {
     pub event: Event,
 }
 
-fn file(cfg: &Config) -> PathBuf {
-    cfg.state_dir.join(FILE)
-}
-
 /// Appends an event (best effort, see the module docs).
 pub fn append(cfg: &Config, event: Event) {
-    let path = file(cfg);
+    append_at(&cfg.state_dir, event)
+}
+
+/// Appends an event to the history of the state directory `state_dir` (`verify --local` has no configuration).
+pub fn append_at(state_dir: &std::path::Path, event: Event) {
+    let path = state_dir.join(FILE);
     let entry = Entry { time: now(), event };
     let r = (|| -> std::io::Result<()> {
-        std::fs::create_dir_all(&cfg.state_dir)?;
+        std::fs::create_dir_all(state_dir)?;
         if std::fs::metadata(&path).is_ok_and(|m| m.len() >= MAX_BYTES) {
-            std::fs::rename(&path, cfg.state_dir.join(OLD_FILE))?;
+            std::fs::rename(&path, state_dir.join(OLD_FILE))?;
         }
         let mut line = serde_json::to_string(&entry).map_err(std::io::Error::other)?;
         line.push('\n');

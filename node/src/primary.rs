@@ -320,11 +320,14 @@ pub fn sync_volumes(
     let mut run = SyncRun { total: vols.len(), outcomes: Vec::new() };
     for vol in vols {
         let (retries, pause) = (cfg.schedule.retry_count, cfg.schedule.retry_interval);
-        let mut attempt = 0;
+        let (mut attempt, mut fill) = (0, None);
         let result = loop {
             attempt += 1;
             let result = with_frozen_source(cfg, vol, |source| {
-                sync_one(cfg, vol, source, &o, &mut |d, t| observer.progress(&vol.name, d, t))
+                let r = sync_one(cfg, vol, source, &o, &mut |d, t| observer.progress(&vol.name, d, t));
+                // A classic snapshot only fills up, so its fill level at the end of the sync is its peak.
+                fill = crate::schedule::snapshot_fill(vol, source);
+                r
             });
             match &result {
                 Err(e)
@@ -343,6 +346,7 @@ pub fn sync_volumes(
         };
         let cancelled = cancel.load(Ordering::SeqCst);
         crate::schedule::after_volume(cfg, &vol.name, &result, cancelled, attempt);
+        crate::alarms::update(cfg, &crate::schedule::snapshot_judgement(&vol.name, &result, fill));
         let outcome = VolumeOutcome { volume: vol.name.clone(), result };
         observer.finished(&outcome, run.total);
         run.outcomes.push(outcome);

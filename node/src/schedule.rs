@@ -279,7 +279,6 @@ pub fn after_run(cfg: &Config, outcomes: &[crate::primary::VolumeOutcome], cance
             Ok(_) => {
                 reached = true;
                 j.push(Judgement::clear(AlarmKind::SyncFailed, v));
-                j.push(Judgement::clear(AlarmKind::SnapshotFull, v));
             }
             Err(_) if cancelled => {}
             Err(e) => {
@@ -288,11 +287,6 @@ pub fn after_run(cfg: &Config, outcomes: &[crate::primary::VolumeOutcome], cance
                     unreachable = Some(msg.clone());
                 } else if !matches!(e.kind(), ErrorKind::Usage) {
                     reached = true;
-                }
-                if let Error::Freeze(f) = e {
-                    if matches!(**f, crate::freeze::FreezeError::Overflowed { .. }) {
-                        j.push(Judgement::raise(AlarmKind::SnapshotFull, v, msg.clone()));
-                    }
                 }
                 let retries = cfg.schedule.retry_count;
                 j.push(Judgement::raise(
@@ -310,6 +304,49 @@ pub fn after_run(cfg: &Config, outcomes: &[crate::primary::VolumeOutcome], cance
     }
     crate::alarms::update(cfg, &j);
     crate::metrics::refresh(cfg);
+}
+
+/// The fill level (percent) of a volume's LVM snapshot, read while it still exists (`None`: no snapshot, or lvm
+/// could not tell).
+pub fn snapshot_fill(vol: &crate::config::Volume, frozen: &Path) -> Option<f64> {
+    if !matches!(vol.snapshot, crate::config::SnapshotDriver::Lvm { .. }) {
+        return None;
+    }
+    // The frozen image is /dev/<vg>/<snapshot>.
+    let lv = frozen.file_name()?.to_str()?;
+    let vg = frozen.parent()?.file_name()?.to_str()?;
+    let lvm = lvmctl::Lvm::new().ok()?;
+    lvm.snapshot_status(vg, lv).ok().map(|s| s.fill_percent)
+}
+
+/// A snapshot filled to this percent during a sync raises [`crate::alarms::AlarmKind::SnapshotFull`].
+pub const SNAPSHOT_ALARM_PERCENT: f64 = 80.0;
+
+/// The snapshot alarm of one volume's sync: raised when the snapshot overflowed (the sync failed for it) or was
+/// at least [`SNAPSHOT_ALARM_PERCENT`] full at its end; cleared by a sync whose snapshot stayed below; nothing
+/// judged otherwise (no snapshot, or another failure).
+pub fn snapshot_judgement(
+    volume: &str,
+    result: &Result<crate::primary::NetReport, Error>,
+    fill: Option<f64>,
+) -> Vec<crate::alarms::Judgement> {
+    use crate::alarms::{AlarmKind, Judgement};
+    let v = Some(volume);
+    match (result, fill) {
+        (Err(e @ Error::Freeze(f)), _) if matches!(**f, crate::freeze::FreezeError::Overflowed { .. }) => {
+            vec![Judgement::raise(AlarmKind::SnapshotFull, v, crate::error_chain(e))]
+        }
+        (_, Some(p)) if p >= SNAPSHOT_ALARM_PERCENT => vec![Judgement::raise(
+            AlarmKind::SnapshotFull,
+            v,
+            format!(
+                "the snapshot of volume {volume} was {p:.0} % full at the end of the sync; set a larger \
+                 snapshot_size before it overflows (the sync would then fail)"
+            ),
+        )],
+        (Ok(_), Some(_)) => vec![Judgement::clear(AlarmKind::SnapshotFull, v)],
+        _ => Vec::new(),
+    }
 }
 
 /// The switch file of a configuration.
@@ -354,6 +391,16 @@ mod tests {
         assert!(parse_duration("m").is_err());
         assert!(parse_duration("").is_err());
         assert_eq!(format_duration(Duration::from_secs(300)), "5m");
+    }
+
+    #[test]
+    fn snapshot_alarm_from_the_fill_level() {
+        let failed: Result<crate::primary::NetReport, Error> =
+            Err(crate::config::ConfigError::Invalid { path: "c".into(), message: "x".into() }.into());
+        assert!(snapshot_judgement("v", &failed, None).is_empty());
+        let j = snapshot_judgement("v", &failed, Some(91.0));
+        assert!(j[0].raised.as_deref().unwrap().contains("91 % full"), "{j:?}");
+        assert!(snapshot_judgement("v", &failed, Some(10.0)).is_empty(), "only a success clears it");
     }
 
     #[test]
