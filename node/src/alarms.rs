@@ -121,6 +121,9 @@ pub fn current(cfg: &Config) -> Vec<Alarm> {
 /// Applies judgements: raises and clears alarms (log line, notify hooks, history on each change) and returns the
 /// alarms raised afterwards. Failing to record them is a warning: monitoring must not fail a sync.
 pub fn update(cfg: &Config, judged: &[Judgement]) -> Vec<Alarm> {
+    if !cfg.state_dir.exists() && judged.iter().all(|j| j.raised.is_none()) {
+        return Vec::new(); // nothing raised, nothing to clear: do not create the state directory for that
+    }
     let _guard = std::fs::create_dir_all(&cfg.state_dir)
         .and_then(|()| {
             std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(cfg.state_dir.join("alarms.lock"))
