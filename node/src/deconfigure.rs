@@ -195,6 +195,9 @@ pub fn run(cfg: &Config, opts: DeconfigureOptions, report: &mut dyn FnMut(&Step)
     }
 }
 
+/// The list of files `scripts/install.sh` installed, kept in the default state directory.
+const INSTALL_MANIFEST: &str = "install.manifest";
+
 fn remove_dir(dir: &Path) -> Outcome {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Outcome::Removed,
@@ -209,7 +212,16 @@ fn leftovers(dir: &Path) -> String {
         .map(|r| r.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default();
     names.sort();
-    format!("{} (not blockrep's known layout: remove by hand)", names.join(", "))
+    // scripts/install.sh keeps its list of installed files there; `install.sh --uninstall --purge` removes it.
+    let (install, other): (Vec<String>, Vec<String>) = names.into_iter().partition(|n| n == INSTALL_MANIFEST);
+    let mut why = Vec::new();
+    if !other.is_empty() {
+        why.push(format!("{} (not blockrep's known layout: remove by hand)", other.join(", ")));
+    }
+    if !install.is_empty() {
+        why.push(format!("{INSTALL_MANIFEST} (scripts/install.sh --uninstall --purge removes it)"));
+    }
+    why.join("; ")
 }
 
 /// Deletes one shadow: a file outright, an LV only when tagged [`SHADOW_TAG`].

@@ -1,9 +1,9 @@
 //! Shared helpers for the integration tests.
 
 mod hardening;
+mod install;
 mod local_sync;
 mod network;
-mod operations;
 mod role_cli;
 mod uml_lvm;
 
