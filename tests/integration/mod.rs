@@ -4,6 +4,7 @@ mod hardening;
 mod install;
 mod local_sync;
 mod network;
+mod operations;
 mod role_cli;
 mod uml_lvm;
 
