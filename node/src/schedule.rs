@@ -210,12 +210,28 @@ pub fn render_service(cfg: &Config, exe: &Path) -> String {
 /// timeout); not a usage error, a refusal or an unsafe state.
 pub fn worth_retrying(e: &Error) -> bool {
     use crate::primary::PrimaryError;
+    fn conn_transient(c: &netproto::ConnError) -> bool {
+        use netproto::ConnError as C;
+        matches!(
+            c,
+            C::Unreachable { .. }
+                | C::Io { .. }
+                | C::Socket(_)
+                | C::Timeout { .. }
+                | C::ClosedMidFrame { .. }
+                | C::Closed { .. }
+        )
+    }
     fn link_transient(l: &link::LinkError) -> bool {
-        matches!(l, link::LinkError::Transport(_) | link::LinkError::Remote { kind: link::RemoteKind::Busy, .. })
+        match l {
+            link::LinkError::Transport(t) => t.downcast_ref::<netproto::ConnError>().is_none_or(conn_transient),
+            link::LinkError::Remote { kind: link::RemoteKind::Busy, .. } => true,
+            _ => false,
+        }
     }
     match e {
         Error::Primary(p) => match &**p {
-            PrimaryError::Connect(c) => !matches!(crate::conn_error_kind(c), ErrorKind::RefusedByPeer),
+            PrimaryError::Connect(c) => conn_transient(c),
             PrimaryError::OpenRemote { source, .. } => link_transient(source),
             PrimaryError::Sync { source: engine::sync::SyncError::Link(l), .. } => link_transient(l),
             _ => false,
