@@ -238,3 +238,46 @@ fn the_timer_is_rendered_from_the_schedule() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("schedule.retry_interval (line"), "{}", stderr(&o));
 }
+
+#[test]
+fn serve_rewrites_the_metrics_file_periodically() {
+    let p = Pair::new(1 << 20);
+    let metrics = p.path("standby.prom");
+    // Only the standby's configuration names this file: the primary's run writes none.
+    let standby_cfg = p.config("standby", &p.path("key"), "127.0.0.1:1");
+    let text = std::fs::read_to_string(&standby_cfg).unwrap()
+        + &format!("[monitoring]\nmetrics_file = {metrics:?}\nmetrics_interval = \"1s\"\n");
+    std::fs::write(&standby_cfg, text).unwrap();
+    let mut child = blockrep()
+        .args(["serve", "--announce", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&standby_cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening on ").unwrap().to_owned();
+    let o = run(blockrep().args(["sync", "--config"]).arg(primary_cfg(&p, &addr)));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = "blockrep_generation{node=\"standby\",volume=\"vol\"} 1";
+    wait_for("the standby's metrics", Duration::from_secs(5), || {
+        std::fs::read_to_string(&metrics).is_ok_and(|t| t.contains(want))
+    });
+    node::metrics::check_text_format(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn log_format_json_prints_one_object_per_event() {
+    let p = Pair::new(4096);
+    let o = run(blockrep().args(["--log-format", "json", "sync", "--config"]).arg(primary_cfg(&p, "127.0.0.1:1")));
+    assert_eq!(o.status.code(), Some(3));
+    let events: Vec<serde_json::Value> = stderr(&o)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(events.iter().any(|e| e["level"] == "ERROR" && e["fields"]["alarm"] == "sync_failed/vol"), "{events:?}");
+}
