@@ -298,6 +298,13 @@ pub struct SyncArgs {
     /// Do not narrow changed blocks down to changed 4 KiB pieces.
     #[arg(long)]
     pub no_refine: bool,
+    /// Compare every block with the shadow's actual content, even where an incremental sync would do.
+    #[arg(long)]
+    pub verify: bool,
+    /// After a split brain (exit 4): keep this node's data and discard the standby's changes, with a compare sync
+    /// that reports how many bytes on the standby it overwrote. Nothing is discarded without it.
+    #[arg(long)]
+    pub discard_standby_changes: bool,
     /// Print one JSON object per volume.
     #[arg(long)]
     pub json: bool,

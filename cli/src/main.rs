@@ -128,11 +128,21 @@ fn status(config: &Path, as_json: bool) -> Result<()> {
 /// `blockrep sync [VOLUME...]` over the network; every selected volume is tried, the first failure decides the
 /// exit code.
 fn sync(cfg: &Config, a: &args::SyncArgs) -> Result<()> {
-    let opts =
-        node::primary::NetSyncOptions { io: a.io.options(), bwlimit: a.bwlimit, no_refine: a.no_refine, cancel: None };
+    let opts = node::primary::NetSyncOptions {
+        io: a.io.options(),
+        bwlimit: a.bwlimit,
+        no_refine: a.no_refine,
+        cancel: None,
+        choice: mode_choice(a),
+    };
     let mut out = report::SyncOutput { as_json: a.json, bar: None };
     node::primary::sync_volumes(cfg, &a.volumes, &opts, &mut out)?.into_result()?;
     Ok(())
+}
+
+/// `sync --verify` and `--discard-standby-changes`.
+fn mode_choice(a: &args::SyncArgs) -> node::local::ModeChoice {
+    node::local::ModeChoice { verify: a.verify, discard_standby_changes: a.discard_standby_changes }
 }
 
 /// `blockrep sync --local SOURCE TARGET`.
@@ -148,7 +158,7 @@ fn sync_local(a: &args::SyncArgs) -> Result<()> {
         no_refine: a.no_refine,
     };
     let bar = report::progress_bar(&s.name);
-    let r = s.run(&mut |d, t| report::update(&bar, d, t));
+    let r = s.run_with(mode_choice(a), &mut |d, t| report::update(&bar, d, t));
     bar.finish_and_clear();
     report::print_sync(&r?, a.json);
     Ok(())

@@ -51,6 +51,10 @@ pub fn print_sync(r: &SyncReport, as_json: bool) {
         r.duration_s,
         bytes(rate as u64)
     );
+    println!("  {:?} because {}", r.mode, r.reason);
+    if let Some(n) = r.standby_bytes_overwritten {
+        println!("  split brain resolved: {} of the standby's own changes overwritten ({n} bytes)", bytes(n));
+    }
 }
 
 /// Prints one volume's network sync.
@@ -198,6 +202,9 @@ pub fn print_status(s: &node::status::NodeStatus, as_json: bool) {
             v.generation,
             age.unwrap_or_default()
         );
+        if let Some(why) = &v.untrusted {
+            println!("  UNTRUSTED shadow (the next sync compares its content; not promotable without --force): {why}");
+        }
         if let Some(l) = &v.record.last_success {
             println!(
                 "  last success {}: generation {}, {:.1} s, {} changed, {} sent",

@@ -588,7 +588,15 @@ impl Target {
                 .map_err(|e| self.manifest_err(e))?;
         }
         drop(file);
-        self.remove_spool()
+        self.remove_spool()?;
+        // The shadow now holds the committed generation, whose identifier this side never recorded (the next sync
+        // compares); record the evidence as of now so that later writes are still noticed.
+        if self.state.exists && !self.state.corrupt {
+            let mut s = self.state_with(false, commit.generation);
+            s.evidence = Evidence::of(self.shadow.file());
+            self.write_state(s)?;
+        }
+        Ok(())
     }
 
     fn remove_spool(&mut self) -> Result<(), TargetError> {
@@ -721,15 +729,14 @@ impl Target {
             .then_some(c.id)
     }
 
-    /// Why the shadow is not trusted to hold exactly its committed generation (`None`: it is).
-    pub fn distrust(&self) -> Option<String> {
-        if !self.complete() {
-            return Some("it holds no complete generation".into());
+    /// Evidence that the shadow may hold something other than its committed generation: it was promoted, a
+    /// verify found a difference, or it was written since the commit that recorded the evidence (`None`: no such
+    /// evidence; the identity of the generation may still be unknown, see [`Target::distrust`]). A shadow with
+    /// such evidence must not be promoted without being forced.
+    pub fn tampered(&self) -> Option<String> {
+        if !self.complete() || self.state.corrupt {
+            return None; // not promotable for other reasons, said elsewhere
         }
-        if self.state.corrupt {
-            return Some("its state file is corrupt".into());
-        }
-        let committed = self.committed_generation();
         match self.state.distrust {
             Distrust::Promoted => {
                 let by = self
@@ -741,9 +748,28 @@ impl Target {
                 return Some(format!("it was promoted to production{by} and may have been written since"));
             }
             Distrust::VerifyFailed => {
-                return Some(format!("a verify found it different from its committed generation {committed}"))
+                let committed = self.committed_generation();
+                return Some(format!("a verify found it different from its committed generation {committed}"));
             }
             Distrust::None => {}
+        }
+        match self.state.evidence {
+            Evidence::None => None,
+            recorded => recorded.changed(&Evidence::of(self.shadow.file())),
+        }
+    }
+
+    /// Why the shadow is not trusted to hold exactly its committed generation (`None`: it is): no complete
+    /// generation, [`Target::tampered`], an unknown identity, or no evidence recorded.
+    pub fn distrust(&self) -> Option<String> {
+        if !self.complete() {
+            return Some("it holds no complete generation".into());
+        }
+        if self.state.corrupt {
+            return Some("its state file is corrupt".into());
+        }
+        if let Some(why) = self.tampered() {
+            return Some(why);
         }
         if self.generation_id().is_none() {
             return Some(

@@ -77,6 +77,7 @@ impl PrimaryError {
             PrimaryError::Connect(e) => crate::conn_error_kind(e),
             PrimaryError::OpenRemote { source, .. } => crate::link_error_kind(source),
             PrimaryError::Sync { source: engine::sync::SyncError::Link(l), .. } => crate::link_error_kind(l),
+            PrimaryError::Sync { source: engine::sync::SyncError::SplitBrain { .. }, .. } => ErrorKind::Unsafe,
             PrimaryError::SomeVolumes { first, .. } => first.kind(),
             _ => ErrorKind::Failed,
         }
@@ -187,6 +188,8 @@ pub struct NetSyncOptions {
     pub no_refine: bool,
     /// Set to stop between two chunks (SIGINT/SIGTERM in [`sync_volumes`]).
     pub cancel: Option<Arc<AtomicBool>>,
+    /// `--verify` (always compare) and `--discard-standby-changes` (resolve a split brain).
+    pub choice: crate::local::ModeChoice,
 }
 
 /// The engine's options for one volume: block size, the mapped scan with the automatic I/O engine, refinement,
@@ -230,6 +233,8 @@ pub fn sync_one(
     std::fs::create_dir_all(dir).map_err(|source| PrimaryError::StateDir { path: dir.into(), source })?;
     let mut opts = engine_options(vol.block_size, &o.io, o.no_refine);
     opts.cancel = o.cancel.clone();
+    opts.node = cfg.node.clone();
+    o.choice.apply(&mut opts);
     let before = remote.info_now().generation;
     let r = match sync_volume(&vol.name, &src, &manifest, &mut remote, &opts, progress) {
         Ok(r) => r,

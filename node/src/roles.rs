@@ -166,6 +166,13 @@ impl role::Guards for NodeGuards<'_> {
                     v.name
                 ));
             }
+            if let Some(why) = t.tampered() {
+                return Err(format!(
+                    "volume {} has an untrusted shadow: {why}; it may not hold generation {} (sync it again from \
+                     the peer, or promote with --force to serve it as it is)",
+                    v.name, info.generation
+                ));
+            }
             let synced = crate::layout::mtime_secs(&layout.target_manifest(&v.name));
             oldest = match (oldest, synced) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -283,12 +290,37 @@ pub fn run(cfg: &Config, plan: Plan, a: &PlanOptions, io: engine::volume::IoOpti
         }
     }
     let guards = NodeGuards { cfg, io };
-    let report = match plan {
-        Plan::Promote => role::promote(&rc, &guards, &opts).map_err(RoleError::from)?,
-        Plan::Demote => role::demote(&rc, &opts).map_err(RoleError::from)?,
-        Plan::Switchover => role::switchover(&rc, &guards, &ProtoPeer(cfg), &opts).map_err(RoleError::from)?,
+    let result = match plan {
+        Plan::Promote => role::promote(&rc, &guards, &opts).map_err(RoleError::from),
+        Plan::Demote => role::demote(&rc, &opts).map_err(RoleError::from),
+        Plan::Switchover => role::switchover(&rc, &guards, &ProtoPeer(cfg), &opts).map_err(RoleError::from),
     };
-    Ok(report)
+    // Once this node's plan began (it succeeded, or failed with the role state no longer standby), the shadows
+    // are (or may be) production: give their content a new identifier and mark them untrusted, so that a later
+    // sync from the old primary is a split brain it refuses instead of silently discarding what this node wrote.
+    let began = result.is_ok() || role::status(cfg.layout().role_dir()).is_ok_and(|s| s.role != role::Role::Standby);
+    if plan != Plan::Demote && !a.dry_run && began {
+        mark_promoted(cfg, io);
+    }
+    Ok(result?)
+}
+
+/// Records on every shadow of this node that it became production ([`Target::mark_promoted`]); a failure is
+/// logged (the write counters of block devices still show the writes).
+fn mark_promoted(cfg: &Config, io: engine::volume::IoOptions) {
+    let layout = cfg.layout();
+    for v in cfg.volumes.iter().filter(|v| v.shadow.is_some()) {
+        let shadow = v.shadow.as_ref().expect("filtered");
+        let dir = layout.side_dir(Side::Standby, &v.name);
+        if !shadow.exists() || !dir.exists() {
+            continue;
+        }
+        let r =
+            Target::open(shadow, &dir, TargetOptions::new(&v.name, io)).and_then(|mut t| t.mark_promoted(&cfg.node));
+        if let Err(e) = r {
+            tracing::warn!(volume = %v.name, "cannot record that the shadow became production: {}", link::error_chain(&e));
+        }
+    }
 }
 
 /// `blockrep announce`: periodic gratuitous ARP while primary, so neighbours that missed the first announcement

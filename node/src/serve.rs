@@ -15,7 +15,10 @@
 //! idle_timeout_s`, default [`DEFAULT_IDLE_TIMEOUT`]) ends: its volume is released and its spool kept for resume.
 //! TCP keepalive finds peers that vanished without a reset sooner. A primary that is scanning sends keepalive frames.
 //!
-//! Before accepting anything, [`run`] rolls every committed spool forward ([`crate::shadow::roll_forward`]), so a shadow is never left
+//! Before accepting anything, [`run`] holds every shadow exclusively while the node is a standby (`O_EXCL` on
+//! block devices, so they cannot be mounted; an exclusive `flock` on files, so a second `serve` refuses), and
+//! releases them within a quarter second of the node becoming primary. Before that, [`run`] rolls every
+//! committed spool forward ([`crate::shadow::roll_forward`]), so a shadow is never left
 //! half-applied after a crash until some sync happens to open it. Two concurrent syncs of one volume are refused.
 //! [`Stopper::stop`] (SIGTERM/SIGINT) stops accepting, cuts the read side of every connection (a transfer stops
 //! between two frames, with its spool durable for resume, while a commit in progress finishes), tells each peer
@@ -47,6 +50,8 @@ pub const MAX_CONNECTIONS: usize = 64;
 pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// Idle timeout of an authenticated session unless configured.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often `serve` checks whether the node became primary (then it releases the shadows it holds).
+const HOLD_CHECK: Duration = Duration::from_millis(250);
 /// Refused connections are summed up in one log line per this interval.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -68,13 +73,68 @@ pub enum ServeError {
     /// The async runtime could not be started.
     #[error("cannot start the daemon's runtime")]
     Runtime(#[source] std::io::Error),
+    /// A shadow is in use by another process (mounted, opened exclusively, or held by another `serve`).
+    #[error(
+        "volume {volume}: the shadow {} is in use by another process ({why}); `serve` holds every shadow \
+         exclusively so that nothing else can write it: unmount it, or stop the other `blockrep serve`",
+        shadow.display()
+    )]
+    ShadowInUse {
+        /// Volume name.
+        volume: String,
+        /// The shadow.
+        shadow: std::path::PathBuf,
+        /// What the kernel said.
+        why: String,
+    },
 }
 
 impl ServeError {
     /// The kind of this error.
     pub fn kind(&self) -> ErrorKind {
-        ErrorKind::Failed
+        match self {
+            ServeError::ShadowInUse { .. } => ErrorKind::Unsafe,
+            _ => ErrorKind::Failed,
+        }
     }
+}
+
+/// One shadow held for the daemon's lifetime so that nothing else writes it unnoticed: a block device open with
+/// `O_EXCL` (the kernel then refuses to mount it or open it exclusively elsewhere), a regular file under an
+/// exclusive `flock` (another `serve` refuses; a writer that ignores the lock still changes the evidence the
+/// target recorded at its last commit, so the next sync compares).
+#[derive(Debug)]
+enum Hold {
+    /// A block device open with `O_EXCL`.
+    Device(#[allow(dead_code)] std::fs::File),
+    /// A regular file under an exclusive flock.
+    File(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>),
+}
+
+/// Opens every configured, existing shadow exclusively (see [`Hold`]).
+fn hold_shadows(cfg: &Config) -> Result<Vec<Hold>, Error> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let mut holds = Vec::new();
+    for v in &cfg.volumes {
+        let Some(shadow) = &v.shadow else { continue };
+        let in_use = |why: String| ServeError::ShadowInUse { volume: v.name.clone(), shadow: shadow.clone(), why };
+        let Ok(meta) = std::fs::metadata(shadow) else { continue }; // created later by `shadow create`
+        if meta.file_type().is_block_device() {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_EXCL)
+                .open(shadow)
+                .map_err(|e| in_use(e.to_string()))?;
+            holds.push(Hold::Device(f));
+        } else if meta.is_file() {
+            let f = std::fs::File::open(shadow).map_err(|e| in_use(e.to_string()))?;
+            match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(l) => holds.push(Hold::File(l)),
+                Err((_, e)) => return Err(in_use(format!("locked: {e}")).into()),
+            }
+        }
+    }
+    Ok(holds)
 }
 
 /// Shared state of the daemon.
@@ -88,6 +148,9 @@ struct Shared {
     streams: Mutex<HashMap<u64, TcpStream>>,
     stopping: AtomicBool,
     stop: Notify,
+    /// The shadows held exclusively while this node is a standby ([`hold_shadows`]); released when it becomes
+    /// primary, so that a promote can mount them.
+    holds: Mutex<Vec<Hold>>,
     next_id: AtomicU64,
     handshakes: Arc<Semaphore>,
     connections: Arc<Semaphore>,
@@ -134,6 +197,7 @@ impl Server {
             streams: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
             stop: Notify::new(),
+            holds: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(0),
             handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
@@ -178,6 +242,19 @@ impl Server {
                     stopper.stop();
                 });
             }
+            let shared = self.shared.clone();
+            tokio::spawn(async move {
+                while !shared.stopping.load(Ordering::SeqCst) {
+                    tokio::time::sleep(HOLD_CHECK).await;
+                    if roles::refuses_syncs(&shared.cfg).is_some() {
+                        let mut h = shared.holds.lock().expect("lock");
+                        if !h.is_empty() {
+                            info!("this node is no longer a standby: releasing the shadows it held");
+                            h.clear();
+                        }
+                    }
+                }
+            });
             self.accept_loop().await
         })
     }
@@ -275,7 +352,11 @@ pub fn run(
     for f in crate::shadow::roll_forward(&cfg, io) {
         warn!(volume = %f.volume, "cannot bring the shadow to a complete generation: {}; syncs of it will fail", f.error);
     }
+    // Hold every shadow before accepting anything, for as long as this node is a standby (a primary's shadows
+    // are its production volumes: never held).
+    let holds = if roles::refuses_syncs(&cfg).is_none() { hold_shadows(&cfg)? } else { Vec::new() };
     let server = Server::bind(cfg, listen, io)?;
+    *server.shared.holds.lock().expect("lock") = holds;
     bound(server.local_addr()?);
     server.run_with(true)
 }
@@ -407,8 +488,8 @@ impl TargetLink for OpenShadow {
 impl netproto::Standby for Shared {
     type Target = OpenShadow;
 
-    fn open_volume(&self, _peer: &str, o: &m::OpenVolume) -> Result<OpenShadow, Refusal> {
-        open_volume(self, o).map_err(|(c, message)| {
+    fn open_volume(&self, peer: &str, o: &m::OpenVolume) -> Result<OpenShadow, Refusal> {
+        open_volume(self, peer, o).map_err(|(c, message)| {
             warn!(volume = %o.name, "{message}");
             Refusal::new(c, message)
         })
@@ -435,7 +516,7 @@ impl netproto::Standby for Shared {
     }
 }
 
-fn open_volume(shared: &Shared, o: &m::OpenVolume) -> Result<OpenShadow, (u16, String)> {
+fn open_volume(shared: &Shared, peer: &str, o: &m::OpenVolume) -> Result<OpenShadow, (u16, String)> {
     let cfg = &shared.cfg;
     let vol = cfg.volumes.iter().find(|v| v.name == o.name).ok_or_else(|| {
         (
@@ -473,7 +554,8 @@ fn open_volume(shared: &Shared, o: &m::OpenVolume) -> Result<OpenShadow, (u16, S
         ));
     }
     let dir = cfg.layout().side_dir(Side::Standby, &o.name);
-    let target = Target::open(shadow, &dir, TargetOptions::new(&o.name, shared.io)).map_err(|e| {
+    let opts = TargetOptions { peer: peer.to_owned(), ..TargetOptions::new(&o.name, shared.io) };
+    let target = Target::open(shadow, &dir, opts).map_err(|e| {
         (code::FAILED, format!("cannot open the shadow of volume {}: {}", o.name, link::error_chain(&e)))
     })?;
     let size = target.info().volume_size;

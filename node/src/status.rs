@@ -140,6 +140,10 @@ pub struct VolumeStatus {
     /// The record of the last syncs (primary side).
     #[serde(flatten)]
     pub record: SyncRecord,
+    /// Why the shadow is not trusted to be untouched since its last commit (standby side, when the shadow was
+    /// opened): the next sync compares its actual content, and `promote` refuses it without --force.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub untrusted: Option<String>,
 }
 
 /// The replication state of the node.
@@ -272,6 +276,7 @@ pub fn status_with(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error> 
                     pending_bytes: None,
                     data_age_s: last_sync.filter(|_| generation > 0).map(|t| now.saturating_sub(t)),
                     record: SyncRecord::default(),
+                    untrusted: None,
                 });
                 continue;
             }
@@ -289,6 +294,7 @@ pub fn status_with(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error> 
                     pending_bytes: info.pending.map(|p| p.bytes),
                     data_age_s: last_sync.filter(|_| info.generation > 0).map(|t| now.saturating_sub(t)),
                     record: SyncRecord::default(),
+                    untrusted: Some(info.distrust).filter(|_| info.complete && !info.trusted),
                 });
                 continue;
             }
@@ -307,6 +313,7 @@ pub fn status_with(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error> 
                 pending_bytes: None,
                 data_age_s: last_sync.filter(|_| generation > 0).map(|t| now.saturating_sub(t)),
                 record,
+                untrusted: None,
             });
         }
     }

@@ -846,7 +846,9 @@ fn a_shadow_written_outside_blockrep_is_repaired_by_the_next_sync() {
     let v0 = image(&mut rng, t.size);
     assert_eq!(t.sync(&v0, t.opts()).unwrap().mode, SyncMode::Full);
     assert_eq!(t.sync(&v0, t.opts()).unwrap().mode, SyncMode::Incremental);
+    assert_eq!(open(&t.e, Durable::new()).unwrap().tampered(), None);
     t.write_shadow(100_000, b"outside write!!");
+    assert!(open(&t.e, Durable::new()).unwrap().tampered().unwrap().contains("modified"));
     let mut v1 = v0.clone();
     v1[5000..5008].copy_from_slice(b"changed!");
     let r = t.sync(&v1, t.opts()).unwrap();
@@ -905,6 +907,11 @@ fn split_brain_is_refused_until_the_standby_changes_are_discarded() {
     let v0 = image(&mut rng, t.size);
     t.sync(&v0, t.opts()).unwrap();
     open(&t.e, Durable::new()).unwrap().mark_promoted("standby-b").unwrap();
+    assert!(open(&t.e, Durable::new())
+        .unwrap()
+        .tampered()
+        .unwrap()
+        .contains("promoted to production on node standby-b"));
     t.write_shadow(65536, &[0xee; 10000]);
     let before = shadow_bytes(&t.e, t.size);
     let mut v1 = v0.clone();
