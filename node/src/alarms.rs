@@ -31,7 +31,7 @@ pub enum AlarmKind {
     /// The snapshot filled up during a sync (lvm reports the fill level only as invalidated, so this is raised
     /// when the sync failed for it).
     SnapshotFull,
-    /// The shadow is marked untrusted (it differs from its manifest); raised from the target's state.
+    /// The shadow is not trusted to be untouched since its last commit (the target's state, issue 11).
     ShadowUntrusted,
 }
 
@@ -229,8 +229,21 @@ pub fn judge_standing(
                 _ => Judgement::clear(AlarmKind::DataTooOld, Some(&v.name)),
             });
         }
-        // Shadow trust (issue 11): wired once the target reports an `untrusted` state; until then nothing is
-        // judged, so a raised alarm of this kind would stay as recorded.
+        // Trust is judged only where the shadow was opened (`complete` is known); elsewhere it keeps its state.
+        if v.side == crate::status::VolumeSide::Standby && v.complete.is_some() {
+            j.push(match &v.untrusted {
+                Some(why) => Judgement::raise(
+                    AlarmKind::ShadowUntrusted,
+                    Some(&v.name),
+                    format!(
+                        "the shadow of volume {} is not trusted ({why}); the next sync compares its whole content, \
+                         and promote refuses it without --force",
+                        v.name
+                    ),
+                ),
+                None => Judgement::clear(AlarmKind::ShadowUntrusted, Some(&v.name)),
+            });
+        }
     }
     j
 }

@@ -281,3 +281,28 @@ fn log_format_json_prints_one_object_per_event() {
         .collect();
     assert!(events.iter().any(|e| e["level"] == "ERROR" && e["fields"]["alarm"] == "sync_failed/vol"), "{events:?}");
 }
+
+#[test]
+fn an_untrusted_shadow_raises_an_alarm_until_a_sync_compares_it() {
+    let mut p = Pair::new(1 << 20);
+    let hook = p.path("notify.log");
+    p.extra = format!(
+        "[role]\ninterface = \"lo\"\nvip = \"10.77.8.50/24\"\nnotify = [\"echo $BLOCKREP_EVENT $BLOCKREP_ALARM >> {}\"]\n",
+        hook.display()
+    );
+    p.start_serve();
+    p.sync_ok();
+    let standby = p.config("standby", &p.path("key"), "127.0.0.1:1");
+    assert_eq!(status_json(&standby).0, 0);
+    // Someone writes to the shadow behind blockrep's back.
+    scribble(&p.path("shadow.img"), &[3], 1);
+    let (code, st) = status_json(&standby);
+    assert_eq!(code, 1, "{st}");
+    assert_eq!(alarm_keys(&st), ["shadow_untrusted/vol"]);
+    p.sync_ok();
+    assert!(p.identical());
+    let (code, st) = status_json(&standby);
+    assert_eq!(code, 0, "{st}");
+    let calls = std::fs::read_to_string(&hook).unwrap();
+    assert_eq!(calls, "alarm-raised shadow_untrusted/vol\nalarm-cleared shadow_untrusted/vol\n");
+}
