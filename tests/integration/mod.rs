@@ -6,6 +6,7 @@ mod local_sync;
 mod network;
 mod operations;
 mod role_cli;
+mod trust;
 mod uml_lvm;
 
 #[path = "../uml/harness.rs"]

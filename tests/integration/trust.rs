@@ -1,0 +1,217 @@
+//! Trust in the shadow (issue 11): a shadow written outside blockrep is never left silently different from its
+//! source after the next sync, locally and over the network, with `serve` running or stopped; `serve` holds its
+//! shadows; a failed verify marks the shadow untrusted and the next sync repairs it; a split brain is refused with
+//! both histories until the standby's changes are discarded explicitly.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Stdio;
+
+use super::network::Pair;
+use super::*;
+
+/// Writes `data` at `offset` of `path` as an outside program would (no blockrep involved).
+fn poke(path: &Path, offset: u64, data: &[u8]) {
+    std::thread::sleep(std::time::Duration::from_millis(5)); // a distinct mtime even on a coarse clock
+    std::fs::OpenOptions::new().write(true).open(path).unwrap().write_all_at(data, offset).unwrap();
+}
+
+fn json(o: &std::process::Output) -> serde_json::Value {
+    assert!(o.status.success(), "failed: {}", stderr(o));
+    serde_json::from_str(stdout(o).trim()).expect("one JSON object")
+}
+
+fn local_sync(src: &Path, dst: &Path, state: &Path, extra: &[&str]) -> std::process::Output {
+    run(blockrep().args(["sync", "--json", "--state-dir"]).arg(state).args(extra).arg("--local").arg(src).arg(dst))
+}
+
+fn same(a: &Path, b: &Path) -> bool {
+    std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
+}
+
+/// The issue's case: full sync, 15 bytes written to the shadow outside blockrep, 8 bytes changed on the source,
+/// `blockrep sync --local src dst`: the shadow is byte-identical to the source (it was not before), the sync says
+/// it compared and why; the one after it is incremental again.
+#[test]
+fn a_shadow_written_outside_blockrep_is_repaired_by_the_next_local_sync() {
+    let d = tempfile::tempdir().unwrap();
+    let (src, dst, state) = (d.path().join("src.img"), d.path().join("dst.img"), d.path().join("state"));
+    write_volume(&src, 4 << 20, 21);
+    std::fs::write(&dst, vec![0u8; 4 << 20]).unwrap();
+    assert_eq!(json(&local_sync(&src, &dst, &state, &[]))["mode"], "full");
+    poke(&dst, 2 * 65536 + 1000, b"written outside"); // in a region of random bytes (not a zero block)
+    poke(&src, 12345, b"8 bytes!");
+    let r = json(&local_sync(&src, &dst, &state, &[]));
+    assert!(same(&src, &dst), "the shadow still differs from the source: {r}");
+    assert_eq!(r["mode"], "compare", "{r}");
+    let reason = r["reason"].as_str().unwrap();
+    assert!(reason.contains("not trusted") && reason.contains("modified"), "{reason}");
+    assert_eq!(r["bytes_changed"], 2 * 4096, "{r}");
+    let r = json(&local_sync(&src, &dst, &state, &[]));
+    assert_eq!((r["mode"].as_str(), r["bytes_changed"].as_u64()), (Some("incremental"), Some(0)), "{r}");
+    // sync --verify compares even so (and finds nothing to do).
+    let r = json(&local_sync(&src, &dst, &state, &["--verify"]));
+    assert_eq!((r["mode"].as_str(), r["bytes_changed"].as_u64()), (Some("compare"), Some(0)), "{r}");
+}
+
+/// `verify` finds a write that left no evidence (modification time put back), marks the shadow untrusted and says
+/// the next sync repairs it; the next sync compares and repairs it; verify then passes.
+#[test]
+fn a_failed_verify_marks_the_shadow_untrusted_and_the_next_sync_repairs_it() {
+    let d = tempfile::tempdir().unwrap();
+    let (src, dst, state) = (d.path().join("v.img"), d.path().join("s.img"), d.path().join("state"));
+    write_volume(&src, 2 << 20, 22);
+    std::fs::write(&dst, vec![0u8; 2 << 20]).unwrap();
+    json(&local_sync(&src, &dst, &state, &[]));
+    let mtime = std::fs::metadata(&dst).unwrap().modified().unwrap();
+    poke(&dst, 70000, b"bit rot");
+    std::fs::File::options().write(true).open(&dst).unwrap().set_modified(mtime).unwrap();
+    let verify = || {
+        run(blockrep().args(["verify", "--state-dir"]).arg(&state).arg("--local").arg(&dst).args(["--name", "v.img"]))
+    };
+    let o = verify();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("marked untrusted") && stderr(&o).contains("next sync"), "{}", stderr(&o));
+    let r = json(&local_sync(&src, &dst, &state, &[]));
+    assert_eq!(r["mode"], "compare", "{r}");
+    assert!(r["reason"].as_str().unwrap().contains("verify"), "{r}");
+    assert!(same(&src, &dst));
+    let o = verify();
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// Over the network: the shadow written while `serve` runs (the flock does not stop a writer that ignores it,
+/// but the size/mtime/inode evidence shows the write) and while it is stopped; each next sync repairs it. A
+/// second `serve` on the same configuration refuses (exit 4): the first holds the shadow.
+#[test]
+fn a_shadow_written_outside_blockrep_is_repaired_over_the_network_with_serve_running_or_stopped() {
+    let mut p = Pair::new(4 << 20);
+    p.start_serve();
+    assert_eq!(p.sync_ok()["mode"], "full");
+
+    // A second daemon on the same configuration refuses to run.
+    let cfg = p.config("standby", &p.path("key"), "127.0.0.1:1");
+    let mut second = blockrep()
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while second.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    if second.try_wait().unwrap().is_none() {
+        let _ = second.kill();
+        let _ = second.wait();
+        panic!("a second serve on the same configuration kept running");
+    }
+    let o = second.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(stderr(&o).contains("in use by another process"), "{}", stderr(&o));
+
+    poke(&p.path("shadow.img"), 1 << 20, b"written outside");
+    poke(&p.path("src.img"), 100, b"8 bytes!");
+    let r = p.sync_ok();
+    assert!(p.identical(), "{r}");
+    assert_eq!(r["mode"], "compare", "{r}");
+    assert!(r["reason"].as_str().unwrap().contains("modified"), "{r}");
+    assert_eq!(p.sync_ok()["mode"], "incremental");
+
+    p.stop_serve();
+    poke(&p.path("shadow.img"), 2 << 20, b"written while serve was stopped");
+    poke(&p.path("src.img"), 200, b"8 bytes?");
+    let st = run(blockrep().args(["status", "--json", "--config"]).arg(&cfg));
+    let st: serde_json::Value = serde_json::from_str(stdout(&st).trim()).expect("status JSON");
+    assert!(st["volumes"][0]["untrusted"].as_str().is_some_and(|w| w.contains("modified")), "{st}");
+    p.start_serve();
+    let r = p.sync_ok();
+    assert!(p.identical(), "{r}");
+    assert_eq!(r["mode"], "compare", "{r}");
+    assert_eq!(p.sync_ok()["mode"], "incremental");
+}
+
+/// Split brain: another node synced the standby after the common generation, so the primary's next sync would
+/// discard that node's data. It is refused (exit 4) with both histories and nothing written; `sync
+/// --discard-standby-changes` makes the sides identical and says how many bytes of the standby it overwrote.
+#[test]
+fn a_split_brain_is_refused_with_both_histories_until_the_standby_changes_are_discarded() {
+    let mut p = Pair::new(2 << 20);
+    p.start_serve();
+    p.sync_ok();
+    // Another node ("other", its own state and source) syncs the same standby.
+    write_volume(&p.path("other.img"), 2 << 20, 99);
+    let mine = std::fs::read_to_string(p.config("primary", &p.path("key"), &p.addr)).unwrap();
+    let other = mine
+        .replace("node = \"primary\"", "node = \"other\"")
+        .replace("state-primary", "state-other")
+        .replace("src.img", "other.img");
+    std::fs::write(p.path("other.toml"), other).unwrap();
+    json(&run(blockrep().args(["sync", "--json", "--config"]).arg(p.path("other.toml"))));
+    assert!(same(&p.path("other.img"), &p.path("shadow.img")));
+
+    let o = p.sync();
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("split brain"), "{e}");
+    assert!(e.contains("by primary") && e.contains("by other"), "both histories with their nodes: {e}");
+    assert!(e.contains("--discard-standby-changes"), "{e}");
+    assert!(same(&p.path("other.img"), &p.path("shadow.img")), "nothing discarded");
+
+    let cfg = p.config("primary", &p.path("key"), &p.addr);
+    let o = run(blockrep().args(["sync", "--json", "--discard-standby-changes", "--config"]).arg(&cfg));
+    let r = json(&o);
+    assert!(p.identical());
+    assert_eq!(r["mode"], "compare", "{r}");
+    let overwritten = r["standby_bytes_overwritten"].as_u64().expect("reported");
+    assert!(overwritten > 0 && overwritten == r["bytes_changed"].as_u64().unwrap(), "{r}");
+    assert_eq!(p.sync_ok()["mode"], "incremental");
+}
+
+/// A block device shadow held by `serve` cannot be opened exclusively (what mount does) while it runs.
+#[test]
+fn serve_holds_a_block_device_shadow_exclusively() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let is_root = unsafe { libc::geteuid() == 0 };
+    let losetup = std::path::Path::new("/usr/sbin/losetup").exists() || std::path::Path::new("/sbin/losetup").exists();
+    if !is_root || !losetup {
+        eprintln!("skipping: needs root and losetup for a loop device");
+        return;
+    }
+    let p = Pair::new(1 << 20);
+    let o = run(std::process::Command::new("losetup").args(["--find", "--show"]).arg(p.path("shadow.img")));
+    if !o.status.success() {
+        eprintln!("skipping: no loop device ({})", stderr(&o));
+        return;
+    }
+    let dev = stdout(&o).trim().to_owned();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+    let cfg = p.path("dev.toml");
+    let text = std::fs::read_to_string(p.config("standby", &p.path("key"), "127.0.0.1:1")).unwrap();
+    std::fs::write(&cfg, text.replace(&format!("{:?}", p.path("shadow.img")), &format!("{dev:?}"))).unwrap();
+    let mut serve = blockrep()
+        .args(["serve", "--announce", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(serve.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.starts_with("listening on"), "{line}");
+    use std::os::unix::fs::OpenOptionsExt;
+    let excl = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(&dev);
+    assert_eq!(excl.err().and_then(|e| e.raw_os_error()), Some(libc::EBUSY), "serve holds {dev}");
+    let _ = serve.kill();
+    let _ = serve.wait();
+    let excl = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(&dev);
+    assert!(excl.is_ok(), "released when serve ends");
+}
