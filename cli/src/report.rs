@@ -138,6 +138,8 @@ pub fn print_deconfigure(step: &node::deconfigure::Step) {
     };
     match step {
         Step::Replication(note) => println!("replication: {note}"),
+        Step::RunningSync { pid, outcome: Outcome::Removed } => println!("running sync (process {pid}): stopped"),
+        Step::RunningSync { pid, outcome: o } => println!("running sync (process {pid}): {}", outcome(o)),
         Step::Snapshot { volume, snapshot, outcome: o } if snapshot.is_empty() => {
             println!("volume {volume}: snapshot {}", outcome(o))
         }

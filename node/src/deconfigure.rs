@@ -1,10 +1,12 @@
 //! `blockrep deconfigure`: returns a node to standalone.
 //!
-//! In order: replication is stopped for this node (see [`Step::Replication`]), blockrep's leftover snapshots of
-//! every `snapshot = "lvm"` volume are removed (only LVs tagged `blockrep_snapshot`, through
-//! [`lvmctl::Lvm::remove_leftover_snapshot`]), the state is removed (`<state_dir>/primary`, `<state_dir>/standby`,
-//! the role state directory; `state_dir` itself when nothing else is left in it), and with `delete_shadows` the
-//! shadows: a file shadow is deleted, an LV shadow removed only when it carries the `blockrep_shadow` tag.
+//! In order: replication is switched off (`blockrep replication disable`: the switch stays after the state is
+//! gone, so a timer that still fires does nothing) and a running sync is cancelled (SIGTERM to the holder of the
+//! sync lock, as `blockrep cancel`) and waited for; blockrep's leftover snapshots of every `snapshot = "lvm"` volume
+//! are removed (only LVs tagged `blockrep_snapshot`, through [`lvmctl::Lvm::remove_leftover_snapshot`]); the state
+//! is removed (`<state_dir>/primary` and `standby`, the role state directory, the lock, history and alarm files,
+//! the metrics file); with `delete_shadows` the shadows: a file shadow is deleted, an LV shadow removed only when
+//! it carries the `blockrep_shadow` tag. Anything else found in `state_dir` is named and left alone.
 //!
 //! Shadows are deleted only on a node whose role state says standby: on a primary (or a node whose role state
 //! cannot be read) a shadow path may name production data (shared configuration, or LV names swapped by a
@@ -75,6 +77,13 @@ pub enum Outcome {
 pub enum Step {
     /// Replication for this node: what was done and what the operator still has to do.
     Replication(String),
+    /// A sync that was running (holder of the sync lock): cancelled and waited for.
+    RunningSync {
+        /// Its process id.
+        pid: u32,
+        /// `Removed`: it stopped; `Failed`: it did not (nothing further was done).
+        outcome: Outcome,
+    },
     /// A volume's leftover snapshot (`VG/LV`, or why it was not looked for).
     Snapshot {
         /// Volume name.
@@ -107,6 +116,7 @@ impl Step {
         matches!(
             self,
             Step::Snapshot { outcome: Outcome::Failed(_), .. }
+                | Step::RunningSync { outcome: Outcome::Failed(_), .. }
                 | Step::State { outcome: Outcome::Failed(_), .. }
                 | Step::Shadow { outcome: Outcome::Failed(_), .. }
         )
@@ -125,19 +135,36 @@ pub fn run(cfg: &Config, opts: DeconfigureOptions, report: &mut dyn FnMut(&Step)
             }
         }
     }
-    let mut failed = 0;
+    let failed = std::cell::Cell::new(0);
     let mut emit = |s: Step| {
-        failed += usize::from(s.failed());
+        failed.set(failed.get() + usize::from(s.failed()));
         report(&s);
     };
-    // The schedule's `replication disable` switch lives in the state directory, which is removed below; what
-    // starts syncs and the daemon is systemd, which the node library does not drive.
-    emit(Step::Replication(
-        "the state directory (and any replication switch in it) is removed below; stop the units with \
-         `systemctl disable --now blockrep-sync.timer blockrep-serve.service` (scripts/install.sh --uninstall \
-         does it)"
-            .into(),
-    ));
+    // What starts syncs and the daemon is systemd, which the node library does not drive: the switch makes a
+    // timer that still fires do nothing, and the note says how to stop the units.
+    match crate::schedule::set_replication(cfg, false) {
+        Ok(()) => emit(Step::Replication(
+            "disabled (`blockrep replication enable` turns it back on); stop the units with `systemctl disable \
+             --now blockrep-sync.timer blockrep-serve.service` (scripts/install.sh --uninstall does it)"
+                .into(),
+        )),
+        Err(e) => {
+            emit(Step::Replication(format!("cannot be disabled: {}", link::error_chain(&e))));
+            failed.set(failed.get() + 1);
+        }
+    }
+    if let Some(h) = crate::lock::holder(cfg) {
+        let outcome = match crate::lock::cancel(cfg) {
+            Ok(_) => wait_for_sync(cfg),
+            Err(e) => Outcome::Failed(link::error_chain(&e)),
+        };
+        let stopped = outcome == Outcome::Removed;
+        emit(Step::RunningSync { pid: h.pid, outcome });
+        if !stopped {
+            // Never remove the state from under a running sync.
+            return Err(DeconfigureError::Incomplete { failed: failed.get().max(1) }.into());
+        }
+    }
     let mut lvm: Option<Result<Lvm, String>> = None;
     for vol in &cfg.volumes {
         let SnapshotDriver::Lvm { name, .. } = &vol.snapshot else { continue };
@@ -178,18 +205,19 @@ pub fn run(cfg: &Config, opts: DeconfigureOptions, report: &mut dyn FnMut(&Step)
             emit(Step::Shadow { volume: vol.name.clone(), shadow, outcome });
         }
     }
-    let state_dirs = [cfg.state_dir.join("primary"), cfg.state_dir.join("standby"), layout.role_dir().to_owned()];
-    for dir in state_dirs {
-        let outcome = remove_dir(&dir);
-        emit(Step::State { path: dir, outcome });
+    let mut state = vec![cfg.state_dir.join("primary"), cfg.state_dir.join("standby"), layout.role_dir().to_owned()];
+    state.extend(STATE_FILES.iter().map(|f| cfg.state_dir.join(f)));
+    state.extend(cfg.monitoring.metrics_file.clone());
+    for path in state {
+        let outcome = remove(&path);
+        if outcome != Outcome::Absent {
+            emit(Step::State { path, outcome });
+        }
     }
-    let outcome = match std::fs::remove_dir(&cfg.state_dir) {
-        Ok(()) => Outcome::Removed,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Outcome::Absent,
-        Err(_) => Outcome::Kept(format!("not empty: {}", leftovers(&cfg.state_dir))),
-    };
-    emit(Step::State { path: cfg.state_dir.clone(), outcome });
-    match failed {
+    if let Some(names) = leftovers(&cfg.state_dir) {
+        emit(Step::State { path: cfg.state_dir.clone(), outcome: Outcome::Kept(names) });
+    }
+    match failed.get() {
         0 => Ok(()),
         failed => Err(DeconfigureError::Incomplete { failed }.into()),
     }
@@ -198,19 +226,51 @@ pub fn run(cfg: &Config, opts: DeconfigureOptions, report: &mut dyn FnMut(&Step)
 /// The list of files `scripts/install.sh` installed, kept in the default state directory.
 const INSTALL_MANIFEST: &str = "install.manifest";
 
-fn remove_dir(dir: &Path) -> Outcome {
-    match std::fs::remove_dir_all(dir) {
+/// Files of the state directory besides the per-volume and role directories: the sync lock (crate::lock), the
+/// history and its rotated part (crate::history), the alarms and their lock (crate::alarms). The replication
+/// switch (crate::schedule) stays: it keeps the node from syncing again.
+const STATE_FILES: &[&str] = &["sync.lock", "history.jsonl", "history.jsonl.1", "alarms.json", "alarms.lock"];
+
+/// The replication switch's file name in the state directory (crate::schedule).
+const SWITCH_FILE: &str = "replication-disabled";
+
+/// How long a cancelled sync may take to stop (the systemd unit's TimeoutStopSec).
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Waits until the cancelled sync released its lock.
+fn wait_for_sync(cfg: &Config) -> Outcome {
+    let deadline = std::time::Instant::now() + STOP_WAIT;
+    while crate::lock::holder(cfg).is_some() {
+        if std::time::Instant::now() > deadline {
+            return Outcome::Failed(format!("still running after {} s; stop it and run again", STOP_WAIT.as_secs()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    Outcome::Removed
+}
+
+fn remove(path: &Path) -> Outcome {
+    let r = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    match r {
         Ok(()) => Outcome::Removed,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Outcome::Absent,
         Err(e) => Outcome::Failed(e.to_string()),
     }
 }
 
-/// The names left in a directory, for the report.
-fn leftovers(dir: &Path) -> String {
+/// What is left in the state directory besides the replication switch, for the report.
+fn leftovers(dir: &Path) -> Option<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map(|r| r.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default();
+    names.retain(|n| n != SWITCH_FILE);
+    if names.is_empty() {
+        return None;
+    }
     names.sort();
     // scripts/install.sh keeps its list of installed files there; `install.sh --uninstall --purge` removes it.
     let (install, other): (Vec<String>, Vec<String>) = names.into_iter().partition(|n| n == INSTALL_MANIFEST);
@@ -221,7 +281,7 @@ fn leftovers(dir: &Path) -> String {
     if !install.is_empty() {
         why.push(format!("{INSTALL_MANIFEST} (scripts/install.sh --uninstall --purge removes it)"));
     }
-    why.join("; ")
+    Some(why.join("; "))
 }
 
 /// Deletes one shadow: a file outright, an LV only when tagged [`SHADOW_TAG`].
@@ -280,8 +340,11 @@ mod tests {
         std::fs::write(d.path().join("state/standby/v/manifest"), b"m").unwrap();
         std::fs::write(d.path().join("v.img"), b"shadow").unwrap();
         let mut steps = Vec::new();
+        std::fs::write(d.path().join("state/history.jsonl"), b"{}").unwrap();
         run(&cfg, DeconfigureOptions::default(), &mut |s| steps.push(s.clone())).unwrap();
-        assert!(!d.path().join("state").exists(), "{steps:?}");
+        assert!(!d.path().join("state/standby").exists(), "{steps:?}");
+        assert!(!d.path().join("state/history.jsonl").exists(), "{steps:?}");
+        assert!(!crate::schedule::replication_enabled(&cfg), "replication stays off");
         assert_eq!(std::fs::read(d.path().join("v.img")).unwrap(), b"shadow");
         let mut steps = Vec::new();
         run(&cfg, DeconfigureOptions { delete_shadows: true }, &mut |s| steps.push(s.clone())).unwrap();

@@ -159,7 +159,8 @@ fn deconfigure_removes_state_and_keeps_shadows_unless_asked() {
     std::fs::write(p.join("v.img"), b"shadow data").unwrap();
     let out = ok(blockrep().arg("--config").arg(&config).arg("deconfigure"));
     assert!(out.contains("removed"), "{out}");
-    assert!(!p.join("state").exists(), "{out}");
+    assert!(!p.join("state/standby").exists(), "{out}");
+    assert!(p.join("state/replication-disabled").exists(), "replication is left disabled: {out}");
     assert_eq!(std::fs::read(p.join("v.img")).unwrap(), b"shadow data", "the shadow went without --delete-shadows");
     let out = ok(blockrep().arg("--config").arg(&config).args(["deconfigure", "--delete-shadows"]));
     assert!(out.contains("shadow") && !p.join("v.img").exists(), "{out}");
