@@ -230,7 +230,8 @@ pub fn judge_standing(
             });
         }
         // Trust is judged only where the shadow was opened (`complete` is known); elsewhere it keeps its state.
-        if v.side == crate::status::VolumeSide::Standby && v.complete.is_some() {
+        // A promoted node writes its former shadow in production: only a standby's shadow must stay untouched.
+        if v.side == crate::status::VolumeSide::Standby && v.complete.is_some() && role == Some(role::Role::Standby) {
             j.push(match &v.untrusted {
                 Some(why) => Judgement::raise(
                     AlarmKind::ShadowUntrusted,
