@@ -148,7 +148,8 @@ fn status_alarms_notify_metrics_and_log() {
     p.extra = format!(
         "[monitoring]\nmax_data_age = \"1h\"\nmetrics_file = {metrics:?}\n\
          [role]\ninterface = \"lo\"\nvip = \"10.77.8.50/24\"\n\
-         notify = [\"echo $BLOCKREP_EVENT $BLOCKREP_ALARM >> {}\"]\n",
+         notify = [\"echo $BLOCKREP_EVENT $BLOCKREP_ALARM >> {}\"]\n\
+         [role.services]\nprimary_only = [{{ hook = \"true\" }}]\n",
         hook.display()
     );
     p.start_serve();
@@ -162,6 +163,8 @@ fn status_alarms_notify_metrics_and_log() {
     assert_eq!(st["volumes"][0]["last_success"]["generation"], 1);
     assert_eq!(st["peer"]["reachable"], true, "{st}");
     assert_eq!(st["peer"]["role"], "standby");
+    assert_eq!(st["services"][0]["runs_on"], "primary_only");
+    assert_eq!(st["services"][0]["state"], "unknown", "a hook cannot be asked: {st}");
     let text = std::fs::read_to_string(&metrics).unwrap();
     let n = node::metrics::check_text_format(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     assert!(n >= 10, "{text}");
