@@ -139,7 +139,13 @@ pub fn update(cfg: &Config, judged: &[Judgement]) -> Vec<Alarm> {
             (Some(message), None) => {
                 let a =
                     Alarm { kind: j.kind, volume: j.volume.clone(), message: message.clone(), since: history::now() };
-                tracing::error!(alarm = %k, "alarm raised: {message}");
+                match j.kind {
+                    // Raised by a failed sync, whose error the command prints once: not repeated here.
+                    AlarmKind::SyncFailed | AlarmKind::StandbyUnreachable | AlarmKind::SnapshotFull => {
+                        tracing::error!(alarm = %k, "alarm raised (the cause: the sync's error, blockrep status)")
+                    }
+                    _ => tracing::error!(alarm = %k, "alarm raised: {message}"),
+                }
                 history::append(cfg, Event::AlarmRaised { alarm: k, message: message.clone() });
                 changed.push(("alarm-raised", a.clone()));
                 alarms.push(a);

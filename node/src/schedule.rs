@@ -304,11 +304,10 @@ pub fn after_run(cfg: &Config, outcomes: &[crate::primary::VolumeOutcome], cance
                 } else if !matches!(e.kind(), ErrorKind::Usage) {
                     reached = true;
                 }
-                let retries = cfg.schedule.retry_count;
                 j.push(Judgement::raise(
                     AlarmKind::SyncFailed,
                     v,
-                    format!("sync failed after {retries} retries: {msg}"),
+                    format!("sync of volume {} failed: {msg}", o.volume),
                 ));
             }
         }

@@ -372,23 +372,25 @@ fn peer_address(cfg: &Config) -> Option<&str> {
 
 fn probe_peer(cfg: &Config) -> Option<PeerStatus> {
     let address = peer_address(cfg)?.to_owned();
-    let ask = || -> Result<role::Role, String> {
-        let key = netproto::load_key(&cfg.key_file).map_err(|e| e.to_string())?;
-        let mut conn = netproto::connect(&address, &key, &cfg.node, PEER_TIMEOUT).map_err(|e| link::error_chain(&e))?;
-        conn.set_timeout(Some(PEER_TIMEOUT)).map_err(|e| e.to_string())?;
-        conn.send(&netproto::Message::RoleReq).map_err(|e| e.to_string())?;
-        match conn.recv_expect("the peer's role").map_err(|e| e.to_string())? {
+    // The error, and whether the peer answered at all (a refusal or a timeout after connecting means it is up).
+    let ask = || -> Result<role::Role, (bool, String)> {
+        let key = netproto::load_key(&cfg.key_file).map_err(|e| (false, e.to_string()))?;
+        let mut conn = netproto::connect(&address, &key, &cfg.node, PEER_TIMEOUT).map_err(|e| {
+            let unreachable =
+                matches!(e, netproto::ConnError::Unreachable { .. } | netproto::ConnError::Timeout { .. });
+            (!unreachable, link::error_chain(&e))
+        })?;
+        let up = |e: netproto::ConnError| (true, link::error_chain(&e));
+        conn.set_timeout(Some(PEER_TIMEOUT)).map_err(up)?;
+        conn.send(&netproto::Message::RoleReq).map_err(up)?;
+        match conn.recv_expect("the peer's role").map_err(up)? {
             netproto::Message::RoleInfo(r) => Ok(role_from_wire(r.role)),
-            other => Err(format!("unexpected answer {}", other.frame_type())),
+            other => Err((true, format!("unexpected answer {}", other.frame_type()))),
         }
     };
     Some(match ask() {
         Ok(r) => PeerStatus { address, reachable: true, role: Some(r), error: None },
-        Err(e) => {
-            // An answer that is not a role (a refusal) still means the peer is up.
-            let reachable = !e.contains("cannot connect") && !e.contains("unreachable") && !e.contains("timed out");
-            PeerStatus { address, reachable, role: None, error: Some(e) }
-        }
+        Err((reachable, e)) => PeerStatus { address, reachable, role: None, error: Some(e) },
     })
 }
 
