@@ -1058,10 +1058,40 @@ impl Target {
         }
     }
 
-    /// Hashes of blocks `first..first + count` of the effective content.
+    /// Hashes of blocks `first..first + count` of the effective content. Runs of blocks whose hash is not known
+    /// (every block of a compare sync) are read [`IO_CHUNK`] bytes at a time, not block by block.
     fn block_hashes_impl(&mut self, first: u64, count: u32) -> Result<Vec<BlockHash>, TargetError> {
         self.check_blocks(first, count as u64)?;
-        (first..first + count as u64).map(|b| self.ensure_hash(b)).collect()
+        let s = self.session("hash")?;
+        let (size, bs) = (s.plan.volume_size, s.plan.block_size);
+        let per_read = (IO_CHUNK as u64 / bs as u64).max(1);
+        let end = first + count as u64;
+        let mut b = first;
+        while b < end {
+            let s = self.session.as_ref().expect("checked above");
+            let mut run_end = b;
+            while run_end < end && run_end - b < per_read && s.dirty.get(run_end) {
+                run_end += 1;
+            }
+            if run_end - b < 2 {
+                self.ensure_hash(b)?;
+                b += 1;
+                continue;
+            }
+            let offset = b * bs as u64;
+            let len = ((run_end * bs as u64).min(size) - offset) as usize;
+            let data = self.read_effective(offset, len)?;
+            let s = self.session.as_mut().expect("checked above");
+            for (i, chunk) in data.chunks(bs as usize).enumerate() {
+                let blk = b + i as u64;
+                debug_assert_eq!(chunk.len(), hash::block_len(size, bs, blk));
+                s.next.set(blk, &hash::hash_block(chunk));
+                s.dirty.set(blk, false);
+            }
+            b = run_end;
+        }
+        let s = self.session.as_ref().expect("checked above");
+        Ok((first..end).map(|b| s.next.get(b)).collect())
     }
 
     /// Hashes of the [`SUB_BLOCK_SIZE`] pieces of each listed block of the effective content, back to back.

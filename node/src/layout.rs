@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! <state_dir>/primary/<volume>/manifest      the source's manifest of the last committed generation
-//! <state_dir>/standby/<volume>/              the target's state, spool and manifest (engine::target)
+//! <state_dir>/primary/<volume>/generations   the primary's generation records (engine::generations)
+//! <state_dir>/standby/<volume>/              the target's state (with its generation records and trust),
+//!                                            spool and manifest (engine::target)
 //! <state_dir>/standby/<volume>/source_size   the source size the primary last reported (for `shadow create`)
 //! <state_dir>/role/                          the role state, unless `[role] state_dir` names another place
 //! ```
