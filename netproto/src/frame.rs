@@ -41,9 +41,9 @@ pub const FLAG_MAC: u8 = 0x01;
 /// All flag bits this version knows.
 pub const SUPPORTED_FLAGS: u8 = FLAG_MAC;
 /// Lowest protocol version this build can speak.
-pub const MIN_VERSION: u16 = 1;
+pub const MIN_VERSION: u16 = 2;
 /// Highest protocol version this build can speak.
-pub const MAX_VERSION: u16 = 1;
+pub const MAX_VERSION: u16 = 2;
 /// The header version of the negotiation frames (Hello, HelloAck and an Error answering them); frozen so that
 /// nodes of any version can read each other's offer.
 pub const NEGOTIATION_VERSION: u16 = 1;
@@ -314,7 +314,7 @@ impl Header {
         }
         let Some(h) = buf.get(..HEADER_LEN) else { return Ok(None) };
         let version = u16::from_le_bytes([h[4], h[5]]);
-        if !(MIN_VERSION..=MAX_VERSION).contains(&version) {
+        if version != NEGOTIATION_VERSION && !(MIN_VERSION..=MAX_VERSION).contains(&version) {
             return Err(FrameError::UnknownVersion { version });
         }
         let ty = FrameType::from_code(h[6]).ok_or(FrameError::UnknownType { code: h[6] })?;

@@ -74,7 +74,7 @@ fn handshake_then_request_and_answer() {
     });
     let mut conn = netproto::connect(&addr, &KEY, "primary", TIMEOUT).unwrap();
     assert_eq!(conn.peer_node(), "standby");
-    assert_eq!(conn.version(), 1);
+    assert_eq!(conn.version(), netproto::frame::MAX_VERSION);
     conn.send(&open_volume()).unwrap();
     let Message::VolumeInfo(info) = conn.recv_expect("VolumeInfo").unwrap() else { panic!("expected VolumeInfo") };
     assert_eq!(info.volume_size, 1 << 20);
@@ -104,11 +104,12 @@ fn wrong_key_is_refused_on_both_sides_with_the_same_message() {
 fn version_mismatch_names_both_versions_on_both_sides() {
     let (l, addr) = listener();
     let server = serve_one(l, KEY, HandshakeOptions::new("standby"), drain);
-    let opts = HandshakeOptions::new("primary").versions(2, 2);
+    // A node of the first release (version 1: no generation ids in VolumeInfo and Begin) against this one.
+    let opts = HandshakeOptions::new("primary").versions(1, 1);
     let e = netproto::connect_with(&addr, &KEY, &opts, TIMEOUT).unwrap_err();
-    assert_eq!(e.to_string(), "peer speaks protocol versions 1..1, this node 2..2; upgrade one side");
-    let e = server.join().unwrap().unwrap_err();
     assert_eq!(e.to_string(), "peer speaks protocol versions 2..2, this node 1..1; upgrade one side");
+    let e = server.join().unwrap().unwrap_err();
+    assert_eq!(e.to_string(), "peer speaks protocol versions 1..1, this node 2..2; upgrade one side");
 }
 
 #[test]
