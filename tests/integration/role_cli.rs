@@ -88,6 +88,8 @@ peer = "{peer_addr}:7788"
 name = "vol"
 source = {src:?}
 shadow = {shadow:?}
+[monitoring]
+standby_node = "b"
 [role]
 interface = "eth0"
 vip = "10.77.8.50/24"
@@ -192,6 +194,9 @@ fn promote_demote_and_switchover_move_the_virtual_ip_with_guards() {
     assert_eq!(sa["role"], "standby", "{sa}");
     assert_eq!(sb["role"], "primary", "{sb}");
     assert!(sb["last_switchover"].to_string().contains("maintenance of a"), "{sb}");
+    // B is the node configured as the standby: running as primary there raises an alarm until it demotes.
+    let has_alarm = |st: &serde_json::Value| st["alarms"].to_string().contains("primary_on_standby");
+    assert!(has_alarm(&sb) && !has_alarm(&sa), "{sb}\n{sa}");
     let app_b = std::fs::read_to_string(d.path().join("app-b.log")).unwrap_or_default();
     assert!(app_b.contains("start"), "primary-only service started on b: {app_b:?}");
     let notify_b = std::fs::read_to_string(d.path().join("notify-b.log")).unwrap_or_default();
@@ -201,7 +206,9 @@ fn promote_demote_and_switchover_move_the_virtual_ip_with_guards() {
     let o = run(lan.blockrep("b").args(["demote", "--config"]).arg(&cb));
     assert!(o.status.success(), "demote: {}", stderr(&o));
     assert!(!lan.has_vip("b"));
-    assert_eq!(status(&lan, "b", &cb)["role"], "standby");
+    let sb = status(&lan, "b", &cb);
+    assert_eq!(sb["role"], "standby");
+    assert!(!has_alarm(&sb), "the alarm is cleared after the demote: {sb}");
     for c in [&mut serve_a, &mut serve_b] {
         let _ = c.kill();
         let _ = c.wait();

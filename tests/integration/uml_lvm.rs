@@ -222,6 +222,7 @@ $BR sync --config $W/blockrep.toml > /dev/null 2> $W/full.err && fail "sync thro
 kill $DD; wait $DD 2>/dev/null
 result overflow_msg "$(grep -c 'filled up and was invalidated' $W/full.err)"
 result overflow_hint "$(grep -c 'snapshot_size' $W/full.err)"
+result overflow_alarm "$($BR status --json --config $W/blockrep.toml | grep -c '"kind":"snapshot_full","volume":"data"')"
 result after_overflow "$(hash_dev /dev/vg1/data_shadow)"
 result snaps_after_overflow "$(lvs --noheadings -o lv_name vg0 | grep -c blockrep_snap)"
 
@@ -244,6 +245,7 @@ result verify "$($BR verify --json --local /dev/vg1/data_shadow --state-dir /mnt
     r.assert_success();
     assert_eq!(r.result("overflow_msg"), Some("1"), "{:?}", r.results);
     assert_eq!(r.result("overflow_hint"), Some("1"));
+    assert_eq!(r.result("overflow_alarm"), Some("1"), "status raises the snapshot alarm: {:?}", r.results);
     assert_eq!(r.result("after_overflow"), r.result("h1"), "the shadow keeps its previous generation");
     assert_eq!(r.result("snaps_after_overflow"), Some("0"));
     assert_eq!(r.result("space_msg"), Some("1"));
