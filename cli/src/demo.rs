@@ -12,7 +12,7 @@ use node::primary::{sync_one, NetReport, NetSyncOptions};
 use rand::{Rng, RngCore, SeedableRng};
 
 use crate::args::DemoArgs;
-use crate::report::bytes;
+use node::text::bytes;
 
 /// Seed of the demo's content, so every run shows the same volume.
 const SEED: u64 = 0x0b10c4e9;

@@ -55,11 +55,11 @@ fn run(cli: &args::Cli) -> Result<()> {
         args::Command::Switchover(a) => plan(&cli.config, Plan::Switchover, a),
         args::Command::Announce => Ok(node::roles::announce(&load()?)?),
         args::Command::Shadow(args::ShadowCommand::Create { volumes, size }) => {
-            Ok(node::shadow::create(&load()?, volumes, *size, &mut report::print_shadow)?)
+            Ok(node::shadow::create(&load()?, volumes, *size, &mut |s| println!("{s}"))?)
         }
         args::Command::Deconfigure(a) => {
             let opts = node::deconfigure::DeconfigureOptions { delete_shadows: a.delete_shadows };
-            Ok(node::deconfigure::run(&load()?, opts, &mut report::print_deconfigure)?)
+            Ok(node::deconfigure::run(&load()?, opts, &mut |s| println!("{s}"))?)
         }
         args::Command::Generate(g) => generate::run(g),
         args::Command::Schedule(a) if a.print_service => {

@@ -2,32 +2,16 @@
 //! bar.
 
 use std::io::{IsTerminal, Write};
-use std::time::Duration;
 
 use engine::sync::SyncReport;
 use node::primary::{NetReport, SyncObserver, VolumeOutcome};
+use node::text::bytes;
 use serde::Serialize;
 
 /// One JSON object on one line.
 fn json(v: &impl Serialize) -> String {
     // The rendered types are plain structs of strings and numbers, which always serialize.
     serde_json::to_string(v).expect("report types serialize")
-}
-
-/// `1.5 MiB`-style sizes.
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 /// Prints a sync report as one line of text or one JSON object.
@@ -127,111 +111,13 @@ pub fn print_plan(r: &node::roles::Report, as_json: bool) {
     }
 }
 
-/// Prints one step of `blockrep deconfigure`.
-pub fn print_deconfigure(step: &node::deconfigure::Step) {
-    use node::deconfigure::{Outcome, Step};
-    let outcome = |o: &Outcome| match o {
-        Outcome::Removed => "removed".to_owned(),
-        Outcome::Absent => "not there".to_owned(),
-        Outcome::Kept(why) => format!("kept: {why}"),
-        Outcome::Failed(why) => format!("NOT removed: {why}"),
-    };
-    match step {
-        Step::Replication(note) => println!("replication: {note}"),
-        Step::RunningSync { pid, outcome: Outcome::Removed } => println!("running sync (process {pid}): stopped"),
-        Step::RunningSync { pid, outcome: o } => println!("running sync (process {pid}): {}", outcome(o)),
-        Step::Snapshot { volume, snapshot, outcome: o } if snapshot.is_empty() => {
-            println!("volume {volume}: snapshot {}", outcome(o))
-        }
-        Step::Snapshot { volume, snapshot, outcome: o } => {
-            println!("volume {volume}: snapshot {snapshot} {}", outcome(o))
-        }
-        Step::State { path, outcome: o } => println!("state {}: {}", path.display(), outcome(o)),
-        Step::Shadow { volume, shadow, outcome: o } => println!("volume {volume}: shadow {shadow} {}", outcome(o)),
-    }
-}
-
-/// Prints a shadow now in place.
-pub fn print_shadow(s: &node::shadow::ShadowReady) {
-    let (v, shadow, n) = (&s.volume, &s.shadow, s.size);
-    if s.created {
-        println!("volume {v}: created shadow {shadow} ({n} bytes)");
-    } else {
-        println!("volume {v}: shadow {shadow} already exists ({n} bytes)");
-    }
-}
-
 /// Prints the node's status: one screen, or one JSON object.
 pub fn print_status(s: &node::status::NodeStatus, as_json: bool) {
     if as_json {
         println!("{}", json(s));
-        return;
+    } else {
+        print!("{s}");
     }
-    let accepts = if s.role.accepts_syncs { " (accepts syncs)" } else { "" };
-    println!("node {}: {}{accepts}", s.node, s.role.role);
-    let enabled = if s.replication_enabled { "enabled" } else { "DISABLED (blockrep replication enable)" };
-    println!("replication: {enabled}; state: {}", s.state.as_str());
-    if let Some(r) = &s.running {
-        println!("sync running: process {} since {}", r.pid, ago(r.since));
-    }
-    match &s.role.last_switchover {
-        Some(sw) => println!("last switchover: {} -> {} {} ({})", sw.from, sw.to, ago(sw.time), sw.reason),
-        None => println!("last switchover: none"),
-    }
-    if let Some(p) = &s.role.plan {
-        println!("plan in progress: {}", json(p));
-    }
-    if let Some(p) = &s.peer {
-        match (&p.role, &p.error) {
-            (Some(r), _) => println!("peer {}: reachable, {r}", p.address),
-            (None, Some(e)) => {
-                println!("peer {}: {} ({e})", p.address, if p.reachable { "answers" } else { "UNREACHABLE" })
-            }
-            (None, None) => println!("peer {}: unknown", p.address),
-        }
-    }
-    for sv in &s.services {
-        println!("service {} ({}): {}", sv.name, sv.runs_on, sv.state);
-    }
-    for v in &s.volumes {
-        let incomplete = if v.complete == Some(false) { ", INCOMPLETE (not promotable)" } else { "" };
-        let age =
-            v.data_age_s.map(|a| format!(", data age {}", node::schedule::format_duration(Duration::from_secs(a))));
-        println!(
-            "volume {} ({}): generation {}{incomplete}{}",
-            v.name,
-            v.side.as_str(),
-            v.generation,
-            age.unwrap_or_default()
-        );
-        if let Some(why) = &v.untrusted {
-            println!("  UNTRUSTED shadow (the next sync compares its content; not promotable without --force): {why}");
-        }
-        if let Some(l) = &v.record.last_success {
-            println!(
-                "  last success {}: generation {}, {:.1} s, {} changed, {} sent",
-                ago(l.time),
-                l.generation,
-                l.duration_s,
-                bytes(l.bytes_changed),
-                bytes(l.bytes_sent)
-            );
-        }
-        if let Some(f) =
-            v.record.last_failure.as_ref().filter(|_| v.record.last_outcome != Some(node::status::Outcome::Ok))
-        {
-            println!("  last {} {}: {}", f.outcome.as_str(), ago(f.time), f.cause);
-        }
-    }
-    for a in &s.alarms {
-        println!("ALARM {} since {}: {}", a.key(), ago(a.since), a.message);
-    }
-}
-
-/// `12 s ago`-style times from Unix seconds.
-fn ago(t: u64) -> String {
-    let d = node::history::now().saturating_sub(t);
-    format!("{} ago (unix {t})", node::schedule::format_duration(Duration::from_secs(d)))
 }
 
 /// Prints `blockrep log`: one line per event, or one JSON object per line.
@@ -261,14 +147,4 @@ pub fn progress_bar(volume: &str) -> indicatif::ProgressBar {
 pub fn update(bar: &indicatif::ProgressBar, done: u64, total: u64) {
     bar.set_length(total);
     bar.set_position(done);
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn sizes_are_human_readable() {
-        assert_eq!(super::bytes(512), "512 B");
-        assert_eq!(super::bytes(1536), "1.5 KiB");
-        assert_eq!(super::bytes(256 << 20), "256.0 MiB");
-    }
 }

@@ -11,6 +11,7 @@
 //! * [`serve`]: the standby daemon.
 //! * [`roles`]: role guards and plans (promote, demote, switchover), the periodic re-announcement.
 //! * [`status`]: the node's status as a typed struct.
+//! * [`text`]: plain-text forms of the node's results (the status screen and others), for the binary to print.
 //! * [`shadow`]: provisioning the standby's shadow LVs.
 //! * [`local`]: sync and verify in one process, without network or configuration file.
 //! * [`schedule`]: `[schedule]`, the systemd units rendered from it, retries, the replication switch.
@@ -46,6 +47,7 @@ pub mod serve;
 pub mod shadow;
 pub mod signals;
 pub mod status;
+pub mod text;
 
 pub use link::error_chain;
 

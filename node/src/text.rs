@@ -1,0 +1,157 @@
+//! Plain-text forms of what the node reports, for people (`blockrep` prints them; with `--json` it prints the
+//! same structs serialized instead): the status screen, deconfigure and shadow lines, sizes and ages.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::deconfigure::{Outcome, Step};
+use crate::shadow::ShadowReady;
+use crate::status::NodeStatus;
+
+/// `1.5 MiB`-style sizes.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// `12 s ago`-style times from Unix seconds.
+pub fn ago(t: u64) -> String {
+    let d = crate::history::now().saturating_sub(t);
+    format!("{} ago (unix {t})", crate::schedule::format_duration(Duration::from_secs(d)))
+}
+
+/// The status screen of `blockrep status`.
+impl fmt::Display for NodeStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self;
+        let accepts = if s.role.accepts_syncs { " (accepts syncs)" } else { "" };
+        writeln!(f, "node {}: {}{accepts}", s.node, s.role.role)?;
+        let enabled = if s.replication_enabled { "enabled" } else { "DISABLED (blockrep replication enable)" };
+        writeln!(f, "replication: {enabled}; state: {}", s.state.as_str())?;
+        if let Some(r) = &s.running {
+            writeln!(f, "sync running: process {} since {}", r.pid, ago(r.since))?;
+        }
+        match &s.role.last_switchover {
+            Some(sw) => writeln!(f, "last switchover: {} -> {} {} ({})", sw.from, sw.to, ago(sw.time), sw.reason)?,
+            None => writeln!(f, "last switchover: none")?,
+        }
+        if let Some(p) = &s.role.plan {
+            writeln!(f, "plan in progress: {}", serde_json::to_string(p).map_err(|_| fmt::Error)?)?;
+        }
+        if let Some(p) = &s.peer {
+            match (&p.role, &p.error) {
+                (Some(r), _) => writeln!(f, "peer {}: reachable, {r}", p.address)?,
+                (None, Some(e)) => {
+                    writeln!(f, "peer {}: {} ({e})", p.address, if p.reachable { "answers" } else { "UNREACHABLE" })?
+                }
+                (None, None) => writeln!(f, "peer {}: unknown", p.address)?,
+            }
+        }
+        for sv in &s.services {
+            writeln!(f, "service {} ({}): {}", sv.name, sv.runs_on, sv.state)?;
+        }
+        for v in &s.volumes {
+            let incomplete = if v.complete == Some(false) { ", INCOMPLETE (not promotable)" } else { "" };
+            let age = v
+                .data_age_s
+                .map(|a| format!(", data age {}", crate::schedule::format_duration(Duration::from_secs(a))));
+            writeln!(
+                f,
+                "volume {} ({}): generation {}{incomplete}{}",
+                v.name,
+                v.side.as_str(),
+                v.generation,
+                age.unwrap_or_default()
+            )?;
+            if let Some(why) = &v.untrusted {
+                writeln!(
+                    f,
+                    "  UNTRUSTED shadow (the next sync compares its content; not promotable without --force): {why}"
+                )?;
+            }
+            if let Some(l) = &v.record.last_success {
+                writeln!(
+                    f,
+                    "  last success {}: generation {}, {:.1} s, {} changed, {} sent",
+                    ago(l.time),
+                    l.generation,
+                    l.duration_s,
+                    bytes(l.bytes_changed),
+                    bytes(l.bytes_sent)
+                )?;
+            }
+            if let Some(fail) =
+                v.record.last_failure.as_ref().filter(|_| v.record.last_outcome != Some(crate::status::Outcome::Ok))
+            {
+                writeln!(f, "  last {} {}: {}", fail.outcome.as_str(), ago(fail.time), fail.cause)?;
+            }
+        }
+        for a in &s.alarms {
+            writeln!(f, "ALARM {} since {}: {}", a.key(), ago(a.since), a.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// One line of `blockrep deconfigure`.
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let step = self;
+        let outcome = |o: &Outcome| match o {
+            Outcome::Removed => "removed".to_owned(),
+            Outcome::Absent => "not there".to_owned(),
+            Outcome::Kept(why) => format!("kept: {why}"),
+            Outcome::Failed(why) => format!("NOT removed: {why}"),
+        };
+        match step {
+            Step::Replication(note) => write!(f, "replication: {note}")?,
+            Step::RunningSync { pid, outcome: Outcome::Removed } => write!(f, "running sync (process {pid}): stopped")?,
+            Step::RunningSync { pid, outcome: o } => write!(f, "running sync (process {pid}): {}", outcome(o))?,
+            Step::Snapshot { volume, snapshot, outcome: o } if snapshot.is_empty() => {
+                write!(f, "volume {volume}: snapshot {}", outcome(o))?
+            }
+            Step::Snapshot { volume, snapshot, outcome: o } => {
+                write!(f, "volume {volume}: snapshot {snapshot} {}", outcome(o))?
+            }
+            Step::State { path, outcome: o } => write!(f, "state {}: {}", path.display(), outcome(o))?,
+            Step::Shadow { volume, shadow, outcome: o } => {
+                write!(f, "volume {volume}: shadow {shadow} {}", outcome(o))?
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One line of `blockrep shadow create`.
+impl fmt::Display for ShadowReady {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self;
+        let (v, shadow, n) = (&s.volume, &s.shadow, s.size);
+        if s.created {
+            write!(f, "volume {v}: created shadow {shadow} ({n} bytes)")?;
+        } else {
+            write!(f, "volume {v}: shadow {shadow} already exists ({n} bytes)")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_are_human_readable() {
+        assert_eq!(super::bytes(512), "512 B");
+        assert_eq!(super::bytes(1536), "1.5 KiB");
+        assert_eq!(super::bytes(256 << 20), "256.0 MiB");
+    }
+}
