@@ -225,7 +225,8 @@ pub fn role_to_wire(r: role::Role) -> u8 {
     }
 }
 
-fn role_from_wire(r: u8) -> role::Role {
+/// A role's wire code (the inverse of [`role_to_wire`]).
+pub(crate) fn role_from_wire(r: u8) -> role::Role {
     match r {
         0 => role::Role::Standby,
         1 => role::Role::Promoting,

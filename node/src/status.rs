@@ -384,7 +384,7 @@ fn probe_peer(cfg: &Config) -> Option<PeerStatus> {
         conn.set_timeout(Some(PEER_TIMEOUT)).map_err(up)?;
         conn.send(&netproto::Message::RoleReq).map_err(up)?;
         match conn.recv_expect("the peer's role").map_err(up)? {
-            netproto::Message::RoleInfo(r) => Ok(role_from_wire(r.role)),
+            netproto::Message::RoleInfo(r) => Ok(crate::roles::role_from_wire(r.role)),
             other => Err((true, format!("unexpected answer {}", other.frame_type()))),
         }
     };
@@ -394,15 +394,6 @@ fn probe_peer(cfg: &Config) -> Option<PeerStatus> {
     })
 }
 
-/// A role's wire code (the inverse of [`crate::roles::role_to_wire`]).
-fn role_from_wire(r: u8) -> role::Role {
-    match r {
-        0 => role::Role::Standby,
-        1 => role::Role::Promoting,
-        2 => role::Role::Primary,
-        _ => role::Role::Demoting,
-    }
-}
 
 /// The `[role]` services: `systemctl is-active` for units, `unknown` for hooks or without systemctl.
 fn services(rc: &role::Config) -> Vec<ServiceStatus> {
