@@ -132,7 +132,7 @@ struct RawStandby {
     #[serde(default)]
     peer: Option<String>,
     #[serde(default)]
-    idle_timeout_s: Option<u64>,
+    idle_timeout_s: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -150,13 +150,13 @@ struct RawPrimary {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawVolume {
-    name: String,
+    name: Spanned<String>,
     #[serde(default)]
     source: Option<PathBuf>,
     #[serde(default)]
     shadow: Option<PathBuf>,
-    #[serde(default = "default_snapshot")]
-    snapshot: String,
+    #[serde(default)]
+    snapshot: Option<Spanned<String>>,
     #[serde(default)]
     snapshot_size: Option<toml::Spanned<String>>,
     #[serde(default)]
@@ -165,10 +165,6 @@ struct RawVolume {
     block_size: Option<toml::Spanned<String>>,
     #[serde(default)]
     size: Option<toml::Spanned<String>>,
-}
-
-fn default_snapshot() -> String {
-    "none".into()
 }
 
 /// How a volume is frozen during a sync.
@@ -304,9 +300,12 @@ impl Config {
             })?),
             None => None,
         };
-        let idle_timeout = match raw.standby.as_ref().and_then(|s| s.idle_timeout_s) {
-            Some(0) => return Err(bad("standby.idle_timeout_s must be at least 1 (seconds)".into())),
-            Some(s) => std::time::Duration::from_secs(s),
+        let idle_timeout = match raw.standby.as_ref().and_then(|s| s.idle_timeout_s.as_ref()) {
+            Some(s) if *s.get_ref() == 0 => {
+                let key = key_at("standby.idle_timeout_s", s.span());
+                return Err(bad(format!("{key}: must be at least 1 (seconds)")));
+            }
+            Some(s) => std::time::Duration::from_secs(*s.get_ref()),
             None => crate::serve::DEFAULT_IDLE_TIMEOUT,
         };
         let bwlimit = match raw.primary.as_ref().and_then(|p| p.bwlimit.as_ref()) {
@@ -317,38 +316,40 @@ impl Config {
         };
         let mut volumes = Vec::new();
         for v in raw.volumes {
-            layout::volume_name(Some(&v.name), Path::new(""))
-                .map_err(|_| bad(format!("volume name {:?}: use letters, digits and . _ + -", v.name)))?;
-            if volumes.iter().any(|o: &Volume| o.name == v.name) {
-                return Err(bad(format!("volume {:?} is configured twice", v.name)));
+            let name_key = key_at("name", v.name.span());
+            let name = v.name.get_ref().clone();
+            layout::volume_name(Some(&name), Path::new(""))
+                .map_err(|_| bad(format!("{name_key}: volume name {name:?}: use letters, digits and . _ + -")))?;
+            if volumes.iter().any(|o: &Volume| o.name == name) {
+                return Err(bad(format!("{name_key}: volume {name:?} is configured twice")));
             }
             let block_key = match &v.block_size {
                 Some(s) => key_at("block_size", s.span()),
                 None => "block_size".into(),
             };
             let bs = match &v.block_size {
-                Some(s) => parse_size(s.get_ref()).map_err(|e| bad(format!("volume {}: {block_key}: {e}", v.name)))?,
+                Some(s) => parse_size(s.get_ref()).map_err(|e| bad(format!("volume {}: {block_key}: {e}", name)))?,
                 None => engine::hash::DEFAULT_BLOCK_SIZE as u64,
             };
-            let block_size = engine::hash::validate_block_size(bs)
-                .map_err(|e| bad(format!("volume {}: {block_key}: {e}", v.name)))?;
+            let block_size =
+                engine::hash::validate_block_size(bs).map_err(|e| bad(format!("volume {}: {block_key}: {e}", name)))?;
             let size = match &v.size {
                 Some(s) => Some(
                     parse_size(s.get_ref())
                         .and_then(|n| if n == 0 { Err("the size must not be 0".into()) } else { Ok(n) })
-                        .map_err(|e| bad(format!("volume {}: {}: {e}", v.name, key_at("size", s.span()))))?,
+                        .map_err(|e| bad(format!("volume {}: {}: {e}", name, key_at("size", s.span()))))?,
                 ),
                 None => None,
             };
-            let snapshot = match v.snapshot.as_str() {
+            let snapshot = match v.snapshot.as_ref().map_or("none", |s| s.get_ref().as_str()) {
                 "none" => SnapshotDriver::None,
                 "lvm" => SnapshotDriver::Lvm {
                     size: match &v.snapshot_size {
                         Some(s) => {
                             let key = key_at("snapshot_size", s.span());
                             let size = parse_snapshot_size(s.get_ref())
-                                .map_err(|e| bad(format!("volume {}: {key}: {e}", v.name)))?;
-                            warn_small_snapshot(&v.name, &key, size);
+                                .map_err(|e| bad(format!("volume {}: {key}: {e}", name)))?;
+                            warn_small_snapshot(&name, &key, size);
                             size
                         }
                         None => SnapshotSize::Percent(lvmctl::DEFAULT_SNAPSHOT_PERCENT),
@@ -356,19 +357,18 @@ impl Config {
                     name: v.snapshot_name.clone(),
                 },
                 other => {
+                    let key = v.snapshot.as_ref().map(|s| key_at("snapshot", s.span())).unwrap_or_default();
                     return Err(bad(format!(
-                        "volume {}: snapshot {other:?} is unknown: use \"none\" or \"lvm\"",
-                        v.name
-                    )))
+                        "volume {name}: {key}: snapshot {other:?} is unknown: use \"none\" or \"lvm\""
+                    )));
                 }
             };
             if v.source.is_none() && v.shadow.is_none() {
                 return Err(bad(format!(
-                    "volume {}: give `source` (primary side) and/or `shadow` (standby side)",
-                    v.name
+                    "volume {name} ({name_key}): give `source` (primary side) and/or `shadow` (standby side)"
                 )));
             }
-            volumes.push(Volume { name: v.name, source: v.source, shadow: v.shadow, snapshot, block_size, size });
+            volumes.push(Volume { name, source: v.source, shadow: v.shadow, snapshot, block_size, size });
         }
         let at = |key: &str, v: &Spanned<String>, e: String| {
             let line = text[..v.span().start.min(text.len())].matches('\n').count() + 1;
@@ -572,6 +572,21 @@ mod tests {
         assert!(e.contains("snapshot_size (line 8)"), "{e}");
         let c = Config::parse(&format!("{vol}size = \"1G\"\n"), Path::new("c.toml")).unwrap();
         assert_eq!(c.volumes[0].size, Some(1 << 30));
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key_and_line() {
+        let base = "node = \"a\"\nkey_file = \"/k\"\n";
+        for (text, needle) in [
+            ("[[volume]]\nname = \"a b\"\nsource = \"/x\"\n", "name (line 4)"),
+            ("[[volume]]\nname = \"v\"\nsource = \"/x\"\n[[volume]]\nname = \"v\"\nsource = \"/y\"\n", "name (line 7)"),
+            ("[[volume]]\nname = \"v\"\nsource = \"/x\"\nsnapshot = \"zfs\"\n", "snapshot (line 6)"),
+            ("[[volume]]\nname = \"v\"\n", "name (line 4)"),
+            ("[standby]\nlisten = \"0.0.0.0:1\"\nidle_timeout_s = 0\n", "standby.idle_timeout_s (line 5)"),
+        ] {
+            let e = link::error_chain(&Config::parse(&format!("{base}{text}"), Path::new("c.toml")).unwrap_err());
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
     }
 
     #[test]
