@@ -130,7 +130,7 @@ fn default_state_dir() -> PathBuf {
 struct RawStandby {
     listen: toml::Spanned<String>,
     #[serde(default)]
-    peer: Option<String>,
+    peer: Option<Spanned<String>>,
     #[serde(default)]
     idle_timeout_s: Option<Spanned<u64>>,
 }
@@ -138,7 +138,7 @@ struct RawStandby {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPrimary {
-    peer: String,
+    peer: Spanned<String>,
     #[serde(default)]
     bwlimit: Option<toml::Spanned<String>>,
     #[serde(default)]
@@ -300,6 +300,21 @@ impl Config {
             })?),
             None => None,
         };
+        // A peer is `host:port` (a name or an address; IPv6 in brackets); resolving it is left to the connect.
+        let peers = [
+            raw.primary.as_ref().map(|p| ("primary.peer", &p.peer)),
+            raw.standby.as_ref().and_then(|s| s.peer.as_ref()).map(|p| ("standby.peer", p)),
+        ];
+        for (key, p) in peers.into_iter().flatten() {
+            let ok = p
+                .get_ref()
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|n| n > 0));
+            if !ok {
+                let key = key_at(key, p.span());
+                return Err(bad(format!("{key}: {:?} is not host:port, like standby.example:7788", p.get_ref())));
+            }
+        }
         let idle_timeout = match raw.standby.as_ref().and_then(|s| s.idle_timeout_s.as_ref()) {
             Some(s) if *s.get_ref() == 0 => {
                 let key = key_at("standby.idle_timeout_s", s.span());
@@ -409,8 +424,8 @@ impl Config {
             key_file: raw.key_file,
             state_dir: raw.state_dir,
             listen,
-            peer: primary.map(|p| p.peer.clone()),
-            standby_peer: raw.standby.as_ref().and_then(|s| s.peer.clone()),
+            peer: primary.map(|p| p.peer.get_ref().clone()),
+            standby_peer: raw.standby.as_ref().and_then(|s| s.peer.as_ref()).map(|p| p.get_ref().clone()),
             bwlimit,
             compression_level: primary.and_then(|p| p.compression_level).unwrap_or(3),
             connect_timeout_s: primary.and_then(|p| p.connect_timeout_s).unwrap_or(10),
@@ -583,6 +598,8 @@ mod tests {
             ("[[volume]]\nname = \"v\"\nsource = \"/x\"\nsnapshot = \"zfs\"\n", "snapshot (line 6)"),
             ("[[volume]]\nname = \"v\"\n", "name (line 4)"),
             ("[standby]\nlisten = \"0.0.0.0:1\"\nidle_timeout_s = 0\n", "standby.idle_timeout_s (line 5)"),
+            ("[primary]\npeer = \"standby\"\n", "primary.peer (line 4)"),
+            ("[standby]\nlisten = \"0.0.0.0:1\"\npeer = \"a:b\"\n", "standby.peer (line 5)"),
         ] {
             let e = link::error_chain(&Config::parse(&format!("{base}{text}"), Path::new("c.toml")).unwrap_err());
             assert!(e.contains(needle), "{needle}: {e}");
