@@ -144,6 +144,10 @@ frame_types! {
     /// Client: still here (sent while the source scans unchanged data and has nothing else to send, so the
     /// standby's idle timeout only ends sessions whose primary really vanished).
     Keepalive = 22,
+    /// Switchover: the node asked to demote stopped its services and synced every volume; what it committed.
+    FinalSynced = 23,
+    /// Switchover: the asking node holds what the other committed; the demote may proceed.
+    DemoteConfirm = 24,
 }
 
 impl std::fmt::Display for FrameType {

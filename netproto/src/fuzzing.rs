@@ -159,6 +159,8 @@ pub fn sample_messages() -> Vec<Message> {
         Message::RoleInfo(crate::message::RoleInfo { role: 2, node: "alpha".into() }),
         Message::DemoteReq("switchover".into()),
         Message::DemoteDone,
+        Message::FinalSynced(vec![crate::message::Committed { volume: "vol".into(), generation: 9, id: [12; 16] }]),
+        Message::DemoteConfirm,
     ]
 }
 

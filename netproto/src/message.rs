@@ -160,7 +160,26 @@ pub enum Message {
     DemoteDone,
     /// The client is still there (no answer).
     Keepalive,
+    /// Switchover, from the node asked to demote: its services are stopped and this is what the final sync of
+    /// each volume committed (at most [`MAX_FINAL_VOLUMES`]); it demotes only after [`Message::DemoteConfirm`].
+    FinalSynced(Vec<Committed>),
+    /// Switchover, from the asking node: its shadows hold every generation of [`Message::FinalSynced`].
+    DemoteConfirm,
 }
+
+/// One volume's generation committed by a switchover's final sync.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    /// Volume name.
+    pub volume: String,
+    /// The generation number.
+    pub generation: u64,
+    /// Its identifier.
+    pub id: link::GenId,
+}
+
+/// Most volumes in one [`Message::FinalSynced`].
+pub const MAX_FINAL_VOLUMES: u32 = 1024;
 
 /// A node's role, as `blockrep status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -474,6 +493,8 @@ impl Message {
             Message::RoleInfo(_) => FrameType::RoleInfo,
             Message::DemoteReq(_) => FrameType::DemoteReq,
             Message::DemoteDone => FrameType::DemoteDone,
+            Message::FinalSynced(_) => FrameType::FinalSynced,
+            Message::DemoteConfirm => FrameType::DemoteConfirm,
             Message::Keepalive => FrameType::Keepalive,
         }
     }
@@ -603,12 +624,21 @@ impl Message {
                 w.u64(c.generation);
                 w.hash(&c.root);
             }
-            Message::Bye | Message::RoleReq | Message::DemoteDone | Message::Keepalive => {}
+            Message::Bye | Message::RoleReq | Message::DemoteDone | Message::Keepalive | Message::DemoteConfirm => {}
             Message::RoleInfo(r) => {
                 w.u8(r.role);
                 w.str(ty, "node", &r.node, MAX_NAME_LEN)?;
             }
             Message::DemoteReq(reason) => w.str(ty, "reason", reason, MAX_ERROR_LEN)?,
+            Message::FinalSynced(list) => {
+                limit(ty, "count", list.len() as u64, MAX_FINAL_VOLUMES as u64)?;
+                w.u32(list.len() as u32);
+                for c in list {
+                    w.str(ty, "volume", &c.volume, MAX_NAME_LEN)?;
+                    w.u64(c.generation);
+                    w.0.extend_from_slice(&c.id);
+                }
+            }
         }
         Ok((w.0, body))
     }
@@ -765,6 +795,17 @@ impl Message {
             FrameType::DemoteReq => Message::DemoteReq(r.str("reason", MAX_ERROR_LEN)?),
             FrameType::DemoteDone => Message::DemoteDone,
             FrameType::Keepalive => Message::Keepalive,
+            FrameType::FinalSynced => {
+                // Each entry is at least a 2-byte name length, a generation and an identifier.
+                let n = r.count("count", MAX_FINAL_VOLUMES, 2 + 8 + 16)?;
+                let mut list = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let volume = r.str("volume", MAX_NAME_LEN)?;
+                    list.push(Committed { volume, generation: r.u64("generation")?, id: r.array("id")? });
+                }
+                Message::FinalSynced(list)
+            }
+            FrameType::DemoteConfirm => Message::DemoteConfirm,
         };
         r.finish()?;
         Ok(msg)
@@ -874,6 +915,16 @@ pub(crate) mod tests {
             Just(Message::RoleReq),
             Just(Message::DemoteDone),
             Just(Message::Keepalive),
+            Just(Message::DemoteConfirm),
+            proptest::collection::vec(
+                ("[a-z]{1,12}", any::<u64>(), any::<[u8; 16]>()).prop_map(|(volume, generation, id)| Committed {
+                    volume,
+                    generation,
+                    id
+                }),
+                0..5
+            )
+            .prop_map(Message::FinalSynced),
             (0..=MAX_ROLE, "[a-z]{1,12}").prop_map(|(role, node)| Message::RoleInfo(RoleInfo { role, node })),
             "[ -~]{0,40}".prop_map(Message::DemoteReq),
         ]
