@@ -9,7 +9,7 @@ use link::{LinkError, TargetLink};
 
 use crate::client::remote_code;
 use crate::conn::{ConnError, Connection};
-use crate::message::{code, OpenVolume, RoleInfo};
+use crate::message::{code, Committed, OpenVolume, RoleInfo};
 use crate::Message;
 
 /// A refusal the standby sends as an error frame: code (see [`crate::message::code`]) and message.
@@ -37,8 +37,16 @@ pub trait Standby {
     fn open_volume(&self, peer: &str, req: &OpenVolume) -> Result<Self::Target, Refusal>;
     /// This node's role.
     fn role(&self) -> Result<RoleInfo, Refusal>;
-    /// Demotes this node at the peer's request (planned switchover).
-    fn demote(&self, peer: &str, reason: &str) -> Result<(), Refusal>;
+    /// Demotes this node at the peer's request (planned switchover). Before its demote plan, a primary stops its
+    /// services, syncs every volume and calls `confirm` with what it committed: `confirm` sends
+    /// [`Message::FinalSynced`] and returns `Ok` once the peer answers [`Message::DemoteConfirm`] (the peer's
+    /// refusal, or a failed connection, is the `Err`: then nothing may be demoted).
+    fn demote(
+        &self,
+        peer: &str,
+        reason: &str,
+        confirm: &mut dyn FnMut(Vec<Committed>) -> Result<(), Refusal>,
+    ) -> Result<(), Refusal>;
 }
 
 /// Why a session ended other than by the peer's `Bye` or a clean close.
@@ -91,7 +99,21 @@ pub fn serve_session<S: Read + Write, N: Standby>(conn: &mut Connection<S>, node
             (Message::RoleReq, _) => Message::RoleInfo(node.role().map_err(|r| refuse(conn, r))?),
             (Message::DemoteReq(reason), _) => {
                 let peer = conn.peer_node().to_string();
-                node.demote(&peer, &reason).map_err(|r| refuse(conn, r))?;
+                let mut confirm = |list: Vec<Committed>| -> Result<(), Refusal> {
+                    let lost = |e: ConnError| Refusal::new(code::FAILED, link::error_chain(&e));
+                    conn.send(&Message::FinalSynced(list)).map_err(lost)?;
+                    match conn.recv_expect("the peer's check of the final sync") {
+                        Ok(Message::DemoteConfirm) => Ok(()),
+                        Ok(other) => Err(Refusal::new(
+                            code::PROTOCOL,
+                            format!("protocol violation: {} instead of DemoteConfirm", other.frame_type()),
+                        )),
+                        Err(ConnError::Remote { code, message }) => Err(Refusal::new(code, message)),
+                        Err(e) => Err(lost(e)),
+                    }
+                };
+                let done = node.demote(&peer, &reason, &mut confirm);
+                done.map_err(|r| refuse(conn, r))?;
                 Message::DemoteDone
             }
             (Message::Begin(b), Some(t)) => Message::BeginAck(t.begin(&b).map_err(|e| fail(conn, e, code::REFUSED))?),

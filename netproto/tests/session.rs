@@ -81,7 +81,12 @@ impl Standby for Node {
     fn role(&self) -> Result<RoleInfo, Refusal> {
         Ok(RoleInfo { role: 0, node: "standby".into() })
     }
-    fn demote(&self, _peer: &str, _reason: &str) -> Result<(), Refusal> {
+    fn demote(
+        &self,
+        _peer: &str,
+        _reason: &str,
+        _confirm: &mut dyn FnMut(Vec<netproto::message::Committed>) -> Result<(), Refusal>,
+    ) -> Result<(), Refusal> {
         Err(Refusal::new(code::REFUSED, "not primary"))
     }
 }

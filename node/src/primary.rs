@@ -313,6 +313,18 @@ pub fn sync_volumes(
     o: &NetSyncOptions,
     observer: &mut dyn SyncObserver,
 ) -> Result<SyncRun, Error> {
+    sync_volumes_with(cfg, names, o, observer, None)
+}
+
+/// [`sync_volumes`]; with `cancel`, that flag stops it instead of SIGINT/SIGTERM (inside `serve`, whose own
+/// signal handling must not be taken over: a switchover's final sync).
+pub fn sync_volumes_with(
+    cfg: &Config,
+    names: &[String],
+    o: &NetSyncOptions,
+    observer: &mut dyn SyncObserver,
+    cancel: Option<Arc<AtomicBool>>,
+) -> Result<SyncRun, Error> {
     let vols = cfg.select(names)?;
     if !crate::schedule::replication_enabled(cfg) {
         tracing::warn!("replication is disabled on this node (blockrep replication enable): nothing synced");
@@ -320,7 +332,10 @@ pub fn sync_volumes(
         return Ok(SyncRun { total: 0, outcomes: Vec::new() });
     }
     let _lock = crate::lock::SyncLock::acquire(cfg)?; // held for the whole run, retries included
-    let cancel = crate::signals::stop_flag("interrupted: stopping the sync and cleaning up")?;
+    let cancel = match cancel {
+        Some(c) => c,
+        None => crate::signals::stop_flag("interrupted: stopping the sync and cleaning up")?,
+    };
     let o = NetSyncOptions { cancel: Some(cancel.clone()), ..o.clone() };
     let mut run = SyncRun { total: vols.len(), outcomes: Vec::new() };
     for vol in vols {

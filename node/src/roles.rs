@@ -13,8 +13,11 @@ use crate::config::{Config, ConfigError};
 use crate::layout::Side;
 use crate::{Error, ErrorKind};
 
-/// How long a switchover waits for the peer's demote plan.
-const DEMOTE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a switchover waits for each answer of the peer: its final sync of every volume, then its demote
+/// plan (TCP keepalive finds a peer that vanished sooner).
+const DEMOTE_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+/// How long a switchover's final sync waits for a sync that is already running on this node to end.
+const SYNC_LOCK_WAIT: Duration = Duration::from_secs(600);
 
 /// Errors of role changes.
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +78,7 @@ impl RoleError {
             RoleError::Section { .. } | RoleError::Invalid { .. } | RoleError::StateDir(_) => ErrorKind::Usage,
             RoleError::Plan(e) if e.refused_as_unsafe() => ErrorKind::Unsafe,
             RoleError::NotRolledForward { .. } => ErrorKind::Unsafe,
-            RoleError::Switchover(role::SwitchoverError::LocalPromote(e)) if e.refused_as_unsafe() => ErrorKind::Unsafe,
+            RoleError::Switchover(e) if e.refused_as_unsafe() => ErrorKind::Unsafe,
             _ => ErrorKind::Failed,
         }
     }
@@ -236,22 +239,190 @@ pub(crate) fn role_from_wire(r: u8) -> role::Role {
 }
 
 /// The peer for `switchover`, over blockrep's protocol.
-struct ProtoPeer<'a>(&'a Config);
+struct ProtoPeer<'a> {
+    cfg: &'a Config,
+    io: engine::volume::IoOptions,
+}
 
 impl role::Peer for ProtoPeer<'_> {
     fn role(&self) -> Result<role::Role, String> {
-        peer_role(self.0)?.ok_or_else(|| "no peer address configured ([standby] peer)".to_string())
+        peer_role(self.cfg)?.ok_or_else(|| "no peer address configured ([standby] peer)".to_string())
     }
 
-    fn demote(&self, reason: &str) -> Result<(), String> {
-        // The peer's demote runs its stop hooks (each with its own timeout); do not wait forever.
-        let mut conn = peer_conn(self.0, Duration::from_secs(self.0.connect_timeout_s), DEMOTE_TIMEOUT)?;
+    /// Asks the peer to demote. A primary peer first stops its services and syncs every volume to this node;
+    /// this node confirms only when its shadows hold exactly what the peer committed (generation and identifier),
+    /// and only then does the peer demote.
+    fn demote(&self, reason: &str) -> Result<(), role::PeerError> {
+        use netproto::message::code;
+        let mut conn = peer_conn(self.cfg, Duration::from_secs(self.cfg.connect_timeout_s), DEMOTE_TIMEOUT)?;
+        conn.set_tcp_keepalive(Duration::from_secs(60)).map_err(|e| link::error_chain(&e))?;
         conn.send(&netproto::Message::DemoteReq(reason.into())).map_err(|e| e.to_string())?;
-        match conn.recv_expect("the peer's demote result").map_err(|e| link::error_chain(&e))? {
-            netproto::Message::DemoteDone => Ok(()),
-            other => Err(format!("unexpected answer {}", other.frame_type())),
+        let mut synced = false;
+        loop {
+            match conn.recv_expect("the peer's final sync and demote") {
+                Ok(netproto::Message::FinalSynced(list)) if !synced => {
+                    synced = true;
+                    if let Err(why) = check_final_sync(self.cfg, &list, self.io) {
+                        conn.send_error(
+                            code::REFUSED,
+                            &format!("the switchover's final sync is not on {}: {why}", self.cfg.node),
+                        );
+                        return Err(format!(
+                            "its final sync finished, but this node does not hold what it committed: {why}; the peer \
+                             restarts its services and stays primary"
+                        )
+                        .into());
+                    }
+                    tracing::info!(
+                        volumes = list.len(),
+                        "final sync: this node holds every generation the peer committed"
+                    );
+                    conn.send(&netproto::Message::DemoteConfirm).map_err(|e| e.to_string())?;
+                }
+                Ok(netproto::Message::DemoteDone) => {
+                    if !synced {
+                        tracing::warn!("the peer was not primary: it demoted without a final sync; this node promotes the data of its last sync");
+                    }
+                    return Ok(());
+                }
+                Ok(other) => return Err(format!("unexpected answer {}", other.frame_type()).into()),
+                Err(netproto::ConnError::Remote { code: c, message }) => {
+                    return Err(role::PeerError { reason: message, refused_as_unsafe: c == code::REFUSED })
+                }
+                Err(e) => return Err(link::error_chain(&e).into()),
+            }
         }
     }
+}
+
+/// Whether this node's shadows hold exactly the generations of a switchover's final sync: every volume with a
+/// shadow here is in `list`, and its committed generation and identifier are the listed ones.
+fn check_final_sync(
+    cfg: &Config,
+    list: &[netproto::message::Committed],
+    io: engine::volume::IoOptions,
+) -> Result<(), String> {
+    let layout = cfg.layout();
+    if let Some(c) = list.iter().find(|c| !cfg.volumes.iter().any(|v| v.name == c.volume && v.shadow.is_some())) {
+        return Err(format!("volume {} was synced by the peer but has no shadow configured on this node", c.volume));
+    }
+    for v in cfg.volumes.iter().filter(|v| v.shadow.is_some()) {
+        let shadow = v.shadow.as_ref().expect("filtered");
+        let c = list.iter().find(|c| c.volume == v.name).ok_or_else(|| {
+            format!("volume {} has a shadow on this node but was not in the peer's final sync", v.name)
+        })?;
+        let t = Target::open(shadow, &layout.side_dir(Side::Standby, &v.name), TargetOptions::new(&v.name, io))
+            .map_err(|e| format!("volume {}: cannot open the shadow: {}", v.name, link::error_chain(&e)))?;
+        let info = t.info();
+        if !info.complete || info.generation != c.generation || info.generation_id != Some(c.id) {
+            let here = info.generation_id.as_ref().map_or_else(|| "unknown".into(), engine::generations::id_hex);
+            return Err(format!(
+                "volume {}: the peer committed generation {} ({}), this node's shadow holds generation {} ({here}); \
+                 is the peer's [primary] peer this node?",
+                v.name,
+                c.generation,
+                engine::generations::id_hex(&c.id),
+                info.generation
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Ignores a sync's progress (a switchover's final sync runs inside `serve`).
+struct Quiet;
+
+impl crate::primary::SyncObserver for Quiet {
+    fn progress(&mut self, _: &str, _: u64, _: u64) {}
+    fn finished(&mut self, _: &crate::primary::VolumeOutcome, _: usize) {}
+}
+
+/// The demoting side of a planned switchover, run by `serve` when the peer asks (`peer`: its node name). A
+/// primary stops its primary-only services, syncs every volume to its `[primary] peer`, passes what it committed
+/// to `confirm` (which waits for the peer to check its shadows), and only then runs its demote plan. If the
+/// final sync or the peer's check fails, it restarts its services, stays primary and says so in the refusal
+/// (code `REFUSED` where the sync was refused as unsafe). A node that is not primary only runs the demote plan.
+pub fn demote_for_switchover(
+    cfg: &Config,
+    peer: &str,
+    reason: &str,
+    io: engine::volume::IoOptions,
+    confirm: &mut dyn FnMut(Vec<netproto::message::Committed>) -> Result<(), netproto::Refusal>,
+) -> Result<Report, netproto::Refusal> {
+    use netproto::message::code;
+    use netproto::Refusal;
+    let failed = |e: &Error| {
+        Refusal::new(if e.kind() == ErrorKind::Unsafe { code::REFUSED } else { code::FAILED }, link::error_chain(e))
+    };
+    let opts = PlanOptions { reason: format!("switchover requested by {peer}: {reason}"), ..Default::default() };
+    let rc = role_config(cfg).map_err(|e| failed(&e))?;
+    let primary = role::status(&rc.state_dir).is_ok_and(|s| s.role == role::Role::Primary && s.plan.is_none());
+    if primary {
+        let committed = final_sync(cfg, &rc, io).and_then(|list| {
+            crate::history::append(
+                cfg,
+                crate::history::Event::Switchover { plan: "final-sync".into(), reason: opts.reason.clone() },
+            );
+            confirm(list)
+                .map_err(|r| Refusal::new(r.code, format!("the peer did not confirm the final sync: {}", r.message)))
+        });
+        if let Err(r) = committed {
+            let restarted = match role::start_primary_services(&rc) {
+                Ok(_) => "restarted its primary-only services".to_string(),
+                Err(e) => format!("could not restart its primary-only services ({e}): start them by hand"),
+            };
+            let message = format!("{}; nothing was demoted: {} {restarted} and stays primary", r.message, cfg.node);
+            tracing::error!("switchover: {message}");
+            return Err(Refusal::new(r.code, message));
+        }
+    }
+    let report = run(cfg, Plan::Demote, &opts, io).map_err(|e| failed(&e))?;
+    crate::history::append(cfg, crate::history::Event::Switchover { plan: "demote".into(), reason: opts.reason });
+    Ok(report)
+}
+
+/// A switchover's final sync: stops the primary-only services, waits for a running sync to end, syncs every
+/// volume and returns each one's committed generation and identifier.
+fn final_sync(
+    cfg: &Config,
+    rc: &role::Config,
+    io: engine::volume::IoOptions,
+) -> Result<Vec<netproto::message::Committed>, netproto::Refusal> {
+    use netproto::message::code;
+    use netproto::Refusal;
+    let stopped = role::stop_primary_services(rc).map_err(|e| {
+        Refusal::new(code::FAILED, format!("cannot stop the primary-only services for the final sync: {e}"))
+    })?;
+    tracing::info!(?stopped, "switchover: primary-only services stopped, the volumes are quiescent; final sync");
+    let t = std::time::Instant::now();
+    while crate::lock::holder(cfg).is_some() && t.elapsed() < SYNC_LOCK_WAIT {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let o = crate::primary::NetSyncOptions { io, ..Default::default() };
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fail = |e: Error| {
+        let c = if e.kind() == ErrorKind::Unsafe { code::REFUSED } else { code::FAILED };
+        Refusal::new(c, format!("the final sync before the switchover failed: {}", crate::error_chain(&e)))
+    };
+    let run = crate::primary::sync_volumes_with(cfg, &[], &o, &mut Quiet, Some(cancel)).map_err(fail)?;
+    if run.total == 0 {
+        return Err(Refusal::new(
+            code::FAILED,
+            "the final sync before the switchover did not run: replication is disabled on this node \
+             (blockrep replication enable)",
+        ));
+    }
+    run.into_result().map_err(fail)?;
+    let layout = cfg.layout();
+    let mut list = Vec::new();
+    for v in cfg.select(&[]).map_err(|e| fail(e.into()))? {
+        let g = engine::generations::read_source(&engine::generations::source_path(&layout.source_manifest(&v.name)));
+        let cur = g.history.current.ok_or_else(|| {
+            Refusal::new(code::FAILED, format!("volume {}: the final sync left no generation record", v.name))
+        })?;
+        list.push(netproto::message::Committed { volume: v.name.clone(), generation: cur.generation, id: cur.id });
+    }
+    Ok(list)
 }
 
 /// `lv-rename` boot target through lvmctl.
@@ -294,7 +465,7 @@ pub fn run(cfg: &Config, plan: Plan, a: &PlanOptions, io: engine::volume::IoOpti
     let result = match plan {
         Plan::Promote => role::promote(&rc, &guards, &opts).map_err(RoleError::from),
         Plan::Demote => role::demote(&rc, &opts).map_err(RoleError::from),
-        Plan::Switchover => role::switchover(&rc, &guards, &ProtoPeer(cfg), &opts).map_err(RoleError::from),
+        Plan::Switchover => role::switchover(&rc, &guards, &ProtoPeer { cfg, io }, &opts).map_err(RoleError::from),
     };
     // Once this node's plan began (it succeeded, or failed with the role state no longer standby), the shadows
     // are (or may be) production: give their content a new identifier and mark them untrusted, so that a later

@@ -39,7 +39,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Config, ConfigError};
 use crate::layout::Side;
-use crate::roles::{self, Plan, PlanOptions};
+use crate::roles;
 use crate::{Error, ErrorKind};
 
 /// Most connections in the handshake at once.
@@ -503,16 +503,16 @@ impl netproto::Standby for Shared {
         }
     }
 
-    fn demote(&self, peer: &str, reason: &str) -> Result<(), Refusal> {
+    fn demote(
+        &self,
+        peer: &str,
+        reason: &str,
+        confirm: &mut dyn FnMut(Vec<m::Committed>) -> Result<(), Refusal>,
+    ) -> Result<(), Refusal> {
         info!(%reason, peer, "the peer asks this node to demote (switchover)");
-        let opts = PlanOptions { reason: format!("switchover requested by {peer}: {reason}"), ..Default::default() };
-        match roles::run(&self.cfg, Plan::Demote, &opts, self.io) {
-            Ok(report) => {
-                info!("demoted on the peer's request:\n{report}");
-                Ok(())
-            }
-            Err(e) => Err(Refusal::new(code::FAILED, link::error_chain(&e))),
-        }
+        let report = roles::demote_for_switchover(&self.cfg, peer, reason, self.io, confirm)?;
+        info!("demoted on the peer's request:\n{report}");
+        Ok(())
     }
 }
 

@@ -32,4 +32,4 @@ pub use boot::LvRenamer;
 pub use config::Config;
 pub use plan::{demote, promote, Guards, NoGuards, Options, PlanError, Report};
 pub use state::{accepts_syncs, check_state_dir, mark_first_full_sync, status, Role, RoleState, Status};
-pub use switchover::{switchover, Peer, SwitchoverError};
+pub use switchover::{start_primary_services, stop_primary_services, switchover, Peer, PeerError, SwitchoverError};

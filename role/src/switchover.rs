@@ -1,8 +1,13 @@
 //! `switchover`: demote the peer, then promote this node, so both are never primary at once.
 //!
 //! The peer is reached through the [`Peer`] trait, which the CLI implements over blockrep's authenticated
-//! protocol. If anything fails half-way, the error says which state each node is in.
+//! protocol. A primary asked to demote first quiesces ([`stop_primary_services`]), syncs every volume to this
+//! node and waits until this node confirms that it committed them; if that fails it restarts its services
+//! ([`start_primary_services`]) and stays primary. If anything fails half-way, the error says which state each
+//! node is in.
 
+use crate::config::Service;
+use crate::exec::{self, Action, ExecError};
 use crate::plan::{self, Guards, Options, PlanError, Report};
 use crate::state::Role;
 use crate::Config;
@@ -11,8 +16,52 @@ use crate::Config;
 pub trait Peer {
     /// The peer's current role.
     fn role(&self) -> Result<Role, String>;
-    /// Asks the peer to run its demote plan with `reason`; returns when it finished.
-    fn demote(&self, reason: &str) -> Result<(), String>;
+    /// Asks the peer to run its demote plan with `reason` (after its final sync to this node); returns when it
+    /// finished.
+    fn demote(&self, reason: &str) -> Result<(), PeerError>;
+}
+
+/// Why the peer did not demote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerError {
+    /// What went wrong.
+    pub reason: String,
+    /// Refused for safety (the final sync was refused as unsafe, for example a split brain).
+    pub refused_as_unsafe: bool,
+}
+
+impl From<String> for PeerError {
+    fn from(reason: String) -> Self {
+        PeerError { reason, refused_as_unsafe: false }
+    }
+}
+
+impl From<&str> for PeerError {
+    fn from(reason: &str) -> Self {
+        reason.to_string().into()
+    }
+}
+
+/// Stops the primary-only services in reverse order (the demote plan's order), so that the volumes are quiescent
+/// for a switchover's final sync; returns their labels. Hook services must be idempotent: the demote plan that
+/// follows stops them again.
+pub fn stop_primary_services(cfg: &Config) -> Result<Vec<String>, ExecError> {
+    run_services(cfg.services.primary_only.iter().rev(), Action::Stop)
+}
+
+/// Starts the primary-only services in order (after a switchover's final sync failed: this node stays primary).
+pub fn start_primary_services(cfg: &Config) -> Result<Vec<String>, ExecError> {
+    run_services(cfg.services.primary_only.iter(), Action::Start)
+}
+
+fn run_services<'a>(services: impl Iterator<Item = &'a Service>, action: Action) -> Result<Vec<String>, ExecError> {
+    let mut done = Vec::new();
+    for s in services {
+        exec::service(s, action, &[])?;
+        tracing::info!(service = %s.label(), ?action, "switchover: primary-only service");
+        done.push(s.label());
+    }
+    Ok(done)
 }
 
 /// Errors of a switchover.
@@ -23,6 +72,8 @@ pub enum SwitchoverError {
     PeerDemote {
         /// Why.
         reason: String,
+        /// The peer refused for safety.
+        refused_as_unsafe: bool,
         /// Last known role of the peer ("unknown" if unreachable).
         peer: String,
         /// This node's role.
@@ -31,6 +82,16 @@ pub enum SwitchoverError {
     /// The peer demoted, but promoting this node failed.
     #[error("switchover stopped: the peer is now standby, but promoting this node failed; run `blockrep promote` here to finish, or `blockrep promote` on the peer to go back")]
     LocalPromote(#[source] Box<PlanError>),
+}
+
+impl SwitchoverError {
+    /// Whether this is a refusal for safety (the CLI maps it to the "refused as unsafe" exit code).
+    pub fn refused_as_unsafe(&self) -> bool {
+        match self {
+            SwitchoverError::PeerDemote { refused_as_unsafe, .. } => *refused_as_unsafe,
+            SwitchoverError::LocalPromote(e) => e.refused_as_unsafe(),
+        }
+    }
 }
 
 /// Demotes the peer, then promotes this node with `guards` (which now see the peer as standby).
@@ -46,17 +107,23 @@ pub fn switchover(
         // A dry run fails where the real one would: the peer must answer.
         if let Err(e) = peer.role() {
             let reason = format!("it cannot be asked ({e})");
-            return Err(SwitchoverError::PeerDemote { reason, peer: "unknown".into(), local });
+            return Err(SwitchoverError::PeerDemote {
+                reason,
+                refused_as_unsafe: false,
+                peer: "unknown".into(),
+                local,
+            });
         }
     } else {
-        if let Err(reason) = peer.demote(&opts.reason) {
-            return Err(SwitchoverError::PeerDemote { reason, peer: describe(peer.role()), local });
+        if let Err(PeerError { reason, refused_as_unsafe }) = peer.demote(&opts.reason) {
+            return Err(SwitchoverError::PeerDemote { reason, refused_as_unsafe, peer: describe(peer.role()), local });
         }
         match peer.role() {
             Ok(Role::Standby) => {}
             other => {
                 let reason = "the peer reported success but is not standby".to_string();
-                return Err(SwitchoverError::PeerDemote { reason, peer: describe(other), local });
+                let peer = describe(other);
+                return Err(SwitchoverError::PeerDemote { reason, refused_as_unsafe: false, peer, local });
             }
         }
     }

@@ -207,7 +207,7 @@ impl Peer for FakePeer {
             Err("connection refused".into())
         }
     }
-    fn demote(&self, _reason: &str) -> Result<(), String> {
+    fn demote(&self, _reason: &str) -> Result<(), role::switchover::PeerError> {
         if !self.reachable {
             return Err("peer 10.77.9.2 unreachable".into());
         }

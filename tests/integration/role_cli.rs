@@ -24,7 +24,12 @@ struct Lan {
 
 impl Lan {
     fn new() -> Lan {
-        let tag = format!("brc{}", std::process::id() % 100000);
+        Lan::named("")
+    }
+
+    /// Namespaces with `suffix` in their names, so that tests running at once do not share them.
+    fn named(suffix: &str) -> Lan {
+        let tag = format!("brc{}{suffix}", std::process::id() % 100000);
         let lan = Lan { tag };
         let l = lan.ns("l");
         ip(&["netns", "add", &l]);
@@ -213,4 +218,122 @@ fn promote_demote_and_switchover_move_the_virtual_ip_with_guards() {
         let _ = c.kill();
         let _ = c.wait();
     }
+}
+
+/// A and B as in the test above, with A primary (VIP, primary-only hook service started) and B's shadow holding
+/// one complete generation of A's source; returns the configurations and B's serve.
+fn primary_a_synced_to_b(lan: &Lan, d: &Path) -> (PathBuf, PathBuf, Child) {
+    assert!(run(blockrep().arg("keygen").arg(d.join("key"))).status.success());
+    for me in ["a", "b"] {
+        write_volume(&d.join(format!("src-{me}.img")), 1 << 20, 3);
+        std::fs::write(d.join(format!("shadow-{me}.img")), vec![0u8; 1 << 20]).unwrap();
+    }
+    let (ca, cb) = (node_config(d, "a", "10.77.8.2"), node_config(d, "b", "10.77.8.1"));
+    let o = run(lan.blockrep("a").args(["promote", "--force", "--reason", "initial", "--config"]).arg(&ca));
+    assert!(o.status.success(), "promote a: {}", stderr(&o));
+    let serve_b = serve(lan, "b", &cb);
+    let o = run(lan.blockrep("a").args(["sync", "--config"]).arg(&ca));
+    assert!(o.status.success(), "sync a->b: {}", stderr(&o));
+    (ca, cb, serve_b)
+}
+
+/// Writes `bytes` at `offset` of `path` in place.
+fn write_at(path: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn stop(children: &mut [&mut Child]) {
+    for c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+#[test]
+fn switchover_ships_the_last_write_before_demoting_the_primary() {
+    if !is_root() {
+        eprintln!("skipping: network namespaces need root (CI runs as root)");
+        return;
+    }
+    let lan = Lan::named("s");
+    let d = tempfile::tempdir().unwrap();
+    let (ca, cb, mut serve_b) = primary_a_synced_to_b(&lan, d.path());
+    let mut serve_a = serve(&lan, "a", &ca);
+
+    // The last write on A after its last sync: a planned switchover must not lose it.
+    let last_write = b"the last write on a before the switchover";
+    write_at(&d.path().join("src-a.img"), 777_777, last_write);
+    assert_ne!(
+        std::fs::read(d.path().join("src-a.img")).unwrap(),
+        std::fs::read(d.path().join("shadow-b.img")).unwrap()
+    );
+
+    let o = run(lan.blockrep("b").args(["switchover", "--reason", "planned", "--config"]).arg(&cb));
+    assert!(o.status.success(), "switchover: {}\n{}", stdout(&o), stderr(&o));
+    let (src_a, shadow_b) =
+        (std::fs::read(d.path().join("src-a.img")).unwrap(), std::fs::read(d.path().join("shadow-b.img")).unwrap());
+    assert!(src_a == shadow_b, "B's shadow is A's source, the last write included");
+    assert_eq!(&shadow_b[777_777..777_777 + last_write.len()], last_write);
+    assert!(lan.has_vip("b") && !lan.has_vip("a"));
+    let (sa, sb) = (status(&lan, "a", &ca), status(&lan, "b", &cb));
+    assert_eq!(sa["role"], "standby", "{sa}");
+    assert_eq!(sb["role"], "primary", "{sb}");
+    // A stopped its service before the final sync and did not start it again.
+    let app_a = std::fs::read_to_string(d.path().join("app-a.log")).unwrap();
+    assert_eq!(app_a.lines().filter(|l| *l == "start").count(), 1, "{app_a:?}");
+    assert_eq!(app_a.lines().last(), Some("stop"), "{app_a:?}");
+    // The final sync is in A's history, before its demote.
+    let log = stdout(&run(lan.blockrep("a").args(["log", "--config"]).arg(&ca)));
+    let (sync2, final_sync, demote) = (
+        log.find("sync vol: ok, generation 2"),
+        log.find("final-sync: switchover requested by b"),
+        log.find("demote: "),
+    );
+    assert!(sync2.is_some() && final_sync.is_some() && demote.is_some(), "{log}");
+    stop(&mut [&mut serve_a, &mut serve_b]);
+}
+
+#[test]
+fn a_failed_final_sync_leaves_the_primary_primary_with_its_services() {
+    if !is_root() {
+        eprintln!("skipping: network namespaces need root (CI runs as root)");
+        return;
+    }
+    let lan = Lan::named("f");
+    let d = tempfile::tempdir().unwrap();
+    let (ca, cb, mut serve_b) = primary_a_synced_to_b(&lan, d.path());
+    let mut serve_a = serve(&lan, "a", &ca);
+    write_at(&d.path().join("src-a.img"), 4096, b"written after the last sync");
+
+    // B's serve is not running: A's final sync cannot reach it, so nothing is demoted.
+    stop(&mut [&mut serve_b]);
+    let o = run(lan.blockrep("b").args(["switchover", "--reason", "planned", "--config"]).arg(&cb));
+    assert_eq!(o.status.code(), Some(1), "{}\n{}", stdout(&o), stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("final sync before the switchover failed"), "{err}");
+    assert!(err.contains("nothing was demoted") && err.contains("stays primary"), "{err}");
+    assert!(lan.has_vip("a") && !lan.has_vip("b"));
+    let (sa, sb) = (status(&lan, "a", &ca), status(&lan, "b", &cb));
+    assert_eq!(sa["role"], "primary", "{sa}");
+    assert_eq!(sb["role"], "standby", "{sb}");
+    let app_a = std::fs::read_to_string(d.path().join("app-a.log")).unwrap();
+    assert_eq!(app_a.lines().collect::<Vec<_>>(), ["start", "stop", "start"], "service restarted on a");
+
+    // B's shadow written behind its back while its serve ran elsewhere is a split brain for A's final sync: the
+    // switchover is refused as unsafe (exit 4), and again nothing changes.
+    let mut serve_b = serve(&lan, "b", &cb);
+    let o = run(lan.blockrep("b").args(["promote", "--force", "--config"]).arg(&cb));
+    assert!(o.status.success(), "promote b: {}", stderr(&o));
+    let o = run(lan.blockrep("b").args(["demote", "--config"]).arg(&cb));
+    assert!(o.status.success(), "demote b: {}", stderr(&o));
+    let o = run(lan.blockrep("b").args(["switchover", "--reason", "planned", "--config"]).arg(&cb));
+    assert_eq!(o.status.code(), Some(4), "{}\n{}", stdout(&o), stderr(&o));
+    assert!(stderr(&o).contains("stays primary"), "{}", stderr(&o));
+    assert!(lan.has_vip("a") && !lan.has_vip("b"));
+    assert_eq!(status(&lan, "a", &ca)["role"], "primary");
+    assert_eq!(status(&lan, "b", &cb)["role"], "standby");
+    stop(&mut [&mut serve_a, &mut serve_b]);
 }
