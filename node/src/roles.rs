@@ -176,7 +176,12 @@ impl role::Guards for NodeGuards<'_> {
                     v.name, info.generation
                 ));
             }
-            let synced = crate::layout::mtime_secs(&layout.target_manifest(&v.name));
+            // The commit time of the current generation's record; the manifest's mtime where there is none.
+            let record = info.history.first().filter(|r| r.generation == info.generation);
+            let synced = record
+                .filter(|r| Some(r.id) == info.generation_id)
+                .map(|r| r.time)
+                .or_else(|| crate::layout::mtime_secs(&layout.target_manifest(&v.name)));
             oldest = match (oldest, synced) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),

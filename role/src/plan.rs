@@ -176,6 +176,9 @@ pub struct Report {
     pub steps: Vec<StepReport>,
     /// Time of the last completed sync of the promoted data (from the guards), Unix seconds.
     pub last_sync: Option<u64>,
+    /// How old the promoted data was when the plan ran: seconds since `last_sync` (the commit of the oldest
+    /// shadow's current generation). After an unplanned promote this is what the peer wrote since is lost.
+    pub data_age_s: Option<u64>,
     /// Problems that did not stop the plan (a failing notify hook).
     pub warnings: Vec<String>,
     /// Role at the end.
@@ -197,9 +200,8 @@ impl fmt::Display for Report {
             };
             writeln!(f, "  {:<28} {:<12} {:>5} ms  {}", s.step, o, s.millis, s.detail)?;
         }
-        if let Some(t) = self.last_sync {
-            let age = unix_now().saturating_sub(t);
-            writeln!(f, "promoted data is from the sync completed {age} s ago (at {t})")?;
+        if let (Some(t), Some(age)) = (self.last_sync, self.data_age_s) {
+            writeln!(f, "promoted data is from the sync completed {age} s before the promote (at {t})")?;
         }
         for w in &self.warnings {
             writeln!(f, "warning: {w}")?;
@@ -243,6 +245,7 @@ impl<'a> Run<'a> {
             dry_run: opts.dry_run,
             steps: Vec::new(),
             last_sync: None,
+            data_age_s: None,
             warnings: Vec::new(),
             role: state.role,
             millis: 0,
@@ -431,6 +434,10 @@ fn guards(run: &mut Run<'_>, g: &dyn Guards) -> Result<(), PlanError> {
     }
     let last_sync = g.data_committed().map_err(|reason| PlanError::Refused { guard: "data", reason })?;
     run.report.last_sync = last_sync;
+    run.report.data_age_s = last_sync.map(|t| unix_now().saturating_sub(t));
+    if let Some(age) = run.report.data_age_s {
+        tracing::info!(data_age_s = age, "promoting data from the sync completed {age} s ago");
+    }
     let peer = g.peer_not_primary().map_err(|reason| PlanError::Refused { guard: "peer", reason })?;
     let c = run.cfg;
     let answer = arp::probe(

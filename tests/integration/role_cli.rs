@@ -271,8 +271,11 @@ fn switchover_ships_the_last_write_before_demoting_the_primary() {
         std::fs::read(d.path().join("shadow-b.img")).unwrap()
     );
 
-    let o = run(lan.blockrep("b").args(["switchover", "--reason", "planned", "--config"]).arg(&cb));
+    let o = run(lan.blockrep("b").args(["switchover", "--reason", "planned", "--json", "--config"]).arg(&cb));
     assert!(o.status.success(), "switchover: {}\n{}", stdout(&o), stderr(&o));
+    // The report says how old the promoted data is: the final sync just committed it.
+    let report: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert!(report["data_age_s"].as_u64().is_some_and(|a| a < 60), "{report}");
     let (src_a, shadow_b) =
         (std::fs::read(d.path().join("src-a.img")).unwrap(), std::fs::read(d.path().join("shadow-b.img")).unwrap());
     assert!(src_a == shadow_b, "B's shadow is A's source, the last write included");
@@ -322,11 +325,19 @@ fn a_failed_final_sync_leaves_the_primary_primary_with_its_services() {
     let app_a = std::fs::read_to_string(d.path().join("app-a.log")).unwrap();
     assert_eq!(app_a.lines().collect::<Vec<_>>(), ["start", "stop", "start"], "service restarted on a");
 
-    // B's shadow written behind its back while its serve ran elsewhere is a split brain for A's final sync: the
-    // switchover is refused as unsafe (exit 4), and again nothing changes.
+    // A dies (its link goes down): an unplanned promote of B works as before and reports how old its data is
+    // (the last write on A is lost: that is what the age says).
     let mut serve_b = serve(&lan, "b", &cb);
-    let o = run(lan.blockrep("b").args(["promote", "--force", "--config"]).arg(&cb));
+    ip(&["-n", &lan.ns("a"), "link", "set", "eth0", "down"]);
+    let o = run(lan.blockrep("b").args(["promote", "--reason", "a is dead", "--json", "--config"]).arg(&cb));
     assert!(o.status.success(), "promote b: {}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert!(report["data_age_s"].as_u64().is_some() && report["last_sync"].as_u64().is_some(), "{report}");
+    assert!(lan.has_vip("b"));
+
+    // A comes back still primary and B is demoted again: B's promoted shadow is a split brain for A's final
+    // sync, so a switchover is refused as unsafe (exit 4) and again nothing changes.
+    ip(&["-n", &lan.ns("a"), "link", "set", "eth0", "up"]);
     let o = run(lan.blockrep("b").args(["demote", "--config"]).arg(&cb));
     assert!(o.status.success(), "demote b: {}", stderr(&o));
     let o = run(lan.blockrep("b").args(["switchover", "--reason", "planned", "--config"]).arg(&cb));
