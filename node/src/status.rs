@@ -394,7 +394,6 @@ fn probe_peer(cfg: &Config) -> Option<PeerStatus> {
     })
 }
 
-
 /// The `[role]` services: `systemctl is-active` for units, `unknown` for hooks or without systemctl.
 fn services(rc: &role::Config) -> Vec<ServiceStatus> {
     use role::config::{Service, UnitSpec};
