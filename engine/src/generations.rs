@@ -233,6 +233,30 @@ pub fn write_source(durable: &Durable, path: &Path, g: &SourceGenerations) -> st
     durable.replace_file(Op::StateWrite, dir, name, &g.encode())
 }
 
+/// Makes a standby's committed generation (its manifest at `from`, with `record`) this node's primary-side
+/// reference for the volume whose primary manifest is `manifest`: after a promote, the old primary that holds the
+/// same generation ([`crate::target::Target::adopt`]) can then be synced incrementally. Earlier records are kept.
+///
+/// Crash safety: first the `generations` file is rewritten without a current record (the next sync compares),
+/// then the manifest is replaced, then `record` becomes current.
+pub fn adopt_source(durable: &Durable, manifest: &Path, from: &Path, record: &GenRecord) -> std::io::Result<()> {
+    let dir = manifest.parent().ok_or_else(|| std::io::Error::other("a manifest lives in a directory"))?;
+    let name = manifest.file_name().and_then(|n| n.to_str()).ok_or_else(|| std::io::Error::other("bad file name"))?;
+    std::fs::create_dir_all(dir)?;
+    let bytes = std::fs::read(from)?;
+    let path = source_path(manifest);
+    let mut g = read_source(&path);
+    if let Some(c) = g.history.current.take() {
+        g.history.earlier.insert(0, c);
+        g.history.earlier.truncate(MAX_HISTORY);
+    }
+    g.proposed = None;
+    write_source(durable, &path, &g)?;
+    durable.replace_file(Op::ManifestWrite, dir, name, &bytes)?;
+    g.history.push(record.clone());
+    write_source(durable, &path, &g)
+}
+
 /// What was recorded about a shadow at its last commit, to tell later whether anything wrote it since.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Evidence {
@@ -363,5 +387,41 @@ mod tests {
         assert!(b1.changed(&Evidence::Block { boot_id: [2; 16], sectors_written: 5 }).unwrap().contains("rebooted"));
         assert!(b1.changed(&Evidence::Block { boot_id: [1; 16], sectors_written: 9 }).unwrap().contains("4 sectors"));
         assert_eq!(b1.changed(&b1), None);
+    }
+
+    /// A promoting node keeps its standby's generation as its primary-side reference: a crash at every durable
+    /// operation leaves either no current record (the next sync compares) or the new record beside the new manifest.
+    #[test]
+    fn adopt_source_is_crash_safe() {
+        use crate::durable::FaultPlan;
+        let mut n = 0u64;
+        loop {
+            let d = tempfile::tempdir().unwrap();
+            let (manifest, from) = (d.path().join("primary/manifest"), d.path().join("standby-manifest"));
+            std::fs::create_dir_all(manifest.parent().unwrap()).unwrap();
+            std::fs::write(&manifest, b"old manifest").unwrap();
+            std::fs::write(&from, b"new manifest").unwrap();
+            let mut old = SourceGenerations::default();
+            old.history.push(record(3, [3; 16], "b"));
+            old.proposed = Some(record(4, [4; 16], "b"));
+            write_source(&Durable::new(), &source_path(&manifest), &old).unwrap();
+            let r = record(9, [9; 16], "a");
+            let durable = Durable::with_plan(FaultPlan { crash_after: n, torn: true, lose_unsynced: false });
+            let res = adopt_source(&durable, &manifest, &from, &r);
+            let g = read_source(&source_path(&manifest));
+            let m = std::fs::read(&manifest).unwrap();
+            match &g.history.current {
+                Some(c) if c.id == r.id => assert_eq!(m, b"new manifest", "crash at {n}"),
+                Some(c) => assert!(c.id == [3; 16] && m == b"old manifest", "crash at {n}"),
+                None => {}
+            }
+            if res.is_ok() {
+                assert_eq!(g.history.current, Some(r));
+                assert!(g.knows(&[3; 16]) && g.proposed.is_none());
+                break;
+            }
+            n += 1;
+            assert!(n < 50);
+        }
     }
 }

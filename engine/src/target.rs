@@ -804,6 +804,86 @@ impl Target {
         self.write_state(s)
     }
 
+    /// The committed generation's manifest and record, when the shadow is trusted to hold exactly that generation
+    /// (`None` otherwise). A node promoting this shadow keeps them as its primary-side reference
+    /// ([`generations::adopt_source`]): the old primary, demoted cleanly after a final sync, holds the same
+    /// generation ([`Target::adopt`]), so the first sync back to it can be incremental.
+    pub fn reference(&self) -> Option<(&Manifest, link::GenRecord)> {
+        if self.distrust().is_some() || self.session.is_some() || self.pending.is_some() {
+            return None;
+        }
+        let id = self.generation_id()?;
+        let m = self.manifest.as_ref()?;
+        let r = self.state.history.current.clone()?;
+        (r.id == id && r.generation == m.generation()).then_some((m, r))
+    }
+
+    /// Records (durably) that the shadow holds exactly the generation described by the manifest at `manifest`
+    /// (the old primary's own manifest of its volume, which is this shadow) with `record` (its identifier), with
+    /// fresh evidence, so that a sync from the new primary that promoted this generation can be incremental.
+    /// Used by a primary demoted after a switchover's final sync; the caller guarantees the volume was not
+    /// written since that sync (the evidence recorded here catches any later write).
+    ///
+    /// Crash safety: the interrupted transfer (spool, `manifest.next`) and the state file are removed first, then
+    /// the manifest is replaced, then the new state is written. Until the last step the state holds no identifier
+    /// (or there is no complete generation), so the next sync compares (or is full); never incremental.
+    pub fn adopt(&mut self, manifest: &Path, record: &link::GenRecord) -> Result<(), TargetError> {
+        let bad = |what: String| TargetError::State { path: manifest.to_owned(), what };
+        if self.session.is_some() {
+            return Err(bad("a transfer is in progress on this shadow".into()));
+        }
+        let m = Manifest::open(manifest).map_err(|e| self.manifest_err(e))?;
+        if m.generation() != record.generation || m.volume_size() > self.shadow.size() {
+            return Err(bad(format!(
+                "it describes generation {} of {} bytes; expected generation {} of at most {} bytes",
+                m.generation(),
+                m.volume_size(),
+                record.generation,
+                self.shadow.size()
+            )));
+        }
+        let bytes = std::fs::read(manifest).map_err(|e| self.io_err("read manifest", manifest, e))?;
+        let mut history = if self.state.corrupt { Default::default() } else { self.state.history.clone() };
+        let durable = self.opts.durable.clone();
+        let dir = self.state_dir.clone();
+        let next = manifest::next_path(&self.path(MANIFEST_FILE));
+        for (op, path) in [
+            (Op::StateWrite, self.path(STATE_FILE)),
+            (Op::SpoolRemove, self.path(SPOOL_FILE)),
+            (Op::ManifestWrite, next),
+        ] {
+            durable.remove_file(op, &path).map_err(|e| self.io_err("remove", &path, e))?;
+        }
+        durable.sync_dir(&dir).map_err(|e| self.io_err("sync directory", &dir, e))?;
+        self.pending = None;
+        self.state = StateFile::default();
+        durable
+            .replace_file(Op::ManifestWrite, &dir, MANIFEST_FILE, &bytes)
+            .map_err(|e| self.io_err("write manifest", &self.path(MANIFEST_FILE), e))?;
+        self.load_manifest();
+        if self.manifest.as_ref().map(|m| m.generation()) != Some(record.generation) {
+            return Err(bad("the adopted manifest cannot be read back".into()));
+        }
+        history.push(record.clone());
+        let state = StateFile {
+            exists: true,
+            incomplete: false,
+            corrupt: false,
+            generation: record.generation,
+            distrust: Distrust::None,
+            evidence: Evidence::of(self.shadow.file()),
+            history,
+        };
+        self.write_state(state)?;
+        tracing::info!(
+            volume = %self.opts.volume,
+            generation = record.generation,
+            id = %generations::id_hex(&record.id),
+            "the shadow holds the generation this node synced as primary"
+        );
+        Ok(())
+    }
+
     /// The committed generation (0: none).
     fn committed_generation(&self) -> u64 {
         match &self.manifest {

@@ -282,6 +282,7 @@ impl role::Peer for ProtoPeer<'_> {
                         volumes = list.len(),
                         "final sync: this node holds every generation the peer committed"
                     );
+                    keep_references(self.cfg, self.io);
                     conn.send(&netproto::Message::DemoteConfirm).map_err(|e| e.to_string())?;
                 }
                 Ok(netproto::Message::DemoteDone) => {
@@ -334,6 +335,97 @@ fn check_final_sync(
     Ok(())
 }
 
+/// Whether `a` and `b` are the same file or device (by path, or by device and inode / device number).
+fn same_volume(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let id = |p: &Path| {
+        std::fs::metadata(p).ok().map(|m| {
+            if m.file_type().is_block_device() {
+                (u64::MAX, m.rdev())
+            } else {
+                (m.dev(), m.ino())
+            }
+        })
+    };
+    a == b || matches!((id(a), id(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// Switchback, the promoting side: before this node's shadows become production, keeps each trusted shadow's
+/// committed generation (manifest and record, [`Target::reference`]) as this node's primary-side reference, so
+/// that its first sync to the old primary, which holds the same generation ([`adopt_final_sync`]), is
+/// incremental. A shadow that is not trusted keeps nothing (that sync compares); a failure is logged (the same).
+fn keep_references(cfg: &Config, io: engine::volume::IoOptions) {
+    let layout = cfg.layout();
+    for v in cfg.volumes.iter().filter(|v| v.shadow.is_some()) {
+        let shadow = v.shadow.as_ref().expect("filtered");
+        let dir = layout.side_dir(Side::Standby, &v.name);
+        if !shadow.exists() || !dir.exists() {
+            continue;
+        }
+        let r = Target::open(shadow, &dir, TargetOptions::new(&v.name, io))
+            .map_err(|e| link::error_chain(&e))
+            .and_then(|t| match t.reference() {
+                None => Ok(None),
+                Some((m, record)) => {
+                    let dest = layout.source_manifest(&v.name);
+                    engine::generations::adopt_source(&engine::durable::Durable::new(), &dest, m.path(), &record)
+                        .map(|()| Some(record))
+                        .map_err(|e| e.to_string())
+                }
+            });
+        match r {
+            Ok(Some(record)) => tracing::info!(
+                volume = %v.name,
+                "kept the promoted {} as this node's reference for syncing back to the old primary",
+                engine::generations::describe(&record)
+            ),
+            Ok(None) => tracing::info!(
+                volume = %v.name,
+                "the shadow is not trusted to hold its committed generation: the first sync back to the old primary compares"
+            ),
+            Err(e) => {
+                tracing::warn!(volume = %v.name, "cannot keep the promoted generation as a reference ({e}); the first sync back compares")
+            }
+        }
+    }
+}
+
+/// Switchback, the demoting side: after a switchover's final sync that the peer confirmed, each volume whose
+/// shadow is its source here (the configuration of a pair that switches back) records in its standby state that
+/// it holds the generation just committed (the primary manifest and record, [`Target::adopt`], with fresh evidence
+/// of the volume): the peer's first sync back is then incremental. A volume written later is caught by that
+/// evidence; a failure is logged (the sync back compares).
+fn adopt_final_sync(cfg: &Config, list: &[netproto::message::Committed], io: engine::volume::IoOptions) {
+    let layout = cfg.layout();
+    for v in &cfg.volumes {
+        let (Some(source), Some(shadow)) = (&v.source, &v.shadow) else { continue };
+        let Some(c) = list.iter().find(|c| c.volume == v.name) else { continue };
+        if !same_volume(source, shadow) {
+            continue;
+        }
+        let manifest = layout.source_manifest(&v.name);
+        let gens = engine::generations::read_source(&engine::generations::source_path(&manifest));
+        let Some(record) = gens.history.current.filter(|r| r.generation == c.generation && r.id == c.id) else {
+            tracing::warn!(volume = %v.name, "the final sync's record is not current here; the sync back compares");
+            continue;
+        };
+        let r = Target::open(shadow, &layout.side_dir(Side::Standby, &v.name), TargetOptions::new(&v.name, io))
+            .and_then(|mut t| t.adopt(&manifest, &record));
+        match r {
+            Ok(()) => tracing::info!(
+                volume = %v.name,
+                "as a standby this volume holds {}: the sync back from the peer can be incremental",
+                engine::generations::describe(&record)
+            ),
+            Err(e) => tracing::warn!(
+                volume = %v.name,
+                "cannot record the final sync's generation for the standby side ({}); the sync back compares",
+                link::error_chain(&e)
+            ),
+        }
+    }
+}
+
 /// Ignores a sync's progress (a switchover's final sync runs inside `serve`).
 struct Quiet;
 
@@ -368,8 +460,9 @@ pub fn demote_for_switchover(
                 cfg,
                 crate::history::Event::Switchover { plan: "final-sync".into(), reason: opts.reason.clone() },
             );
-            confirm(list)
+            confirm(list.clone())
                 .map_err(|r| Refusal::new(r.code, format!("the peer did not confirm the final sync: {}", r.message)))
+                .map(|()| list)
         });
         if let Err(r) = committed {
             let restarted = match role::start_primary_services(&rc) {
@@ -379,6 +472,9 @@ pub fn demote_for_switchover(
             let message = format!("{}; nothing was demoted: {} {restarted} and stays primary", r.message, cfg.node);
             tracing::error!("switchover: {message}");
             return Err(Refusal::new(r.code, message));
+        }
+        if let Ok(list) = &committed {
+            adopt_final_sync(cfg, list, io);
         }
     }
     let report = run(cfg, Plan::Demote, &opts, io).map_err(|e| failed(&e))?;
@@ -465,6 +561,9 @@ pub fn run(cfg: &Config, plan: Plan, a: &PlanOptions, io: engine::volume::IoOpti
         if let Some(f) = crate::shadow::roll_forward(cfg, io).into_iter().next() {
             return Err(RoleError::NotRolledForward { volume: f.volume, error: f.error }.into());
         }
+    }
+    if plan == Plan::Promote && !a.dry_run {
+        keep_references(cfg, io);
     }
     let guards = NodeGuards { cfg, io };
     let result = match plan {

@@ -348,3 +348,95 @@ fn a_failed_final_sync_leaves_the_primary_primary_with_its_services() {
     assert_eq!(status(&lan, "b", &cb)["role"], "standby");
     stop(&mut [&mut serve_a, &mut serve_b]);
 }
+
+/// A's configuration for a pair that switches back: each node's volume is both its source and its shadow.
+fn switchback_config(dir: &Path, me: &str, peer_addr: &str) -> PathBuf {
+    let p = node_config(dir, me, peer_addr);
+    let text = std::fs::read_to_string(&p).unwrap().replace(&format!("shadow-{me}.img"), &format!("src-{me}.img"));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn sync_json(lan: &Lan, n: &str, cfg: &Path) -> serde_json::Value {
+    let o = run(lan.blockrep(n).args(["sync", "--json", "--config"]).arg(cfg));
+    assert!(o.status.success(), "sync on {n}: {}\n{}", stdout(&o), stderr(&o));
+    serde_json::from_str(stdout(&o).trim()).unwrap()
+}
+
+/// A primary, B its standby, both volumes their own shadows (A's holding data, B's zero), a full sync, a write on
+/// A, then a planned switchover to B (A's final sync). Returns the configurations and both `serve`s.
+fn switched_to_b(lan: &Lan, dp: &Path, size: usize) -> (PathBuf, PathBuf, Child, Child) {
+    assert!(run(blockrep().arg("keygen").arg(dp.join("key"))).status.success());
+    write_volume(&dp.join("src-a.img"), size, 5);
+    std::fs::write(dp.join("src-b.img"), vec![0u8; size]).unwrap();
+    let (ca, cb) = (switchback_config(dp, "a", "10.77.8.2"), switchback_config(dp, "b", "10.77.8.1"));
+    let o = run(lan.blockrep("a").args(["promote", "--force", "--reason", "initial", "--config"]).arg(&ca));
+    assert!(o.status.success(), "promote a: {}", stderr(&o));
+    let serve_b = serve(lan, "b", &cb);
+    let serve_a = serve(lan, "a", &ca);
+    assert_eq!(sync_json(lan, "a", &ca)["mode"], "full");
+    write_at(&dp.join("src-a.img"), 123_456, b"written on a before the switchover");
+    let o = run(lan.blockrep("b").args(["switchover", "--reason", "maintenance of a", "--config"]).arg(&cb));
+    assert!(o.status.success(), "switchover to b: {}\n{}", stdout(&o), stderr(&o));
+    assert!(std::fs::read(dp.join("src-a.img")).unwrap() == std::fs::read(dp.join("src-b.img")).unwrap());
+    assert_eq!(status(lan, "b", &cb)["role"], "primary");
+    (ca, cb, serve_a, serve_b)
+}
+
+#[test]
+fn switchback_syncs_incrementally_both_ways() {
+    if !is_root() {
+        eprintln!("skipping: network namespaces need root (CI runs as root)");
+        return;
+    }
+    let lan = Lan::named("w");
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    let vol = |n: &str| std::fs::read(dp.join(format!("src-{n}.img"))).unwrap();
+    let (ca, cb, mut serve_a, mut serve_b) = switched_to_b(&lan, dp, 8 << 20);
+
+    // B writes its production volume; the reverse sync to A ships only that.
+    write_at(&dp.join("src-b.img"), 5_000_000, &[0xb5; 8192]);
+    let r = sync_json(&lan, "b", &cb);
+    assert_eq!(r["mode"], "incremental", "{r}");
+    let wire = r["bytes_on_wire"].as_u64().unwrap();
+    assert!(wire <= 3 * 4096 * 11 / 10 + 8192, "bytes on the wire {wire}: {r}");
+    assert!(vol("a") == vol("b"), "A's volume is B's after the reverse sync");
+
+    // Switch back to A (B's final sync), then A's sync to B is incremental again.
+    write_at(&dp.join("src-b.img"), 42, b"the last write on b");
+    let o = run(lan.blockrep("a").args(["switchover", "--reason", "switch back", "--config"]).arg(&ca));
+    assert!(o.status.success(), "switchover to a: {}\n{}", stdout(&o), stderr(&o));
+    assert!(vol("a") == vol("b"));
+    assert_eq!(&vol("a")[42..61], b"the last write on b");
+    assert!(lan.has_vip("a") && !lan.has_vip("b"));
+    write_at(&dp.join("src-a.img"), 7_000_000, &[0xa7; 4096]);
+    let r = sync_json(&lan, "a", &ca);
+    assert_eq!(r["mode"], "incremental", "{r}");
+    assert!(r["bytes_on_wire"].as_u64().unwrap() <= 2 * 4096 * 11 / 10 + 8192, "{r}");
+    assert!(vol("a") == vol("b"), "B's volume is A's after the sync");
+    stop(&mut [&mut serve_a, &mut serve_b]);
+}
+
+#[test]
+fn switchback_compares_when_the_old_primary_was_written_after_its_demote() {
+    if !is_root() {
+        eprintln!("skipping: network namespaces need root (CI runs as root)");
+        return;
+    }
+    let lan = Lan::named("x");
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    let vol = |n: &str| std::fs::read(dp.join(format!("src-{n}.img"))).unwrap();
+    let (_ca, cb, mut serve_a, mut serve_b) = switched_to_b(&lan, dp, 1 << 20);
+    // Something writes A's demoted volume outside blockrep: its evidence no longer matches, so the reverse sync
+    // compares A's actual content and repairs it, instead of trusting the adopted generation.
+    std::thread::sleep(std::time::Duration::from_millis(10));
+    write_at(&dp.join("src-a.img"), 300_000, b"outside write on a");
+    write_at(&dp.join("src-b.img"), 600_000, b"written on b");
+    let r = sync_json(&lan, "b", &cb);
+    assert_eq!(r["mode"], "compare", "{r}");
+    assert!(r["reason"].as_str().unwrap().contains("not trusted"), "{r}");
+    assert!(vol("a") == vol("b"), "A's volume is repaired");
+    stop(&mut [&mut serve_a, &mut serve_b]);
+}

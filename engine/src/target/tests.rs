@@ -932,3 +932,59 @@ fn split_brain_is_refused_until_the_standby_changes_are_discarded() {
     assert_eq!(shadow_bytes(&t.e, t.size), v1);
     assert_eq!(t.sync(&v1, t.opts()).unwrap().mode, SyncMode::Incremental);
 }
+
+/// Switchback: a demoted primary adopts its own manifest of the generation it last synced for the standby side
+/// of its volume. A crash at every durable operation of the adoption leaves either the old state (the shadow,
+/// written since, is then not trusted) or the adopted generation, trusted; a stale interrupted transfer is dropped;
+/// a write after the adoption makes the shadow untrusted again.
+#[test]
+fn adopting_a_generation_is_crash_safe_and_trusted_only_when_complete() {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
+    let e_ref = env(SIZE);
+    let content = shadow_bytes(&e_ref, SIZE);
+    let mut r = open(&e_ref, Durable::new()).unwrap();
+    let root = sync(&mut r, &content, 4096).root;
+    let reference = r.manifest().unwrap().path().to_owned();
+    let record = generations::record(r.info().generation, [7; 16], "a");
+    let other = image(&mut rng, SIZE);
+    for torn in [false, true] {
+        let mut n = 0u64;
+        loop {
+            let e = env(SIZE);
+            let d = Durable::new();
+            let mut t = open(&e, d.clone()).unwrap();
+            sync(&mut t, &other, 4096);
+            sync(&mut t, &mutate(&mut rng, &other), 4096);
+            drive(&mut t, &other, Drive { stop_after: Some(1), ..Drive::bs(4096) }).unwrap();
+            t.abort().unwrap();
+            assert!(t.info().pending.is_some());
+            std::fs::write(&e.shadow, &content).unwrap(); // the primary's volume holds the synced generation
+            d.arm(FaultPlan { crash_after: n, torn, lose_unsynced: false });
+            let res = t.adopt(&reference, &record);
+            drop(t);
+            let t = open(&e, Durable::new()).unwrap();
+            let info = t.info();
+            if info.trusted || info.generation_id == Some(record.id) {
+                assert_eq!(info.generation_id, Some(record.id), "crash at {n}: {info:?}");
+                assert_eq!((info.generation, info.root), (record.generation, Some(root)), "crash at {n}");
+                assert!(info.pending.is_none(), "crash at {n}");
+            }
+            match res {
+                Ok(()) => {
+                    assert!(info.trusted, "{info:?}");
+                    assert_eq!(t.reference().map(|(_, r)| r.id), Some(record.id));
+                    assert!(!e.state.join(SPOOL_FILE).exists());
+                    drop(t);
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    std::fs::write(&e.shadow, &other).unwrap();
+                    let t = open(&e, Durable::new()).unwrap();
+                    assert!(!t.info().trusted && t.reference().is_none());
+                    break;
+                }
+                Err(err) => assert!(crate::durable::is_injected_crash(&err), "crash at {n}: {err}"),
+            }
+            n += 1;
+            assert!(n < 100, "the adoption never finished");
+        }
+    }
+}
