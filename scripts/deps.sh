@@ -5,9 +5,10 @@ set -euo pipefail
 want=(gcc pkg-config)
 if [ "${1:-test}" = test ]; then
   # user-mode-linux + lvm2 + kmod: real LVM in a UML guest; iproute2/arping/ping/keepalived: namespace tests;
-  # grub-common: grub-editenv round trip; rsync/socat/b3sum/time: benchmark peers; e2fsprogs: ext4 in scenarios.
+  # grub-common: grub-editenv round trip; rsync/socat/b3sum/time: benchmark peers; e2fsprogs: ext4 in scenarios;
+  # curl/xz-utils/patchelf: scripts/uml-kernel.sh, when the packaged UML kernel cannot boot on this CPU.
   want+=(user-mode-linux lvm2 kmod iproute2 iputils-arping iputils-ping keepalived grub-common rsync socat b3sum
-         e2fsprogs nftables time)
+         e2fsprogs nftables time curl xz-utils patchelf)
 fi
 missing=()
 for p in "${want[@]}"; do
@@ -18,6 +19,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if [ "${1:-test}" = test ]; then
+  "$(dirname "$0")/uml-kernel.sh"
 fi
 if ! command -v cargo >/dev/null 2>&1; then
   [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"

@@ -22,8 +22,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-/// The UML kernel.
+/// The UML kernel of the Debian package `user-mode-linux`.
 pub const LINUX_UML: &str = "/usr/bin/linux.uml";
+
+/// The newer UML kernel that `scripts/uml-kernel.sh` installs when the packaged one cannot boot on this CPU
+/// (AVX-512 / AMX hosts); `run-guest.sh` prefers it when present.
+pub const LINUX_UML_NEWER: &str = "/opt/blockrep-uml/linux.uml";
 
 /// Time on top of the guest timeout that the host waits for run-guest.sh itself.
 const SCRIPT_GRACE: Duration = Duration::from_secs(30);
@@ -36,7 +40,7 @@ pub fn script() -> PathBuf {
 /// Why guests cannot run on this machine, or `None` when they can. Only a missing `linux.uml` is a reason to
 /// skip (CI installs it with scripts/deps.sh); anything else that fails later is a test failure.
 pub fn unavailable() -> Option<String> {
-    if !Path::new(LINUX_UML).exists() {
+    if !Path::new(LINUX_UML).exists() && !Path::new(LINUX_UML_NEWER).exists() {
         return Some(format!(
             "{LINUX_UML} is not installed (Debian package user-mode-linux; scripts/deps.sh installs it)"
         ));

@@ -32,7 +32,8 @@
 #
 # Exit status: the scenario's status (0-123); 124 the guest was killed at the timeout; 125 the guest ended
 # without printing SCENARIO_RC (kernel panic, init failure, killed from outside); 126 linux.uml or the UML
-# modules are missing (install the Debian package user-mode-linux: scripts/deps.sh); 2 usage error.
+# modules are missing (install the Debian package user-mode-linux: scripts/deps.sh, which also runs
+# scripts/uml-kernel.sh); 2 usage error.
 set -euo pipefail
 
 die() { echo "run-guest.sh: $*" >&2; exit 2; }
@@ -60,12 +61,16 @@ done
 [ -f "$scenario" ] || die "scenario file '$scenario' does not exist"
 [[ "$timeout" =~ ^[0-9]+$ ]] && [ "$timeout" -gt 0 ] || die "--timeout must be a positive number of seconds, not '$timeout'"
 
-uml=/usr/bin/linux.uml
+# The kernel scripts/uml-kernel.sh installed when the packaged one cannot boot on this CPU, else the package's.
+if [ -x /opt/blockrep-uml/linux.uml ]; then
+  uml=/opt/blockrep-uml/linux.uml modroot=/opt/blockrep-uml/modules
+else
+  uml=/usr/bin/linux.uml modroot=/usr/lib/uml/modules
+fi
 if [ ! -x "$uml" ]; then
   echo "run-guest.sh: $uml not found; install the Debian package user-mode-linux (scripts/deps.sh does)" >&2
   exit 126
 fi
-modroot=/usr/lib/uml/modules
 ver=$(ls "$modroot" 2>/dev/null | head -n1 || true)
 if [ -z "$ver" ]; then
   echo "run-guest.sh: no UML kernel modules under $modroot; reinstall the Debian package user-mode-linux" >&2
