@@ -6,8 +6,8 @@
 # "userspace - ptrace set fp regs failed, errno = 14" (the host kernel wants the whole XSAVE buffer in
 # PTRACE_SETREGSET and UML 6.1 passes a fixed, smaller one; Debian 13's 6.12 fails the same way). Newer UML
 # sizes the buffer from the host. So: boot the packaged kernel once with a trivial init; when that fails, fetch
-# Debian unstable's user-mode-linux and Debian 13's libc6 (it needs glibc >= 2.38, Debian 12 has 2.36) as
-# .debs from deb.debian.org, check their SHA256 against the archive's package index, unpack them under
+# Debian unstable's user-mode-linux and libc6 (it needs glibc >= 2.38, Debian 12 has 2.36) as .debs with
+# apt-get download (signature-checked like any apt download, system apt state untouched), unpack them under
 # /opt/blockrep-uml and point the kernel's ELF interpreter at that libc (patchelf). tests/uml/run-guest.sh and
 # tests/uml/harness.rs use /opt/blockrep-uml/linux.uml when it exists, else /usr/bin/linux.uml.
 #
@@ -16,7 +16,12 @@
 set -euo pipefail
 
 opt=/opt/blockrep-uml
-mirror=${BLOCKREP_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+mirror=${BLOCKREP_DEBIAN_MIRROR:-}
+if [ -z "$mirror" ]; then  # the mirror this machine's apt already uses
+  mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n 1)
+  [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" { print $2; exit }' /etc/apt/sources.list 2>/dev/null)
+  [ -n "$mirror" ] || mirror=http://deb.debian.org/debian
+fi
 force=0
 [ "${1:-}" = --force ] && force=1
 
@@ -38,17 +43,20 @@ probe() {
   return 1
 }
 
-# fetch SUITE PACKAGE DEST: downloads PACKAGE's .deb from SUITE into DEST, checked against the index's SHA256.
+# fetch SUITE PACKAGE...: downloads the packages' .debs from SUITE into the current directory with apt-get, so
+# they are verified against the archive's signed Release file like any apt download, without touching the
+# system's apt configuration or lists.
 fetch() {
-  local suite=$1 pkg=$2 dest=$3 stanza file sum
-  curl -fsS --retry 3 -m 300 -o "$dest.index.xz" "$mirror/dists/$suite/main/binary-amd64/Packages.xz"
-  stanza=$(xz -dc "$dest.index.xz" | awk -v p="Package: $pkg" '$0 == p {on = 1} on && /^$/ {on = 0} on')
-  file=$(printf '%s\n' "$stanza" | sed -n 's/^Filename: //p')
-  sum=$(printf '%s\n' "$stanza" | sed -n 's/^SHA256: //p')
-  [ -n "$file" ] && [ -n "$sum" ] || { echo "uml-kernel.sh: $pkg not found in $suite's package index" >&2; return 1; }
-  curl -fsS --retry 3 -m 600 -o "$dest" "$mirror/$file"
-  echo "$sum  $dest" | sha256sum -c --quiet - || { echo "uml-kernel.sh: $file: checksum mismatch" >&2; return 1; }
-  echo "uml-kernel.sh: fetched $file" >&2
+  local suite=$1 w
+  shift
+  w=$PWD/apt
+  mkdir -p "$w/lists/partial" "$w/cache/archives/partial"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $suite main" > "$w/sources.list"
+  local o=(-o "Dir::Etc::SourceList=$w/sources.list" -o Dir::Etc::SourceParts=/dev/null -o "Dir::State::Lists=$w/lists"
+           -o "Dir::Cache=$w/cache" -o APT::Sandbox::User=root)
+  apt-get "${o[@]}" update -qq
+  apt-get "${o[@]}" download -qq "$@"
+  rm -rf "$w"
 }
 
 if [ $force = 0 ]; then
@@ -57,15 +65,14 @@ if [ $force = 0 ]; then
 fi
 
 echo "uml-kernel.sh: installing Debian unstable's user-mode-linux under $opt" >&2
-for tool in curl xz patchelf dpkg-deb sha256sum; do
+for tool in apt-get patchelf dpkg-deb; do
   command -v $tool >/dev/null || { echo "uml-kernel.sh: $tool is missing (scripts/deps.sh installs it)" >&2; exit 1; }
 done
 work=$(mktemp -d /tmp/blockrep-uml-fetch.XXXXXX)
 trap 'rm -rf "$work"' EXIT
-fetch sid user-mode-linux "$work/uml.deb"
-fetch trixie libc6 "$work/libc6.deb"
-dpkg-deb -x "$work/uml.deb" "$work/uml"
-dpkg-deb -x "$work/libc6.deb" "$work/libc"
+(cd "$work" && fetch unstable user-mode-linux libc6)
+dpkg-deb -x "$work"/user-mode-linux_*.deb "$work/uml"
+dpkg-deb -x "$work"/libc6_*.deb "$work/libc"
 new=$opt.new
 rm -rf "$new"
 mkdir -p "$new"
