@@ -828,6 +828,25 @@ impl Target {
     /// the manifest is replaced, then the new state is written. Until the last step the state holds no identifier
     /// (or there is no complete generation), so the next sync compares (or is full); never incremental.
     pub fn adopt(&mut self, manifest: &Path, record: &link::GenRecord) -> Result<(), TargetError> {
+        self.adopt_marked(manifest, record, Distrust::None)
+    }
+
+    /// Records (durably) that the shadow descends from the generation described by the manifest at `manifest`
+    /// with `record`, but may have been written since: like [`Target::adopt`], in the same crash order, with the
+    /// shadow marked promoted (untrusted) in the same state write. Used by a primary whose volume is its own
+    /// shadow when it is demoted without a switchover's final sync (after an unplanned promote of the peer): the
+    /// new primary knows `record` (it promoted that generation), so its sync back is a compare sync of the
+    /// actual content rather than a split brain, and never incremental.
+    pub fn adopt_written(&mut self, manifest: &Path, record: &link::GenRecord) -> Result<(), TargetError> {
+        self.adopt_marked(manifest, record, Distrust::Promoted)
+    }
+
+    fn adopt_marked(
+        &mut self,
+        manifest: &Path,
+        record: &link::GenRecord,
+        distrust: Distrust,
+    ) -> Result<(), TargetError> {
         let bad = |what: String| TargetError::State { path: manifest.to_owned(), what };
         if self.session.is_some() {
             return Err(bad("a transfer is in progress on this shadow".into()));
@@ -870,7 +889,7 @@ impl Target {
             incomplete: false,
             corrupt: false,
             generation: record.generation,
-            distrust: Distrust::None,
+            distrust,
             evidence: Evidence::of(self.shadow.file()),
             history,
         };
@@ -879,6 +898,7 @@ impl Target {
             volume = %self.opts.volume,
             generation = record.generation,
             id = %generations::id_hex(&record.id),
+            untrusted = distrust != Distrust::None,
             "the shadow holds the generation this node synced as primary"
         );
         Ok(())

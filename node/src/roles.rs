@@ -566,6 +566,8 @@ pub fn run(cfg: &Config, plan: Plan, a: &PlanOptions, io: engine::volume::IoOpti
         keep_references(cfg, io);
     }
     let guards = NodeGuards { cfg, io };
+    // A demote of a node that is already standby does nothing, and must not touch its standby state.
+    let was_standby = role::status(cfg.layout().role_dir()).is_ok_and(|s| s.role == role::Role::Standby);
     let result = match plan {
         Plan::Promote => role::promote(&rc, &guards, &opts).map_err(RoleError::from),
         Plan::Demote => role::demote(&rc, &opts).map_err(RoleError::from),
@@ -578,7 +580,52 @@ pub fn run(cfg: &Config, plan: Plan, a: &PlanOptions, io: engine::volume::IoOpti
     if plan != Plan::Demote && !a.dry_run && began {
         mark_promoted(cfg, io);
     }
+    if plan == Plan::Demote && !a.dry_run && !was_standby && result.is_ok() {
+        adopt_after_demote(cfg, io);
+    }
     Ok(result?)
+}
+
+/// Switchback after an unplanned promote of the peer, the demoted side: each volume whose shadow is its source
+/// here records in its standby state that it descends from this node's last generation as primary (the primary
+/// manifest and record, [`Target::adopt_written`]) and may have been written since, so the new primary, which
+/// promoted that generation, compares the actual content on its first sync back instead of refusing it as a
+/// split brain (the standby side's record was the one this node's own earlier promote gave it, which the peer
+/// never saw). Skipped where the standby side already holds that record (a switchover's final sync adopted it,
+/// [`adopt_final_sync`]). A failure is logged: the sync back is then refused as a split brain, as before.
+fn adopt_after_demote(cfg: &Config, io: engine::volume::IoOptions) {
+    let layout = cfg.layout();
+    for v in &cfg.volumes {
+        let (Some(source), Some(shadow)) = (&v.source, &v.shadow) else { continue };
+        if !same_volume(source, shadow) {
+            continue;
+        }
+        let manifest = layout.source_manifest(&v.name);
+        let gens = engine::generations::read_source(&engine::generations::source_path(&manifest));
+        let Some(record) = gens.history.current else { continue };
+        let r = Target::open(shadow, &layout.side_dir(Side::Standby, &v.name), TargetOptions::new(&v.name, io))
+            .and_then(|mut t| {
+                if t.info().history.first().is_some_and(|c| c.id == record.id) {
+                    return Ok(false);
+                }
+                t.adopt_written(&manifest, &record).map(|()| true)
+            });
+        match r {
+            Ok(false) => {}
+            Ok(true) => tracing::info!(
+                volume = %v.name,
+                "as a standby this volume descends from {} and may have been written since: the peer's sync back \
+                 compares",
+                engine::generations::describe(&record)
+            ),
+            Err(e) => tracing::warn!(
+                volume = %v.name,
+                "cannot record this node's last generation for the standby side ({}); the peer's sync back may be \
+                 refused as a split brain",
+                link::error_chain(&e)
+            ),
+        }
+    }
 }
 
 /// Records on every shadow of this node that it became production ([`Target::mark_promoted`]); a failure is

@@ -440,3 +440,43 @@ fn switchback_compares_when_the_old_primary_was_written_after_its_demote() {
     assert!(vol("a") == vol("b"), "A's volume is repaired");
     stop(&mut [&mut serve_a, &mut serve_b]);
 }
+
+#[test]
+fn switchback_after_an_unplanned_promote_compares_instead_of_refusing() {
+    if !is_root() {
+        eprintln!("skipping: network namespaces need root (CI runs as root)");
+        return;
+    }
+    let lan = Lan::named("u");
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    let vol = |n: &str| std::fs::read(dp.join(format!("src-{n}.img"))).unwrap();
+    let (ca, cb, mut serve_a, mut serve_b) = switched_to_b(&lan, dp, 1 << 20);
+    // B (promoted by the switchover, so its standby side was once marked promoted) syncs to A, then writes
+    // more and dies before its next sync: A is promoted without B.
+    write_at(&dp.join("src-b.img"), 200_000, b"synced from b");
+    assert_eq!(sync_json(&lan, "b", &cb)["mode"], "incremental");
+    write_at(&dp.join("src-b.img"), 400_000, b"written on b after its last sync, lost by the failover");
+    stop(&mut [&mut serve_b]);
+    ip(&["-n", &lan.ns("b"), "link", "set", "eth0", "down"]);
+    let o = run(lan.blockrep("a").args(["promote", "--reason", "b died", "--config"]).arg(&ca));
+    assert!(o.status.success(), "promote a: {}", stderr(&o));
+    write_at(&dp.join("src-a.img"), 600_000, b"written on a after the failover");
+
+    // B comes back, is demoted and serves as A's standby: A's sync compares B's actual content (B's last
+    // generation is the one A promoted, so this is no split brain) and B ends up with A's volume.
+    ip(&["-n", &lan.ns("b"), "link", "set", "eth0", "up"]);
+    let o = run(lan.blockrep("b").args(["demote", "--reason", "back after a failure", "--config"]).arg(&cb));
+    assert!(o.status.success(), "demote b: {}", stderr(&o));
+    let mut serve_b = serve(&lan, "b", &cb);
+    let r = sync_json(&lan, "a", &ca);
+    assert_eq!(r["mode"], "compare", "{r}");
+    assert!(r["reason"].as_str().unwrap().contains("not trusted"), "{r}");
+    assert!(r["bytes_on_wire"].as_u64().unwrap() < 64 << 10, "only the differing pieces are sent: {r}");
+    assert!(vol("a") == vol("b"), "B's volume is A's after the sync back");
+    // From then on B is an ordinary trusted standby: the next sync is incremental.
+    write_at(&dp.join("src-a.img"), 800_000, b"next write on a");
+    assert_eq!(sync_json(&lan, "a", &ca)["mode"], "incremental");
+    assert!(vol("a") == vol("b"));
+    stop(&mut [&mut serve_a, &mut serve_b]);
+}

@@ -988,3 +988,46 @@ fn adopting_a_generation_is_crash_safe_and_trusted_only_when_complete() {
         }
     }
 }
+
+/// Switchback after an unplanned promote: a demoted primary adopts its last generation for the standby side but
+/// marked promoted (it may have been written since). No crash point of the adoption leaves a trusted shadow; when
+/// it completes, the shadow reports that generation's identifier (which the new primary knows: no split brain)
+/// and is untrusted (its sync is a compare sync).
+#[test]
+fn adopting_a_written_generation_never_leaves_a_trusted_shadow() {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(12);
+    let e_ref = env(SIZE);
+    let content = shadow_bytes(&e_ref, SIZE);
+    let mut r = open(&e_ref, Durable::new()).unwrap();
+    sync(&mut r, &content, 4096);
+    let reference = r.manifest().unwrap().path().to_owned();
+    let record = generations::record(r.info().generation, [9; 16], "a");
+    let other = image(&mut rng, SIZE);
+    for torn in [false, true] {
+        let mut n = 0u64;
+        loop {
+            let e = env(SIZE);
+            let d = Durable::new();
+            let mut t = open(&e, d.clone()).unwrap();
+            sync(&mut t, &other, 4096);
+            std::fs::write(&e.shadow, mutate(&mut rng, &content)).unwrap(); // written after the last sync
+            d.arm(FaultPlan { crash_after: n, torn, lose_unsynced: false });
+            let res = t.adopt_written(&reference, &record);
+            drop(t);
+            let t = open(&e, Durable::new()).unwrap();
+            let info = t.info();
+            assert!(!info.trusted && t.reference().is_none(), "crash at {n}: {info:?}");
+            match res {
+                Ok(()) => {
+                    assert_eq!(info.generation_id, Some(record.id), "{info:?}");
+                    assert_eq!(info.history.first().map(|c| c.id), Some(record.id));
+                    assert!(info.distrust.contains("promoted"), "{info:?}");
+                    break;
+                }
+                Err(err) => assert!(crate::durable::is_injected_crash(&err), "crash at {n}: {err}"),
+            }
+            n += 1;
+            assert!(n < 100, "the adoption never finished");
+        }
+    }
+}
