@@ -7,6 +7,7 @@ mod network;
 mod operations;
 mod role_cli;
 mod trust;
+mod uml_lifecycle;
 mod uml_lvm;
 
 #[path = "../uml/harness.rs"]
