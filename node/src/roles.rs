@@ -566,8 +566,13 @@ pub fn run(cfg: &Config, plan: Plan, a: &PlanOptions, io: engine::volume::IoOpti
         keep_references(cfg, io);
     }
     let guards = NodeGuards { cfg, io };
-    // A demote of a node that is already standby does nothing, and must not touch its standby state.
-    let was_standby = role::status(cfg.layout().role_dir()).is_ok_and(|s| s.role == role::Role::Standby);
+    // Only a node that was (becoming) primary: a demote of a standby does nothing and must not touch its standby
+    // state. Before the plan, which may end with a poweroff; harmless if the plan then fails (the mark only makes
+    // a later sync to this node compare).
+    let not_standby = role::status(cfg.layout().role_dir()).is_ok_and(|s| s.role != role::Role::Standby);
+    if plan == Plan::Demote && !a.dry_run && not_standby {
+        adopt_after_demote(cfg, io);
+    }
     let result = match plan {
         Plan::Promote => role::promote(&rc, &guards, &opts).map_err(RoleError::from),
         Plan::Demote => role::demote(&rc, &opts).map_err(RoleError::from),
@@ -579,9 +584,6 @@ pub fn run(cfg: &Config, plan: Plan, a: &PlanOptions, io: engine::volume::IoOpti
     let began = result.is_ok() || role::status(cfg.layout().role_dir()).is_ok_and(|s| s.role != role::Role::Standby);
     if plan != Plan::Demote && !a.dry_run && began {
         mark_promoted(cfg, io);
-    }
-    if plan == Plan::Demote && !a.dry_run && !was_standby && result.is_ok() {
-        adopt_after_demote(cfg, io);
     }
     Ok(result?)
 }
