@@ -807,9 +807,11 @@ impl Target {
     /// The committed generation's manifest and record, when the shadow is trusted to hold exactly that generation
     /// (`None` otherwise). A node promoting this shadow keeps them as its primary-side reference
     /// ([`generations::adopt_source`]): the old primary, demoted cleanly after a final sync, holds the same
-    /// generation ([`Target::adopt`]), so the first sync back to it can be incremental.
+    /// generation ([`Target::adopt`]), so the first sync back to it can be incremental. An interrupted transfer
+    /// kept for resume (the primary died in the middle of a sync) does not matter: its spool has no commit record
+    /// (a committed one is rolled forward at open), so it never touched the shadow.
     pub fn reference(&self) -> Option<(&Manifest, link::GenRecord)> {
-        if self.distrust().is_some() || self.session.is_some() || self.pending.is_some() {
+        if self.distrust().is_some() || self.session.is_some() {
             return None;
         }
         let id = self.generation_id()?;

@@ -480,3 +480,54 @@ fn switchback_after_an_unplanned_promote_compares_instead_of_refusing() {
     assert!(vol("a") == vol("b"));
     stop(&mut [&mut serve_a, &mut serve_b]);
 }
+
+#[test]
+fn switchback_after_a_primary_died_mid_sync_compares_instead_of_refusing() {
+    if !is_root() {
+        eprintln!("skipping: network namespaces need root (CI runs as root)");
+        return;
+    }
+    let lan = Lan::named("m");
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    let vol = |n: &str| std::fs::read(dp.join(format!("src-{n}.img"))).unwrap();
+    let (ca, cb, mut serve_a, mut serve_b) = switched_to_b(&lan, dp, 4 << 20);
+    write_at(&dp.join("src-b.img"), 100_000, b"synced from b");
+    assert_eq!(sync_json(&lan, "b", &cb)["mode"], "incremental");
+    // B rewrites its whole volume and dies in the middle of its sync to A (sync and serve SIGKILLed, link down): A's
+    // standby side keeps the interrupted transfer (a spool) beside its committed generation.
+    scribble(&dp.join("src-b.img"), &(0..1024).collect::<Vec<u64>>(), 77);
+    let mut sync_b = lan
+        .blockrep("b")
+        .args(["sync", "--bwlimit", "256K", "--config"])
+        .arg(&cb)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let spool = dp.join("state-a/standby/vol/spool");
+    let t = std::time::Instant::now();
+    while std::fs::metadata(&spool).map_or(0, |m| m.len()) < 128 << 10 {
+        if t.elapsed().as_secs() > 20 || matches!(sync_b.try_wait(), Ok(Some(_))) {
+            let o = sync_b.wait_with_output().unwrap();
+            let ls = run(Command::new("find").arg(dp.join("state-a")).arg("-ls"));
+            panic!("no transfer reached A: {}\n{}\n{}", o.status, stderr(&o), stdout(&ls));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    stop(&mut [&mut sync_b, &mut serve_b]);
+    ip(&["-n", &lan.ns("b"), "link", "set", "eth0", "down"]);
+    let o = run(lan.blockrep("a").args(["promote", "--reason", "b died", "--config"]).arg(&ca));
+    assert!(o.status.success(), "promote a: {}", stderr(&o));
+    write_at(&dp.join("src-a.img"), 3_000_000, b"written on a after the failover");
+
+    // B comes back and is demoted: A's sync back compares and B ends up with A's volume.
+    ip(&["-n", &lan.ns("b"), "link", "set", "eth0", "up"]);
+    let o = run(lan.blockrep("b").args(["demote", "--config"]).arg(&cb));
+    assert!(o.status.success(), "demote b: {}", stderr(&o));
+    let mut serve_b = serve(&lan, "b", &cb);
+    let r = sync_json(&lan, "a", &ca);
+    assert_eq!(r["mode"], "compare", "{r}");
+    assert!(vol("a") == vol("b"), "B's volume is A's after the sync back");
+    stop(&mut [&mut serve_a, &mut serve_b]);
+}

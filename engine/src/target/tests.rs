@@ -1031,3 +1031,30 @@ fn adopting_a_written_generation_never_leaves_a_trusted_shadow() {
         }
     }
 }
+
+/// A promoting node keeps its shadow's committed generation as its reference even when the primary died in the
+/// middle of the next sync (an uncommitted spool kept for resume never touched the shadow), but not once the
+/// shadow is written outside blockrep.
+#[test]
+fn the_reference_survives_an_interrupted_transfer_but_not_an_outside_write() {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(13);
+    let e = env(SIZE);
+    let v1 = image(&mut rng, SIZE);
+    let mut t = open(&e, Durable::new()).unwrap();
+    sync(&mut t, &v1, 4096);
+    let v2 = mutate(&mut rng, &v1);
+    sync(&mut t, &v2, 4096);
+    let committed = t.reference().map(|(m, r)| (m.generation(), r.id)).expect("a trusted generation");
+    drive(&mut t, &mutate(&mut rng, &v2), Drive { stop_after: Some(1), ..Drive::bs(4096) }).unwrap();
+    t.abort().unwrap();
+    drop(t);
+    let t = open(&e, Durable::new()).unwrap();
+    assert!(t.info().pending.is_some());
+    assert_eq!(shadow_bytes(&e, SIZE), v2, "an uncommitted transfer never touches the shadow");
+    assert_eq!(t.reference().map(|(m, r)| (m.generation(), r.id)), Some(committed));
+    drop(t);
+    std::thread::sleep(std::time::Duration::from_millis(10));
+    std::fs::write(&e.shadow, &v1).unwrap();
+    let t = open(&e, Durable::new()).unwrap();
+    assert!(t.reference().is_none());
+}
