@@ -2,7 +2,7 @@
 //!
 //! `snapshot = "lvm"`: a classic LVM snapshot `<lv>_blockrep_snap` (tagged `blockrep_snapshot`) is created before
 //! the sync and removed after it, whatever the outcome; a snapshot left by a crashed run is recognised by its tag
-//! and origin, and removed with a log line. A snapshot that overflowed during the sync fails the sync with a
+//! and origin, and removed with a log line (by the next sync, or by a demote: [`remove_leftover_snapshots`]). A snapshot that overflowed during the sync fails the sync with a
 //! message suggesting a larger `snapshot_size`.
 
 use std::path::Path;
@@ -117,6 +117,40 @@ pub fn with_frozen_source<T>(
             with_lvm_snapshot(&lvm, &vol.name, source, name.as_deref(), size, f)
         }
     }
+}
+
+/// Removes the snapshots of this node's `snapshot = "lvm"` sources that an interrupted sync left behind (the node
+/// died during a sync as primary), and returns their names (`vg/name`). Used when the node is demoted: a
+/// standby's volume must not keep a snapshot of itself, which would copy every write the new primary's syncs make
+/// to it until it fills up. Nothing is removed while a sync holds the sync lock (its snapshot is in use); a
+/// volume whose source is missing or not an LV is skipped.
+pub fn remove_leftover_snapshots(cfg: &Config) -> Result<Vec<String>, Error> {
+    let lvm_volumes: Vec<(&Volume, &Path, Option<&str>)> = cfg
+        .volumes
+        .iter()
+        .filter_map(|v| match (&v.snapshot, v.source.as_deref()) {
+            (SnapshotDriver::Lvm { name, .. }, Some(source)) => Some((v, source, name.as_deref())),
+            _ => None,
+        })
+        .collect();
+    if lvm_volumes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Ok(_lock) = crate::lock::SyncLock::acquire(cfg) else { return Ok(Vec::new()) };
+    let mut removed = Vec::new();
+    for (vol, source, name) in lvm_volumes {
+        let lvm = Lvm::new().map_err(|source| FreezeError::NoLvm { volume: vol.name.clone(), source })?;
+        let Ok(lv) = lvm.lv_for_device(source) else { continue };
+        let snap = name.map(str::to_owned).unwrap_or_else(|| format!("{}_blockrep_snap", lv.name));
+        let gone = lvm.remove_leftover_snapshot(&lv.vg, &lv.name, &snap).map_err(|e| match e {
+            e @ LvmError::NotOurs { .. } => FreezeError::NotOurs { volume: vol.name.clone(), refusal: Box::new(e) },
+            e => FreezeError::Leftover { volume: vol.name.clone(), source: e },
+        })?;
+        if gone {
+            removed.push(format!("{}/{snap}", lv.vg));
+        }
+    }
+    Ok(removed)
 }
 
 /// Removes the snapshot when dropped (also on error and after an interrupt).

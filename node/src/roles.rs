@@ -572,6 +572,16 @@ pub fn run(cfg: &Config, plan: Plan, a: &PlanOptions, io: engine::volume::IoOpti
     let not_standby = role::status(cfg.layout().role_dir()).is_ok_and(|s| s.role != role::Role::Standby);
     if plan == Plan::Demote && !a.dry_run && not_standby {
         adopt_after_demote(cfg, io);
+        match crate::freeze::remove_leftover_snapshots(cfg) {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::info!(?removed, "removed the snapshots an interrupted sync left behind on this node")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                "cannot remove a snapshot an interrupted sync left behind ({}); the next sync as primary removes it",
+                crate::error_chain(&e)
+            ),
+        }
     }
     let result = match plan {
         Plan::Promote => role::promote(&rc, &guards, &opts).map_err(RoleError::from),

@@ -6,7 +6,8 @@
 //!
 //! sync → writes → planned switchover to B (A's final sync: A's last write is on B) → writes on B → reverse sync
 //! B→A (incremental, about the changed bytes on the wire) → switch back to A → sync A→B (incremental). Then an
-//! unplanned failover: A's writer and `serve` are SIGKILLed mid-write, B is promoted, A comes back and is demoted,
+//! unplanned failover: A's writer, its sync and `serve` are SIGKILLed mid-write and mid-sync, B is promoted, A
+//! comes back and is demoted,
 //! and the reverse sync B→A compares A's actual content; A ends up byte-identical to B's volume (hashed in the
 //! guest with sha256sum, independently of blockrep).
 
@@ -165,17 +166,27 @@ wr $VA 50 2500 5900 6100
 sync_json a forward_inc || fail "sync after the switch back"
 result same_after_forward "$(same)"
 
-# 5. Unplanned failover: A's writer is running when A's processes are SIGKILLed (its host dies, its VIP with
-#    it); B is promoted, written, and A, back and demoted, becomes B's standby.
+# 5. Unplanned failover in the middle of a sync: 8 MiB rewritten on A, A's (rate-limited) sync to B running and a
+#    writer too when all of A's processes are SIGKILLed (its host dies, its VIP with it); B is promoted, written,
+#    and A, back and demoted, becomes B's standby.
+check dd if=/dev/urandom of=$VA bs=1M seek=8 count=8 conv=notrunc oflag=direct status=none
+$BR $A sync --bwlimit 2M > $W/killed_sync.out 2>&1 &
+SYNC_a=$!
 # The writer leads its own process group (setsid), so that the kill also takes the dd in flight.
 setsid sh -c 'i=0; while :; do
   dd if=/dev/urandom of=$0 bs=4K seek=$(( (i * 397) % 6144 )) count=1 conv=notrunc oflag=direct status=none
   i=$((i + 1)); done' $VA &
 WRITER=$!
-sleep 2
+SPOOL=/mnt/brstate/b/standby/data/spool
+for _i in $(seq 1 150); do
+  [ "$(stat -c %s $SPOOL 2>/dev/null || echo 0)" -ge 1048576 ] && break
+  sleep 0.1
+done
 kill -9 -$WRITER || fail "cannot kill the writer's process group"
-kill -9 $SERVE_a
-wait $WRITER $SERVE_a 2>/dev/null
+kill -9 $SYNC_a $SERVE_a
+wait $WRITER $SYNC_a $SERVE_a 2>/dev/null
+result spool_at_kill "$(stat -c %s $SPOOL 2>/dev/null || echo 0)"
+result snapshots_on_a_at_kill "$(lvs --noheadings -o lv_name vg0 | grep -c blockrep_snap)"
 check ip link set vipa down
 result same_after_kill "$(same)"
 BLOCKREP_LOG=info $BR $B promote --reason "a died" --json > $W/promote.json 2> $W/promote.err
@@ -190,6 +201,7 @@ check ip link set vipa up
 check $BR $A demote --reason "back after a failure"
 result roles_after_demote "$(role_of a) $(role_of b)"
 result vipa_after_demote "$(has_vip a)"
+result snapshots_on_a_after_demote "$(lvs --noheadings -o lv_name vg0 | grep -c blockrep_snap)"
 start_serve a
 sync_json b failover_sync
 result failover_sync_err "$(grep -v '^ *$' $W/failover_sync.err | tail -n 5 | tr '\n' ' ')"
@@ -197,6 +209,7 @@ HA=$(hash_dev $VA)
 HB=$(hash_dev $VB)
 result failover_hashes "$HA $HB"
 result mark_on_a_after_failover "$(read_mark $VA 3600 31)"
+result snapshots_on_a_at_end "$(lvs --noheadings -o lv_name vg0 | grep -c blockrep_snap)"
 kill $SERVE_a $SERVE_b
 wait $SERVE_a $SERVE_b
 "#;
@@ -271,6 +284,13 @@ fn lvm_lifecycle_switchover_switchback_and_unplanned_failover() {
     // 5. Unplanned failover. A's writer changed A's volume after its last sync; B's promote (the peer does not
     //    answer: no --force needed) reports how old its data is.
     assert_eq!(res("same_after_kill"), "no", "A's writer wrote after A's last sync");
+    let spool: u64 = res("spool_at_kill").parse().unwrap();
+    assert!(spool >= 1 << 20, "A's sync was killed in the middle of its transfer: spool of {spool} bytes on B");
+    // The killed sync left its snapshot on A; A's demote removes it (a standby's volume must not keep copying
+    // every write the new primary's syncs make into a snapshot of itself).
+    assert_eq!(res("snapshots_on_a_at_kill"), "1");
+    assert_eq!(res("snapshots_on_a_after_demote"), "0");
+    assert_eq!(res("snapshots_on_a_at_end"), "0");
     assert_eq!(res("promote_rc"), "0");
     let p = json(&r, "promote");
     assert!(p["data_age_s"].as_u64().is_some() && p["last_sync"].as_u64().is_some(), "{p}");
