@@ -33,6 +33,7 @@
 mod lvm;
 pub mod name;
 pub mod report;
+pub mod thin;
 
 pub use lvm::{
     Lvm, LvmError, Shadow, SnapshotSize, DEFAULT_SNAPSHOT_PERCENT, DEFAULT_TIMEOUT, DEFAULT_TOOL_PATHS, NO_UDEV_CONFIG,

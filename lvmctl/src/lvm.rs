@@ -349,10 +349,10 @@ fn quote(arg: &str) -> String {
 }
 
 /// Captured result of one lvm run that exited with status 0.
-struct Output {
+pub(crate) struct Output {
     /// The command line, for error messages.
-    command: String,
-    stdout: String,
+    pub(crate) command: String,
+    pub(crate) stdout: String,
 }
 
 /// Handle on the lvm2 command-line tool.
@@ -408,58 +408,14 @@ impl Lvm {
         &self.tool
     }
 
-    fn command_line(&self, args: &[String]) -> String {
-        let mut s = quote(&self.tool.to_string_lossy());
-        for a in args {
-            let _ = write!(s, " {}", quote(a));
-        }
-        s
-    }
-
     /// Runs `lvm <args> [--config ...]`; Ok only on exit status 0.
-    fn run(&self, args: &[&str]) -> Result<Output, LvmError> {
+    pub(crate) fn run(&self, args: &[&str]) -> Result<Output, LvmError> {
         let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         if let Some(c) = &self.config {
             args.push("--config".into());
             args.push(c.clone());
         }
-        let command = self.command_line(&args);
-        tracing::debug!(command = %command, "running lvm");
-        let mut cmd = Command::new(&self.tool);
-        cmd.args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env("LC_ALL", "C")
-            .env("LVM_SUPPRESS_FD_WARNINGS", "1");
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let mut child = cmd.spawn().map_err(|source| LvmError::Spawn { command: command.clone(), source })?;
-        let (out_rx, err_rx) = (reader(child.stdout.take()), reader(child.stderr.take()));
-        let deadline = Instant::now() + self.timeout;
-        let status = match wait_until(&mut child, deadline) {
-            Ok(Some(status)) => status,
-            Ok(None) => {
-                kill_group(&mut child);
-                let stderr = collect(&err_rx, Instant::now() + PIPE_GRACE).unwrap_or_default();
-                tracing::warn!(command = %command, timeout = ?self.timeout, "lvm command timed out, killed");
-                return Err(LvmError::Timeout { command, timeout: self.timeout, stderr });
-            }
-            Err(source) => {
-                kill_group(&mut child);
-                return Err(LvmError::Spawn { command, source });
-            }
-        };
-        let grace = Instant::now() + PIPE_GRACE;
-        let stdout = collect(&out_rx, grace).map_err(|source| LvmError::Spawn { command: command.clone(), source })?;
-        let stderr = collect(&err_rx, grace).map_err(|source| LvmError::Spawn { command: command.clone(), source })?;
-        if !status.success() {
-            tracing::debug!(command = %command, %status, stderr = %stderr.trim(), "lvm command failed");
-            return Err(LvmError::Failed { command, status, stderr });
-        }
-        if !stderr.trim().is_empty() {
-            tracing::debug!(command = %command, stderr = %stderr.trim(), "lvm wrote to stderr");
-        }
-        Ok(Output { command, stdout })
+        run_tool(&self.tool, &args, self.timeout)
     }
 
     fn vgs_report(&self, vg: Option<&str>) -> Result<Output, LvmError> {
@@ -746,6 +702,52 @@ impl Lvm {
         self.run(&["lvchange", "--addtag", tag, &full]).map_err(|e| classify(e, Some(vg), Some(name)))?;
         Ok(())
     }
+}
+
+/// Runs `tool <args>` in its own process group with stdin closed, stdout and stderr captured, `LC_ALL=C` and
+/// `LVM_SUPPRESS_FD_WARNINGS=1`, and kills it after `timeout`; Ok only on exit status 0.
+pub(crate) fn run_tool(tool: &Path, args: &[String], timeout: Duration) -> Result<Output, LvmError> {
+    let mut s = quote(&tool.to_string_lossy());
+    for a in args {
+        let _ = write!(s, " {}", quote(a));
+    }
+    let command = s;
+    tracing::debug!(command = %command, "running a tool");
+    let mut cmd = Command::new(tool);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("LC_ALL", "C")
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1");
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd.spawn().map_err(|source| LvmError::Spawn { command: command.clone(), source })?;
+    let (out_rx, err_rx) = (reader(child.stdout.take()), reader(child.stderr.take()));
+    let deadline = Instant::now() + timeout;
+    let status = match wait_until(&mut child, deadline) {
+        Ok(Some(status)) => status,
+        Ok(None) => {
+            kill_group(&mut child);
+            let stderr = collect(&err_rx, Instant::now() + PIPE_GRACE).unwrap_or_default();
+            tracing::warn!(command = %command, timeout = ?timeout, "command timed out, killed");
+            return Err(LvmError::Timeout { command, timeout, stderr });
+        }
+        Err(source) => {
+            kill_group(&mut child);
+            return Err(LvmError::Spawn { command, source });
+        }
+    };
+    let grace = Instant::now() + PIPE_GRACE;
+    let stdout = collect(&out_rx, grace).map_err(|source| LvmError::Spawn { command: command.clone(), source })?;
+    let stderr = collect(&err_rx, grace).map_err(|source| LvmError::Spawn { command: command.clone(), source })?;
+    if !status.success() {
+        tracing::debug!(command = %command, %status, stderr = %stderr.trim(), "command failed");
+        return Err(LvmError::Failed { command, status, stderr });
+    }
+    if !stderr.trim().is_empty() {
+        tracing::debug!(command = %command, stderr = %stderr.trim(), "the command wrote to stderr");
+    }
+    Ok(Output { command, stdout })
 }
 
 /// `(major, minor)` of a Linux `dev_t` (glibc's encoding: 12 bits of major and 20 bits of minor in the low

@@ -164,7 +164,7 @@ impl Lv {
 
 /// Checks the size and JSON syntax of a report and returns the rows of kind `kind` (`vg` or `lv`) of all its
 /// `report` entries.
-fn rows(text: &str, kind: &'static str) -> Result<Vec<Map<String, Value>>, ReportError> {
+pub(crate) fn rows(text: &str, kind: &'static str) -> Result<Vec<Map<String, Value>>, ReportError> {
     if text.len() > MAX_REPORT_BYTES {
         return Err(ReportError::TooLarge { len: text.len(), max: MAX_REPORT_BYTES });
     }

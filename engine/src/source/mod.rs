@@ -17,9 +17,11 @@ mod change;
 mod sender;
 #[cfg(test)]
 mod tests;
+mod tracked;
 
 pub use change::{ChangeSource, Coverage, FullScan};
 use sender::Sender;
+pub use tracked::Tracked;
 
 /// How a sync compares the source with the shadow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
