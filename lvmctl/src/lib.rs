@@ -30,6 +30,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod exception_store;
 mod lvm;
 pub mod name;
 pub mod report;

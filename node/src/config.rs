@@ -165,6 +165,10 @@ struct RawVolume {
     block_size: Option<toml::Spanned<String>>,
     #[serde(default)]
     size: Option<toml::Spanned<String>>,
+    #[serde(default)]
+    track: Option<Spanned<String>>,
+    #[serde(default)]
+    full_scan_every: Option<u32>,
 }
 
 /// How a volume is frozen during a sync.
@@ -180,6 +184,22 @@ pub enum SnapshotDriver {
         name: Option<String>,
     },
 }
+
+/// How a volume's changes since the last sync are found (`track`, docs/config.md); see [`crate::freeze`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Track {
+    /// `thin` for a thin LV with `snapshot = "lvm"`, else `none`.
+    Auto,
+    /// `thin_delta` between the previous sync's thin snapshot and the new one.
+    Thin,
+    /// The previous sync's classic snapshot kept as the tracker; its exception store lists the changed chunks.
+    Snapshot,
+    /// A full scan every time.
+    None,
+}
+
+/// Default of `full_scan_every`: every 7th sync of a tracked volume is a full scan.
+pub const DEFAULT_FULL_SCAN_EVERY: u32 = 7;
 
 /// Snapshot size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,6 +225,10 @@ pub struct Volume {
     pub block_size: u32,
     /// The source's size (`size`), for `blockrep shadow create` when the primary has not reported it.
     pub size: Option<u64>,
+    /// How changes are found (`track`).
+    pub track: Track,
+    /// Every this many syncs of a tracked volume, one full scan (`full_scan_every`; 1: always, 0: never).
+    pub full_scan_every: u32,
 }
 
 /// The checked configuration.
@@ -383,7 +407,35 @@ impl Config {
                     "volume {name} ({name_key}): give `source` (primary side) and/or `shadow` (standby side)"
                 )));
             }
-            volumes.push(Volume { name, source: v.source, shadow: v.shadow, snapshot, block_size, size });
+            let track = match v.track.as_ref().map_or("auto", |t| t.get_ref().as_str()) {
+                "auto" => Track::Auto,
+                t @ ("thin" | "snapshot") if snapshot == SnapshotDriver::None => {
+                    let key = v.track.as_ref().map(|s| key_at("track", s.span())).unwrap_or_default();
+                    return Err(bad(format!(
+                        "volume {name}: {key}: track = {t:?} needs snapshot = \"lvm\" (the tracker is an LVM snapshot)"
+                    )));
+                }
+                "thin" => Track::Thin,
+                "snapshot" => Track::Snapshot,
+                "none" => Track::None,
+                other => {
+                    let key = v.track.as_ref().map(|s| key_at("track", s.span())).unwrap_or_default();
+                    return Err(bad(format!(
+                        "volume {name}: {key}: track {other:?} is unknown: use \"auto\", \"thin\", \"snapshot\" or \"none\""
+                    )));
+                }
+            };
+            let full_scan_every = v.full_scan_every.unwrap_or(DEFAULT_FULL_SCAN_EVERY);
+            volumes.push(Volume {
+                name,
+                source: v.source,
+                shadow: v.shadow,
+                snapshot,
+                block_size,
+                size,
+                track,
+                full_scan_every,
+            });
         }
         let at = |key: &str, v: &Spanned<String>, e: String| {
             let line = text[..v.span().start.min(text.len())].matches('\n').count() + 1;
@@ -554,6 +606,22 @@ mod tests {
         assert_eq!(parse_size("2GiB"), Ok(2 << 30));
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("x").is_err());
+    }
+
+    #[test]
+    fn track_keys_default_to_auto_and_need_an_lvm_snapshot() {
+        let vol = "node = \"a\"\nkey_file = \"/k\"\n[[volume]]\nname = \"v\"\nsource = \"/x\"\n";
+        let parse = |extra: &str| Config::parse(&format!("{vol}{extra}"), Path::new("c.toml"));
+        let c = parse("").unwrap();
+        assert_eq!((c.volumes[0].track, c.volumes[0].full_scan_every), (Track::Auto, DEFAULT_FULL_SCAN_EVERY));
+        let c = parse("snapshot = \"lvm\"\ntrack = \"snapshot\"\nfull_scan_every = 3\n").unwrap();
+        assert_eq!((c.volumes[0].track, c.volumes[0].full_scan_every), (Track::Snapshot, 3));
+        assert_eq!(parse("snapshot = \"lvm\"\ntrack = \"thin\"\n").unwrap().volumes[0].track, Track::Thin);
+        assert_eq!(parse("track = \"none\"\n").unwrap().volumes[0].track, Track::None);
+        let e = link::error_chain(&parse("track = \"thin\"\n").unwrap_err());
+        assert!(e.contains("track (line 6)") && e.contains("needs snapshot = \"lvm\""), "{e}");
+        let e = link::error_chain(&parse("snapshot = \"lvm\"\ntrack = \"zfs\"\n").unwrap_err());
+        assert!(e.contains("track (line 7)") && e.contains("\"auto\", \"thin\""), "{e}");
     }
 
     #[test]

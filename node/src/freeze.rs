@@ -2,16 +2,56 @@
 //!
 //! `snapshot = "lvm"`: a classic LVM snapshot `<lv>_blockrep_snap` (tagged `blockrep_snapshot`) is created before
 //! the sync and removed after it, whatever the outcome; a snapshot left by a crashed run is recognised by its tag
-//! and origin, and removed with a log line (by the next sync, or by a demote: [`remove_leftover_snapshots`]). A snapshot that overflowed during the sync fails the sync with a
+//! and origin, and removed with a log line (by the next sync, or by a demote: [`remove_leftover_snapshots`],
+//! which removes the volume's tracker too). A snapshot that overflowed during the sync fails the sync with a
 //! message suggesting a larger `snapshot_size`.
+//!
+//! Tracked changes (`track`, docs/config.md): the snapshot a sync read is kept afterwards as the volume's tracker
+//! `<lv>_blockrep_base`, tagged `blockrep_tracker`, `blockrep_gen_<id>` (the generation it holds, committed on the
+//! standby) and `blockrep_since_full_<n>` (tracked syncs since the last full scan). The next sync asks it what
+//! changed since: `thin_delta` between it and the new thin snapshot ([`lvmctl::thin`]), or the classic
+//! snapshot's exception store ([`lvmctl::exception_store`]), and reads only that ([`TrackPlan::Changes`]). When
+//! the tracker is missing, not ours, invalidated, unreadable, of another generation than this node's current
+//! one, or a periodic full scan is due, the plan is a full scan with the reason ([`TrackPlan::FullScan`]). After
+//! a successful sync the old tracker is removed and the new snapshot renamed and tagged in its place; a crash
+//! in between leaves no tracker or an untagged one, and the next sync scans in full.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use lvmctl::{Lvm, LvmError, SnapshotSize as LvmSize};
+use engine::generations;
+use lvmctl::{Lv, Lvm, LvmError, SnapshotSize as LvmSize, SNAPSHOT_TAG};
 use tracing::{info, warn};
 
-use crate::config::{Config, SnapshotDriver, SnapshotSize, Volume};
+use crate::config::{Config, SnapshotDriver, SnapshotSize, Track, Volume};
 use crate::{Error, ErrorKind};
+
+/// Tag of a volume's tracker (the previous sync's snapshot, kept).
+pub const TRACKER_TAG: &str = "blockrep_tracker";
+/// Prefix of the tracker's tag naming the generation it holds (32 hex digits follow).
+pub const GEN_TAG_PREFIX: &str = "blockrep_gen_";
+/// Prefix of the tracker's tag counting tracked syncs since the last full scan.
+pub const SINCE_FULL_TAG_PREFIX: &str = "blockrep_since_full_";
+
+/// What the sync of a frozen source may use besides a full scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrackPlan {
+    /// The volume is not tracked: a full scan.
+    Off,
+    /// A tracked volume synced with a full scan, and why (no usable tracker, or a periodic full scan).
+    FullScan {
+        /// Why.
+        reason: String,
+    },
+    /// The tracker's list of what changed since generation `base_generation` (its number in this node's history).
+    Changes {
+        /// The tracker's name in reports ("thin_delta", "exception store").
+        tracker: &'static str,
+        /// The generation every unlisted byte still has.
+        base_generation: u64,
+        /// Changed byte ranges `(offset, length)` of the source.
+        ranges: Vec<(u64, u64)>,
+    },
+}
 
 /// Errors of freezing a source.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +109,27 @@ pub enum FreezeError {
         #[source]
         source: LvmError,
     },
+    /// `track = "thin"` on an LV that is not a thin LV.
+    #[error(
+        "volume {volume}: track = \"thin\" needs a thin LV, and {lv} is not one; use track = \"snapshot\" or \"none\""
+    )]
+    NotThin {
+        /// Volume name.
+        volume: String,
+        /// The source LV (vg/lv).
+        lv: String,
+    },
+    /// Finding out whether the source is a thin LV failed.
+    #[error("volume {volume}: cannot tell whether {lv} is a thin LV")]
+    ThinQuery {
+        /// Volume name.
+        volume: String,
+        /// The source LV (vg/lv).
+        lv: String,
+        /// Why.
+        #[source]
+        source: Box<lvmctl::thin::ThinError>,
+    },
     /// The snapshot filled up during the sync, which therefore failed.
     #[error(
         "volume {volume}: the snapshot {vg}/{snapshot} ({size} bytes) filled up and was invalidated during the \
@@ -93,34 +154,35 @@ impl FreezeError {
     /// The kind of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            FreezeError::NoLvm { .. } | FreezeError::NotOurs { .. } => ErrorKind::Usage,
+            FreezeError::NoLvm { .. } | FreezeError::NotOurs { .. } | FreezeError::NotThin { .. } => ErrorKind::Usage,
             _ => ErrorKind::Failed,
         }
     }
 }
 
-/// Runs `f` with the path of a frozen image of the volume's source, and cleans up afterwards.
+/// Runs `f` with the path of a frozen image of the volume's source and what a tracker found, and cleans up
+/// afterwards. `f` returns its value and whether it used the tracker's changes (`false`: it scanned in full).
 pub fn with_frozen_source<T>(
     cfg: &Config,
     vol: &Volume,
-    f: impl FnOnce(&Path) -> Result<T, Error>,
+    f: impl FnOnce(&Path, TrackPlan) -> Result<(T, bool), Error>,
 ) -> Result<T, Error> {
     let source = cfg.source_of(vol)?;
     match &vol.snapshot {
-        SnapshotDriver::None => f(source),
+        SnapshotDriver::None => f(source, TrackPlan::Off).map(|(t, _)| t),
         SnapshotDriver::Lvm { size, name } => {
             let lvm = Lvm::new().map_err(|source| FreezeError::NoLvm { volume: vol.name.clone(), source })?;
             let size = match *size {
                 SnapshotSize::Bytes(b) => LvmSize::Bytes(b),
                 SnapshotSize::Percent(p) => LvmSize::Percent(p),
             };
-            with_lvm_snapshot(&lvm, &vol.name, source, name.as_deref(), size, f)
+            with_lvm_snapshot(cfg, &lvm, vol, source, name.as_deref(), size, f)
         }
     }
 }
 
 /// Removes the snapshots of this node's `snapshot = "lvm"` sources that an interrupted sync left behind (the node
-/// died during a sync as primary), and returns their names (`vg/name`). Used when the node is demoted: a
+/// died during a sync as primary) and their trackers (`track`), and returns their names (`vg/name`). Used when the node is demoted: a
 /// standby's volume must not keep a snapshot of itself, which would copy every write the new primary's syncs make
 /// to it until it fills up. Nothing is removed while a sync holds the sync lock (its snapshot is in use); a
 /// volume whose source is missing or not an LV is skipped.
@@ -149,19 +211,34 @@ pub fn remove_leftover_snapshots(cfg: &Config) -> Result<Vec<String>, Error> {
         if gone {
             removed.push(format!("{}/{snap}", lv.vg));
         }
+        // The volume's tracker too: as a standby's volume it would keep (classic: copy) every block the new
+        // primary's syncs write, and its generation will not be this node's current one when it syncs again.
+        let base = format!("{}_blockrep_base", lv.name);
+        if let Ok(Some(b)) = lvm.find_lv(&lv.vg, &base) {
+            if is_ours(&b) {
+                match lvm.remove_lv(&lv.vg, &base) {
+                    Ok(()) => removed.push(b.full_name()),
+                    Err(e) => warn!(volume = %vol.name, "cannot remove the tracker {}: {e}", b.full_name()),
+                }
+            }
+        }
     }
     Ok(removed)
 }
 
-/// Removes the snapshot when dropped (also on error and after an interrupt).
+/// Removes the snapshot when dropped (also on error and after an interrupt), unless it became the tracker.
 struct SnapGuard<'a> {
     lvm: &'a Lvm,
     vg: String,
     name: String,
+    kept: bool,
 }
 
 impl Drop for SnapGuard<'_> {
     fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
         match self.lvm.remove_lv(&self.vg, &self.name) {
             Ok(()) => info!(vg = %self.vg, snapshot = %self.name, "snapshot removed"),
             Err(e) => warn!(
@@ -172,14 +249,52 @@ impl Drop for SnapGuard<'_> {
     }
 }
 
+/// Which tracker a volume uses.
+#[derive(Debug)]
+enum Kind {
+    None,
+    Thin(lvmctl::thin::ThinLv),
+    Classic,
+}
+
+/// The tracker LV as found before the sync.
+#[derive(Debug)]
+struct Base {
+    lv: Lv,
+    /// Tracked syncs since the last full scan.
+    since_full: u64,
+}
+
+fn kind_of(lvm: &Lvm, vol: &Volume, lv: &Lv) -> Result<Kind, Error> {
+    let thin = || -> Result<_, Error> {
+        lvm.thin_lv(&lv.vg, &lv.name).map_err(|e| {
+            FreezeError::ThinQuery { volume: vol.name.clone(), lv: lv.full_name(), source: Box::new(e) }.into()
+        })
+    };
+    Ok(match vol.track {
+        Track::None => Kind::None,
+        Track::Snapshot => Kind::Classic,
+        Track::Auto => thin()?.map_or(Kind::None, Kind::Thin),
+        Track::Thin => {
+            Kind::Thin(thin()?.ok_or_else(|| FreezeError::NotThin { volume: vol.name.clone(), lv: lv.full_name() })?)
+        }
+    })
+}
+
+fn is_ours(lv: &Lv) -> bool {
+    lv.has_tag(TRACKER_TAG) || lv.has_tag(SNAPSHOT_TAG)
+}
+
 fn with_lvm_snapshot<T>(
+    cfg: &Config,
     lvm: &Lvm,
-    volume: &str,
+    vol: &Volume,
     source: &Path,
     name: Option<&str>,
     size: LvmSize,
-    f: impl FnOnce(&Path) -> Result<T, Error>,
+    f: impl FnOnce(&Path, TrackPlan) -> Result<(T, bool), Error>,
 ) -> Result<T, Error> {
+    let volume = vol.name.as_str();
     let lv = lvm.lv_for_device(source).map_err(|e| FreezeError::NotAnLv {
         volume: volume.into(),
         source_path: source.into(),
@@ -190,23 +305,68 @@ fn with_lvm_snapshot<T>(
         e @ LvmError::NotOurs { .. } => FreezeError::NotOurs { volume: volume.into(), refusal: Box::new(e) },
         e => FreezeError::Leftover { volume: volume.into(), source: e },
     })?;
-    let created = lvm.create_snapshot(&lv.vg, &lv.name, &snap, size).map_err(|e| FreezeError::Create {
+    let kind = kind_of(lvm, vol, &lv)?;
+    let base_name = format!("{}_blockrep_base", lv.name);
+    let base = match lvm.find_lv(&lv.vg, &base_name) {
+        Ok(b) => b,
+        Err(e) => {
+            warn!(volume, "cannot look for the tracker {}/{base_name}: {e}", lv.vg);
+            None
+        }
+    };
+    if matches!(kind, Kind::None) {
+        // Tracking is off: a tracker left from when it was on only costs space (and, classic, origin writes).
+        if let Some(b) = base.as_ref().filter(|b| b.has_tag(TRACKER_TAG)) {
+            match lvm.remove_lv(&b.vg, &b.name) {
+                Ok(()) => info!(volume, tracker = %b.full_name(), "tracking is off: removed the volume's tracker"),
+                Err(e) => warn!(volume, "cannot remove the unused tracker {}: {e}", b.full_name()),
+            }
+        }
+    }
+    let created = match &kind {
+        Kind::Thin(_) => lvm.create_thin_snapshot(&lv.vg, &lv.name, &snap, &[SNAPSHOT_TAG]),
+        _ => lvm.create_snapshot(&lv.vg, &lv.name, &snap, size),
+    }
+    .map_err(|e| FreezeError::Create {
         volume: volume.into(),
         vg: lv.vg.clone(),
         snapshot: snap.clone(),
         source: e,
     })?;
-    let guard = SnapGuard { lvm, vg: lv.vg.clone(), name: snap.clone() };
+    let mut guard = SnapGuard { lvm, vg: lv.vg.clone(), name: snap.clone(), kept: false };
     info!(volume, snapshot = %created.full_name(), bytes = created.size, "snapshot created");
     let path = created.path.clone().unwrap_or_else(|| Path::new("/dev").join(&lv.vg).join(&snap));
-    let result = f(&path);
-    let overflowed = match lvm.snapshot_status(&lv.vg, &snap) {
-        Ok(s) => s.invalid,
-        Err(e) => {
-            warn!("cannot read the fill state of {}/{snap}: {e}", lv.vg);
-            false
-        }
+    let (plan, base) = match &kind {
+        Kind::None => (TrackPlan::Off, None),
+        _ => plan(cfg, lvm, vol, &kind, &lv, base, &snap),
     };
+    match &plan {
+        TrackPlan::Changes { tracker, base_generation, ranges } => info!(
+            volume,
+            tracker,
+            base_generation,
+            ranges = ranges.len(),
+            bytes = ranges.iter().map(|r| r.1).sum::<u64>(),
+            "tracked changes"
+        ),
+        TrackPlan::FullScan { reason } => info!(volume, %reason, "tracked volume: full scan"),
+        TrackPlan::Off => {}
+    }
+    let result = f(&path, plan);
+    let overflowed = match &kind {
+        Kind::Thin(_) => false,
+        _ => match lvm.snapshot_status(&lv.vg, &snap) {
+            Ok(s) => s.invalid,
+            Err(e) => {
+                warn!("cannot read the fill state of {}/{snap}: {e}", lv.vg);
+                false
+            }
+        },
+    };
+    if let (Ok((_, tracked)), false, false) = (&result, matches!(kind, Kind::None), overflowed) {
+        let since_full = if *tracked { base.as_ref().map_or(0, |b| b.since_full) + 1 } else { 0 };
+        guard.kept = keep_as_tracker(cfg, lvm, vol, &lv.vg, &snap, &base_name, since_full);
+    }
     drop(guard);
     match result {
         Err(e) if overflowed => Err(FreezeError::Overflowed {
@@ -217,6 +377,176 @@ fn with_lvm_snapshot<T>(
             source: Box::new(e),
         }
         .into()),
-        r => r,
+        r => r.map(|(t, _)| t),
     }
+}
+
+/// The manifest path of the volume on this node (primary side), whose generations file names the current
+/// generation.
+fn generations_path(cfg: &Config, vol: &Volume) -> PathBuf {
+    generations::source_path(&cfg.layout().source_manifest(&vol.name))
+}
+
+/// Decides what the sync may use: the tracker's changes, or a full scan with the reason. Returns the tracker as
+/// found (for its count of tracked syncs).
+fn plan(
+    cfg: &Config,
+    lvm: &Lvm,
+    vol: &Volume,
+    kind: &Kind,
+    lv: &Lv,
+    base: Option<Lv>,
+    snap: &str,
+) -> (TrackPlan, Option<Base>) {
+    let full = |reason: String| TrackPlan::FullScan { reason };
+    let base_name = format!("{}_blockrep_base", lv.name);
+    if let Kind::Thin(thin) = kind {
+        // A metadata snapshot left reserved by a crash is released whatever the plan.
+        if let Ok(tools) = lvmctl::thin::ThinTools::new() {
+            if let Err(e) = tools.release_leftover(&thin.pool_dm_name()) {
+                warn!(volume = %vol.name, "{}", crate::error_chain(&e));
+            }
+        }
+    }
+    let Some(base_lv) = base else {
+        return (
+            full(format!(
+                "no tracker: {}/{base_name} does not exist (the first tracked sync, or it was removed)",
+                lv.vg
+            )),
+            None,
+        );
+    };
+    if !is_ours(&base_lv) {
+        return (
+            full(format!(
+                "{} is not blockrep's (no {TRACKER_TAG} tag): it is left alone; rename it to let blockrep track",
+                base_lv.full_name()
+            )),
+            None,
+        );
+    }
+    let tag = |prefix: &str| base_lv.tags.iter().find_map(|t| t.strip_prefix(prefix).map(str::to_owned));
+    let since_full = tag(SINCE_FULL_TAG_PREFIX).and_then(|n| n.parse().ok()).unwrap_or(0);
+    let base_id = tag(GEN_TAG_PREFIX);
+    let found = Base { lv: base_lv, since_full };
+    let gens = generations::read_source(&generations_path(cfg, vol));
+    let current = gens.history.current.as_ref();
+    let current_id = current.map(|c| generations::id_hex(&c.id));
+    let (Some(base_id), Some(current)) = (base_id.as_deref(), current) else {
+        let why = if base_id.is_none() {
+            format!("the tracker {} records no generation (a sync was interrupted)", found.lv.full_name())
+        } else {
+            "this node has no current generation record".to_owned()
+        };
+        return (full(why), Some(found));
+    };
+    if Some(base_id) != current_id.as_deref() {
+        return (
+            full(format!(
+                "base generation mismatch: the tracker {} holds generation {base_id}, this node's current generation \
+                 {} is {}",
+                found.lv.full_name(),
+                current.generation,
+                current_id.unwrap_or_default()
+            )),
+            Some(found),
+        );
+    }
+    if vol.full_scan_every > 0 && since_full + 1 >= u64::from(vol.full_scan_every) {
+        return (
+            full(format!(
+                "periodic full scan (full_scan_every = {}, {since_full} tracked syncs since the last one)",
+                vol.full_scan_every
+            )),
+            Some(found),
+        );
+    }
+    let ranges = match kind {
+        Kind::Thin(thin) => thin_changes(lvm, thin, &found.lv, snap),
+        Kind::Classic => classic_changes(lv, &found.lv),
+        Kind::None => Err("tracking is off".into()),
+    };
+    match ranges {
+        Ok((tracker, ranges)) => {
+            (TrackPlan::Changes { tracker, base_generation: current.generation, ranges }, Some(found))
+        }
+        Err(why) => (full(why), Some(found)),
+    }
+}
+
+/// A tracker's name and the changed byte ranges it listed.
+type Changes = (&'static str, Vec<(u64, u64)>);
+
+fn thin_changes(lvm: &Lvm, thin: &lvmctl::thin::ThinLv, base: &Lv, snap: &str) -> Result<Changes, String> {
+    let id = |name: &str| -> Result<u32, String> {
+        match lvm.thin_lv(&thin.vg, name) {
+            Ok(Some(t)) if t.pool == thin.pool => Ok(t.thin_id),
+            Ok(_) => Err(format!("tracker invalid: {}/{name} is not a thin volume of pool {}", thin.vg, thin.pool)),
+            Err(e) => Err(format!("tracker invalid: {}", crate::error_chain(&e))),
+        }
+    };
+    let (base_id, new_id) = (id(&base.name)?, id(snap)?);
+    let tools = lvmctl::thin::ThinTools::new().map_err(|e| crate::error_chain(&e))?;
+    let delta = tools
+        .changed_between(thin, base_id, new_id)
+        .map_err(|e| format!("thin_delta failed: {}", crate::error_chain(&e)))?;
+    let ranges = delta.byte_ranges().ok_or("thin_delta listed a range beyond 2^64 bytes")?;
+    Ok(("thin_delta", ranges))
+}
+
+fn classic_changes(origin: &Lv, base: &Lv) -> Result<Changes, String> {
+    if !base.is_snapshot() || base.origin.as_deref() != Some(origin.name.as_str()) {
+        return Err(format!("tracker invalid: {} is not a snapshot of {}", base.full_name(), origin.full_name()));
+    }
+    if base.snapshot_status().is_some_and(|s| s.invalid) {
+        return Err(format!(
+            "tracker full: the snapshot {} overflowed and was invalidated; give it a larger snapshot_size",
+            base.full_name()
+        ));
+    }
+    let cow = Path::new("/dev/mapper").join(format!("{}-cow", lvmctl::thin::dm_name(&base.vg, &base.name)));
+    let mut store = lvmctl::exception_store::DeviceStore::open(&cow)
+        .map_err(|e| format!("tracker invalid: cannot open its exception store {}: {e}", cow.display()))?;
+    let exceptions = lvmctl::exception_store::decode(&mut store, origin.size).map_err(|e| {
+        let full = matches!(e, lvmctl::exception_store::StoreError::Invalidated);
+        format!("tracker {}: {}", if full { "full" } else { "invalid" }, crate::error_chain(&e))
+    })?;
+    let ranges = exceptions.byte_ranges().ok_or("the exception store lists a chunk beyond 2^64 bytes")?;
+    Ok(("exception store", ranges))
+}
+
+/// After a successful sync: the snapshot it read becomes the tracker, tagged with the generation now current on
+/// this node. Returns whether the snapshot was kept. Failures are logged (the next sync then scans in full).
+fn keep_as_tracker(cfg: &Config, lvm: &Lvm, vol: &Volume, vg: &str, snap: &str, base: &str, since_full: u64) -> bool {
+    let volume = vol.name.as_str();
+    let gens = generations::read_source(&generations_path(cfg, vol));
+    let Some(current) = gens.history.current else {
+        warn!(volume, "no generation was recorded: the snapshot is not kept as the tracker");
+        return false;
+    };
+    let step = || -> Result<(), String> {
+        if let Some(old) = lvm.find_lv(vg, base).map_err(|e| e.to_string())? {
+            if !is_ours(&old) {
+                return Err(format!("{} is not blockrep's (no {TRACKER_TAG} tag)", old.full_name()));
+            }
+            lvm.remove_lv(vg, base).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    };
+    if let Err(e) = step() {
+        warn!(volume, "cannot replace the tracker {vg}/{base}: {e}; the next sync scans in full");
+        return false;
+    }
+    if let Err(e) = lvm.rename_lv(vg, snap, base) {
+        warn!(volume, "cannot keep {vg}/{snap} as the tracker: {e}; the next sync scans in full");
+        return false;
+    }
+    let gen_tag = format!("{GEN_TAG_PREFIX}{}", generations::id_hex(&current.id));
+    let count_tag = format!("{SINCE_FULL_TAG_PREFIX}{since_full}");
+    match lvm.change_tags(vg, base, &[TRACKER_TAG, &gen_tag, &count_tag], &[SNAPSHOT_TAG]) {
+        Ok(()) => info!(volume, tracker = %format!("{vg}/{base}"), generation = current.generation, "tracker kept"),
+        Err(e) => warn!(volume, "cannot tag the tracker {vg}/{base}: {e}; the next sync scans in full"),
+    }
+    true
 }

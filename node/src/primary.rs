@@ -7,14 +7,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use engine::sync::{sync_volume, SyncOptions, SyncReport};
+use engine::source::{sync_changes, Tracked};
+use engine::sync::{sync_volume, SyncError, SyncOptions, SyncReport};
 use engine::volume::{Access, IoOptions, Volume};
 use link::LinkError;
 use netproto::RemoteTarget;
 use serde::Serialize;
 
 use crate::config::{self, Config, ConfigError};
-use crate::freeze::with_frozen_source;
+use crate::freeze::{with_frozen_source, TrackPlan};
 use crate::{Error, ErrorKind};
 
 /// Errors of the primary's sync.
@@ -213,7 +214,8 @@ pub fn connect(cfg: &Config) -> Result<netproto::Connection, Error> {
     Ok(conn)
 }
 
-/// Syncs one volume whose source is already frozen at `source`; `progress` gets (bytes scanned, total).
+/// Syncs one volume whose source is already frozen at `source` with a full scan; `progress` gets (bytes scanned,
+/// total).
 pub fn sync_one(
     cfg: &Config,
     vol: &config::Volume,
@@ -221,6 +223,20 @@ pub fn sync_one(
     o: &NetSyncOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<NetReport, Error> {
+    sync_one_planned(cfg, vol, source, TrackPlan::Off, o, progress).map(|(r, _)| r)
+}
+
+/// [`sync_one`] with what the volume's tracker found ([`crate::freeze`]): reads only the tracked changes when
+/// the standby is at the tracker's base generation and the sync is incremental, else scans in full and reports
+/// why (`fallback_reason`). Also returns whether the tracker's changes were used.
+pub fn sync_one_planned(
+    cfg: &Config,
+    vol: &config::Volume,
+    source: &Path,
+    plan: TrackPlan,
+    o: &NetSyncOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(NetReport, bool), Error> {
     let src = Volume::open(source, Access::Read, &o.io).map_err(PrimaryError::OpenSource)?;
     let mut conn = connect(cfg)?;
     conn.set_compression(Some(cfg.compression_level)).map_err(PrimaryError::from)?;
@@ -236,8 +252,46 @@ pub fn sync_one(
     opts.node = cfg.node.clone();
     o.choice.apply(&mut opts);
     let before = remote.info_now().generation;
-    let r = match sync_volume(&vol.name, &src, &manifest, &mut remote, &opts, progress) {
-        Ok(r) => r,
+    let mut fallback = None;
+    let tracked = match plan {
+        TrackPlan::Changes { .. } if o.choice.verify || o.choice.discard_standby_changes => {
+            fallback = Some("this sync compares every block (--verify or --discard-standby-changes)".to_owned());
+            None
+        }
+        TrackPlan::Changes { tracker, base_generation, ranges } => {
+            let mut t = Tracked::new(&src, vol.block_size, base_generation, tracker, &ranges);
+            match sync_changes(&vol.name, &mut t, &manifest, &mut remote, &opts, progress) {
+                // Refused before anything was sent: the standby or this node's manifest is not at the base.
+                Err(SyncError::NoBaseForChanges { why, .. }) => {
+                    fallback = Some(format!("base generation mismatch: {why}"));
+                    None
+                }
+                r => Some(r),
+            }
+        }
+        TrackPlan::FullScan { reason } => {
+            fallback = Some(reason);
+            None
+        }
+        TrackPlan::Off => None,
+    };
+    if let Some(reason) = &fallback {
+        if reason.starts_with("periodic") {
+            tracing::info!(volume = %vol.name, %reason, "tracked volume: full scan");
+        } else {
+            tracing::warn!(volume = %vol.name, %reason, "tracked volume: falling back to a full scan");
+        }
+    }
+    let used_tracker = tracked.is_some();
+    let result = match tracked {
+        Some(r) => r,
+        None => sync_volume(&vol.name, &src, &manifest, &mut remote, &opts, progress),
+    };
+    let r = match result {
+        Ok(mut r) => {
+            r.fallback_reason = fallback;
+            r
+        }
         Err(source) => {
             drop(remote); // end this session so that the standby releases the volume
             let standby = ask_standby(cfg, vol, src.size(), before);
@@ -245,7 +299,7 @@ pub fn sync_one(
         }
     };
     let s = remote.close().stats();
-    Ok(NetReport {
+    let report = NetReport {
         sync: r,
         bytes_on_wire: s.bytes_sent,
         compression_ratio: if s.extent_wire_bytes_sent == 0 {
@@ -253,7 +307,8 @@ pub fn sync_one(
         } else {
             s.extent_bytes_sent as f64 / s.extent_wire_bytes_sent as f64
         },
-    })
+    };
+    Ok((report, used_tracker))
 }
 
 /// One volume's outcome in [`sync_volumes`].
@@ -343,8 +398,8 @@ pub fn sync_volumes_with(
         let (mut attempt, mut fill) = (0, None);
         let result = loop {
             attempt += 1;
-            let result = with_frozen_source(cfg, vol, |source| {
-                let r = sync_one(cfg, vol, source, &o, &mut |d, t| observer.progress(&vol.name, d, t));
+            let result = with_frozen_source(cfg, vol, |source, plan| {
+                let r = sync_one_planned(cfg, vol, source, plan, &o, &mut |d, t| observer.progress(&vol.name, d, t));
                 // A classic snapshot only fills up, so its fill level at the end of the sync is its peak.
                 fill = crate::schedule::snapshot_fill(vol, source);
                 r

@@ -85,6 +85,10 @@ pub struct SyncReport {
     /// With `discard_standby_changes`: bytes of the standby's own changes that this sync overwrote.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub standby_bytes_overwritten: Option<u64>,
+    /// The change source that found the changes: "full scan", or a tracker ("thin_delta", "exception store").
+    pub tracker: String,
+    /// Why a tracked volume was synced with a full scan (set by the caller that chose the source), or null.
+    pub fallback_reason: Option<String>,
     /// Bytes read and hashed on the source.
     pub bytes_scanned: u64,
     /// Blocks whose hash differed from the reference.
@@ -408,6 +412,8 @@ pub fn sync_changes(
         mode,
         reason,
         standby_bytes_overwritten: None,
+        tracker: changes.name().into(),
+        fallback_reason: None,
         bytes_scanned: 0,
         blocks_changed: 0,
         bytes_changed: 0,
