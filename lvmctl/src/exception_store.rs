@@ -365,6 +365,23 @@ mod tests {
         decode(&mut r, origin)
     }
 
+    /// The first 10 chunks of a real store, captured in the User-Mode Linux guest (tests/integration/uml_tracked.rs):
+    /// the classic tracker of a 24 MiB LV (lvm2 2.03.16, kernel 6.1, 4 KiB chunks) after 8 writes of 4 KiB at
+    /// blocks k * 256 + 3 (k = 0..8). Chunk 0 is the header, chunk 1 the first metadata area, chunks 2..=9 the
+    /// copies.
+    const REAL_STORE: &[u8] = include_bytes!("../tests/fixtures/exception_store.bin");
+
+    #[test]
+    fn a_real_store_lists_the_written_chunks() {
+        let e = decode_slice(REAL_STORE, 24 << 20).unwrap();
+        assert_eq!(e.header, Header { chunk_sectors: 8 });
+        assert_eq!(e.old_chunks, (0..8).map(|k| k * 256 + 3).collect::<Vec<u64>>());
+        assert_eq!(e.byte_ranges().unwrap()[1], ((256 + 3) * 4096, 4096));
+        // Cut before the last copy, the store is refused (a copy beyond its end), as is an origin too small.
+        assert!(decode_slice(&REAL_STORE[..9 * 4096], 24 << 20).is_err());
+        assert!(decode_slice(REAL_STORE, 7 * 256 * 4096).is_err());
+    }
+
     #[test]
     fn a_store_lists_its_origin_chunks_sorted_and_merged() {
         let img = build_image(8, true, &[100, 3, 4, 5, 9000], 4);

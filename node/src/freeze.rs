@@ -323,6 +323,12 @@ fn with_lvm_snapshot<T>(
             }
         }
     }
+    if let Kind::Thin(thin) = &kind {
+        // A metadata snapshot left reserved by a crash (during thin_delta) is released first, whatever the plan.
+        if let Err(e) = lvmctl::thin::ThinTools::new().and_then(|t| t.release_leftover(&thin.pool_dm_name())) {
+            warn!(volume, "{}", crate::error_chain(&e));
+        }
+    }
     let created = match &kind {
         Kind::Thin(_) => lvm.create_thin_snapshot(&lv.vg, &lv.name, &snap, &[SNAPSHOT_TAG]),
         _ => lvm.create_snapshot(&lv.vg, &lv.name, &snap, size),
@@ -400,14 +406,6 @@ fn plan(
 ) -> (TrackPlan, Option<Base>) {
     let full = |reason: String| TrackPlan::FullScan { reason };
     let base_name = format!("{}_blockrep_base", lv.name);
-    if let Kind::Thin(thin) = kind {
-        // A metadata snapshot left reserved by a crash is released whatever the plan.
-        if let Ok(tools) = lvmctl::thin::ThinTools::new() {
-            if let Err(e) = tools.release_leftover(&thin.pool_dm_name()) {
-                warn!(volume = %vol.name, "{}", crate::error_chain(&e));
-            }
-        }
-    }
     let Some(base_lv) = base else {
         return (
             full(format!(

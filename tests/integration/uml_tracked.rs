@@ -1,0 +1,229 @@
+//! Tracked changes against real LVM inside User-Mode Linux (one guest for every scenario): a thin LV tracked
+//! with `thin_delta`, and a classic LV tracked by its previous snapshot's exception store, each synced through
+//! `blockrep serve` on the guest's 127.0.0.1 while a writer changes the origin. After each sync the tracker
+//! `<lv>_blockrep_base` *is* the snapshot that sync read, so the guest hashes it and the shadow independently
+//! (sha256, not blockrep's hashes). Then every fallback reason is provoked once and the sync must still give a
+//! shadow equal to the snapshot: tracker removed, tracker invalid (no generation tag) or full (an overflowed
+//! classic snapshot), base generation mismatch (an older tracker put back), a metadata snapshot left reserved
+//! (released first, the tracked sync still runs), and the periodic full scan.
+
+use std::time::Duration;
+
+use super::uml;
+
+const THIN_SIZE: u64 = 32 << 20;
+const CLASSIC_SIZE: u64 = 24 << 20;
+
+fn scenario() -> String {
+    format!(
+        r#"
+BR={br}
+W=$UML_DIR
+modprobe -d $UML_MODS dm-thin-pool || fail "cannot load dm-thin-pool"
+mkdir -p /mnt/brstate
+check mkfs.ext4 -q -F /dev/ubdc
+check mount -t ext4 /dev/ubdc /mnt/brstate
+check $BR keygen $W/key
+make_vg vg0 /dev/ubda
+make_vg vg1 /dev/ubdb
+check lvcreate -q --yes -L 80M -T vg0/pool
+check lvcreate -q --yes -V 32M -T vg0/pool -n tdata
+make_lv vg0 cdata 24M
+check dd if=/dev/urandom of=/dev/vg0/tdata bs=1M count=32 status=none
+check dd if=/dev/urandom of=/dev/vg0/cdata bs=1M count=24 status=none
+cat > $W/blockrep.toml <<CONF
+node = "uml"
+key_file = "$W/key"
+state_dir = "/mnt/brstate"
+[standby]
+listen = "127.0.0.1:7788"
+[primary]
+peer = "127.0.0.1:7788"
+[[volume]]
+name = "thin"
+source = "/dev/vg0/tdata"
+shadow = "/dev/vg1/thin_shadow"
+snapshot = "lvm"
+track = "thin"
+full_scan_every = 0
+[[volume]]
+name = "classic"
+source = "/dev/vg0/cdata"
+shadow = "/dev/vg1/classic_shadow"
+snapshot = "lvm"
+snapshot_size = "50%"
+track = "snapshot"
+full_scan_every = 0
+CONF
+BLOCKREP_LOG=info $BR serve --config $W/blockrep.toml >> $W/serve.log 2>&1 &
+SERVE=$!
+for _i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+  grep -q serving $W/serve.log 2>/dev/null && break
+  sleep 0.3
+done
+$BR sync --config $W/blockrep.toml > /dev/null 2>&1
+check $BR shadow create --config $W/blockrep.toml thin
+check $BR shadow create --config $W/blockrep.toml classic
+
+# sync VOLUME STEP: a JSON sync recorded as result STEP, then the shadow and the tracker (the snapshot the sync
+# read) hashed independently, recorded as STEP_shadow and STEP_snap.
+sync_step() {{
+  BLOCKREP_LOG=info $BR sync --json --config $W/blockrep.toml $1 > $W/$2.json 2>> $W/sync.log \
+    || fail "sync $2: $(tail -5 $W/sync.log)"
+  result $2 "$(cat $W/$2.json)"
+  case $1 in thin) lv=tdata ;; classic) lv=cdata ;; esac
+  result $2_shadow "$(hash_dev /dev/vg1/$1_shadow)"
+  result $2_snap "$(hash_dev /dev/vg0/${{lv}}_blockrep_base)"
+}}
+
+# writer DEVICE BLOCKS: rewrites up to 150 pseudo-random 4 KiB blocks of DEVICE (bounded, so that the thin
+# pool, which keeps the tracker's blocks, cannot run out of space), until stopped.
+writer() {{
+  (
+    i=7 n=0
+    while [ $n -lt 150 ]; do
+      i=$(( (i * 1103515245 + 12345) % 2147483648 ))
+      dd if=/dev/urandom of=$1 bs=4K count=1 seek=$(( i % $2 )) conv=notrunc status=none
+      n=$((n + 1))
+      sleep 0.02
+    done
+  ) &
+  WPID=$!
+}}
+
+# scatter DEVICE: 8 writes of 4 KiB, 1 MiB apart (each in its own pool chunk and 64 KiB block).
+scatter() {{
+  for k in 0 1 2 3 4 5 6 7; do
+    check dd if=/dev/urandom of=$1 bs=4K count=1 seek=$(( k * 256 + 3 )) conv=notrunc oflag=direct status=none
+  done
+  sync
+}}
+
+for v in thin classic; do
+  case $v in thin) dev=/dev/vg0/tdata; blocks=8192 ;; classic) dev=/dev/vg0/cdata; blocks=6144 ;; esac
+  sync_step $v ${{v}}_first
+  writer $dev $blocks
+  sleep 1
+  sync_step $v ${{v}}_busy
+  kill $WPID; wait $WPID 2>/dev/null
+  sync_step $v ${{v}}_catchup
+  scatter $dev
+  # The classic tracker's real exception store now lists the 8 chunks (lvmctl's parser fixture was captured here).
+  [ $v = classic ] && dd if=/dev/mapper/vg0-cdata_blockrep_base-cow of=$W/classic_store.bin bs=4K count=16 \
+    iflag=direct status=none
+  sync_step $v ${{v}}_scatter
+  # Fallback: the tracker was removed.
+  check lvremove -q -y vg0/$(basename $dev)_blockrep_base
+  scatter $dev
+  sync_step $v ${{v}}_removed
+done
+
+# Thin fallback: the tracker records no generation (as after a crash between its rename and its tags).
+tag=$(lvs --noheadings -o lv_tags vg0/tdata_blockrep_base | tr ',' '\n' | tr -d ' ' | grep '^blockrep_gen_')
+check lvchange -q --deltag "$tag" vg0/tdata_blockrep_base
+scatter /dev/vg0/tdata
+sync_step thin thin_invalid
+# Thin fallback: base generation mismatch (an older tracker put back after a sync that made a newer one).
+check lvrename -q vg0 tdata_blockrep_base tdata_old
+scatter /dev/vg0/tdata
+sync_step thin thin_gap
+check lvremove -q -y vg0/tdata_blockrep_base
+check lvrename -q vg0 tdata_old tdata_blockrep_base
+scatter /dev/vg0/tdata
+sync_step thin thin_mismatch
+# A metadata snapshot left reserved (a crash during thin_delta): released first, the tracked sync runs.
+sync_step thin thin_settle
+check dmsetup message vg0-pool-tpool 0 reserve_metadata_snap
+result held_before "$(dmsetup status vg0-pool-tpool | cut -d' ' -f7)"
+scatter /dev/vg0/tdata
+sync_step thin thin_leftover
+result held_after "$(dmsetup status vg0-pool-tpool | cut -d' ' -f7)"
+# Periodic full scan.
+sed -i 's/full_scan_every = 0/full_scan_every = 1/' $W/blockrep.toml
+scatter /dev/vg0/tdata
+sync_step thin thin_periodic
+sed -i 's/full_scan_every = 1/full_scan_every = 0/' $W/blockrep.toml
+
+# Classic fallback: the tracker overflowed (24 MiB rewritten, its store holds 12 MiB).
+sync_step classic classic_settle
+result classic_store "$(dd if=/dev/mapper/vg0-cdata_blockrep_base-cow bs=4K count=2 status=none | od -A n -t x4 -N 16 | tr -s ' ')"
+check dd if=/dev/urandom of=/dev/vg0/cdata bs=1M count=24 oflag=direct status=none
+result classic_tracker_attr "$(lvs --noheadings -o lv_attr vg0/cdata_blockrep_base | tr -d ' ')"
+sync_step classic classic_full
+scatter /dev/vg0/cdata
+sync_step classic classic_after_full
+result trackers "$(lvs --noheadings -o lv_name,lv_tags vg0 | grep -c blockrep_tracker)"
+result snaps_left "$(lvs --noheadings -o lv_name vg0 | grep -c blockrep_snap)"
+kill $SERVE; wait $SERVE
+"#,
+        br = env!("CARGO_BIN_EXE_blockrep")
+    )
+}
+
+#[test]
+fn tracked_thin_and_classic_syncs_read_only_the_changes_and_fall_back_with_the_reason() {
+    if let Some(reason) = uml::unavailable() {
+        eprintln!("skipping: {reason}");
+        return;
+    }
+    let disks = [("disk0", 192 << 20), ("disk1", 96 << 20), ("state", 32 << 20)];
+    let r = uml::run_guest(&disks, &scenario(), Duration::from_secs(600));
+    eprintln!("guest ran for {:?}", r.elapsed);
+    r.assert_success();
+    let json = |step: &str| -> serde_json::Value {
+        serde_json::from_str(r.result(step).unwrap_or_else(|| panic!("no result {step}: {:?}", r.results)))
+            .unwrap_or_else(|e| panic!("{step}: {e}"))
+    };
+    // Every sync: the shadow equals the snapshot it read (hashed independently in the guest).
+    let steps: Vec<String> = r
+        .results
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.ends_with("_shadow"))
+        .map(|k| k.trim_end_matches("_shadow").to_owned())
+        .collect();
+    assert!(steps.len() >= 18, "{steps:?}");
+    for s in &steps {
+        assert_eq!(r.result(&format!("{s}_shadow")), r.result(&format!("{s}_snap")), "{s}: shadow != snapshot");
+    }
+    for (v, size, tracker) in [("thin", THIN_SIZE, "thin_delta"), ("classic", CLASSIC_SIZE, "exception store")] {
+        let first = json(&format!("{v}_first"));
+        assert_eq!(first["tracker"], "full scan", "{first}");
+        assert!(first["fallback_reason"].as_str().unwrap().contains("no tracker"), "{first}");
+        for step in ["busy", "catchup", "scatter"] {
+            let s = json(&format!("{v}_{step}"));
+            assert_eq!((s["tracker"].as_str(), s["mode"].as_str()), (Some(tracker), Some("incremental")), "{s}");
+            assert!(s["fallback_reason"].is_null(), "{s}");
+            assert!(s["bytes_scanned"].as_u64().unwrap() < size / 2, "{v} {step}: {s}");
+        }
+        // 8 scattered 4 KiB writes: 8 blocks of 64 KiB read (pool chunks and snapshot chunks are at most that).
+        let s = json(&format!("{v}_scatter"));
+        let scanned = s["bytes_scanned"].as_u64().unwrap();
+        assert!((8 * 4096..=8 * 65536).contains(&scanned), "{v}: bytes_scanned {scanned} for 8 changed 4 KiB");
+        assert!(s["bytes_changed"].as_u64().unwrap() >= 8 * 4096, "{s}");
+        let s = json(&format!("{v}_removed"));
+        assert_eq!(s["tracker"], "full scan");
+        assert!(s["fallback_reason"].as_str().unwrap().contains("no tracker"), "{s}");
+        assert_eq!(s["bytes_scanned"].as_u64(), Some(size), "{s}");
+    }
+    let s = json("thin_invalid");
+    assert!(s["fallback_reason"].as_str().unwrap().contains("records no generation"), "{s}");
+    let s = json("thin_mismatch");
+    assert!(s["fallback_reason"].as_str().unwrap().contains("base generation mismatch"), "{s}");
+    assert_eq!(s["bytes_scanned"].as_u64(), Some(THIN_SIZE));
+    assert_ne!(r.result("held_before"), Some("-"), "the reservation was made");
+    let s = json("thin_leftover");
+    assert_eq!(s["tracker"], "thin_delta", "a leftover reservation is released and the tracked sync runs: {s}");
+    assert_eq!(r.result("held_after"), Some("-"), "no metadata snapshot stays reserved");
+    let s = json("thin_periodic");
+    assert!(s["fallback_reason"].as_str().unwrap().starts_with("periodic full scan"), "{s}");
+    // The real exception store's header: magic "SnAp", valid, version 1, 8 sectors (4 KiB chunks, lvm's default).
+    assert_eq!(r.result("classic_store").map(str::trim), Some("70416e53 00000001 00000001 00000008"));
+    assert!(r.result("classic_tracker_attr").unwrap().contains('I'), "the tracker overflowed: {:?}", r.results);
+    let s = json("classic_full");
+    assert!(s["fallback_reason"].as_str().unwrap().contains("tracker full"), "{s}");
+    assert_eq!(s["bytes_scanned"].as_u64(), Some(CLASSIC_SIZE));
+    assert_eq!(json("classic_after_full")["tracker"], "exception store", "the replaced tracker tracks again");
+    assert_eq!(r.result("trackers"), Some("2"), "one tracker per volume");
+    assert_eq!(r.result("snaps_left"), Some("0"));
+}
