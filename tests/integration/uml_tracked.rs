@@ -4,8 +4,9 @@
 //! `<lv>_blockrep_base` *is* the snapshot that sync read, so the guest hashes it and the shadow independently
 //! (sha256, not blockrep's hashes). Then every fallback reason is provoked once and the sync must still give a
 //! shadow equal to the snapshot: tracker removed, tracker invalid (no generation tag) or full (an overflowed
-//! classic snapshot), base generation mismatch (an older tracker put back), a metadata snapshot left reserved
-//! (released first, the tracked sync still runs), and the periodic full scan.
+//! classic snapshot), base generation mismatch (an older tracker put back, or this node's manifest lost), a sync
+//! that compares (`--verify`), a metadata snapshot left reserved (released first, the tracked sync still runs),
+//! and the periodic full scan.
 
 use std::time::Duration;
 
@@ -65,10 +66,11 @@ $BR sync --config $W/blockrep.toml > /dev/null 2>&1
 check $BR shadow create --config $W/blockrep.toml thin
 check $BR shadow create --config $W/blockrep.toml classic
 
-# sync VOLUME STEP: a JSON sync recorded as result STEP, then the shadow and the tracker (the snapshot the sync
+EXTRA=""
+# sync VOLUME STEP: a JSON sync (with $EXTRA arguments) recorded as result STEP, then the shadow and the tracker (the snapshot the sync
 # read) hashed independently, recorded as STEP_shadow and STEP_snap.
 sync_step() {{
-  BLOCKREP_LOG=info $BR sync --json --config $W/blockrep.toml $1 > $W/$2.json 2>> $W/sync.log \
+  BLOCKREP_LOG=info $BR sync --json $EXTRA --config $W/blockrep.toml $1 > $W/$2.json 2>> $W/sync.log \
     || fail "sync $2: $(tail -5 $W/sync.log)"
   result $2 "$(cat $W/$2.json)"
   case $1 in thin) lv=tdata ;; classic) lv=cdata ;; esac
@@ -131,6 +133,15 @@ check lvremove -q -y vg0/tdata_blockrep_base
 check lvrename -q vg0 tdata_old tdata_blockrep_base
 scatter /dev/vg0/tdata
 sync_step thin thin_mismatch
+# Fallback: this node lost its manifest, so the standby is not known to be at the tracker's base: compare.
+check rm /mnt/brstate/primary/thin/manifest
+scatter /dev/vg0/tdata
+sync_step thin thin_nomanifest
+# Fallback: --verify compares every block.
+scatter /dev/vg0/tdata
+EXTRA=--verify
+sync_step thin thin_verify
+EXTRA=""
 # A metadata snapshot left reserved (a crash during thin_delta): released first, the tracked sync runs.
 sync_step thin thin_settle
 check dmsetup message vg0-pool-tpool 0 reserve_metadata_snap
@@ -182,7 +193,7 @@ fn tracked_thin_and_classic_syncs_read_only_the_changes_and_fall_back_with_the_r
         .filter(|k| k.ends_with("_shadow"))
         .map(|k| k.trim_end_matches("_shadow").to_owned())
         .collect();
-    assert!(steps.len() >= 18, "{steps:?}");
+    assert!(steps.len() >= 21, "{steps:?}");
     for s in &steps {
         assert_eq!(r.result(&format!("{s}_shadow")), r.result(&format!("{s}_snap")), "{s}: shadow != snapshot");
     }
@@ -211,6 +222,14 @@ fn tracked_thin_and_classic_syncs_read_only_the_changes_and_fall_back_with_the_r
     let s = json("thin_mismatch");
     assert!(s["fallback_reason"].as_str().unwrap().contains("base generation mismatch"), "{s}");
     assert_eq!(s["bytes_scanned"].as_u64(), Some(THIN_SIZE));
+    let s = json("thin_nomanifest");
+    let reason = s["fallback_reason"].as_str().unwrap();
+    assert!(reason.contains("base generation mismatch") && reason.contains("no valid manifest"), "{s}");
+    assert_eq!(s["mode"], "compare", "{s}");
+    let s = json("thin_verify");
+    assert!(s["fallback_reason"].as_str().unwrap().contains("compares every block"), "{s}");
+    assert_eq!(s["mode"], "compare", "{s}");
+    assert_eq!(json("thin_settle")["tracker"], "thin_delta", "tracking resumes after the compare syncs");
     assert_ne!(r.result("held_before"), Some("-"), "the reservation was made");
     let s = json("thin_leftover");
     assert_eq!(s["tracker"], "thin_delta", "a leftover reservation is released and the tracked sync runs: {s}");
