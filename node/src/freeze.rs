@@ -316,7 +316,7 @@ fn with_lvm_snapshot<T>(
     };
     if matches!(kind, Kind::None) {
         // Tracking is off: a tracker left from when it was on only costs space (and, classic, origin writes).
-        if let Some(b) = base.as_ref().filter(|b| b.has_tag(TRACKER_TAG)) {
+        if let Some(b) = base.as_ref().filter(|b| is_ours(b)) {
             match lvm.remove_lv(&b.vg, &b.name) {
                 Ok(()) => info!(volume, tracker = %b.full_name(), "tracking is off: removed the volume's tracker"),
                 Err(e) => warn!(volume, "cannot remove the unused tracker {}: {e}", b.full_name()),
