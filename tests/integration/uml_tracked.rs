@@ -5,8 +5,8 @@
 //! (sha256, not blockrep's hashes). Then every fallback reason is provoked once and the sync must still give a
 //! shadow equal to the snapshot: tracker removed, tracker invalid (no generation tag) or full (an overflowed
 //! classic snapshot), base generation mismatch (an older tracker put back, or this node's manifest lost), a sync
-//! that compares (`--verify`), a metadata snapshot left reserved (released first, the tracked sync still runs),
-//! and the periodic full scan.
+//! that compares (`--verify`), a sync killed while the pool's metadata snapshot is reserved (the next one
+//! releases it first and still tracks), and the periodic full scan.
 
 use std::time::Duration;
 
@@ -142,11 +142,25 @@ scatter /dev/vg0/tdata
 EXTRA=--verify
 sync_step thin thin_verify
 EXTRA=""
-# A metadata snapshot left reserved (a crash during thin_delta): released first, the tracked sync runs.
+# A crash while the pool's metadata snapshot is reserved: thin_delta is made slow (a wrapper bound over
+# pdata_tools inside the guest only), blockrep sync is killed (SIGKILL) while thin_delta runs; the next sync
+# releases the leftover reservation first and tracks.
 sync_step thin thin_settle
-check dmsetup message vg0-pool-tpool 0 reserve_metadata_snap
-result held_before "$(dmsetup status vg0-pool-tpool | cut -d' ' -f7)"
 scatter /dev/vg0/tdata
+check cp /usr/sbin/pdata_tools $W/pdata_tools.real
+printf '#!/bin/sh\necho $$ > %s/td.pid\nsleep 60\nexec %s/pdata_tools.real "$(basename "$0")" "$@"\n' $W $W \
+  > $W/pdata_tools.slow
+check chmod +x $W/pdata_tools.slow
+check mount --bind $W/pdata_tools.slow /usr/sbin/pdata_tools
+BLOCKREP_LOG=info $BR sync --json --config $W/blockrep.toml thin > /dev/null 2>> $W/sync.log &
+BPID=$!
+for _i in $(seq 1 150); do [ -s $W/td.pid ] && break; sleep 0.2; done
+[ -s $W/td.pid ] || fail "the slow thin_delta was not started: $(tail -5 $W/sync.log)"
+result held_before "$(dmsetup status vg0-pool-tpool | cut -d' ' -f7)"
+kill -9 $BPID $(cat $W/td.pid)
+wait $BPID 2>/dev/null
+check umount /usr/sbin/pdata_tools
+result crash_snap_left "$(lvs --noheadings -o lv_name vg0 | grep -c tdata_blockrep_snap)"
 sync_step thin thin_leftover
 result held_after "$(dmsetup status vg0-pool-tpool | cut -d' ' -f7)"
 # Periodic full scan.
@@ -230,7 +244,8 @@ fn tracked_thin_and_classic_syncs_read_only_the_changes_and_fall_back_with_the_r
     assert!(s["fallback_reason"].as_str().unwrap().contains("compares every block"), "{s}");
     assert_eq!(s["mode"], "compare", "{s}");
     assert_eq!(json("thin_settle")["tracker"], "thin_delta", "tracking resumes after the compare syncs");
-    assert_ne!(r.result("held_before"), Some("-"), "the reservation was made");
+    assert_ne!(r.result("held_before"), Some("-"), "the killed sync held a metadata snapshot");
+    assert_eq!(r.result("crash_snap_left"), Some("1"), "the killed sync left its snapshot");
     let s = json("thin_leftover");
     assert_eq!(s["tracker"], "thin_delta", "a leftover reservation is released and the tracked sync runs: {s}");
     assert_eq!(r.result("held_after"), Some("-"), "no metadata snapshot stays reserved");
