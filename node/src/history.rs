@@ -74,6 +74,19 @@ pub enum Event {
         /// The alarm's key.
         alarm: String,
     },
+    /// Switching back: a volume's generation was taken over as this node's reference for the other side (after
+    /// a switchover's final sync, or a promote).
+    Adopted {
+        /// Volume name.
+        volume: String,
+        /// `primary`: the promoted shadow's generation became this node's reference for syncing back to the old
+        /// primary; `standby`: this node's own volume became the standby side of that generation.
+        side: String,
+        /// The generation.
+        generation: u64,
+        /// Its identifier (hex).
+        id: String,
+    },
     /// Replication was enabled or disabled.
     Replication {
         /// The new setting.
@@ -153,6 +166,16 @@ impl std::fmt::Display for Event {
             Event::Switchover { plan, reason } => write!(f, "{plan}: {reason}"),
             Event::AlarmRaised { alarm, message } => write!(f, "alarm raised {alarm}: {message}"),
             Event::AlarmCleared { alarm } => write!(f, "alarm cleared {alarm}"),
+            Event::Adopted { volume, side, generation, id } if side == "primary" => write!(
+                f,
+                "adopt {volume}: the promoted generation {generation} ({id}) is this node's reference for syncing \
+                 back to the old primary"
+            ),
+            Event::Adopted { volume, side: _, generation, id } => write!(
+                f,
+                "adopt {volume}: this node's volume holds generation {generation} ({id}) as the standby side, for \
+                 the sync back from the new primary"
+            ),
             Event::Replication { enabled } => {
                 write!(f, "replication {}", if *enabled { "enabled" } else { "disabled" })
             }

@@ -374,11 +374,14 @@ fn keep_references(cfg: &Config, io: engine::volume::IoOptions) {
                 }
             });
         match r {
-            Ok(Some(record)) => tracing::info!(
-                volume = %v.name,
-                "kept the promoted {} as this node's reference for syncing back to the old primary",
-                engine::generations::describe(&record)
-            ),
+            Ok(Some(record)) => {
+                tracing::info!(
+                    volume = %v.name,
+                    "kept the promoted {} as this node's reference for syncing back to the old primary",
+                    engine::generations::describe(&record)
+                );
+                record_adoption(cfg, &v.name, "primary", &record);
+            }
             Ok(None) => tracing::info!(
                 volume = %v.name,
                 "the shadow is not trusted to hold its committed generation: the first sync back to the old primary compares"
@@ -388,6 +391,17 @@ fn keep_references(cfg: &Config, io: engine::volume::IoOptions) {
             }
         }
     }
+}
+
+/// Records an adoption in the history (`blockrep log`).
+fn record_adoption(cfg: &Config, volume: &str, side: &str, record: &link::GenRecord) {
+    let event = crate::history::Event::Adopted {
+        volume: volume.into(),
+        side: side.into(),
+        generation: record.generation,
+        id: engine::generations::id_hex(&record.id),
+    };
+    crate::history::append(cfg, event);
 }
 
 /// Switchback, the demoting side: after a switchover's final sync that the peer confirmed, each volume whose
@@ -412,11 +426,14 @@ fn adopt_final_sync(cfg: &Config, list: &[netproto::message::Committed], io: eng
         let r = Target::open(shadow, &layout.side_dir(Side::Standby, &v.name), TargetOptions::new(&v.name, io))
             .and_then(|mut t| t.adopt(&manifest, &record));
         match r {
-            Ok(()) => tracing::info!(
-                volume = %v.name,
-                "as a standby this volume holds {}: the sync back from the peer can be incremental",
-                engine::generations::describe(&record)
-            ),
+            Ok(()) => {
+                tracing::info!(
+                    volume = %v.name,
+                    "as a standby this volume holds {}: the sync back from the peer can be incremental",
+                    engine::generations::describe(&record)
+                );
+                record_adoption(cfg, &v.name, "standby", &record);
+            }
             Err(e) => tracing::warn!(
                 volume = %v.name,
                 "cannot record the final sync's generation for the standby side ({}); the sync back compares",

@@ -394,6 +394,17 @@ fn switchback_syncs_incrementally_both_ways() {
     let dp = d.path();
     let vol = |n: &str| std::fs::read(dp.join(format!("src-{n}.img"))).unwrap();
     let (ca, cb, mut serve_a, mut serve_b) = switched_to_b(&lan, dp, 8 << 20);
+    // Both adoptions of the switchover are in the nodes' histories, naming the same generation (the final sync's).
+    let (a, b) = (adoptions(&lan, "a", &ca), adoptions(&lan, "b", &cb));
+    assert_eq!(a.len(), 1, "{a:?}");
+    assert_eq!(b.len(), 1, "{b:?}");
+    assert_eq!((a[0]["side"].as_str(), b[0]["side"].as_str()), (Some("standby"), Some("primary")));
+    assert_eq!((a[0]["generation"].as_u64(), b[0]["generation"].as_u64()), (Some(2), Some(2)));
+    assert_eq!(a[0]["id"], b[0]["id"], "the same generation on both nodes: {a:?} {b:?}");
+    let text = stdout(&run(lan.blockrep("a").args(["log", "--config"]).arg(&ca)));
+    assert!(text.contains("adopt vol: this node's volume holds generation 2"), "{text}");
+    let text = stdout(&run(lan.blockrep("b").args(["log", "--config"]).arg(&cb)));
+    assert!(text.contains("adopt vol: the promoted generation 2"), "{text}");
 
     // B writes its production volume; the reverse sync to A ships only that.
     write_at(&dp.join("src-b.img"), 5_000_000, &[0xb5; 8192]);
@@ -415,7 +426,23 @@ fn switchback_syncs_incrementally_both_ways() {
     assert_eq!(r["mode"], "incremental", "{r}");
     assert!(r["bytes_on_wire"].as_u64().unwrap() <= 2 * 4096 * 11 / 10 + 8192, "{r}");
     assert!(vol("a") == vol("b"), "B's volume is A's after the sync");
+    // The switch back is in the histories too, the other way round.
+    let (a, b) = (adoptions(&lan, "a", &ca), adoptions(&lan, "b", &cb));
+    assert_eq!((a.len(), b.len()), (2, 2), "{a:?} {b:?}");
+    assert_eq!((a[1]["side"].as_str(), b[1]["side"].as_str()), (Some("primary"), Some("standby")));
+    assert_eq!(a[1]["id"], b[1]["id"]);
     stop(&mut [&mut serve_a, &mut serve_b]);
+}
+
+/// The adoptions in a node's history (`blockrep log --json`), oldest first.
+fn adoptions(lan: &Lan, n: &str, cfg: &Path) -> Vec<serde_json::Value> {
+    let o = run(lan.blockrep(n).args(["log", "--json", "--config"]).arg(cfg));
+    assert!(o.status.success(), "log on {n}: {}", stderr(&o));
+    stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["event"] == "adopted")
+        .collect()
 }
 
 #[test]
