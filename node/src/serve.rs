@@ -17,7 +17,9 @@
 //!
 //! Before accepting anything, [`run`] holds every shadow exclusively while the node is a standby (`O_EXCL` on
 //! block devices, so they cannot be mounted; an exclusive `flock` on files, so a second `serve` refuses), and
-//! releases them within a quarter second of the node becoming primary. Before that, [`run`] rolls every
+//! releases them within a quarter second of the node becoming primary; within a quarter second of it being a
+//! standby again (a demote) it holds them again, and a shadow created while it runs (`blockrep shadow create`)
+//! is held from then on (at the latest when a sync opens it). Before that, [`run`] rolls every
 //! committed spool forward ([`crate::shadow::roll_forward`]), so a shadow is never left
 //! half-applied after a crash until some sync happens to open it. Two concurrent syncs of one volume are refused.
 //! [`Stopper::stop`] (SIGTERM/SIGINT) stops accepting, cuts the read side of every connection (a transfer stops
@@ -111,27 +113,37 @@ enum Hold {
     File(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>),
 }
 
-/// Opens every configured, existing shadow exclusively (see [`Hold`]).
-fn hold_shadows(cfg: &Config) -> Result<Vec<Hold>, Error> {
+/// Opens one shadow exclusively (see [`Hold`]); `Ok(None)`: it does not exist (yet) or is neither a block device
+/// nor a regular file.
+fn hold_shadow(volume: &str, shadow: &std::path::Path) -> Result<Option<Hold>, ServeError> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    let mut holds = Vec::new();
+    let in_use = |why: String| ServeError::ShadowInUse { volume: volume.into(), shadow: shadow.into(), why };
+    let Ok(meta) = std::fs::metadata(shadow) else { return Ok(None) }; // created later by `shadow create`
+    if meta.file_type().is_block_device() {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL)
+            .open(shadow)
+            .map_err(|e| in_use(e.to_string()))?;
+        return Ok(Some(Hold::Device(f)));
+    }
+    if meta.is_file() {
+        let f = std::fs::File::open(shadow).map_err(|e| in_use(e.to_string()))?;
+        return match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => Ok(Some(Hold::File(l))),
+            Err((_, e)) => Err(in_use(format!("locked: {e}"))),
+        };
+    }
+    Ok(None)
+}
+
+/// Opens every configured, existing shadow exclusively (see [`Hold`]), by volume name.
+fn hold_shadows(cfg: &Config) -> Result<HashMap<String, Hold>, Error> {
+    let mut holds = HashMap::new();
     for v in &cfg.volumes {
         let Some(shadow) = &v.shadow else { continue };
-        let in_use = |why: String| ServeError::ShadowInUse { volume: v.name.clone(), shadow: shadow.clone(), why };
-        let Ok(meta) = std::fs::metadata(shadow) else { continue }; // created later by `shadow create`
-        if meta.file_type().is_block_device() {
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_EXCL)
-                .open(shadow)
-                .map_err(|e| in_use(e.to_string()))?;
-            holds.push(Hold::Device(f));
-        } else if meta.is_file() {
-            let f = std::fs::File::open(shadow).map_err(|e| in_use(e.to_string()))?;
-            match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-                Ok(l) => holds.push(Hold::File(l)),
-                Err((_, e)) => return Err(in_use(format!("locked: {e}")).into()),
-            }
+        if let Some(h) = hold_shadow(&v.name, shadow)? {
+            holds.insert(v.name.clone(), h);
         }
     }
     Ok(holds)
@@ -148,12 +160,63 @@ struct Shared {
     streams: Mutex<HashMap<u64, TcpStream>>,
     stopping: AtomicBool,
     stop: Notify,
-    /// The shadows held exclusively while this node is a standby ([`hold_shadows`]); released when it becomes
-    /// primary, so that a promote can mount them.
-    holds: Mutex<Vec<Hold>>,
+    /// The shadows held exclusively while this node is a standby ([`hold_shadows`]), by volume; released when it
+    /// becomes primary, so that a promote can mount them, and taken again when it is a standby again or a shadow
+    /// appears ([`Shared::hold_missing`]).
+    holds: Mutex<HashMap<String, Hold>>,
+    /// The volumes whose shadow could not be held, so that this is logged once until it changes.
+    hold_failed: Mutex<HashSet<String>>,
     next_id: AtomicU64,
     handshakes: Arc<Semaphore>,
     connections: Arc<Semaphore>,
+}
+
+impl Shared {
+    /// Holds the shadow of `volume` if it exists and is not held yet. A shadow in use by another process is
+    /// logged (once until that changes) and tried again at the next check: the evidence recorded at each commit
+    /// still shows writes made meanwhile.
+    fn hold(&self, volume: &str, shadow: &std::path::Path) {
+        if self.holds.lock().expect("lock").contains_key(volume) {
+            return;
+        }
+        match hold_shadow(volume, shadow) {
+            Ok(Some(h)) => {
+                info!(volume, shadow = %shadow.display(), "holding the shadow exclusively");
+                self.holds.lock().expect("lock").insert(volume.to_owned(), h);
+                self.hold_failed.lock().expect("lock").remove(volume);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                if self.hold_failed.lock().expect("lock").insert(volume.to_owned()) {
+                    warn!("{e}; trying again every {} ms", HOLD_CHECK.as_millis());
+                }
+            }
+        }
+    }
+
+    /// Holds every configured shadow that exists and is not held yet (after a demote, or a shadow created after
+    /// the start).
+    fn hold_missing(&self) {
+        for v in &self.cfg.volumes {
+            if let Some(shadow) = &v.shadow {
+                self.hold(&v.name, shadow);
+            }
+        }
+    }
+
+    /// The periodic hold check: a standby holds every shadow, a primary none.
+    fn check_holds(&self) {
+        if roles::refuses_syncs(&self.cfg).is_some() {
+            let mut h = self.holds.lock().expect("lock");
+            if !h.is_empty() {
+                info!("this node is no longer a standby: releasing the shadows it held");
+                h.clear();
+            }
+            self.hold_failed.lock().expect("lock").clear();
+        } else {
+            self.hold_missing();
+        }
+    }
 }
 
 /// A bound standby daemon, not yet accepting.
@@ -197,7 +260,8 @@ impl Server {
             streams: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
             stop: Notify::new(),
-            holds: Mutex::new(Vec::new()),
+            holds: Mutex::new(HashMap::new()),
+            hold_failed: Mutex::new(HashSet::new()),
             next_id: AtomicU64::new(0),
             handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
@@ -246,13 +310,8 @@ impl Server {
             tokio::spawn(async move {
                 while !shared.stopping.load(Ordering::SeqCst) {
                     tokio::time::sleep(HOLD_CHECK).await;
-                    if roles::refuses_syncs(&shared.cfg).is_some() {
-                        let mut h = shared.holds.lock().expect("lock");
-                        if !h.is_empty() {
-                            info!("this node is no longer a standby: releasing the shadows it held");
-                            h.clear();
-                        }
-                    }
+                    let s = shared.clone();
+                    let _ = tokio::task::spawn_blocking(move || s.check_holds()).await;
                 }
             });
             self.accept_loop().await
@@ -354,7 +413,8 @@ pub fn run(
     }
     // Hold every shadow before accepting anything, for as long as this node is a standby (a primary's shadows
     // are its production volumes: never held).
-    let holds = if roles::refuses_syncs(&cfg).is_none() { hold_shadows(&cfg)? } else { Vec::new() };
+    let standby = roles::refuses_syncs(&cfg).is_none();
+    let holds = if standby { hold_shadows(&cfg)? } else { HashMap::new() };
     let server = Server::bind(cfg, listen, io)?;
     *server.shared.holds.lock().expect("lock") = holds;
     bound(server.local_addr()?);
@@ -553,6 +613,7 @@ fn open_volume(shared: &Shared, peer: &str, o: &m::OpenVolume) -> Result<OpenSha
             ),
         ));
     }
+    shared.hold(&o.name, shadow); // a shadow created since the last hold check
     let dir = cfg.layout().side_dir(Side::Standby, &o.name);
     let opts = TargetOptions { peer: peer.to_owned(), ..TargetOptions::new(&o.name, shared.io) };
     let target = Target::open(shadow, &dir, opts).map_err(|e| {

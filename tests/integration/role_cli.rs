@@ -445,6 +445,44 @@ fn adoptions(lan: &Lan, n: &str, cfg: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// `serve` holds a standby's shadow, releases it when the node is promoted and holds it again after the demote;
+/// `status` shows a shadow written outside blockrep as untrusted, and `promote` refuses it (exit 4, naming the
+/// volume and why) unless forced.
+#[test]
+fn promote_refuses_an_untrusted_shadow_and_serve_holds_it_again_after_a_demote() {
+    if !is_root() {
+        eprintln!("skipping: network namespaces need root (CI runs as root)");
+        return;
+    }
+    use super::trust::{eventually, flocked};
+    let lan = Lan::named("h");
+    let d = tempfile::tempdir().unwrap();
+    let (_ca, cb, mut serve_b) = primary_a_synced_to_b(&lan, d.path());
+    let shadow_b = d.path().join("shadow-b.img");
+    assert!(flocked(&shadow_b), "B's serve holds its shadow");
+
+    std::thread::sleep(std::time::Duration::from_millis(10));
+    write_at(&shadow_b, 5000, b"written outside blockrep");
+    let sb = status(&lan, "b", &cb);
+    assert!(sb["volumes"][0]["untrusted"].as_str().is_some_and(|w| w.contains("modified")), "{sb}");
+    let o = run(lan.blockrep("b").args(["promote", "--config"]).arg(&cb));
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("volume vol has an untrusted shadow") && e.contains("modified"), "{e}");
+    assert!(e.contains("--force"), "{e}");
+    assert!(!lan.has_vip("b"));
+    assert_eq!(status(&lan, "b", &cb)["role"], "standby");
+
+    let o = run(lan.blockrep("b").args(["promote", "--force", "--config"]).arg(&cb));
+    assert!(o.status.success(), "forced promote: {}", stderr(&o));
+    assert!(lan.has_vip("b"));
+    assert!(eventually(10, || !flocked(&shadow_b)), "a primary's serve releases the shadow");
+    let o = run(lan.blockrep("b").args(["demote", "--config"]).arg(&cb));
+    assert!(o.status.success(), "demote: {}", stderr(&o));
+    assert!(eventually(10, || flocked(&shadow_b)), "serve holds the shadow again after the demote");
+    stop(&mut [&mut serve_b]);
+}
+
 #[test]
 fn switchback_compares_when_the_old_primary_was_written_after_its_demote() {
     if !is_root() {

@@ -215,3 +215,46 @@ fn serve_holds_a_block_device_shadow_exclusively() {
     let excl = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(&dev);
     assert!(excl.is_ok(), "released when serve ends");
 }
+
+/// Whether another process holds an exclusive `flock` on `path` (what `serve` takes on a file shadow).
+pub(super) fn flocked(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: flock on a file descriptor this function owns for the duration of the call; no memory is passed.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        return false; // the lock is released when `f` is closed
+    }
+    let e = std::io::Error::last_os_error();
+    assert_eq!(e.raw_os_error(), Some(libc::EWOULDBLOCK), "flock {}: {e}", path.display());
+    true
+}
+
+/// Polls until `cond` holds (at most `secs` seconds); false when it never did.
+pub(super) fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    cond()
+}
+
+/// A shadow created while `serve` runs (`blockrep shadow create`) is held from then on, without a restart.
+#[test]
+fn serve_holds_a_shadow_created_after_it_started() {
+    let mut p = Pair::new(1 << 20);
+    std::fs::remove_file(p.path("shadow.img")).unwrap();
+    p.start_serve();
+    let standby = p.config("standby", &p.path("key"), "127.0.0.1:1");
+    let o = run(blockrep().args(["shadow", "create", "vol", "--size", "1M", "--config"]).arg(&standby));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(eventually(10, || flocked(&p.path("shadow.img"))), "serve does not hold the new shadow");
+    assert_eq!(p.sync_ok()["mode"], "full");
+    assert!(p.identical());
+    assert!(flocked(&p.path("shadow.img")));
+    p.stop_serve();
+    assert!(!flocked(&p.path("shadow.img")), "released when serve stops");
+}
