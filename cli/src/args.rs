@@ -43,7 +43,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Sync volumes to their shadows (`--local SOURCE TARGET` in one process).
     Sync(SyncArgs),
-    /// Check that a shadow equals its last committed generation (re-hashes the shadow).
+    /// Standby: check that each shadow equals its last committed generation (re-hashes it). Primary: make the
+    /// next sync a compare sync.
     Verify(VerifyArgs),
     /// Run the standby daemon: receive syncs into the configured shadow volumes.
     Serve(ServeArgs),
@@ -316,16 +317,21 @@ pub struct SyncArgs {
 /// `blockrep verify`.
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// Check a local shadow: TARGET and its state directory (as used with `sync --local`).
+    /// Volumes (default: every configured volume). On a standby, each shadow is re-hashed against its committed
+    /// generation (a mismatch marks it untrusted, so the next sync repairs it); on the primary, the next sync of
+    /// each volume compares every block with the standby's actual content.
+    #[arg(conflicts_with = "local")]
+    pub volumes: Vec<String>,
+    /// Check a local shadow instead: TARGET and its state directory (as used with `sync --local`).
     #[arg(long, value_name = "TARGET")]
-    pub local: PathBuf,
-    /// State directory.
+    pub local: Option<PathBuf>,
+    /// With --local: the state directory.
     #[arg(long, default_value = "/var/lib/blockrep")]
     pub state_dir: PathBuf,
-    /// Volume name (default: the target's file name).
-    #[arg(long)]
+    /// With --local: volume name (default: the target's file name).
+    #[arg(long, requires = "local")]
     pub name: Option<String>,
-    /// Print one JSON object.
+    /// Print one JSON object per volume.
     #[arg(long)]
     pub json: bool,
     /// I/O options.

@@ -38,7 +38,10 @@ fn run(cli: &args::Cli) -> Result<()> {
         args::Command::Demo(a) => demo::run(a),
         args::Command::Sync(a) if !a.local.is_empty() => sync_local(a),
         args::Command::Sync(a) => sync(&load()?, a),
-        args::Command::Verify(a) => verify(a),
+        args::Command::Verify(a) if a.local.is_some() => verify_local(a),
+        args::Command::Verify(a) => Ok(node::verify::run(&load()?, &a.volumes, a.io.options(), &mut |o| {
+            report::print_verify_outcome(o, a.json)
+        })?),
         args::Command::Serve(a) => Ok(node::serve::run(load()?, a.listen, a.io.options(), |addr| {
             if a.announce {
                 report::announce(addr)
@@ -165,9 +168,10 @@ fn sync_local(a: &args::SyncArgs) -> Result<()> {
 }
 
 /// `blockrep verify --local TARGET`.
-fn verify(a: &args::VerifyArgs) -> Result<()> {
-    let name = node::layout::volume_name(a.name.as_deref(), &a.local).map_err(node::Error::from)?;
-    let v = node::local::verify(&a.local, &a.state_dir, &name, a.io.options())?;
+fn verify_local(a: &args::VerifyArgs) -> Result<()> {
+    let local = a.local.as_deref().expect("called with --local");
+    let name = node::layout::volume_name(a.name.as_deref(), local).map_err(node::Error::from)?;
+    let v = node::local::verify(local, &a.state_dir, &name, a.io.options())?;
     node::history::append_at(&a.state_dir, node::history::Event::Verify { volume: name, ok: v.ok });
     report::print_verify(&v, a.json);
     Ok(v.into_result()?)

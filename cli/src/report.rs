@@ -102,6 +102,15 @@ pub fn print_verify(v: &node::local::Verification, as_json: bool) {
     }
 }
 
+/// Prints what `blockrep verify` did for one volume (with a configuration).
+pub fn print_verify_outcome(o: &node::verify::Outcome, as_json: bool) {
+    if as_json {
+        println!("{}", json(o));
+    } else {
+        println!("{o}");
+    }
+}
+
 /// Prints a role plan's report.
 pub fn print_plan(r: &node::roles::Report, as_json: bool) {
     if as_json {

@@ -17,6 +17,7 @@
 //! * [`schedule`]: `[schedule]`, the systemd units rendered from it, retries, the replication switch.
 //! * [`lock`]: one sync per node (`sync.lock`), `cancel`.
 //! * [`alarms`], [`metrics`], [`history`]: alarms with notify hooks, the Prometheus text file, `blockrep log`.
+//! * [`verify`]: verifying shadows (`blockrep verify`, `[standby] verify_every`), compare requests on the primary.
 //! * [`deconfigure`]: returning a node to standalone (snapshots, state, optionally shadows).
 //!
 //! Every module has its own error enum; [`Error`] gathers them, and [`Error::kind`] says which of the outcomes a
@@ -48,6 +49,7 @@ pub mod shadow;
 pub mod signals;
 pub mod status;
 pub mod text;
+pub mod verify;
 
 pub use link::error_chain;
 
@@ -111,6 +113,9 @@ pub enum Error {
     /// The schedule and the replication switch.
     #[error(transparent)]
     Schedule(Box<schedule::ScheduleError>),
+    /// Verifying shadows, compare requests.
+    #[error(transparent)]
+    Verify(Box<verify::VerifyError>),
 }
 
 // Boxed, so that a `Result<_, Error>` stays small.
@@ -198,6 +203,12 @@ impl From<schedule::ScheduleError> for Error {
     }
 }
 
+impl From<verify::VerifyError> for Error {
+    fn from(e: verify::VerifyError) -> Self {
+        Error::Verify(Box::new(e))
+    }
+}
+
 impl Error {
     /// The kind of this error.
     pub fn kind(&self) -> ErrorKind {
@@ -213,6 +224,7 @@ impl Error {
             Error::Deconfigure(e) => e.kind(),
             Error::Lock(e) => e.kind(),
             Error::Schedule(e) => e.kind(),
+            Error::Verify(e) => e.kind(),
         }
     }
 }

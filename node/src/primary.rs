@@ -251,11 +251,17 @@ pub fn sync_one_planned(
     opts.cancel = o.cancel.clone();
     opts.node = cfg.node.clone();
     o.choice.apply(&mut opts);
+    let request = crate::verify::requested(cfg, &vol.name); // `blockrep verify` on this node
+    opts.force_compare |= request.is_some();
     let before = remote.info_now().generation;
     let mut fallback = None;
     let tracked = match plan {
-        TrackPlan::Changes { .. } if o.choice.verify || o.choice.discard_standby_changes => {
-            fallback = Some("this sync compares every block (--verify or --discard-standby-changes)".to_owned());
+        TrackPlan::Changes { .. } if opts.force_compare || o.choice.discard_standby_changes => {
+            let by = match o.choice.verify || o.choice.discard_standby_changes {
+                true => "--verify or --discard-standby-changes",
+                false => "requested with blockrep verify",
+            };
+            fallback = Some(format!("this sync compares every block ({by})"));
             None
         }
         TrackPlan::Changes { tracker, base_generation, ranges } => {
@@ -290,6 +296,10 @@ pub fn sync_one_planned(
     let r = match result {
         Ok(mut r) => {
             r.fallback_reason = fallback;
+            if let Some(q) = &request {
+                let explicit = o.choice.verify || o.choice.discard_standby_changes;
+                crate::verify::consume(cfg, &vol.name, q, &mut r, explicit);
+            }
             r
         }
         Err(source) => {

@@ -144,6 +144,9 @@ pub struct VolumeStatus {
     /// opened): the next sync compares its actual content, and `promote` refuses it without --force.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub untrusted: Option<String>,
+    /// The last verify of the shadow (`blockrep verify`, or `serve`'s periodic verify), standby side.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_verify: Option<crate::verify::LastVerify>,
 }
 
 /// The replication state of the node.
@@ -263,7 +266,16 @@ pub fn status_with(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error> 
     for v in &cfg.volumes {
         if let Some(shadow) = &v.shadow {
             let dir = layout.side_dir(Side::Standby, &v.name);
-            if shadow.exists() && dir.exists() && !o.open_shadows {
+            // A sync or verify holding the state directory: its manifest still tells the generation.
+            let target = match (shadow.exists() && dir.exists() && o.open_shadows)
+                .then(|| Target::open(shadow, &dir, TargetOptions::new(&v.name, o.io)))
+            {
+                Some(Err(engine::target::TargetError::Busy { .. })) => None,
+                Some(Ok(t)) => Some(Ok(t)),
+                Some(Err(source)) => Some(Err(StatusError::Shadow { volume: v.name.clone(), source })),
+                None => None,
+            };
+            if shadow.exists() && dir.exists() && target.is_none() {
                 let m = layout.target_manifest(&v.name);
                 let generation = engine::manifest::Manifest::open(&m).map(|m| m.generation()).unwrap_or(0);
                 let last_sync = mtime_secs(&m);
@@ -277,12 +289,12 @@ pub fn status_with(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error> 
                     data_age_s: last_sync.filter(|_| generation > 0).map(|t| now.saturating_sub(t)),
                     record: SyncRecord::default(),
                     untrusted: None,
+                    last_verify: crate::verify::last_verify(cfg, &v.name),
                 });
                 continue;
             }
-            if shadow.exists() && dir.exists() {
-                let t = Target::open(shadow, &dir, TargetOptions::new(&v.name, o.io))
-                    .map_err(|source| StatusError::Shadow { volume: v.name.clone(), source })?;
+            if let Some(t) = target {
+                let t = t?;
                 let info = t.info();
                 let last_sync = mtime_secs(&layout.target_manifest(&v.name));
                 volumes.push(VolumeStatus {
@@ -295,6 +307,7 @@ pub fn status_with(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error> 
                     data_age_s: last_sync.filter(|_| info.generation > 0).map(|t| now.saturating_sub(t)),
                     record: SyncRecord::default(),
                     untrusted: Some(info.distrust).filter(|_| info.complete && !info.trusted),
+                    last_verify: crate::verify::last_verify(cfg, &v.name),
                 });
                 continue;
             }
@@ -314,6 +327,7 @@ pub fn status_with(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error> 
                 data_age_s: last_sync.filter(|_| generation > 0).map(|t| now.saturating_sub(t)),
                 record,
                 untrusted: None,
+                last_verify: None,
             });
         }
     }

@@ -242,6 +242,61 @@ pub(super) fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// `blockrep status --json` (exit 0 or 1: with or without an alarm).
+fn status(cfg: &Path) -> serde_json::Value {
+    let o = run(blockrep().args(["status", "--json", "--config"]).arg(cfg));
+    assert!(matches!(o.status.code(), Some(0 | 1)), "status: {}", stderr(&o));
+    serde_json::from_str(stdout(&o).trim()).unwrap_or_else(|e| panic!("status JSON: {e}: {}", stderr(&o)))
+}
+
+/// `blockrep verify` on the primary: the next sync is a compare sync that says it was requested; the one after
+/// it is incremental again (the request was consumed).
+#[test]
+fn verify_on_the_primary_makes_the_next_sync_a_compare_sync() {
+    let mut p = Pair::new(2 << 20);
+    p.start_serve();
+    assert_eq!(p.sync_ok()["mode"], "full");
+    assert_eq!(p.sync_ok()["mode"], "incremental");
+    let primary = p.config("primary", &p.path("key"), &p.addr);
+    let o = run(blockrep().args(["verify", "--json", "--config"]).arg(&primary));
+    let v = json(&o);
+    assert_eq!((v["volume"].as_str(), v["side"].as_str()), (Some("vol"), Some("primary")), "{v}");
+    assert!(v["compare_requested"]["time"].as_u64().is_some(), "{v}");
+    let r = p.sync_ok();
+    assert_eq!(r["mode"], "compare", "{r}");
+    let reason = r["reason"].as_str().unwrap();
+    assert!(reason.contains("requested") && reason.contains("blockrep verify"), "{reason}");
+    assert!(p.identical());
+    let r = p.sync_ok();
+    assert_eq!(r["mode"], "incremental", "the request was consumed: {r}");
+}
+
+/// `blockrep verify` on the standby with its configuration re-hashes the shadow: a clean one passes (exit 0), a
+/// silent write is found (exit 1, marked untrusted), and the next sync repairs it.
+#[test]
+fn verify_on_the_standby_checks_the_configured_shadow() {
+    let mut p = Pair::new(2 << 20);
+    p.start_serve();
+    p.sync_ok();
+    let standby = p.config("standby", &p.path("key"), "127.0.0.1:1");
+    let v = json(&run(blockrep().args(["verify", "--json", "vol", "--config"]).arg(&standby)));
+    assert_eq!(
+        (v["side"].as_str(), v["ok"].as_bool(), v["generation"].as_u64()),
+        (Some("standby"), Some(true), Some(1))
+    );
+    let shadow = p.path("shadow.img");
+    let mtime = std::fs::metadata(&shadow).unwrap().modified().unwrap();
+    poke(&shadow, 100_000, b"bit rot");
+    std::fs::File::options().write(true).open(&shadow).unwrap().set_modified(mtime).unwrap();
+    let o = run(blockrep().args(["verify", "--config"]).arg(&standby));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("marked untrusted") && stderr(&o).contains("next sync"), "{}", stderr(&o));
+    assert!(status(&standby)["volumes"][0]["untrusted"].as_str().is_some_and(|w| w.contains("verify")));
+    let r = p.sync_ok();
+    assert_eq!(r["mode"], "compare", "{r}");
+    assert!(p.identical());
+}
+
 /// A shadow created while `serve` runs (`blockrep shadow create`) is held from then on, without a restart.
 #[test]
 fn serve_holds_a_shadow_created_after_it_started() {
