@@ -133,6 +133,8 @@ struct RawStandby {
     peer: Option<Spanned<String>>,
     #[serde(default)]
     idle_timeout_s: Option<Spanned<u64>>,
+    #[serde(default)]
+    verify_every: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -256,6 +258,8 @@ pub struct Config {
     pub connect_timeout_s: u64,
     /// The standby ends an authenticated session that sends nothing for this long (`[standby] idle_timeout_s`).
     pub idle_timeout: std::time::Duration,
+    /// `serve` re-hashes each shadow it holds this often (`[standby] verify_every`; `None`: never).
+    pub verify_every: Option<std::time::Duration>,
     /// Volumes.
     pub volumes: Vec<Volume>,
     /// The `[role]` section, for the role manager.
@@ -469,6 +473,14 @@ impl Config {
             monitoring.metrics_file = m.metrics_file;
             monitoring.standby_node = m.standby_node;
         }
+        let verify_every = match raw.standby.as_ref().and_then(|s| s.verify_every.as_ref()) {
+            Some(v) => Some(
+                crate::schedule::parse_duration(v.get_ref())
+                    .and_then(|d| if d.is_zero() { Err("must be at least 1s".into()) } else { Ok(d) })
+                    .map_err(|e| at("standby.verify_every", v, e))?,
+            ),
+            None => None,
+        };
         let primary = raw.primary.as_ref();
         Ok(Config {
             path: path.to_owned(),
@@ -482,6 +494,7 @@ impl Config {
             compression_level: primary.and_then(|p| p.compression_level).unwrap_or(3),
             connect_timeout_s: primary.and_then(|p| p.connect_timeout_s).unwrap_or(10),
             idle_timeout,
+            verify_every,
             volumes,
             role: raw.role,
             schedule,
@@ -666,6 +679,7 @@ mod tests {
             ("[[volume]]\nname = \"v\"\nsource = \"/x\"\nsnapshot = \"zfs\"\n", "snapshot (line 6)"),
             ("[[volume]]\nname = \"v\"\n", "name (line 4)"),
             ("[standby]\nlisten = \"0.0.0.0:1\"\nidle_timeout_s = 0\n", "standby.idle_timeout_s (line 5)"),
+            ("[standby]\nlisten = \"0.0.0.0:1\"\nverify_every = \"0s\"\n", "standby.verify_every (line 5)"),
             ("[primary]\npeer = \"standby\"\n", "primary.peer (line 4)"),
             ("[standby]\nlisten = \"0.0.0.0:1\"\npeer = \"a:b\"\n", "standby.peer (line 5)"),
         ] {

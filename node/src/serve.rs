@@ -22,6 +22,9 @@
 //! is held from then on (at the latest when a sync opens it). Before that, [`run`] rolls every
 //! committed spool forward ([`crate::shadow::roll_forward`]), so a shadow is never left
 //! half-applied after a crash until some sync happens to open it. Two concurrent syncs of one volume are refused.
+//! With `[standby] verify_every`, a thread at the lowest CPU and I/O priority re-hashes each held shadow against
+//! its committed generation at that interval ([`crate::verify::verify_shadow`]); it marks its volume busy like a
+//! sync, and a sync that arrives for that volume stops it (it runs again later).
 //! [`Stopper::stop`] (SIGTERM/SIGINT) stops accepting, cuts the read side of every connection (a transfer stops
 //! between two frames, with its spool durable for resume, while a commit in progress finishes), tells each peer
 //! that the standby is shutting down, and [`Server::run`] returns once every connection has ended.
@@ -54,6 +57,8 @@ pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often `serve` checks whether the node became primary (then it releases the shadows it holds).
 const HOLD_CHECK: Duration = Duration::from_millis(250);
+/// How long a sync waits for a periodic verify of its volume to stop.
+const PREEMPT_WAIT: Duration = Duration::from_secs(10);
 /// Refused connections are summed up in one log line per this interval.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -166,6 +171,10 @@ struct Shared {
     holds: Mutex<HashMap<String, Hold>>,
     /// The volumes whose shadow could not be held, so that this is logged once until it changes.
     hold_failed: Mutex<HashSet<String>>,
+    /// Whether this node accepted syncs at the last hold check (the periodic verify runs only then).
+    standby: AtomicBool,
+    /// The volume whose periodic verify runs now, and the flag that stops it (a sync of it preempts it).
+    verifying: Mutex<Option<(String, Arc<AtomicBool>)>>,
     next_id: AtomicU64,
     handshakes: Arc<Semaphore>,
     connections: Arc<Semaphore>,
@@ -204,9 +213,13 @@ impl Shared {
         }
     }
 
-    /// The periodic hold check: a standby holds every shadow, a primary none.
+    /// The periodic hold check: a standby holds every shadow, a primary none (and stops a verify).
     fn check_holds(&self) {
         if roles::refuses_syncs(&self.cfg).is_some() {
+            self.standby.store(false, Ordering::SeqCst);
+            if let Some((_, stop)) = &*self.verifying.lock().expect("lock") {
+                stop.store(true, Ordering::SeqCst);
+            }
             let mut h = self.holds.lock().expect("lock");
             if !h.is_empty() {
                 info!("this node is no longer a standby: releasing the shadows it held");
@@ -214,7 +227,74 @@ impl Shared {
             }
             self.hold_failed.lock().expect("lock").clear();
         } else {
+            self.standby.store(true, Ordering::SeqCst);
             self.hold_missing();
+        }
+    }
+
+    /// Marks `volume` busy for a sync. A periodic verify of it is stopped first (it has the lowest priority);
+    /// `false`: another sync holds it.
+    fn mark_busy(&self, volume: &str) -> bool {
+        if self.busy.lock().expect("lock").insert(volume.to_owned()) {
+            return true;
+        }
+        let verifying = self.verifying.lock().expect("lock").clone();
+        let Some((_, stop)) = verifying.filter(|(v, _)| v == volume) else { return false };
+        stop.store(true, Ordering::SeqCst);
+        let t = Instant::now();
+        while t.elapsed() < PREEMPT_WAIT {
+            std::thread::sleep(Duration::from_millis(10));
+            if self.busy.lock().expect("lock").insert(volume.to_owned()) {
+                info!(volume, "a sync arrived: the periodic verify of this volume stopped and runs again later");
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// The periodic verify (`[standby] verify_every`): on its own thread at the lowest priority, every held shadow
+/// whose interval has passed is re-hashed against its committed generation ([`crate::verify::verify_shadow`]),
+/// never while a sync of it runs; a sync that arrives stops it.
+fn scrub(shared: &Shared, every: Duration) {
+    crate::verify::lowest_priority();
+    info!(every = %crate::schedule::format_duration(every), "periodic verify of the held shadows enabled");
+    while !shared.stopping.load(Ordering::SeqCst) {
+        std::thread::sleep(HOLD_CHECK);
+        for v in &shared.cfg.volumes {
+            if shared.stopping.load(Ordering::SeqCst) || !shared.standby.load(Ordering::SeqCst) {
+                break;
+            }
+            if !shared.holds.lock().expect("lock").contains_key(&v.name)
+                || !shared.cfg.layout().side_dir(Side::Standby, &v.name).is_dir()
+            {
+                continue;
+            }
+            if !crate::verify::due(&shared.cfg, &v.name, every) {
+                continue;
+            }
+            if !shared.busy.lock().expect("lock").insert(v.name.clone()) {
+                continue; // a sync runs: later
+            }
+            let _guard = BusyGuard { busy: shared.busy.clone(), name: v.name.clone() };
+            let stop = Arc::new(AtomicBool::new(false));
+            *shared.verifying.lock().expect("lock") = Some((v.name.clone(), stop.clone()));
+            let stopped = || {
+                stop.load(Ordering::SeqCst)
+                    || shared.stopping.load(Ordering::SeqCst)
+                    || !shared.standby.load(Ordering::SeqCst)
+            };
+            match crate::verify::verify_shadow(&shared.cfg, v, shared.io, &stopped) {
+                Ok(Some(_)) => {}
+                Ok(None) => debug!(volume = %v.name, "periodic verify stopped; it runs again later"),
+                Err(e) => {
+                    if !matches!(e, crate::verify::VerifyError::Incomplete { .. }) {
+                        warn!(volume = %v.name, "periodic verify failed: {}; trying again after the interval", link::error_chain(&e));
+                    }
+                    crate::verify::postpone(&shared.cfg, &v.name);
+                }
+            }
+            *shared.verifying.lock().expect("lock") = None;
         }
     }
 }
@@ -262,6 +342,8 @@ impl Server {
             stop: Notify::new(),
             holds: Mutex::new(HashMap::new()),
             hold_failed: Mutex::new(HashSet::new()),
+            standby: AtomicBool::new(false),
+            verifying: Mutex::new(None),
             next_id: AtomicU64::new(0),
             handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
@@ -314,7 +396,19 @@ impl Server {
                     let _ = tokio::task::spawn_blocking(move || s.check_holds()).await;
                 }
             });
-            self.accept_loop().await
+            let scrubber = self.shared.cfg.verify_every.map(|every| {
+                let shared = self.shared.clone();
+                std::thread::Builder::new().name("verify".into()).spawn(move || scrub(&shared, every))
+            });
+            let scrubber = match scrubber.transpose() {
+                Ok(s) => s,
+                Err(e) => return Err(ServeError::Runtime(e).into()),
+            };
+            let r = self.accept_loop().await;
+            if let Some(t) = scrubber {
+                let _ = tokio::task::spawn_blocking(move || t.join()).await;
+            }
+            r
         })
     }
 
@@ -417,6 +511,7 @@ pub fn run(
     let holds = if standby { hold_shadows(&cfg)? } else { HashMap::new() };
     let server = Server::bind(cfg, listen, io)?;
     *server.shared.holds.lock().expect("lock") = holds;
+    server.shared.standby.store(standby, Ordering::SeqCst);
     bound(server.local_addr()?);
     server.run_with(true)
 }
@@ -591,7 +686,7 @@ fn open_volume(shared: &Shared, peer: &str, o: &m::OpenVolume) -> Result<OpenSha
     if let Some(why) = roles::refuses_syncs(cfg) {
         return Err((code::REFUSED, why));
     }
-    if !shared.busy.lock().expect("lock").insert(o.name.clone()) {
+    if !shared.mark_busy(&o.name) {
         return Err((
             code::BUSY,
             format!("another sync of volume {} is running on standby {}; try again later", o.name, cfg.node),

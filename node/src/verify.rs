@@ -8,7 +8,9 @@
 //!
 //! The state directory is locked (the engine's target) only to read what to check against and to record the
 //! result, not while the shadow is read, so that `status` keeps working during a long verify; a generation
-//! committed in between makes the result inconclusive (nothing is marked).
+//! committed in between makes the result inconclusive (nothing is marked). `serve` runs the periodic verify
+//! ([`verify_shadow`] with a stop condition): never at the same time as a sync of that volume (a sync that
+//! arrives stops it, and it runs again later), on a thread at the idle I/O class and nice 19.
 //!
 //! On the primary, `blockrep verify` writes `<state_dir>/primary/<volume>/verify_requested`; the next sync of the
 //! volume compares every block with the standby's actual content ([`requested`]), and the first successful one
@@ -178,6 +180,45 @@ fn write_record(cfg: &Config, volume: &str, r: &Record) {
 /// The last verify of a volume's shadow, if one was recorded.
 pub fn last_verify(cfg: &Config, volume: &str) -> Option<LastVerify> {
     read_record(cfg, volume).and_then(|r| r.last)
+}
+
+/// Whether the periodic verify of `volume` is due (`every`: `[standby] verify_every`). The first time it is
+/// asked about a volume it starts counting from now.
+pub(crate) fn due(cfg: &Config, volume: &str, every: std::time::Duration) -> bool {
+    let now = crate::history::now();
+    match read_record(cfg, volume) {
+        Some(r) => now >= r.since.saturating_add(every.as_secs()),
+        None => {
+            write_record(cfg, volume, &Record { since: now, last: None });
+            false
+        }
+    }
+}
+
+/// Starts the periodic verify's interval of `volume` again from now (after a verify that could not run).
+pub(crate) fn postpone(cfg: &Config, volume: &str) {
+    let last = read_record(cfg, volume).and_then(|r| r.last);
+    write_record(cfg, volume, &Record { since: crate::history::now(), last });
+}
+
+/// Lowers the calling thread's CPU and I/O priority (nice 19, idle I/O class): the periodic verify yields to
+/// everything else. Best effort.
+pub(crate) fn lowest_priority() {
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const IOPRIO_CLASS_IDLE: libc::c_long = 3;
+    const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
+    // SAFETY: gettid has no preconditions; setpriority on this thread's id changes only this thread's nice
+    // value; ioprio_set with who = 0 changes only the calling thread's I/O priority. No memory is passed.
+    let (nice, io) = unsafe {
+        let tid = libc::gettid();
+        (
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19),
+            libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT),
+        )
+    };
+    if nice != 0 || io != 0 {
+        tracing::debug!(nice, io, "cannot lower the verify thread's priority: {}", std::io::Error::last_os_error());
+    }
 }
 
 /// Re-hashes `shadow` and compares each block with `m`. `Ok(None)`: stopped; `Ok(Some(None))`: every block

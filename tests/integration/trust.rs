@@ -249,6 +249,54 @@ fn status(cfg: &Path) -> serde_json::Value {
     serde_json::from_str(stdout(&o).trim()).unwrap_or_else(|e| panic!("status JSON: {e}: {}", stderr(&o)))
 }
 
+/// `[standby] verify_every`: `serve` re-hashes the shadow it holds at that interval. A clean shadow passes; a
+/// write that left no evidence (modification time put back) is found by the next periodic verify, which marks
+/// the shadow untrusted, raises the alarm and records it; the next sync compares and repairs it.
+#[test]
+fn the_periodic_verify_in_serve_finds_a_silent_write_and_the_next_sync_repairs_it() {
+    let mut p = Pair::new(4 << 20);
+    p.standby_extra = "verify_every = \"1s\"".into();
+    p.start_serve();
+    assert_eq!(p.sync_ok()["mode"], "full");
+    let standby = p.config("standby", &p.path("key"), "127.0.0.1:1");
+    let mut st = serde_json::Value::Null;
+    let passed = eventually(60, || {
+        st = status(&standby);
+        st["volumes"][0]["last_verify"]["ok"] == true
+    });
+    assert!(passed, "no periodic verify passed on the clean shadow: {st}");
+    assert_eq!(st["volumes"][0]["last_verify"]["generation"], 1, "{st}");
+    assert!(st["volumes"][0]["untrusted"].is_null(), "{st}");
+
+    let shadow = p.path("shadow.img");
+    let mtime = std::fs::metadata(&shadow).unwrap().modified().unwrap();
+    poke(&shadow, 3 * 65536 + 100, b"bit rot, no evidence");
+    std::fs::File::options().write(true).open(&shadow).unwrap().set_modified(mtime).unwrap();
+    let found = eventually(60, || {
+        st = status(&standby);
+        st["volumes"][0]["untrusted"].as_str().is_some_and(|w| w.contains("verify"))
+    });
+    assert!(found, "the periodic verify did not find the write: {st}");
+    assert_eq!(st["volumes"][0]["last_verify"]["ok"], false, "{st}");
+    assert_eq!(st["volumes"][0]["last_verify"]["mismatch_block"], 3, "{st}");
+    assert!(st["alarms"].to_string().contains("shadow_untrusted"), "{st}");
+    let log = stdout(&run(blockrep().args(["log", "--config"]).arg(&standby)));
+    assert!(log.contains("verify vol: MISMATCH"), "{log}");
+
+    let r = p.sync_ok();
+    assert!(p.identical(), "the shadow still differs: {r}");
+    assert_eq!(r["mode"], "compare", "{r}");
+    assert!(r["reason"].as_str().unwrap().contains("verify"), "{r}");
+    assert_eq!(p.sync_ok()["mode"], "incremental");
+    let cleared = eventually(30, || {
+        st = status(&standby);
+        st["volumes"][0]["complete"] == true
+            && st["volumes"][0]["untrusted"].is_null()
+            && !st["alarms"].to_string().contains("shadow_untrusted")
+    });
+    assert!(cleared, "{st}");
+}
+
 /// `blockrep verify` on the primary: the next sync is a compare sync that says it was requested; the one after
 /// it is incremental again (the request was consumed).
 #[test]
