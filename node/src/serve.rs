@@ -752,3 +752,43 @@ fn note_first_full_sync(cfg: &Config, io: engine::volume::IoOptions, just_commit
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sync_stops_the_periodic_verify_of_its_volume_and_takes_the_volume() {
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("key");
+        netproto::generate_key(&key, false).unwrap();
+        let text = format!(
+            "node = \"s\"\nkey_file = {key:?}\nstate_dir = {:?}\n[standby]\nlisten = \"127.0.0.1:0\"\n",
+            d.path().join("state")
+        );
+        let cfg = Config::parse(&text, std::path::Path::new("c.toml")).unwrap();
+        let shared = Server::bind(cfg, None, Default::default()).unwrap().shared;
+        // A periodic verify of "v" runs: it holds the busy mark until told to stop.
+        shared.busy.lock().unwrap().insert("v".into());
+        let stop = Arc::new(AtomicBool::new(false));
+        *shared.verifying.lock().unwrap() = Some(("v".into(), stop.clone()));
+        let verify = {
+            let (shared, stop) = (shared.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                *shared.verifying.lock().unwrap() = None;
+                shared.busy.lock().unwrap().remove("v");
+            })
+        };
+        assert!(shared.mark_busy("v"), "the sync gets the volume");
+        assert!(stop.load(Ordering::SeqCst), "the verify was told to stop");
+        verify.join().unwrap();
+        // A volume busy with a sync (no verify to stop) is refused at once, as before.
+        let t = Instant::now();
+        assert!(!shared.mark_busy("v"));
+        assert!(t.elapsed() < Duration::from_secs(1));
+        assert!(shared.mark_busy("w"));
+    }
+}
