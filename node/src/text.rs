@@ -79,6 +79,14 @@ impl fmt::Display for NodeStatus {
                     "  UNTRUSTED shadow (the next sync compares its content; not promotable without --force): {why}"
                 )?;
             }
+            if let Some(l) = &v.last_verify {
+                let result = if l.ok {
+                    "ok".to_owned()
+                } else {
+                    format!("MISMATCH at block {}", l.mismatch_block.unwrap_or_default())
+                };
+                writeln!(f, "  last verify {}: generation {}, {result}", ago(l.time), l.generation)?;
+            }
             if let Some(l) = &v.record.last_success {
                 writeln!(
                     f,

@@ -340,6 +340,8 @@ fn verify_on_the_standby_checks_the_configured_shadow() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("marked untrusted") && stderr(&o).contains("next sync"), "{}", stderr(&o));
     assert!(status(&standby)["volumes"][0]["untrusted"].as_str().is_some_and(|w| w.contains("verify")));
+    let text = stdout(&run(blockrep().args(["status", "--config"]).arg(&standby)));
+    assert!(text.contains("last verify") && text.contains("generation 1, MISMATCH at block 1"), "{text}");
     let r = p.sync_ok();
     assert_eq!(r["mode"], "compare", "{r}");
     assert!(p.identical());
