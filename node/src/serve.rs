@@ -113,9 +113,25 @@ impl ServeError {
 #[derive(Debug)]
 enum Hold {
     /// A block device open with `O_EXCL`.
-    Device(#[allow(dead_code)] std::fs::File),
+    Device(std::fs::File),
     /// A regular file under an exclusive flock.
-    File(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>),
+    File(nix::fcntl::Flock<std::fs::File>),
+}
+
+impl Hold {
+    /// Whether the held file is still the one at `path` (a file shadow deleted and created again is another
+    /// file, to be held anew).
+    fn is(&self, path: &std::path::Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let file: &std::fs::File = match self {
+            Hold::Device(f) => f,
+            Hold::File(l) => l,
+        };
+        match (file.metadata(), std::fs::metadata(path)) {
+            (Ok(a), Ok(b)) => (a.dev(), a.ino(), a.rdev()) == (b.dev(), b.ino(), b.rdev()),
+            _ => false,
+        }
+    }
 }
 
 /// Opens one shadow exclusively (see [`Hold`]); `Ok(None)`: it does not exist (yet) or is neither a block device
@@ -185,9 +201,10 @@ impl Shared {
     /// logged (once until that changes) and tried again at the next check: the evidence recorded at each commit
     /// still shows writes made meanwhile.
     fn hold(&self, volume: &str, shadow: &std::path::Path) {
-        if self.holds.lock().expect("lock").contains_key(volume) {
+        if self.holds.lock().expect("lock").get(volume).is_some_and(|h| h.is(shadow)) {
             return;
         }
+        self.holds.lock().expect("lock").remove(volume); // gone or replaced: release the old file
         match hold_shadow(volume, shadow) {
             Ok(Some(h)) => {
                 info!(volume, shadow = %shadow.display(), "holding the shadow exclusively");

@@ -347,7 +347,8 @@ fn verify_on_the_standby_checks_the_configured_shadow() {
     assert!(p.identical());
 }
 
-/// A shadow created while `serve` runs (`blockrep shadow create`) is held from then on, without a restart.
+/// A shadow created while `serve` runs (`blockrep shadow create`) is held from then on, without a restart; so is
+/// one deleted and created again.
 #[test]
 fn serve_holds_a_shadow_created_after_it_started() {
     let mut p = Pair::new(1 << 20);
@@ -360,6 +361,14 @@ fn serve_holds_a_shadow_created_after_it_started() {
     assert_eq!(p.sync_ok()["mode"], "full");
     assert!(p.identical());
     assert!(flocked(&p.path("shadow.img")));
+    // Deleted and created again (another file at the same path): held anew, and the next sync repairs it.
+    std::fs::remove_file(p.path("shadow.img")).unwrap();
+    let o = run(blockrep().args(["shadow", "create", "vol", "--size", "1M", "--config"]).arg(&standby));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(eventually(10, || flocked(&p.path("shadow.img"))), "serve does not hold the new file");
+    let r = p.sync_ok();
+    assert_eq!(r["mode"], "compare", "{r}");
+    assert!(p.identical());
     p.stop_serve();
     assert!(!flocked(&p.path("shadow.img")), "released when serve stops");
 }
