@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use engine::target::{Target, TargetOptions};
+use engine::target::TargetOptions;
 
 pub use role::Report;
 
@@ -160,7 +160,7 @@ impl role::Guards for NodeGuards<'_> {
             let shadow = v.shadow.as_ref().expect("filtered");
             let dir = layout.side_dir(Side::Standby, &v.name);
             // Opening the target rolls a committed spool forward; an uncommitted one never touched the shadow.
-            let t = Target::open(shadow, &dir, TargetOptions::new(&v.name, self.io))
+            let t = crate::verify::open_target(shadow, &dir, TargetOptions::new(&v.name, self.io))
                 .map_err(|e| format!("volume {}: cannot open the shadow: {}", v.name, link::error_chain(&e)))?;
             let info = t.info();
             if !info.complete || info.generation == 0 {
@@ -317,8 +317,12 @@ fn check_final_sync(
         let c = list.iter().find(|c| c.volume == v.name).ok_or_else(|| {
             format!("volume {} has a shadow on this node but was not in the peer's final sync", v.name)
         })?;
-        let t = Target::open(shadow, &layout.side_dir(Side::Standby, &v.name), TargetOptions::new(&v.name, io))
-            .map_err(|e| format!("volume {}: cannot open the shadow: {}", v.name, link::error_chain(&e)))?;
+        let t = crate::verify::open_target(
+            shadow,
+            &layout.side_dir(Side::Standby, &v.name),
+            TargetOptions::new(&v.name, io),
+        )
+        .map_err(|e| format!("volume {}: cannot open the shadow: {}", v.name, link::error_chain(&e)))?;
         let info = t.info();
         if !info.complete || info.generation != c.generation || info.generation_id != Some(c.id) {
             let here = info.generation_id.as_ref().map_or_else(|| "unknown".into(), engine::generations::id_hex);
@@ -351,7 +355,7 @@ fn same_volume(a: &Path, b: &Path) -> bool {
 }
 
 /// Switchback, the promoting side: before this node's shadows become production, keeps each trusted shadow's
-/// committed generation (manifest and record, [`Target::reference`]) as this node's primary-side reference, so
+/// committed generation (manifest and record, [`Target::reference`](engine::target::Target::reference)) as this node's primary-side reference, so
 /// that its first sync to the old primary, which holds the same generation ([`adopt_final_sync`]), is
 /// incremental. A shadow that is not trusted keeps nothing (that sync compares); a failure is logged (the same).
 fn keep_references(cfg: &Config, io: engine::volume::IoOptions) {
@@ -362,7 +366,7 @@ fn keep_references(cfg: &Config, io: engine::volume::IoOptions) {
         if !shadow.exists() || !dir.exists() {
             continue;
         }
-        let r = Target::open(shadow, &dir, TargetOptions::new(&v.name, io))
+        let r = crate::verify::open_target(shadow, &dir, TargetOptions::new(&v.name, io))
             .map_err(|e| link::error_chain(&e))
             .and_then(|t| match t.reference() {
                 None => Ok(None),
@@ -406,7 +410,7 @@ fn record_adoption(cfg: &Config, volume: &str, side: &str, record: &link::GenRec
 
 /// Switchback, the demoting side: after a switchover's final sync that the peer confirmed, each volume whose
 /// shadow is its source here (the configuration of a pair that switches back) records in its standby state that
-/// it holds the generation just committed (the primary manifest and record, [`Target::adopt`], with fresh evidence
+/// it holds the generation just committed (the primary manifest and record, [`Target::adopt`](engine::target::Target::adopt), with fresh evidence
 /// of the volume): the peer's first sync back is then incremental. A volume written later is caught by that
 /// evidence; a failure is logged (the sync back compares).
 fn adopt_final_sync(cfg: &Config, list: &[netproto::message::Committed], io: engine::volume::IoOptions) {
@@ -423,8 +427,12 @@ fn adopt_final_sync(cfg: &Config, list: &[netproto::message::Committed], io: eng
             tracing::warn!(volume = %v.name, "the final sync's record is not current here; the sync back compares");
             continue;
         };
-        let r = Target::open(shadow, &layout.side_dir(Side::Standby, &v.name), TargetOptions::new(&v.name, io))
-            .and_then(|mut t| t.adopt(&manifest, &record));
+        let r = crate::verify::open_target(
+            shadow,
+            &layout.side_dir(Side::Standby, &v.name),
+            TargetOptions::new(&v.name, io),
+        )
+        .and_then(|mut t| t.adopt(&manifest, &record));
         match r {
             Ok(()) => {
                 tracing::info!(
@@ -617,7 +625,7 @@ pub fn run(cfg: &Config, plan: Plan, a: &PlanOptions, io: engine::volume::IoOpti
 
 /// Switchback after an unplanned promote of the peer, the demoted side: each volume whose shadow is its source
 /// here records in its standby state that it descends from this node's last generation as primary (the primary
-/// manifest and record, [`Target::adopt_written`]) and may have been written since, so the new primary, which
+/// manifest and record, [`Target::adopt_written`](engine::target::Target::adopt_written)) and may have been written since, so the new primary, which
 /// promoted that generation, compares the actual content on its first sync back instead of refusing it as a
 /// split brain (the standby side's record was the one this node's own earlier promote gave it, which the peer
 /// never saw). Skipped where the standby side already holds that record (a switchover's final sync adopted it,
@@ -632,13 +640,13 @@ fn adopt_after_demote(cfg: &Config, io: engine::volume::IoOptions) {
         let manifest = layout.source_manifest(&v.name);
         let gens = engine::generations::read_source(&engine::generations::source_path(&manifest));
         let Some(record) = gens.history.current else { continue };
-        let r = Target::open(shadow, &layout.side_dir(Side::Standby, &v.name), TargetOptions::new(&v.name, io))
-            .and_then(|mut t| {
-                if t.info().history.first().is_some_and(|c| c.id == record.id) {
-                    return Ok(false);
-                }
-                t.adopt_written(&manifest, &record).map(|()| true)
-            });
+        let dir = layout.side_dir(Side::Standby, &v.name);
+        let r = crate::verify::open_target(shadow, &dir, TargetOptions::new(&v.name, io)).and_then(|mut t| {
+            if t.info().history.first().is_some_and(|c| c.id == record.id) {
+                return Ok(false);
+            }
+            t.adopt_written(&manifest, &record).map(|()| true)
+        });
         match r {
             Ok(false) => {}
             Ok(true) => tracing::info!(
@@ -657,8 +665,9 @@ fn adopt_after_demote(cfg: &Config, io: engine::volume::IoOptions) {
     }
 }
 
-/// Records on every shadow of this node that it became production ([`Target::mark_promoted`]); a failure is
-/// logged (the write counters of block devices still show the writes).
+/// Records on every shadow of this node that it became production
+/// ([`Target::mark_promoted`](engine::target::Target::mark_promoted)); a failure is logged (the write counters of
+/// block devices still show the writes).
 fn mark_promoted(cfg: &Config, io: engine::volume::IoOptions) {
     let layout = cfg.layout();
     for v in cfg.volumes.iter().filter(|v| v.shadow.is_some()) {
@@ -667,8 +676,8 @@ fn mark_promoted(cfg: &Config, io: engine::volume::IoOptions) {
         if !shadow.exists() || !dir.exists() {
             continue;
         }
-        let r =
-            Target::open(shadow, &dir, TargetOptions::new(&v.name, io)).and_then(|mut t| t.mark_promoted(&cfg.node));
+        let r = crate::verify::open_target(shadow, &dir, TargetOptions::new(&v.name, io))
+            .and_then(|mut t| t.mark_promoted(&cfg.node));
         if let Err(e) = r {
             tracing::warn!(volume = %v.name, "cannot record that the shadow became production: {}", link::error_chain(&e));
         }

@@ -728,7 +728,7 @@ fn open_volume(shared: &Shared, peer: &str, o: &m::OpenVolume) -> Result<OpenSha
     shared.hold(&o.name, shadow); // a shadow created since the last hold check
     let dir = cfg.layout().side_dir(Side::Standby, &o.name);
     let opts = TargetOptions { peer: peer.to_owned(), ..TargetOptions::new(&o.name, shared.io) };
-    let target = Target::open(shadow, &dir, opts).map_err(|e| {
+    let target = crate::verify::open_target(shadow, &dir, opts).map_err(|e| {
         (code::FAILED, format!("cannot open the shadow of volume {}: {}", o.name, link::error_chain(&e)))
     })?;
     let size = target.info().volume_size;
@@ -757,7 +757,7 @@ fn note_first_full_sync(cfg: &Config, io: engine::volume::IoOptions, just_commit
     }
     let all_complete = cfg.volumes.iter().filter(|v| v.shadow.is_some() && v.name != just_committed).all(|v| {
         let shadow = v.shadow.as_ref().expect("filtered");
-        Target::open(shadow, &layout.side_dir(Side::Standby, &v.name), TargetOptions::new(&v.name, io))
+        crate::verify::open_target(shadow, &layout.side_dir(Side::Standby, &v.name), TargetOptions::new(&v.name, io))
             .ok()
             .map(|t| t.info())
             .is_some_and(|i| i.complete && i.generation > 0)

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use lvmctl::{Lvm, LvmError};
 
-use engine::target::{Target, TargetOptions};
+use engine::target::TargetOptions;
 
 use crate::config::Config;
 use crate::layout::Side;
@@ -35,7 +35,7 @@ pub fn roll_forward(cfg: &Config, io: engine::volume::IoOptions) -> Vec<NotRolle
         if !shadow.exists() || !dir.exists() {
             continue;
         }
-        match Target::open(shadow, &dir, TargetOptions::new(&v.name, io)) {
+        match crate::verify::open_target(shadow, &dir, TargetOptions::new(&v.name, io)) {
             Ok(t) => {
                 let i = t.info();
                 tracing::debug!(volume = %v.name, generation = i.generation, complete = i.complete, "shadow checked");

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use engine::target::{Target, TargetOptions};
+use engine::target::TargetOptions;
 use serde::{Deserialize, Serialize};
 
 use crate::alarms::{self, Alarm};
@@ -268,7 +268,7 @@ pub fn status_with(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error> 
             let dir = layout.side_dir(Side::Standby, &v.name);
             // A sync or verify holding the state directory: its manifest still tells the generation.
             let target = match (shadow.exists() && dir.exists() && o.open_shadows)
-                .then(|| Target::open(shadow, &dir, TargetOptions::new(&v.name, o.io)))
+                .then(|| crate::verify::open_target(shadow, &dir, TargetOptions::new(&v.name, o.io)))
             {
                 Some(Err(engine::target::TargetError::Busy { .. })) => None,
                 Some(Ok(t)) => Some(Ok(t)),

@@ -36,6 +36,23 @@ const RECORD_FILE: &str = "last_verify.json";
 const REQUEST_FILE: &str = "verify_requested";
 /// Bytes read at once while re-hashing.
 const CHUNK: usize = 1 << 20;
+/// How long [`open_target`] waits for another process's short hold of a state directory.
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Opens a shadow's target, waiting up to 3 s while another blockrep process holds its state directory
+/// (a verify holds it for a moment before and after reading the shadow; a sync in progress longer, and then the
+/// engine's `Busy` error is returned as before).
+pub fn open_target(shadow: &Path, dir: &Path, opts: TargetOptions) -> Result<Target, engine::target::TargetError> {
+    let started = Instant::now();
+    loop {
+        match Target::open(shadow, dir, opts.clone()) {
+            Err(engine::target::TargetError::Busy { .. }) if started.elapsed() < BUSY_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            r => return r,
+        }
+    }
+}
 
 /// Errors of `blockrep verify` with a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -271,7 +288,7 @@ pub fn verify_shadow(
         vol.shadow.as_ref().ok_or_else(|| VerifyError::Nothing { volume: name.into(), node: cfg.node.clone() })?;
     let dir = cfg.layout().side_dir(Side::Standby, name);
     let target_err = |source| VerifyError::Target { volume: name.into(), source };
-    let open = || Target::open(shadow, &dir, TargetOptions::new(name, io)).map_err(target_err);
+    let open = || open_target(shadow, &dir, TargetOptions::new(name, io)).map_err(target_err);
     let started = Instant::now();
     let (info, manifest) = {
         let t = open()?;
