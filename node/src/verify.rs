@@ -314,9 +314,9 @@ pub fn verify_shadow(
         duration_s: started.elapsed().as_secs_f64(),
     };
     if let Some(block) = mismatch {
-        // A shadow already untrusted keeps its mark (a promoted one must stay recognisable as such); either way
-        // the next sync compares.
-        if now.trusted {
+        // A promoted shadow keeps its mark (the engine tells a split brain by it); any other is marked, so that
+        // promote refuses it without --force, whatever else made it untrusted. Either way the next sync compares.
+        if !now.distrust.contains("promoted") {
             t.mark_untrusted(engine::target::Distrust::VerifyFailed).map_err(target_err)?;
         }
         drop(t);
