@@ -89,11 +89,17 @@ result snapshots_left "$(lvs --noheadings -o lv_name vg0 | grep -c blockrep_snap
 # The shadow equals the generation the primary hashed from the snapshot (verify re-hashes the shadow).
 check $BR verify --json --local /dev/vg1/data_shadow --state-dir /mnt/brstate --name data > $W/v1.json
 result verify1 "$(cat $W/v1.json)"
-check e2fsck -n -f /dev/vg1/data_shadow
+# serve holds the shadow (created after it started) exclusively: it cannot be mounted while serve runs.
 mkdir -p $W/shadowmnt
+mount -t ext4 -o ro /dev/vg1/data_shadow $W/shadowmnt 2> $W/mount.err && fail "mounted a shadow that serve holds"
+result mount_refused "$(grep -c -i busy $W/mount.err)"
+kill $SERVE; wait $SERVE
+check e2fsck -n -f /dev/vg1/data_shadow
 check mount -t ext4 -o ro /dev/vg1/data_shadow $W/shadowmnt
 result files "$(ls $W/shadowmnt | grep -c '^file[0-9]*$')"
 umount $W/shadowmnt
+mv $W/serve.log $W/serve.log.1
+start_serve
 
 # Catch up with what the writer changed after the snapshot, then change 4 files (4 x 64 KiB) and sync again:
 # only about that much (plus ext4 metadata and journal) is sent.
@@ -121,6 +127,7 @@ result serve_rc $?
     assert_eq!(s1["generation"], 1);
     let v1: serde_json::Value = serde_json::from_str(r.result("verify1").unwrap()).unwrap();
     assert_eq!(v1["ok"], true, "{v1}");
+    assert_eq!(r.result("mount_refused"), Some("1"), "mounting a held shadow fails with 'busy'");
     assert_eq!(r.result("files"), Some("64"));
     let s2: serde_json::Value = serde_json::from_str(r.result("sync2").unwrap()).unwrap();
     assert_eq!(s2["mode"], "incremental");
