@@ -325,9 +325,9 @@ pub struct VerifyArgs {
     /// Check a local shadow instead: TARGET and its state directory (as used with `sync --local`).
     #[arg(long, value_name = "TARGET")]
     pub local: Option<PathBuf>,
-    /// With --local: the state directory.
-    #[arg(long, default_value = "/var/lib/blockrep")]
-    pub state_dir: PathBuf,
+    /// With --local: the state directory [default: /var/lib/blockrep].
+    #[arg(long, requires = "local", conflicts_with = "volumes")]
+    pub state_dir: Option<PathBuf>,
     /// With --local: volume name (default: the target's file name).
     #[arg(long, requires = "local")]
     pub name: Option<String>,

@@ -171,8 +171,9 @@ fn sync_local(a: &args::SyncArgs) -> Result<()> {
 fn verify_local(a: &args::VerifyArgs) -> Result<()> {
     let local = a.local.as_deref().expect("called with --local");
     let name = node::layout::volume_name(a.name.as_deref(), local).map_err(node::Error::from)?;
-    let v = node::local::verify(local, &a.state_dir, &name, a.io.options())?;
-    node::history::append_at(&a.state_dir, node::history::Event::Verify { volume: name, ok: v.ok });
+    let state_dir = a.state_dir.as_deref().unwrap_or(Path::new("/var/lib/blockrep"));
+    let v = node::local::verify(local, state_dir, &name, a.io.options())?;
+    node::history::append_at(state_dir, node::history::Event::Verify { volume: name, ok: v.ok });
     report::print_verify(&v, a.json);
     Ok(v.into_result()?)
 }
