@@ -270,11 +270,10 @@ impl Shared {
     }
 }
 
-/// The periodic verify (`[standby] verify_every`): on its own thread at the lowest priority, every held shadow
+/// The periodic verify (`[standby] verify_every`): on its own thread, at the lowest priority while it reads, every held shadow
 /// whose interval has passed is re-hashed against its committed generation ([`crate::verify::verify_shadow`]),
 /// never while a sync of it runs; a sync that arrives stops it.
 fn scrub(shared: &Shared, every: Duration) {
-    crate::verify::lowest_priority();
     info!(every = %crate::schedule::format_duration(every), "periodic verify of the held shadows enabled");
     while !shared.stopping.load(Ordering::SeqCst) {
         std::thread::sleep(HOLD_CHECK);
@@ -301,7 +300,7 @@ fn scrub(shared: &Shared, every: Duration) {
                     || shared.stopping.load(Ordering::SeqCst)
                     || !shared.standby.load(Ordering::SeqCst)
             };
-            match crate::verify::verify_shadow(&shared.cfg, v, shared.io, &stopped) {
+            match crate::verify::verify_shadow(&shared.cfg, v, shared.io, &stopped, true) {
                 Ok(Some(_)) => {}
                 Ok(None) => debug!(volume = %v.name, "periodic verify stopped; it runs again later"),
                 Err(e) => {

@@ -10,7 +10,7 @@
 //! result, not while the shadow is read, so that `status` keeps working during a long verify; a generation
 //! committed in between makes the result inconclusive (nothing is marked). `serve` runs the periodic verify
 //! ([`verify_shadow`] with a stop condition): never at the same time as a sync of that volume (a sync that
-//! arrives stops it, and it runs again later), on a thread at the idle I/O class and nice 19.
+//! arrives stops it, and it runs again later), reading the shadow at the idle I/O class and nice 19.
 //!
 //! On the primary, `blockrep verify` writes `<state_dir>/primary/<volume>/verify_requested`; the next sync of the
 //! volume compares every block with the standby's actual content ([`requested`]), and the first successful one
@@ -218,23 +218,56 @@ pub(crate) fn postpone(cfg: &Config, volume: &str) {
     write_record(cfg, volume, &Record { since: crate::history::now(), last });
 }
 
-/// Lowers the calling thread's CPU and I/O priority (nice 19, idle I/O class): the periodic verify yields to
-/// everything else. Best effort.
-pub(crate) fn lowest_priority() {
-    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
-    const IOPRIO_CLASS_IDLE: libc::c_long = 3;
-    const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
-    // SAFETY: gettid has no preconditions; setpriority on this thread's id changes only this thread's nice
-    // value; ioprio_set with who = 0 changes only the calling thread's I/O priority. No memory is passed.
-    let (nice, io) = unsafe {
-        let tid = libc::gettid();
-        (
-            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19),
-            libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT),
-        )
-    };
-    if nice != 0 || io != 0 {
-        tracing::debug!(nice, io, "cannot lower the verify thread's priority: {}", std::io::Error::last_os_error());
+/// The calling thread at the lowest CPU and I/O priority (nice 19, idle I/O class) while this lives, so that a
+/// periodic verify yields to everything else; the previous priorities come back on drop (so that what the verify
+/// does afterwards, such as running notify hooks, does not inherit them). Best effort.
+pub(crate) struct LowestPriority {
+    tid: libc::id_t,
+    nice: libc::c_int,
+    ioprio: libc::c_long,
+}
+
+const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+const IOPRIO_CLASS_IDLE: libc::c_long = 3;
+const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
+
+impl LowestPriority {
+    /// Lowers the calling thread's priorities.
+    pub(crate) fn new() -> LowestPriority {
+        // SAFETY: gettid has no preconditions; getpriority/setpriority on this thread's id read and change only this
+        // thread's nice value; ioprio_get/ioprio_set with who = 0 read and change only the calling thread's I/O
+        // priority. No memory is passed.
+        unsafe {
+            let tid = libc::gettid() as libc::id_t;
+            let nice = libc::getpriority(libc::PRIO_PROCESS, tid);
+            let ioprio = libc::syscall(libc::SYS_ioprio_get, IOPRIO_WHO_PROCESS, 0);
+            let set_nice = libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+            let set_io =
+                libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT);
+            if set_nice != 0 || set_io != 0 {
+                tracing::debug!("cannot lower the verify's priority: {}", std::io::Error::last_os_error());
+            }
+            LowestPriority { tid, nice, ioprio }
+        }
+    }
+}
+
+impl Drop for LowestPriority {
+    fn drop(&mut self) {
+        // SAFETY: as in `new`: only this thread's nice value and I/O priority change, no memory is passed.
+        let (n, i) = unsafe {
+            (
+                libc::setpriority(libc::PRIO_PROCESS, self.tid, self.nice),
+                if self.ioprio >= 0 {
+                    libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, self.ioprio)
+                } else {
+                    0
+                },
+            )
+        };
+        if n != 0 || i != 0 {
+            tracing::debug!("cannot restore the thread's priority after a verify: {}", std::io::Error::last_os_error());
+        }
     }
 }
 
@@ -275,13 +308,15 @@ fn rehash(
 }
 
 /// Verifies the shadow of `vol` against its committed generation and records the result (see the module docs);
-/// `stop` is asked between chunks (`Ok(None)`: stopped, nothing recorded). A mismatch is returned as
+/// `stop` is asked between chunks (`Ok(None)`: stopped, nothing recorded); with `lowest`, the shadow is read at
+/// the lowest CPU and I/O priority ([`LowestPriority`]). A mismatch is returned as
 /// `Ok(Some(LastVerify { ok: false, .. }))`, with the shadow marked untrusted and the alarm raised.
 pub fn verify_shadow(
     cfg: &Config,
     vol: &VolumeConfig,
     io: IoOptions,
     stop: &dyn Fn() -> bool,
+    lowest: bool,
 ) -> Result<Option<LastVerify>, VerifyError> {
     let name = vol.name.as_str();
     let shadow =
@@ -300,7 +335,9 @@ pub fn verify_shadow(
         }
     }; // the state directory is unlocked while the shadow is read
     let m = Manifest::open(&manifest).map_err(|source| VerifyError::Manifest { volume: name.into(), source })?;
+    let low = lowest.then(LowestPriority::new);
     let Some(mismatch) = rehash(name, shadow, &m, io, stop)? else { return Ok(None) };
+    drop(low);
     let mut t = open()?;
     let now = t.info();
     if now.generation != info.generation || now.root != Some(m.root()) {
@@ -313,36 +350,41 @@ pub fn verify_shadow(
         mismatch_block: mismatch,
         duration_s: started.elapsed().as_secs_f64(),
     };
-    if let Some(block) = mismatch {
-        // A promoted shadow keeps its mark (the engine tells a split brain by it); any other is marked, so that
-        // promote refuses it without --force, whatever else made it untrusted. Either way the next sync compares.
-        if !now.distrust.contains("promoted") {
-            t.mark_untrusted(engine::target::Distrust::VerifyFailed).map_err(target_err)?;
-        }
-        drop(t);
-        tracing::warn!(
-            volume = name,
-            generation = info.generation,
-            block,
-            "verify: the shadow differs from its committed generation: marked untrusted, the next sync compares and \
-             repairs it"
-        );
-        let message = format!(
-            "the shadow of volume {name} is not trusted (a verify found block {block} different from its committed \
-             generation {}); the next sync compares its whole content, and promote refuses it without --force",
-            info.generation
-        );
-        crate::alarms::update(cfg, &[Judgement::raise(AlarmKind::ShadowUntrusted, Some(name), message)]);
-    } else {
-        drop(t);
-        tracing::info!(
-            volume = name,
-            generation = info.generation,
-            "verify: the shadow matches its committed generation"
-        );
+    // A promoted shadow keeps its mark (the engine tells a split brain by it); any other that differs is marked,
+    // so that promote refuses it without --force, whatever else made it untrusted. Either way the next sync
+    // compares.
+    if mismatch.is_some() && !now.distrust.contains("promoted") {
+        t.mark_untrusted(engine::target::Distrust::VerifyFailed).map_err(target_err)?;
     }
+    // Recorded while the state directory is locked: whoever opens the target next sees the mark and the result.
     write_record(cfg, name, &Record { since: last.time, last: Some(last.clone()) });
     crate::history::append(cfg, crate::history::Event::Verify { volume: name.into(), ok: last.ok });
+    drop(t);
+    match mismatch {
+        Some(block) => {
+            tracing::warn!(
+                volume = name,
+                generation = info.generation,
+                block,
+                "verify: the shadow differs from its committed generation: marked untrusted, the next sync compares \
+                 and repairs it"
+            );
+            let message = format!(
+                "the shadow of volume {name} is not trusted (a verify found block {block} different from its \
+                 committed generation {}); the next sync compares its whole content, and promote refuses it without \
+                 --force",
+                info.generation
+            );
+            crate::alarms::update(cfg, &[Judgement::raise(AlarmKind::ShadowUntrusted, Some(name), message)]);
+        }
+        None => {
+            tracing::info!(
+                volume = name,
+                generation = info.generation,
+                "verify: the shadow matches its committed generation"
+            )
+        }
+    }
     Ok(Some(last))
 }
 
@@ -466,7 +508,7 @@ pub fn run(cfg: &Config, names: &[String], io: IoOptions, done: &mut dyn FnMut(&
         let has_state =
             v.shadow.as_ref().is_some_and(|s| s.exists()) && layout.side_dir(Side::Standby, &v.name).is_dir();
         let r: Result<Outcome, Error> = if has_state && (standby_node || v.source.is_none()) {
-            verify_shadow(cfg, v, io, &|| false).map_err(Error::from).map(|last| Outcome {
+            verify_shadow(cfg, v, io, &|| false, false).map_err(Error::from).map(|last| Outcome {
                 volume: v.name.clone(),
                 side: VolumeSide::Standby,
                 verified: last,
@@ -496,4 +538,31 @@ pub fn run(cfg: &Config, names: &[String], io: IoOptions, done: &mut dyn FnMut(&
         }
     }
     first.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nice() -> libc::c_int {
+        // SAFETY: reads this thread's nice value; no memory is passed.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+    }
+
+    #[test]
+    fn the_lowest_priority_lasts_while_the_guard_lives() {
+        std::thread::spawn(|| {
+            let before = nice();
+            let low = LowestPriority::new();
+            assert_eq!(nice(), 19);
+            drop(low);
+            // Raising the nice value back needs CAP_SYS_NICE (serve runs as root).
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } == 0 {
+                assert_eq!(nice(), before);
+            }
+        })
+        .join()
+        .unwrap();
+    }
 }
