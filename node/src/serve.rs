@@ -270,9 +270,9 @@ impl Shared {
     }
 }
 
-/// The periodic verify (`[standby] verify_every`): on its own thread, at the lowest priority while it reads, every held shadow
-/// whose interval has passed is re-hashed against its committed generation ([`crate::verify::verify_shadow`]),
-/// never while a sync of it runs; a sync that arrives stops it.
+/// The periodic verify (`[standby] verify_every`): on its own thread, at the lowest priority while it reads,
+/// every held shadow whose interval has passed is re-hashed against its committed generation
+/// ([`crate::verify::verify_shadow`]), never while a sync of it runs; a sync that arrives stops it.
 fn scrub(shared: &Shared, every: Duration) {
     info!(every = %crate::schedule::format_duration(every), "periodic verify of the held shadows enabled");
     while !shared.stopping.load(Ordering::SeqCst) {
@@ -289,12 +289,17 @@ fn scrub(shared: &Shared, every: Duration) {
             if !crate::verify::due(&shared.cfg, &v.name, every) {
                 continue;
             }
-            if !shared.busy.lock().expect("lock").insert(v.name.clone()) {
-                continue; // a sync runs: later
-            }
-            let _guard = BusyGuard { busy: shared.busy.clone(), name: v.name.clone() };
+            // The busy mark and the registration of the verify are taken together, and released in the other
+            // order, so that a sync arriving in between always finds the verify to stop ([`Shared::mark_busy`]).
             let stop = Arc::new(AtomicBool::new(false));
-            *shared.verifying.lock().expect("lock") = Some((v.name.clone(), stop.clone()));
+            let guard = {
+                let mut verifying = shared.verifying.lock().expect("lock");
+                if !shared.busy.lock().expect("lock").insert(v.name.clone()) {
+                    continue; // a sync runs: later
+                }
+                *verifying = Some((v.name.clone(), stop.clone()));
+                BusyGuard { busy: shared.busy.clone(), name: v.name.clone() }
+            };
             let stopped = || {
                 stop.load(Ordering::SeqCst)
                     || shared.stopping.load(Ordering::SeqCst)
@@ -310,6 +315,7 @@ fn scrub(shared: &Shared, every: Duration) {
                     crate::verify::postpone(&shared.cfg, &v.name);
                 }
             }
+            drop(guard);
             *shared.verifying.lock().expect("lock") = None;
         }
     }
