@@ -80,7 +80,9 @@ pub enum Event {
         /// Volume name.
         volume: String,
         /// `primary`: the promoted shadow's generation became this node's reference for syncing back to the old
-        /// primary; `standby`: this node's own volume became the standby side of that generation.
+        /// primary; `standby`: this node's own volume became the standby side of that generation;
+        /// `standby-written`: the same after an unplanned promote of the peer, where this node's volume may have
+        /// been written since (the sync back compares).
         side: String,
         /// The generation.
         generation: u64,
@@ -170,6 +172,11 @@ impl std::fmt::Display for Event {
                 f,
                 "adopt {volume}: the promoted generation {generation} ({id}) is this node's reference for syncing \
                  back to the old primary"
+            ),
+            Event::Adopted { volume, side, generation, id } if side == "standby-written" => write!(
+                f,
+                "adopt {volume}: this node's volume descends from generation {generation} ({id}) and may have been \
+                 written since: the sync back from the new primary compares"
             ),
             Event::Adopted { volume, side: _, generation, id } => write!(
                 f,

@@ -357,7 +357,8 @@ fn same_volume(a: &Path, b: &Path) -> bool {
 /// Switchback, the promoting side: before this node's shadows become production, keeps each trusted shadow's
 /// committed generation (manifest and record, [`Target::reference`](engine::target::Target::reference)) as this
 /// node's primary-side reference, so that its first sync to the old primary, which holds the same generation
-/// ([`adopt_final_sync`]), is incremental. A shadow that is not trusted keeps nothing (that sync compares); a failure is logged (the same).
+/// ([`adopt_final_sync`]), is incremental. A shadow that is not trusted keeps nothing (that sync compares); a
+/// failure is logged (the same).
 fn keep_references(cfg: &Config, io: engine::volume::IoOptions) {
     let layout = cfg.layout();
     for v in cfg.volumes.iter().filter(|v| v.shadow.is_some()) {
@@ -411,8 +412,9 @@ fn record_adoption(cfg: &Config, volume: &str, side: &str, record: &link::GenRec
 /// Switchback, the demoting side: after a switchover's final sync that the peer confirmed, each volume whose
 /// shadow is its source here (the configuration of a pair that switches back) records in its standby state that
 /// it holds the generation just committed (the primary manifest and record,
-/// [`Target::adopt`](engine::target::Target::adopt), with fresh evidence of the volume): the peer's first sync back is then incremental. A volume written later is caught by that
-/// evidence; a failure is logged (the sync back compares).
+/// [`Target::adopt`](engine::target::Target::adopt), with fresh evidence of the volume): the peer's first sync
+/// back is then incremental. A volume written later is caught by that evidence; a failure is logged (the sync
+/// back compares).
 fn adopt_final_sync(cfg: &Config, list: &[netproto::message::Committed], io: engine::volume::IoOptions) {
     let layout = cfg.layout();
     for v in &cfg.volumes {
@@ -626,10 +628,11 @@ pub fn run(cfg: &Config, plan: Plan, a: &PlanOptions, io: engine::volume::IoOpti
 /// Switchback after an unplanned promote of the peer, the demoted side: each volume whose shadow is its source
 /// here records in its standby state that it descends from this node's last generation as primary (the primary
 /// manifest and record, [`Target::adopt_written`](engine::target::Target::adopt_written)) and may have been
-/// written since, so the new primary, which promoted that generation, compares the actual content on its first sync back instead of refusing it as a
-/// split brain (the standby side's record was the one this node's own earlier promote gave it, which the peer
-/// never saw). Skipped where the standby side already holds that record (a switchover's final sync adopted it,
-/// [`adopt_final_sync`]). A failure is logged: the sync back is then refused as a split brain, as before.
+/// written since, so the new primary, which promoted that generation, compares the actual content on its first
+/// sync back instead of refusing it as a split brain (the standby side's record was the one this node's own
+/// earlier promote gave it, which the peer never saw). Skipped where the standby side already holds that record
+/// (a switchover's final sync adopted it, [`adopt_final_sync`]). A failure is logged: the sync back is then
+/// refused as a split brain, as before.
 fn adopt_after_demote(cfg: &Config, io: engine::volume::IoOptions) {
     let layout = cfg.layout();
     for v in &cfg.volumes {
@@ -649,12 +652,15 @@ fn adopt_after_demote(cfg: &Config, io: engine::volume::IoOptions) {
         });
         match r {
             Ok(false) => {}
-            Ok(true) => tracing::info!(
-                volume = %v.name,
-                "as a standby this volume descends from {} and may have been written since: the peer's sync back \
-                 compares",
-                engine::generations::describe(&record)
-            ),
+            Ok(true) => {
+                tracing::info!(
+                    volume = %v.name,
+                    "as a standby this volume descends from {} and may have been written since: the peer's sync \
+                     back compares",
+                    engine::generations::describe(&record)
+                );
+                record_adoption(cfg, &v.name, "standby-written", &record);
+            }
             Err(e) => tracing::warn!(
                 volume = %v.name,
                 "cannot record this node's last generation for the standby side ({}); the peer's sync back may be \

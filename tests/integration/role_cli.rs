@@ -533,6 +533,11 @@ fn switchback_after_an_unplanned_promote_compares_instead_of_refusing() {
     ip(&["-n", &lan.ns("b"), "link", "set", "eth0", "up"]);
     let o = run(lan.blockrep("b").args(["demote", "--reason", "back after a failure", "--config"]).arg(&cb));
     assert!(o.status.success(), "demote b: {}", stderr(&o));
+    // B's history says that its volume became a standby side that may have been written since.
+    let b = adoptions(&lan, "b", &cb);
+    assert_eq!(b.last().map(|e| e["side"].as_str()), Some(Some("standby-written")), "{b:?}");
+    let text = stdout(&run(lan.blockrep("b").args(["log", "--config"]).arg(&cb)));
+    assert!(text.contains("adopt vol: this node's volume descends from generation"), "{text}");
     let mut serve_b = serve(&lan, "b", &cb);
     let r = sync_json(&lan, "a", &ca);
     assert_eq!(r["mode"], "compare", "{r}");
