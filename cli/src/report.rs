@@ -36,6 +36,11 @@ pub fn print_sync(r: &SyncReport, as_json: bool) {
         bytes(rate as u64)
     );
     println!("  {:?} because {}", r.mode, r.reason);
+    match &r.fallback_reason {
+        Some(why) => println!("  changes found by a {}, not the tracker, because {why}", r.tracker),
+        None if r.tracker != "full scan" => println!("  changes found by the tracker ({})", r.tracker),
+        None => {}
+    }
     if let Some(n) = r.standby_bytes_overwritten {
         println!("  split brain resolved: {} of the standby's own changes overwritten ({n} bytes)", bytes(n));
     }

@@ -601,7 +601,10 @@ pub fn run(cfg: &Config, plan: Plan, a: &PlanOptions, io: engine::volume::IoOpti
         adopt_after_demote(cfg, io);
         match crate::freeze::remove_leftover_snapshots(cfg) {
             Ok(removed) if !removed.is_empty() => {
-                tracing::info!(?removed, "removed the snapshots an interrupted sync left behind on this node")
+                tracing::info!(
+                    ?removed,
+                    "removed the snapshots an interrupted sync or a change tracker left on this node's volumes"
+                )
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(
