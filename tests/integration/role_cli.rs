@@ -115,7 +115,31 @@ primary_only = [{{ hook = "echo $BLOCKREP_ACTION >> {dir}/app-{me}.log" }}]
     p
 }
 
-fn serve(lan: &Lan, n: &str, cfg: &Path) -> Child {
+/// A daemon the test started: killed and reaped when dropped, so a failing test leaves no `serve` running in a
+/// namespace nobody uses any more.
+struct Daemon(Child);
+
+impl std::ops::Deref for Daemon {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(lan: &Lan, n: &str, cfg: &Path) -> Daemon {
     let mut c = lan
         .blockrep(n)
         .args(["serve", "--announce", "--config"])
@@ -127,7 +151,7 @@ fn serve(lan: &Lan, n: &str, cfg: &Path) -> Child {
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(c.stdout.take().unwrap()), &mut line).unwrap();
     assert!(line.starts_with("listening on"), "{line}");
-    c
+    Daemon(c)
 }
 
 fn status(lan: &Lan, n: &str, cfg: &Path) -> serde_json::Value {
@@ -222,7 +246,7 @@ fn promote_demote_and_switchover_move_the_virtual_ip_with_guards() {
 
 /// A and B as in the test above, with A primary (VIP, primary-only hook service started) and B's shadow holding
 /// one complete generation of A's source; returns the configurations and B's serve.
-fn primary_a_synced_to_b(lan: &Lan, d: &Path) -> (PathBuf, PathBuf, Child) {
+fn primary_a_synced_to_b(lan: &Lan, d: &Path) -> (PathBuf, PathBuf, Daemon) {
     assert!(run(blockrep().arg("keygen").arg(d.join("key"))).status.success());
     for me in ["a", "b"] {
         write_volume(&d.join(format!("src-{me}.img")), 1 << 20, 3);
@@ -365,7 +389,7 @@ fn sync_json(lan: &Lan, n: &str, cfg: &Path) -> serde_json::Value {
 
 /// A primary, B its standby, both volumes their own shadows (A's holding data, B's zero), a full sync, a write on
 /// A, then a planned switchover to B (A's final sync). Returns the configurations and both `serve`s.
-fn switched_to_b(lan: &Lan, dp: &Path, size: usize) -> (PathBuf, PathBuf, Child, Child) {
+fn switched_to_b(lan: &Lan, dp: &Path, size: usize) -> (PathBuf, PathBuf, Daemon, Daemon) {
     assert!(run(blockrep().arg("keygen").arg(dp.join("key"))).status.success());
     write_volume(&dp.join("src-a.img"), size, 5);
     std::fs::write(dp.join("src-b.img"), vec![0u8; size]).unwrap();
