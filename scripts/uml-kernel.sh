@@ -38,7 +38,7 @@ probe() {
     return 0
   fi
   echo "uml-kernel.sh: $kernel did not boot on this CPU; its last words:" >&2
-  grep -v '^ \[<' "$d/console.log" | tail -n 3 | sed 's/^/  /' >&2
+  { grep -v '^ \[<' "$d/console.log" | grep -E 'failed|panic|error' || tail -n 3 "$d/console.log"; } | tail -n 3 | sed 's/^/  /' >&2
   rm -rf "$d"
   return 1
 }
