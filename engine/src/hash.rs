@@ -82,6 +82,54 @@ pub fn hash_block_zero_aware(data: &[u8], zeros: &ZeroHashes) -> (BlockHash, boo
     }
 }
 
+/// The fingerprint of one [`SUB_BLOCK_SIZE`] piece of a block, as refinement compares them: the BLAKE3 chaining
+/// value of the piece as the subtree of its block's hash tree that starts `offset_in_block` bytes into the block
+/// (a multiple of [`SUB_BLOCK_SIZE`]). Unlike the piece's own hash, these values combine into the block's hash
+/// ([`block_hash_from_pieces`]), so the standby needs to read a refined block only once: the fingerprints it
+/// answered with, updated for the pieces it then receives, give the block's new hash without reading it again.
+/// Collision resistance is BLAKE3's (a chaining value is the same compression function's output).
+pub fn piece_cv(piece: &[u8], offset_in_block: u64) -> BlockHash {
+    use blake3::hazmat::HasherExt;
+    debug_assert!(!piece.is_empty() && piece.len() <= SUB_BLOCK_SIZE as usize);
+    debug_assert_eq!(offset_in_block % SUB_BLOCK_SIZE as u64, 0);
+    let mut h = blake3::Hasher::new();
+    h.set_input_offset(offset_in_block);
+    h.update(piece);
+    h.finalize_non_root()
+}
+
+/// The fingerprints ([`piece_cv`]) of every piece of a block, in order.
+pub fn piece_cvs(block: &[u8]) -> impl Iterator<Item = BlockHash> + '_ {
+    block.chunks(SUB_BLOCK_SIZE as usize).enumerate().map(|(i, p)| piece_cv(p, i as u64 * SUB_BLOCK_SIZE as u64))
+}
+
+/// The hash ([`hash_block`]) of a block of `len` bytes from the fingerprints of its pieces ([`piece_cv`], one per
+/// [`SUB_BLOCK_SIZE`] piece, the last one possibly short), merged as BLAKE3's tree merges them. `None` for a
+/// block of one piece (its fingerprint is not a root) or when the count does not match `len`.
+pub fn block_hash_from_pieces(cvs: &[BlockHash], len: usize) -> Option<BlockHash> {
+    use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, Mode};
+    const PIECE: usize = SUB_BLOCK_SIZE as usize;
+    // BLAKE3's left subtree: the largest power-of-two number of chunks that leaves at least one byte to the right
+    // (a multiple of the piece size once the input is longer than one piece).
+    fn left_len(len: usize) -> usize {
+        let full_chunks = (len - 1) / blake3::CHUNK_LEN;
+        (1usize << full_chunks.ilog2()) * blake3::CHUNK_LEN
+    }
+    fn merge(cvs: &[BlockHash], len: usize) -> BlockHash {
+        if len <= PIECE {
+            return cvs[0];
+        }
+        let l = left_len(len);
+        merge_subtrees_non_root(&merge(&cvs[..l / PIECE], l), &merge(&cvs[l / PIECE..], len - l), Mode::Hash)
+    }
+    if len <= PIECE || cvs.len() != len.div_ceil(PIECE) {
+        return None;
+    }
+    let l = left_len(len);
+    let root = merge_subtrees_root(&merge(&cvs[..l / PIECE], l), &merge(&cvs[l / PIECE..], len - l), Mode::Hash);
+    Some(*root.as_bytes())
+}
+
 /// Streaming computation of a volume's root hash: BLAKE3 (derive-key mode, context "blockrep root v1") over the
 /// volume size, block size and every block hash in order. Two volumes with the same root hash have the same size,
 /// block size and content.
@@ -150,6 +198,29 @@ mod tests {
         assert!(!is_zero(&b[1..]));
         assert!(is_zero(&b[1..4095]));
         assert_eq!(z.get(100), hash_block(&[0u8; 100]));
+    }
+
+    #[test]
+    fn piece_fingerprints_merge_into_the_block_hash() {
+        // Every block shape refinement meets: full power-of-two blocks and short last blocks of any length.
+        let data: Vec<u8> = (0..(1u32 << 20) + 12345).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        for len in [4097, 8192, 8193, 12288, 20000, 65536, 65535, 65537 - 1 + 4096, 1 << 20, (1 << 20) - 1] {
+            let block = &data[..len];
+            let cvs: Vec<BlockHash> = piece_cvs(block).collect();
+            assert_eq!(block_hash_from_pieces(&cvs, len), Some(hash_block(block)), "len {len}");
+        }
+        // A changed piece changes its fingerprint and the merged hash follows the new content.
+        let mut block = data[..65536].to_vec();
+        let mut cvs: Vec<BlockHash> = piece_cvs(&block).collect();
+        block[5 * 4096 + 7] ^= 1;
+        let new = piece_cv(&block[5 * 4096..6 * 4096], 5 * 4096);
+        assert_ne!(new, cvs[5]);
+        cvs[5] = new;
+        assert_eq!(block_hash_from_pieces(&cvs, 65536), Some(hash_block(&block)));
+        // Fingerprints depend on the position: the same bytes elsewhere in a block differ.
+        assert_ne!(piece_cv(&block[..4096], 0), piece_cv(&block[..4096], 4096));
+        assert_eq!(block_hash_from_pieces(&cvs[..1], 4096), None);
+        assert_eq!(block_hash_from_pieces(&cvs[..3], 65536), None);
     }
 
     #[test]

@@ -364,6 +364,35 @@ struct Session {
     /// End offset of the last extent received.
     end: u64,
     zeros: ZeroHashes,
+    /// Blocks whose piece fingerprints ([`hash::piece_cv`]) of the effective content are known: read for a
+    /// `sub_hashes` answer, then updated for every whole piece an extent writes. A block's new hash is merged
+    /// from them ([`Session::settle`]) instead of reading and hashing the block again at commit.
+    pieces: std::collections::BTreeMap<u64, Vec<BlockHash>>,
+}
+
+/// Most piece fingerprints a session keeps (32 MiB; with a pipelined source only the blocks between the newest
+/// `sub_hashes` request and the oldest extent not yet received are kept); beyond it the oldest blocks are settled
+/// early, which is always correct (see [`Session::settle`]).
+const MAX_PIECE_FINGERPRINTS: usize = 1 << 20;
+
+impl Session {
+    /// Sets the hash of every block below `below` whose piece fingerprints are kept, from those fingerprints.
+    /// Correct at any time: the fingerprints describe the block's effective content now, and an extent that later
+    /// writes part of a block without its fingerprints makes it dirty again (re-read at commit).
+    fn settle(&mut self, below: u64) {
+        let (size, bs) = (self.plan.volume_size, self.plan.block_size);
+        while let Some(entry) = self.pieces.first_entry() {
+            let b = *entry.key();
+            if b >= below {
+                break;
+            }
+            let cvs = entry.remove();
+            if let Some(h) = hash::block_hash_from_pieces(&cvs, hash::block_len(size, bs, b)) {
+                self.next.set(b, &h);
+                self.dirty.set(b, false);
+            }
+        }
+    }
 }
 
 /// The standby side of one volume: its shadow and its state directory.
@@ -1028,8 +1057,15 @@ impl Target {
         };
         // Extents of this session come in increasing order; a resumed session may start anywhere, as it may
         // overwrite what an earlier session spooled.
-        self.session =
-            Some(Session { plan: plan.clone(), mode, next, dirty, end: 0, zeros: ZeroHashes::new(plan.block_size) });
+        self.session = Some(Session {
+            plan: plan.clone(),
+            mode,
+            next,
+            dirty,
+            end: 0,
+            zeros: ZeroHashes::new(plan.block_size),
+            pieces: Default::default(),
+        });
         tracing::debug!(volume = %self.opts.volume, generation = plan.generation, in_place, resumed, "transfer begun");
         Ok(BeginAck { resumed, in_place })
     }
@@ -1196,13 +1232,22 @@ impl Target {
         Ok((first..end).map(|b| s.next.get(b)).collect())
     }
 
-    /// Hashes of the [`SUB_BLOCK_SIZE`] pieces of each listed block of the effective content, back to back.
+    /// Fingerprints ([`hash::piece_cv`]) of the [`SUB_BLOCK_SIZE`] pieces of each listed block of the effective
+    /// content, back to back. They are kept for the block's new hash at commit, so the block is read only here.
     fn sub_hashes_impl(&mut self, blocks: &[u64]) -> Result<Vec<BlockHash>, TargetError> {
         let mut out = Vec::new();
         for &b in blocks {
             self.check_blocks(b, 1)?;
             let data = self.block_content(b)?;
-            out.extend(data.chunks(SUB_BLOCK_SIZE as usize).map(hash::hash_block));
+            let cvs: Vec<BlockHash> = hash::piece_cvs(&data).collect();
+            out.extend_from_slice(&cvs);
+            let s = self.session.as_mut().expect("checked by block_content");
+            let per_block = cvs.len();
+            s.pieces.insert(b, cvs);
+            if s.pieces.len() * per_block > MAX_PIECE_FINGERPRINTS {
+                let oldest = *s.pieces.keys().next().expect("not empty");
+                s.settle(oldest + 1);
+            }
         }
         Ok(out)
     }
@@ -1210,6 +1255,7 @@ impl Target {
     /// Commits the transfer if its content hashes to `root` (see the module docs for the protocol).
     fn commit_impl(&mut self, root: BlockHash) -> Result<CommitAck, TargetError> {
         self.session("commit")?;
+        self.session.as_mut().expect("checked").settle(u64::MAX);
         let dirty: Vec<u64> = self.session.as_ref().expect("checked").dirty.iter().collect();
         for b in dirty {
             self.ensure_hash(b)?;
@@ -1292,12 +1338,17 @@ impl Target {
 
 /// Updates the next manifest for an extent just received: blocks it fully covers get the hash of their new
 /// content, blocks it partly covers become dirty.
+/// Blocks whose piece fingerprints are kept get the fingerprints of the whole pieces the extent writes (any
+/// other partial write drops them). Blocks before the extent's first one are settled: extents come in increasing
+/// order, so no extent of this session writes them again.
 fn update_hashes(s: &mut Session, e: &Extent) {
     let bs = s.plan.block_size as u64;
     let size = s.plan.volume_size;
     let end = e.offset + e.len;
     let first = e.offset / bs;
     let last = (end - 1) / bs;
+    s.settle(first);
+    const PIECE: u64 = SUB_BLOCK_SIZE as u64;
     for b in first..=last {
         let start = b * bs;
         let blen = hash::block_len(size, s.plan.block_size, b) as u64;
@@ -1311,11 +1362,33 @@ fn update_hashes(s: &mut Session, e: &Extent) {
             };
             s.next.set(b, &h);
             s.dirty.set(b, false);
-        } else {
-            s.dirty.set(b, true);
+            s.pieces.remove(&b);
+            continue;
+        }
+        s.dirty.set(b, true);
+        let Some(cvs) = s.pieces.get_mut(&b) else { continue };
+        // The part of this block the extent writes, relative to the block.
+        let lo = e.offset.max(start) - start;
+        let hi = end.min(start + blen) - start;
+        if lo % PIECE != 0 || (hi % PIECE != 0 && hi != blen) {
+            s.pieces.remove(&b);
+            continue;
+        }
+        let mut at = lo;
+        while at < hi {
+            let len = PIECE.min(blen - at);
+            let src = start + at - e.offset;
+            cvs[(at / PIECE) as usize] = match &e.data {
+                ExtentData::Zero => hash::piece_cv(&ZERO_PIECE[..len as usize], at),
+                ExtentData::Data(d) => hash::piece_cv(&d[src as usize..(src + len) as usize], at),
+            };
+            at += len;
         }
     }
 }
+
+/// One piece of zeros (for the fingerprints of zero extents).
+static ZERO_PIECE: [u8; SUB_BLOCK_SIZE as usize] = [0; SUB_BLOCK_SIZE as usize];
 
 impl Drop for Target {
     fn drop(&mut self) {

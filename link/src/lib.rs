@@ -234,8 +234,9 @@ pub trait TargetLink {
     fn begin(&mut self, plan: &BeginPlan) -> Result<BeginAck, LinkError>;
     /// Hashes of blocks `first..first + count` of the shadow's current content, in blocks of the plan's block size.
     fn block_hashes(&mut self, first: u64, count: u32) -> Result<Vec<BlockHash>, LinkError>;
-    /// For each listed block, the hashes of its [`SUB_BLOCK_SIZE`] pieces, back to back (a partial last block
-    /// has fewer).
+    /// For each listed block, the fingerprints of its [`SUB_BLOCK_SIZE`] pieces, back to back (a partial last
+    /// block has fewer). A piece's fingerprint is the BLAKE3 chaining value of the piece as a subtree of its
+    /// block's hash tree (the engine's `hash::piece_cv`), so that the target can merge them into the block's hash.
     fn sub_hashes(&mut self, blocks: &[u64]) -> Result<Vec<BlockHash>, LinkError>;
     /// Writes one extent (spooled or in place).
     fn extent(&mut self, extent: Extent) -> Result<(), LinkError>;

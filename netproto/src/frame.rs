@@ -40,10 +40,11 @@ pub const MAX_FRAME_LEN: usize = HEADER_LEN + MAX_PAYLOAD + MAC_LEN;
 pub const FLAG_MAC: u8 = 0x01;
 /// All flag bits this version knows.
 pub const SUPPORTED_FLAGS: u8 = FLAG_MAC;
-/// Lowest protocol version this build can speak.
-pub const MIN_VERSION: u16 = 2;
+/// Lowest protocol version this build can speak. Version 3: sub-block hashes are the pieces' BLAKE3 chaining
+/// values in their block's tree (not the pieces' own hashes), so the standby reads a refined block once.
+pub const MIN_VERSION: u16 = 3;
 /// Highest protocol version this build can speak.
-pub const MAX_VERSION: u16 = 2;
+pub const MAX_VERSION: u16 = 3;
 /// The header version of the negotiation frames (Hello, HelloAck and an Error answering them); frozen so that
 /// nodes of any version can read each other's offer.
 pub const NEGOTIATION_VERSION: u16 = 1;

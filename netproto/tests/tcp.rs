@@ -104,12 +104,12 @@ fn wrong_key_is_refused_on_both_sides_with_the_same_message() {
 fn version_mismatch_names_both_versions_on_both_sides() {
     let (l, addr) = listener();
     let server = serve_one(l, KEY, HandshakeOptions::new("standby"), drain);
-    // A node of the first release (version 1: no generation ids in VolumeInfo and Begin) against this one.
-    let opts = HandshakeOptions::new("primary").versions(1, 1);
+    // A node of the previous release (version 2: sub-block hashes were the pieces' own hashes) against this one.
+    let opts = HandshakeOptions::new("primary").versions(2, 2);
     let e = netproto::connect_with(&addr, &KEY, &opts, TIMEOUT).unwrap_err();
-    assert_eq!(e.to_string(), "peer speaks protocol versions 2..2, this node 1..1; upgrade one side");
+    assert_eq!(e.to_string(), "peer speaks protocol versions 3..3, this node 2..2; upgrade one side");
     let e = server.join().unwrap().unwrap_err();
-    assert_eq!(e.to_string(), "peer speaks protocol versions 1..1, this node 2..2; upgrade one side");
+    assert_eq!(e.to_string(), "peer speaks protocol versions 2..2, this node 3..3; upgrade one side");
 }
 
 #[test]

@@ -4,7 +4,7 @@ use bytes::Bytes;
 
 use super::{SyncError, SyncReport};
 use crate::differ::ScannedChunk;
-use crate::hash::{block_len, hash_block, SUB_BLOCK_SIZE};
+use crate::hash::{block_len, piece_cv, SUB_BLOCK_SIZE};
 use crate::manifest::Manifest;
 use link::{BlockHash, Extent, ExtentData, TargetLink, MAX_EXTENT_LEN, MAX_ZERO_EXTENT_LEN};
 
@@ -171,7 +171,8 @@ impl<'a> Sender<'a> {
                     for (j, piece) in block.chunks(SUB_BLOCK_SIZE as usize).enumerate() {
                         let remote = sub.next().expect("length checked above");
                         self.refine_seen += 1;
-                        if hash_block(piece) != *remote {
+                        let at = j as u64 * SUB_BLOCK_SIZE as u64;
+                        if piece_cv(piece, at) != *remote {
                             self.refine_changed += 1;
                             let start = j * SUB_BLOCK_SIZE as usize;
                             self.push(offset + start as u64, piece.len() as u64, Some((&chunk.data, base + start)))?;

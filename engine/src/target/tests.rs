@@ -82,7 +82,7 @@ fn drive(t: &mut Target, src: &[u8], d: Drive) -> Result<(Option<CommitAck>, u64
         }
         let subs = t.sub_hashes_impl(&[b as u64])?;
         for (i, piece) in block.chunks(SUB_BLOCK_SIZE as usize).enumerate() {
-            if hash::hash_block(piece) != subs[i] {
+            if hash::piece_cv(piece, (i * SUB_BLOCK_SIZE as usize) as u64) != subs[i] {
                 pieces.push((b * bs + i * SUB_BLOCK_SIZE as usize, piece.len()));
             }
         }
@@ -683,7 +683,7 @@ fn target_link_trait_drives_a_sync_and_reports_target_errors() {
     assert!(link.begin(&plan).unwrap().in_place);
     link.extent(Extent { offset: 0, len: SIZE as u64, data: ExtentData::Data(Bytes::from(v0.clone())) }).unwrap();
     assert_eq!(link.block_hashes(0, 1).unwrap(), vec![hash::hash_block(&v0[..4096])]);
-    assert_eq!(link.sub_hashes(&[16]).unwrap(), vec![hash::hash_block(&v0[65536..])]);
+    assert_eq!(link.sub_hashes(&[16]).unwrap(), vec![hash::piece_cv(&v0[65536..], 0)]);
     let ack = link.commit(source_root(&v0, 4096)).unwrap();
     assert_eq!(ack.generation, 1);
     let big = BeginPlan { volume_size: SIZE as u64 + 1, generation: 2, ..plan };
@@ -699,6 +699,66 @@ fn target_link_trait_drives_a_sync_and_reports_target_errors() {
     assert!(matches!(err, TargetError::Busy { .. }), "{err}");
     drop(t);
     open(&e, Durable::new()).unwrap();
+}
+
+/// A refined block is read once: the commit's root check takes the block's new hash from the piece fingerprints
+/// `sub_hashes` read, updated for the pieces received, without reading the block again. Shown by changing the
+/// shadow behind the target's back between the two (which `serve`'s exclusive hold prevents in production): the
+/// commit still accepts the source's root, so it did not read the block again.
+#[test]
+fn a_refined_block_is_read_once_and_its_hash_merged_from_piece_fingerprints() {
+    const BS: u32 = 65536;
+    let size = 4 * BS as usize + 5000; // a short last block of two pieces, the second one short
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(23);
+    let v0 = image(&mut rng, size);
+    let e = env(size);
+    let mut t = open(&e, Durable::new()).unwrap();
+    sync(&mut t, &v0, BS);
+    // Pieces 3 and 4 of block 1 rewritten, piece 9 of block 1 zeroed; the short last piece of block 4 rewritten.
+    let mut v1 = v0.clone();
+    rng.fill(&mut v1[BS as usize + 3 * 4096..BS as usize + 5 * 4096]);
+    v1[BS as usize + 9 * 4096..BS as usize + 10 * 4096].fill(0);
+    rng.fill(&mut v1[4 * BS as usize + 4096..]);
+    let info = t.info();
+    let plan = BeginPlan {
+        generation: 2,
+        base_generation: 1,
+        volume_size: size as u64,
+        block_size: BS,
+        mode: link::PlanMode::Incremental,
+        id: [7; 16],
+        ..Default::default()
+    };
+    assert_eq!(info.generation, 1);
+    assert!(!t.begin_impl(&plan).unwrap().in_place);
+    let subs = t.sub_hashes_impl(&[1, 4]).unwrap();
+    let ours: Vec<BlockHash> = [1usize, 4]
+        .iter()
+        .flat_map(|&b| hash::piece_cvs(&v1[b * BS as usize..((b + 1) * BS as usize).min(size)]).collect::<Vec<_>>())
+        .collect();
+    let differ: Vec<usize> = (0..subs.len()).filter(|&i| subs[i] != ours[i]).collect();
+    assert_eq!(differ, vec![3, 4, 9, 17], "the changed pieces, found by their fingerprints");
+    // Behind the target's back: an unchanged piece of block 1 changes on the shadow.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&e.shadow).unwrap();
+        f.write_all_at(&[0xee; 4096], BS as u64 + 12 * 4096).unwrap();
+    }
+    let data = |lo: usize, hi: usize| ExtentData::Data(Bytes::copy_from_slice(&v1[lo..hi]));
+    let b1 = BS as usize;
+    t.extent_impl(Extent { offset: (b1 + 3 * 4096) as u64, len: 8192, data: data(b1 + 3 * 4096, b1 + 5 * 4096) })
+        .unwrap();
+    t.extent_impl(Extent { offset: (b1 + 9 * 4096) as u64, len: 4096, data: ExtentData::Zero }).unwrap();
+    let last = 4 * BS as usize + 4096;
+    t.extent_impl(Extent { offset: last as u64, len: (size - last) as u64, data: data(last, size) }).unwrap();
+    let ack = t.commit_impl(source_root(&v1, BS)).unwrap();
+    assert_eq!(ack.generation, 2);
+    // Everything the source sent is on the shadow; the outside write was not read again (and `verify`, which
+    // reads the whole shadow, finds it).
+    let mut expected = v1.clone();
+    expected[b1 + 12 * 4096..b1 + 13 * 4096].fill(0xee);
+    assert_eq!(shadow_bytes(&e, size), expected);
+    assert!(!t.verify().unwrap());
 }
 
 /// End to end with the real differ and sync orchestration (`crate::sync::sync_volume`) as the source: a crash at
