@@ -3,7 +3,8 @@
 //!
 //! A sync talks to its target only through [`TargetLink`]. Order of calls in one session: [`TargetLink::info`],
 //! [`TargetLink::begin`], then any mix of [`TargetLink::block_hashes`] / [`TargetLink::sub_hashes`] (for blocks
-//! not yet sent in this session) and [`TargetLink::extent`] (in increasing offset order), then
+//! not yet sent in this session; also as requests whose answers are collected later, so that a network link does
+//! not wait a round trip per batch) and [`TargetLink::extent`] (in increasing offset order), then
 //! [`TargetLink::commit`].
 //!
 //! This crate holds types and limits only: no I/O, and no dependency on the engine or the protocol.
@@ -238,6 +239,26 @@ pub trait TargetLink {
     /// block has fewer). A piece's fingerprint is the BLAKE3 chaining value of the piece as a subtree of its
     /// block's hash tree (the engine's `hash::piece_cv`), so that the target can merge them into the block's hash.
     fn sub_hashes(&mut self, blocks: &[u64]) -> Result<Vec<BlockHash>, LinkError>;
+    /// Asks for [`TargetLink::block_hashes`] without waiting for the answer, so that the target hashes while the
+    /// source scans. `Ok(Some(answer))` when the link answered at once (the default, which calls `block_hashes`);
+    /// `Ok(None)` when the answer is collected later with [`TargetLink::block_hashes_wait`]. Answers of each kind
+    /// come in the order of their requests; extents and other requests may be sent in between.
+    fn block_hashes_request(&mut self, first: u64, count: u32) -> Result<Option<Vec<BlockHash>>, LinkError> {
+        self.block_hashes(first, count).map(Some)
+    }
+    /// The answer to the oldest [`TargetLink::block_hashes_request`] that returned `Ok(None)`.
+    fn block_hashes_wait(&mut self) -> Result<Vec<BlockHash>, LinkError> {
+        Err(LinkError::Unexpected { expected: "an outstanding block_hashes request", got: "none".into() })
+    }
+    /// Asks for [`TargetLink::sub_hashes`] without waiting for the answer (see
+    /// [`TargetLink::block_hashes_request`]); collect a `Ok(None)` answer with [`TargetLink::sub_hashes_wait`].
+    fn sub_hashes_request(&mut self, blocks: &[u64]) -> Result<Option<Vec<BlockHash>>, LinkError> {
+        self.sub_hashes(blocks).map(Some)
+    }
+    /// The answer to the oldest [`TargetLink::sub_hashes_request`] that returned `Ok(None)`.
+    fn sub_hashes_wait(&mut self) -> Result<Vec<BlockHash>, LinkError> {
+        Err(LinkError::Unexpected { expected: "an outstanding sub_hashes request", got: "none".into() })
+    }
     /// Writes one extent (spooled or in place).
     fn extent(&mut self, extent: Extent) -> Result<(), LinkError>;
     /// Makes the transfer the new committed generation; `root` is the source's root hash, which the target

@@ -2,8 +2,11 @@
 //! [`Connection`], so the engine's source-side orchestration syncs to a standby exactly as it syncs to a local
 //! target.
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::mpsc::{Receiver, Sender};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use link::{BeginAck, BeginPlan, BlockHash, CommitAck, Extent, LinkError, RemoteKind, TargetInfo, TargetLink};
@@ -58,21 +61,82 @@ fn unexpected(expected: &'static str, got: &Message) -> LinkError {
 /// standby's idle timeout, whose default is a minute).
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
-/// The standby's shadow of one volume, reached over an authenticated connection.
+/// Most hash requests a client keeps unanswered (the source bounds its own pipeline well below this; the bound
+/// keeps a buggy caller from growing the answer queue without limit).
+pub const MAX_OUTSTANDING: usize = 64;
+
+/// A byte stream with a second handle, so that one thread receives while another sends (a `TcpStream`).
+pub trait Duplex: Read + Write + Send + Sized + 'static {
+    /// A second handle of the same stream (`TcpStream::try_clone`).
+    fn second_handle(&self) -> std::io::Result<Self>;
+    /// Shuts the stream down in both directions (wakes a thread blocked reading it).
+    fn shut_down(&self);
+}
+
+impl Duplex for TcpStream {
+    fn second_handle(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
+    fn shut_down(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// What an outstanding request waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    BlockHashes,
+    SubHashes,
+}
+
+/// The pipelined state of a session: a thread receives every answer into a channel while this one sends.
 #[derive(Debug)]
-pub struct RemoteTarget<S = TcpStream> {
-    conn: Connection<S>,
+struct Pipeline<S> {
+    sender: crate::conn::FrameSender<S>,
+    answers: Receiver<Result<Message, ConnError>>,
+    reader: JoinHandle<Connection<S>>,
+    /// The kinds of the requests sent and not yet answered, oldest first.
+    outstanding: VecDeque<Answer>,
+    /// Answers received while waiting for another kind, oldest first.
+    early: VecDeque<Message>,
+}
+
+/// The standby's shadow of one volume, reached over an authenticated connection.
+///
+/// Once the source asks for hashes without waiting ([`TargetLink::sub_hashes_request`],
+/// [`TargetLink::block_hashes_request`]), a second thread receives the standby's answers while this one goes on
+/// sending extents and requests, so the source never waits a round trip per batch and neither side can block the
+/// other (the standby always finds its answers read). The connection is whole again after the commit.
+#[derive(Debug)]
+pub struct RemoteTarget<S: Duplex = TcpStream> {
+    conn: Option<Connection<S>>,
+    pipe: Option<Pipeline<S>>,
     info: TargetInfo,
     last_send: Instant,
 }
 
-impl<S: Read + Write> RemoteTarget<S> {
+fn receive_answers<S: Duplex>(mut conn: Connection<S>, tx: Sender<Result<Message, ConnError>>) -> Connection<S> {
+    loop {
+        let r = conn.recv_expect("the standby's answers");
+        let last = match &r {
+            Ok(Message::CommitAck(_)) | Err(_) => true,
+            Ok(_) => false,
+        };
+        if tx.send(r).is_err() || last {
+            return conn;
+        }
+    }
+}
+
+impl<S: Duplex> RemoteTarget<S> {
     /// Opens volume `name` on the standby; the answer is the shadow's state.
     pub fn open(mut conn: Connection<S>, name: &str, source_size: u64, block_size: u32) -> Result<Self, LinkError> {
         conn.send(&Message::OpenVolume(OpenVolume { name: name.into(), source_size, block_size }))
             .map_err(link_error)?;
         match conn.recv_expect("the volume's state").map_err(link_error)? {
-            Message::VolumeInfo(info) => Ok(RemoteTarget { info, conn, last_send: Instant::now() }),
+            Message::VolumeInfo(info) => {
+                Ok(RemoteTarget { info, conn: Some(conn), pipe: None, last_send: Instant::now() })
+            }
             other => Err(unexpected("VolumeInfo", &other)),
         }
     }
@@ -82,54 +146,206 @@ impl<S: Read + Write> RemoteTarget<S> {
         self.info.clone()
     }
 
-    /// The connection (for its byte counters).
-    pub fn connection(&self) -> &Connection<S> {
-        &self.conn
-    }
-
     fn send(&mut self, m: &Message) -> Result<(), LinkError> {
         self.last_send = Instant::now();
-        self.conn.send(m).map_err(link_error)
+        if let Some(p) = &mut self.pipe {
+            return match p.sender.send(m) {
+                Ok(()) => Ok(()),
+                Err(e) => Err(Self::peer_reason(p, e)),
+            };
+        }
+        self.conn.as_mut().expect("whole when not pipelined").send(m).map_err(link_error)
+    }
+
+    /// After a failed write while pipelined: the standby may have said why it closed (the receiving thread has
+    /// its Error message).
+    fn peer_reason(p: &mut Pipeline<S>, e: ConnError) -> LinkError {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match p.answers.recv_timeout(left) {
+                Ok(Ok(_)) => {}
+                Ok(Err(e @ ConnError::Remote { .. })) => return link_error(e),
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        link_error(e)
+    }
+
+    /// Starts the receiving thread (once per session).
+    fn pipeline(&mut self) -> Result<&mut Pipeline<S>, LinkError> {
+        if self.pipe.is_none() {
+            let mut conn = self.conn.take().expect("whole when not pipelined");
+            let second = match conn.get_ref().second_handle() {
+                Ok(s) => s,
+                Err(e) => {
+                    self.conn = Some(conn);
+                    return Err(LinkError::Transport(Box::new(ConnError::Socket(e))));
+                }
+            };
+            let sender = conn.split_sender(second).expect("the connection is whole");
+            let (tx, rx) = std::sync::mpsc::channel();
+            let reader = std::thread::Builder::new()
+                .name("blockrep-answers".into())
+                .spawn(move || receive_answers(conn, tx))
+                .map_err(|e| LinkError::Transport(Box::new(ConnError::Socket(e))))?;
+            self.pipe =
+                Some(Pipeline { sender, answers: rx, reader, outstanding: VecDeque::new(), early: VecDeque::new() });
+        }
+        Ok(self.pipe.as_mut().expect("set above"))
+    }
+
+    /// Sends a request whose answer is collected later.
+    fn request(&mut self, m: &Message, kind: Answer) -> Result<(), LinkError> {
+        let p = self.pipeline()?;
+        if p.outstanding.len() >= MAX_OUTSTANDING {
+            return Err(LinkError::Refused(format!(
+                "the source asked for more than {MAX_OUTSTANDING} hash answers ahead; this is a bug of the source"
+            )));
+        }
+        p.outstanding.push_back(kind);
+        self.send(m)
+    }
+
+    /// The next message from the standby while pipelined.
+    fn next_answer(p: &mut Pipeline<S>) -> Result<Message, LinkError> {
+        match p.answers.recv() {
+            Ok(r) => r.map_err(link_error),
+            Err(_) => Err(LinkError::Transport(Box::new(ConnError::Closed { waiting_for: "the standby's answers" }))),
+        }
+    }
+
+    /// The answer to the oldest outstanding request of `kind` (answers of other kinds that come first are kept).
+    fn wait(&mut self, kind: Answer) -> Result<Message, LinkError> {
+        let p = self
+            .pipe
+            .as_mut()
+            .ok_or(LinkError::Unexpected { expected: "an outstanding request", got: "none".into() })?;
+        let Some(pos) = p.outstanding.iter().position(|&k| k == kind) else {
+            return Err(LinkError::Unexpected { expected: "an outstanding request", got: "none".into() });
+        };
+        // Answers come in request order: the one wanted is the (pos+1)-th still to be claimed.
+        while p.early.len() <= pos {
+            let m = Self::next_answer(p)?;
+            p.early.push_back(m);
+        }
+        p.outstanding.remove(pos);
+        Ok(p.early.remove(pos).expect("received above"))
+    }
+
+    /// Waits for the answer to a request sent with [`RemoteTarget::send`] while pipelined (nothing else may be
+    /// outstanding).
+    fn wait_direct(&mut self, what: &'static str) -> Result<Message, LinkError> {
+        match &mut self.pipe {
+            Some(p) => {
+                if !p.outstanding.is_empty() || !p.early.is_empty() {
+                    return Err(LinkError::Unexpected {
+                        expected: what,
+                        got: format!("{} hash answers still outstanding", p.outstanding.len() + p.early.len()),
+                    });
+                }
+                Self::next_answer(p)
+            }
+            None => self.conn.as_mut().expect("whole").recv_expect(what).map_err(link_error),
+        }
+    }
+
+    /// Makes the connection whole again after the receiving thread ended (after the commit's answer, or a
+    /// shutdown of the stream).
+    fn rejoin(&mut self) {
+        if let Some(p) = self.pipe.take() {
+            let mut conn = p.reader.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            conn.rejoin_sender(p.sender);
+            self.conn = Some(conn);
+        }
+    }
+
+    /// The connection (for its byte counters); `None` while the receiving thread holds it (between the first
+    /// pipelined request and the commit).
+    pub fn connection(&self) -> Option<&Connection<S>> {
+        self.conn.as_ref()
     }
 
     /// Ends the session politely and returns the connection.
     pub fn close(mut self) -> Connection<S> {
-        let _ = self.conn.send(&Message::Bye);
-        self.conn
+        if let Some(p) = &self.pipe {
+            // A session that ended before its commit: the receiving thread still reads; stop it.
+            p.sender.get_ref().shut_down();
+        }
+        self.rejoin();
+        let mut c = self.conn.take().expect("whole after rejoin");
+        let _ = c.send(&Message::Bye);
+        c
     }
 }
 
-impl<S: Read + Write> TargetLink for RemoteTarget<S> {
+impl<S: Duplex> Drop for RemoteTarget<S> {
+    fn drop(&mut self) {
+        if let Some(p) = self.pipe.take() {
+            p.sender.get_ref().shut_down();
+            let _ = p.reader.join();
+        }
+    }
+}
+
+impl<S: Duplex> TargetLink for RemoteTarget<S> {
     fn info(&mut self) -> Result<TargetInfo, LinkError> {
         Ok(self.info.clone())
     }
 
     fn begin(&mut self, p: &BeginPlan) -> Result<BeginAck, LinkError> {
         self.send(&Message::Begin(p.clone()))?;
-        match self.conn.recv_expect("the answer to begin").map_err(link_error)? {
+        match self.wait_direct("the answer to begin")? {
             Message::BeginAck(a) => Ok(a),
             other => Err(unexpected("BeginAck", &other)),
         }
     }
 
     fn block_hashes(&mut self, first: u64, count: u32) -> Result<Vec<BlockHash>, LinkError> {
-        self.send(&Message::BlockHashesReq { first, count })?;
-        match self.conn.recv_expect("block hashes").map_err(link_error)? {
+        match self.block_hashes_request(first, count)? {
+            Some(h) => Ok(h),
+            None => self.block_hashes_wait(),
+        }
+    }
+
+    fn block_hashes_request(&mut self, first: u64, count: u32) -> Result<Option<Vec<BlockHash>>, LinkError> {
+        self.request(&Message::BlockHashesReq { first, count }, Answer::BlockHashes)?;
+        Ok(None)
+    }
+
+    fn block_hashes_wait(&mut self) -> Result<Vec<BlockHash>, LinkError> {
+        match self.wait(Answer::BlockHashes)? {
             Message::BlockHashes(h) => Ok(h),
             other => Err(unexpected("BlockHashes", &other)),
         }
     }
 
     fn sub_hashes(&mut self, blocks: &[u64]) -> Result<Vec<BlockHash>, LinkError> {
-        let mut out = Vec::new();
-        for part in blocks.chunks(MAX_SUB_BLOCKS as usize) {
-            self.send(&Message::SubHashesReq(part.to_vec()))?;
-            match self.conn.recv_expect("sub-block hashes").map_err(link_error)? {
-                Message::SubHashes(h) => out.extend(h),
-                other => return Err(unexpected("SubHashes", &other)),
-            }
+        match self.sub_hashes_request(blocks)? {
+            Some(h) => Ok(h),
+            None => self.sub_hashes_wait(),
         }
-        Ok(out)
+    }
+
+    /// Sends one request per [`MAX_SUB_BLOCKS`] blocks; the answer is collected with `sub_hashes_wait`.
+    fn sub_hashes_request(&mut self, blocks: &[u64]) -> Result<Option<Vec<BlockHash>>, LinkError> {
+        if blocks.len() > MAX_SUB_BLOCKS as usize {
+            // Larger batches are split; their parts are collected together (see sub_hashes_wait).
+            let mut out = Vec::new();
+            for part in blocks.chunks(MAX_SUB_BLOCKS as usize) {
+                self.request(&Message::SubHashesReq(part.to_vec()), Answer::SubHashes)?;
+                out.extend(self.sub_hashes_wait()?);
+            }
+            return Ok(Some(out));
+        }
+        self.request(&Message::SubHashesReq(blocks.to_vec()), Answer::SubHashes)?;
+        Ok(None)
+    }
+
+    fn sub_hashes_wait(&mut self) -> Result<Vec<BlockHash>, LinkError> {
+        match self.wait(Answer::SubHashes)? {
+            Message::SubHashes(h) => Ok(h),
+            other => Err(unexpected("SubHashes", &other)),
+        }
     }
 
     fn extent(&mut self, e: Extent) -> Result<(), LinkError> {
@@ -145,9 +361,13 @@ impl<S: Read + Write> TargetLink for RemoteTarget<S> {
 
     fn commit(&mut self, root: BlockHash) -> Result<CommitAck, LinkError> {
         self.send(&Message::Commit(root))?;
-        match self.conn.recv_expect("the commit acknowledgement").map_err(link_error)? {
+        let r = match self.wait_direct("the commit acknowledgement")? {
             Message::CommitAck(a) => Ok(a),
             other => Err(unexpected("CommitAck", &other)),
+        };
+        if r.is_ok() {
+            self.rejoin();
         }
+        r
     }
 }

@@ -148,6 +148,84 @@ impl Limiter {
     }
 }
 
+/// The sending state of a connection: sequence number, MAC key, compressor, rate cap.
+#[derive(Debug)]
+struct Tx {
+    seq: u64,
+    key: Option<MacKey>,
+    compressor: Option<ExtentCompressor>,
+    limiter: Option<Limiter>,
+}
+
+impl Tx {
+    /// Encodes `msg` as the next frame and writes it to `w`, counting into `stats`.
+    fn send<W: Write>(&mut self, w: &mut W, version: u16, stats: &mut Stats, msg: &Message) -> Result<(), ConnError> {
+        let (head, body) = msg.encode(self.compressor.as_mut())?;
+        if let Message::Extent(e) = msg {
+            if let ExtentData::Data(d) = &e.data {
+                stats.extent_bytes_sent += d.len() as u64;
+                stats.extent_wire_bytes_sent += body.len() as u64;
+            }
+        }
+        let f = EncodedFrame::new(version, msg.frame_type(), self.seq, head, body, self.key.as_ref());
+        self.seq += 1;
+        if let Some(l) = &mut self.limiter {
+            l.take(f.len());
+        }
+        write_frame(w, stats, &f)
+    }
+}
+
+fn write_frame<W: Write>(w: &mut W, stats: &mut Stats, f: &EncodedFrame) -> Result<(), ConnError> {
+    let mut slices = f.io_slices();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match w.write_vectored(rest) {
+            Ok(0) => return Err(io_error("writing to", std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => {
+                stats.bytes_sent += n as u64;
+                IoSlice::advance_slices(&mut rest, n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_error("writing to", e)),
+        }
+    }
+    stats.frames_sent += 1;
+    Ok(())
+}
+
+/// The sending half of a connection split with [`Connection::split_sender`]: it writes frames to a second handle
+/// of the same stream (so one thread can send while another receives), and goes back with
+/// [`Connection::rejoin_sender`].
+#[derive(Debug)]
+pub struct FrameSender<W> {
+    stream: W,
+    version: u16,
+    tx: Tx,
+    stats: Stats,
+    broken: bool,
+}
+
+impl<W: Write> FrameSender<W> {
+    /// Sends one message (see [`Connection::send`]; a failed write is returned as is: the receiving half is the
+    /// one that can read why the peer closed).
+    pub fn send(&mut self, msg: &Message) -> Result<(), ConnError> {
+        if self.broken {
+            return Err(ConnError::Broken);
+        }
+        let r = self.tx.send(&mut self.stream, self.version, &mut self.stats, msg);
+        if r.is_err() {
+            self.broken = true;
+        }
+        r
+    }
+
+    /// The stream it writes to.
+    pub fn get_ref(&self) -> &W {
+        &self.stream
+    }
+}
+
 /// A framed, authenticated connection over the byte stream `S`.
 pub struct Connection<S = TcpStream> {
     stream: S,
@@ -155,12 +233,10 @@ pub struct Connection<S = TcpStream> {
     rbuf: BytesMut,
     filled: usize,
     version: u16,
-    send_seq: u64,
+    /// `None` while split off ([`Connection::split_sender`]).
+    tx: Option<Tx>,
     recv_seq: u64,
-    send_key: Option<MacKey>,
     recv_key: Option<MacKey>,
-    compressor: Option<ExtentCompressor>,
-    limiter: Option<Limiter>,
     stats: Stats,
     peer_node: String,
     broken: bool,
@@ -172,8 +248,8 @@ impl<S> std::fmt::Debug for Connection<S> {
             .field("role", &self.role)
             .field("version", &self.version)
             .field("peer_node", &self.peer_node)
-            .field("authenticated", &self.send_key.is_some())
-            .field("send_seq", &self.send_seq)
+            .field("authenticated", &self.recv_key.is_some())
+            .field("send_seq", &self.tx.as_ref().map(|t| t.seq))
             .field("recv_seq", &self.recv_seq)
             .field("buffered", &self.filled)
             .field("stats", &self.stats)
@@ -197,12 +273,9 @@ impl<S: Read + Write> Connection<S> {
             rbuf: BytesMut::new(),
             filled: 0,
             version: frame::NEGOTIATION_VERSION,
-            send_seq: 0,
+            tx: Some(Tx { seq: 0, key: None, compressor: None, limiter: None }),
             recv_seq: 0,
-            send_key: None,
             recv_key: None,
-            compressor: None,
-            limiter: None,
             stats: Stats::default(),
             peer_node: String::new(),
             broken: false,
@@ -216,7 +289,9 @@ impl<S: Read + Write> Connection<S> {
             Role::Server => (Direction::ToClient, Direction::ToServer),
         };
         self.version = version;
-        self.send_key = Some(MacKey::new(session, send));
+        if let Some(tx) = &mut self.tx {
+            tx.key = Some(MacKey::new(session, send));
+        }
         self.recv_key = Some(MacKey::new(session, recv));
         self.peer_node = peer_node;
     }
@@ -227,13 +302,37 @@ impl<S: Read + Write> Connection<S> {
 
     /// Compress data extents with zstd at `level` (when it pays), or send them raw (`None`).
     pub fn set_compression(&mut self, level: Option<i32>) -> Result<(), ConnError> {
-        self.compressor = level.map(ExtentCompressor::new).transpose()?;
+        let c = level.map(ExtentCompressor::new).transpose()?;
+        if let Some(tx) = &mut self.tx {
+            tx.compressor = c;
+        }
         Ok(())
     }
 
     /// Caps the send rate at `bytes_per_sec` (`None`: unlimited).
     pub fn set_bwlimit(&mut self, bytes_per_sec: Option<u64>) {
-        self.limiter = bytes_per_sec.map(Limiter::new);
+        if let Some(tx) = &mut self.tx {
+            tx.limiter = bytes_per_sec.map(Limiter::new);
+        }
+    }
+
+    /// Splits off the sending half, which writes to `writer` (a second handle of this connection's stream, such as
+    /// `TcpStream::try_clone`): one thread can then send with it while another receives with this connection.
+    /// Until [`Connection::rejoin_sender`], [`Connection::send`] fails with [`ConnError::Broken`]. `None` when the
+    /// sending half is already split off.
+    pub fn split_sender<W: Write>(&mut self, writer: W) -> Option<FrameSender<W>> {
+        let tx = self.tx.take()?;
+        Some(FrameSender { stream: writer, version: self.version, tx, stats: Stats::default(), broken: self.broken })
+    }
+
+    /// Takes the sending half back (its counters are added to this connection's).
+    pub fn rejoin_sender<W>(&mut self, s: FrameSender<W>) {
+        self.stats.bytes_sent += s.stats.bytes_sent;
+        self.stats.frames_sent += s.stats.frames_sent;
+        self.stats.extent_bytes_sent += s.stats.extent_bytes_sent;
+        self.stats.extent_wire_bytes_sent += s.stats.extent_wire_bytes_sent;
+        self.broken |= s.broken;
+        self.tx = Some(s.tx);
     }
 
     /// The negotiated protocol version.
@@ -263,19 +362,8 @@ impl<S: Read + Write> Connection<S> {
         if self.broken {
             return Err(ConnError::Broken);
         }
-        let (head, body) = msg.encode(self.compressor.as_mut())?;
-        if let Message::Extent(e) = msg {
-            if let ExtentData::Data(d) = &e.data {
-                self.stats.extent_bytes_sent += d.len() as u64;
-                self.stats.extent_wire_bytes_sent += body.len() as u64;
-            }
-        }
-        let f = EncodedFrame::new(self.version, msg.frame_type(), self.send_seq, head, body, self.send_key.as_ref());
-        self.send_seq += 1;
-        if let Some(l) = &mut self.limiter {
-            l.take(f.len());
-        }
-        let r = self.write_frame(&f);
+        let Some(tx) = &mut self.tx else { return Err(ConnError::Broken) };
+        let r = tx.send(&mut self.stream, self.version, &mut self.stats, msg);
         if let Err(e) = r {
             self.broken = true;
             return Err(self.peer_reason(e));
@@ -300,24 +388,6 @@ impl<S: Read + Write> Connection<S> {
             }
         }
         e
-    }
-
-    fn write_frame(&mut self, f: &EncodedFrame) -> Result<(), ConnError> {
-        let mut slices = f.io_slices();
-        let mut rest = &mut slices[..];
-        while !rest.is_empty() {
-            match self.stream.write_vectored(rest) {
-                Ok(0) => return Err(io_error("writing to", std::io::ErrorKind::WriteZero.into())),
-                Ok(n) => {
-                    self.stats.bytes_sent += n as u64;
-                    IoSlice::advance_slices(&mut rest, n);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_error("writing to", e)),
-            }
-        }
-        self.stats.frames_sent += 1;
-        Ok(())
     }
 
     /// Sends an error message (best effort: a failure to send is ignored, the caller is about to drop the

@@ -41,7 +41,9 @@ pub const FLAG_MAC: u8 = 0x01;
 /// All flag bits this version knows.
 pub const SUPPORTED_FLAGS: u8 = FLAG_MAC;
 /// Lowest protocol version this build can speak. Version 3: sub-block hashes are the pieces' BLAKE3 chaining
-/// values in their block's tree (not the pieces' own hashes), so the standby reads a refined block once.
+/// values in their block's tree (not the pieces' own hashes), so the standby reads a refined block once; and hash
+/// requests may be pipelined (the client sends requests and extents without waiting for earlier answers, which the
+/// standby sends in request order).
 pub const MIN_VERSION: u16 = 3;
 /// Highest protocol version this build can speak.
 pub const MAX_VERSION: u16 = 3;

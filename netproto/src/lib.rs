@@ -11,7 +11,8 @@
 //!   yields the session key for the MACs.
 //! * [`conn`]: a blocking [`Connection`] over a `TcpStream` (or any byte stream): vectored, copy-free sends,
 //!   buffered two-phase receives, send-rate cap, byte counters; [`connect`] and [`accept_handshake`].
-//! * [`client`]: [`RemoteTarget`], the primary's `TargetLink` over a connection.
+//! * [`client`]: [`RemoteTarget`], the primary's `TargetLink` over a connection; hash requests are pipelined (a
+//!   second thread receives the answers while the source sends).
 //! * [`server`]: [`serve_session`], the standby's per-connection dispatch loop over any `TargetLink`.
 //! * [`key`]: loading and generating the shared key file.
 //! * `fuzzing` (cargo feature `fuzzing`, on for `fuzz/` and this crate's tests): the entry points of the fuzz
@@ -40,10 +41,10 @@ pub mod server;
 
 /// The shared byte buffer extents carry (re-exported so users need not depend on `bytes` themselves).
 pub use bytes::Bytes;
-pub use client::RemoteTarget;
+pub use client::{Duplex, RemoteTarget};
 pub use conn::{
     accept_handshake, accept_handshake_with, client_handshake, connect, connect_with, server_handshake, ConnError,
-    Connection, Stats,
+    Connection, FrameSender, Stats,
 };
 pub use handshake::{HandshakeError, HandshakeOptions};
 pub use key::{generate_key, load_key, Key, KeyError};

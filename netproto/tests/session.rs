@@ -48,8 +48,10 @@ impl TargetLink for MemTarget {
         let b = self.bytes.lock().unwrap();
         Ok((first..first + count as u64).map(|i| *blake3::hash(&b[i as usize * 4096..][..4096]).as_bytes()).collect())
     }
+    /// One made-up fingerprint per block (a 4096-byte block is one piece): the block's number, so that a test can
+    /// tell the answers apart.
     fn sub_hashes(&mut self, blocks: &[u64]) -> Result<Vec<BlockHash>, LinkError> {
-        self.block_hashes(0, 0).map(|_| blocks.iter().map(|_| [0; 32]).collect())
+        Ok(blocks.iter().map(|&b| [b as u8; 32]).collect())
     }
     fn extent(&mut self, e: Extent) -> Result<(), LinkError> {
         let mut b = self.bytes.lock().unwrap();
@@ -127,7 +129,7 @@ fn remote_target_drives_a_served_target_and_keepalives_are_accepted() {
     assert_eq!(hashes[1], *blake3::hash(&[7u8; 4096]).as_bytes());
     let ack = remote.commit([9; 32]).unwrap();
     assert_eq!((ack.generation, ack.root), (1, [9; 32]));
-    let sent_before = remote.connection().stats().frames_sent;
+    let sent_before = remote.connection().expect("whole after the commit").stats().frames_sent;
     drop(remote.close());
     server.join().unwrap().unwrap();
     assert!(sent_before >= 6);
@@ -182,4 +184,45 @@ fn refusals_keep_their_kind_and_message_on_the_client() {
         other => panic!("{other:?}"),
     }
     assert!(server.join().unwrap().is_err());
+}
+
+/// Pipelined requests (issue 15: no lock-step exchange per batch): the client sends many hash requests and
+/// megabytes of extents without reading any answer, so neither side may wait for the other to read; every answer
+/// then arrives, in the order of its kind's requests, and the connection is whole again after the commit.
+#[test]
+fn pipelined_requests_never_block_either_side_and_answers_keep_their_order() {
+    let target = MemTarget { bytes: Arc::new(Mutex::new(vec![0; SIZE as usize])), generation: 0 };
+    let (addr, server) = serve(target.clone());
+    let conn = netproto::connect(&addr, &KEY, "primary", TIMEOUT).unwrap();
+    let mut remote = RemoteTarget::open(conn, "data", SIZE, 4096).unwrap();
+    let plan = BeginPlan { generation: 1, volume_size: SIZE, block_size: 4096, ..Default::default() };
+    remote.begin(&plan).unwrap();
+    let blocks: Vec<u64> = (0..1024).map(|i| i % 16).collect();
+    let rounds = 30; // 60 requests outstanding, within MAX_OUTSTANDING
+    for r in 0..rounds {
+        // 32 KiB of answer per request, 1 MiB of extents per round (16 extents rewriting the volume).
+        let rotated: Vec<u64> = blocks.iter().map(|b| (b + r) % 16).collect();
+        assert_eq!(remote.sub_hashes_request(&rotated).unwrap(), None);
+        assert_eq!(remote.block_hashes_request(r % 16, 1).unwrap(), None);
+        let data = Bytes::from(vec![r as u8; SIZE as usize]);
+        remote.extent(Extent { offset: 0, len: SIZE, data: ExtentData::Data(data) }).unwrap();
+    }
+    for _ in 0..rounds {
+        // Block hashes first: the sub-hash answers that came before them are kept for their own wait.
+        let h = remote.block_hashes_wait().unwrap();
+        assert_eq!(h.len(), 1);
+    }
+    for r in 0..rounds {
+        let subs = remote.sub_hashes_wait().unwrap();
+        assert_eq!(subs.len(), 1024);
+        assert_eq!(subs[0], [(r % 16) as u8; 32], "answer {r} out of order");
+    }
+    assert!(remote.sub_hashes_wait().is_err(), "nothing is outstanding any more");
+    let ack = remote.commit([5; 32]).unwrap();
+    assert_eq!(ack.generation, 1);
+    let frames = remote.connection().expect("whole after the commit").stats().frames_sent;
+    assert!(frames >= 3 * rounds + 3, "{frames}");
+    drop(remote.close());
+    server.join().unwrap().unwrap();
+    assert_eq!(*target.bytes.lock().unwrap(), vec![(rounds - 1) as u8; SIZE as usize]);
 }

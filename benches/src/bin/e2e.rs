@@ -16,7 +16,7 @@ USAGE: e2e [OPTIONS]
   --pattern LIST       scattered4k,clustered1m (comma list) [default scattered4k]
   --fractions LIST     changed percentages [default 0,0.1,1,10,100]
   --reps N             repetitions per case and tool [default 3; --quick: 1]
-  --tools LIST         blockrep,rsync,tcp-copy,socat [default all]
+  --tools LIST         blockrep,blockrep-compare,blockrep-rtt20,rsync,tcp-copy,socat [default all]
   --out DIR            CSV, report.md and incremental.png go here [default target/bench]
   --work DIR           where the images live [default a new directory in /var/tmp, deleted at the end]
   --keep               keep the work directory
@@ -139,6 +139,22 @@ fn main() -> ExitCode {
         Some("measure") if args.len() >= 3 => {
             let code = blockrep_benches::e2e::procs::measure_main(args[1].as_ref(), &args[2], &args[3..]);
             return ExitCode::from(code.clamp(0, 255) as u8);
+        }
+        Some("delay-proxy") if args.len() == 4 => {
+            let delay = match args[3].parse::<u64>() {
+                Ok(ms) => std::time::Duration::from_millis(ms),
+                Err(_) => {
+                    eprintln!("e2e delay-proxy: the delay {:?} is not a number of milliseconds", args[3]);
+                    return ExitCode::from(2);
+                }
+            };
+            return match blockrep_benches::e2e::tools::delay_proxy(&args[1], &args[2], delay) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("e2e delay-proxy: {e}");
+                    ExitCode::FAILURE
+                }
+            };
         }
         Some("tcp-send") if args.len() == 3 => {
             return match tcp_send(args[1].as_ref(), &args[2]) {

@@ -284,7 +284,7 @@ pub fn run(opts: Options) -> Result<Results, String> {
 
     let mut samples = Vec::new();
     // Initial full sync: an empty target (sparse file of the right size for blockrep, none for the others).
-    for &tool in &tools {
+    for &tool in tools.iter().filter(|t| t.full()) {
         for rep in 0..opts.reps {
             let _ = std::fs::remove_file(env.target());
             let _ = std::fs::remove_dir_all(env.state("", 'p'));
@@ -330,11 +330,11 @@ pub fn run(opts: Options) -> Result<Results, String> {
             let src_hash = image::hash_file(&env.src()).map_err(|e| format!("hashing source: {e}"))?.expect("exists");
             say(&format!("{} {:.3}%: {} bytes changed", pattern.name(), fraction * 100.0, changed));
             for &tool in tools.iter().filter(|t| t.incremental()) {
-                if tool == Tool::Blockrep && !have_blockrep_state {
+                if tool.is_blockrep() && !have_blockrep_state {
                     continue;
                 }
                 for rep in 0..opts.reps {
-                    if tool == Tool::Blockrep {
+                    if tool.is_blockrep() {
                         copy_dir(&env.state("base-", 'p'), &env.state("", 'p'))
                             .map_err(|e| format!("restoring state: {e}"))?;
                         copy_dir(&env.state("base-", 's'), &env.state("", 's'))

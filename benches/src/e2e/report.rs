@@ -166,6 +166,24 @@ pub fn ratios(r: &Results, rows: &[Row]) -> Vec<Ratio> {
         |v| v >= 0.8,
     );
     push(
+        "compare sync (`sync --verify`) / incremental sync, 1% scattered 4 KiB: time",
+        inc(Tool::BlockrepCompare).zip(inc(Tool::Blockrep)).map(|(c, b)| c.wall.0 / b.wall.0),
+        "<= 1.5",
+        |v| v <= 1.5,
+    );
+    push(
+        "compare sync, 1% scattered 4 KiB: bytes the primary sends / changed bytes (hashes come back the other way)",
+        inc(Tool::BlockrepCompare).map(|b| b.wire_bytes as f64 / b.changed_bytes as f64),
+        "<= 1.1",
+        |v| v <= 1.1,
+    );
+    push(
+        "incremental 1% scattered 4 KiB: 20 ms round trip (delaying relay) / no delay: time",
+        inc(Tool::BlockrepRtt).zip(inc(Tool::Blockrep)).map(|(d, b)| d.wall.0 / b.wall.0),
+        "<= 1.2",
+        |v| v <= 1.2,
+    );
+    push(
         "incremental 1% scattered 4 KiB: blockrep time / b3sum time (hashing the volume once)",
         inc(Tool::Blockrep).zip(b3).map(|(b, h)| b.wall.0 / h),
         "<= 1.3",

@@ -21,11 +21,20 @@ pub enum Tool {
     TcpCopy,
     /// The whole image through `socat` (no fsync).
     Socat,
+    /// blockrep with `sync --verify`: a compare sync (the standby hashes its shadow's actual content).
+    BlockrepCompare,
+    /// blockrep through this harness's delaying TCP relay (`e2e delay-proxy`): [`RTT_DELAY_MS`] one way, so
+    /// twice that round trip.
+    BlockrepRtt,
 }
+
+/// One-way delay of the relay of [`Tool::BlockrepRtt`], in milliseconds (20 ms round trip).
+pub const RTT_DELAY_MS: u64 = 10;
 
 impl Tool {
     /// All tools, in the order they run.
-    pub const ALL: [Tool; 4] = [Tool::TcpCopy, Tool::Socat, Tool::Rsync, Tool::Blockrep];
+    pub const ALL: [Tool; 6] =
+        [Tool::TcpCopy, Tool::Socat, Tool::Rsync, Tool::Blockrep, Tool::BlockrepCompare, Tool::BlockrepRtt];
 
     /// Name in tables and on the command line.
     pub fn name(self) -> &'static str {
@@ -34,20 +43,31 @@ impl Tool {
             Tool::Rsync => "rsync",
             Tool::TcpCopy => "tcp-copy",
             Tool::Socat => "socat",
+            Tool::BlockrepCompare => "blockrep-compare",
+            Tool::BlockrepRtt => "blockrep-rtt20",
         }
     }
 
     /// Parses a name.
     pub fn parse(s: &str) -> Result<Tool, String> {
-        Tool::ALL
-            .into_iter()
-            .find(|t| t.name() == s)
-            .ok_or_else(|| format!("tool {s:?} is unknown: use blockrep, rsync, tcp-copy or socat"))
+        Tool::ALL.into_iter().find(|t| t.name() == s).ok_or_else(|| {
+            format!("tool {s:?} is unknown: use blockrep, blockrep-compare, blockrep-rtt20, rsync, tcp-copy or socat")
+        })
     }
 
     /// Whether the tool transfers only differences (and so runs in the incremental cases).
     pub fn incremental(self) -> bool {
-        matches!(self, Tool::Blockrep | Tool::Rsync)
+        matches!(self, Tool::Blockrep | Tool::Rsync | Tool::BlockrepCompare | Tool::BlockrepRtt)
+    }
+
+    /// Whether it runs the blockrep binary (and needs blockrep's state of the initial sync).
+    pub fn is_blockrep(self) -> bool {
+        matches!(self, Tool::Blockrep | Tool::BlockrepCompare | Tool::BlockrepRtt)
+    }
+
+    /// Whether it runs in the initial full sync (the blockrep variants only differ in incremental syncs).
+    pub fn full(self) -> bool {
+        !matches!(self, Tool::BlockrepCompare | Tool::BlockrepRtt)
     }
 
     /// The external program it needs, if any.
@@ -147,7 +167,9 @@ impl Env {
     pub fn run(&self, tool: Tool) -> Result<Outcome, String> {
         let before = self.link.as_ref().map(|l| l.tx_bytes());
         let mut o = match tool {
-            Tool::Blockrep => self.run_blockrep(),
+            Tool::Blockrep => self.run_blockrep(false, false),
+            Tool::BlockrepCompare => self.run_blockrep(true, false),
+            Tool::BlockrepRtt => self.run_blockrep(false, true),
             Tool::Rsync => self.run_rsync(),
             Tool::TcpCopy => self.run_tcp_copy(),
             Tool::Socat => self.run_socat(),
@@ -178,7 +200,8 @@ impl Env {
         std::fs::read_to_string(self.work.join(name)).unwrap_or_default()
     }
 
-    fn run_blockrep(&self) -> Result<Outcome, String> {
+    /// `compare`: `sync --verify`; `delayed`: through the delaying relay.
+    fn run_blockrep(&self, compare: bool, delayed: bool) -> Result<Outcome, String> {
         let scfg = self.blockrep_config('s', "127.0.0.1:1")?;
         let mut serve = self
             .sides
@@ -198,12 +221,35 @@ impl Env {
             .strip_prefix("listening on ")
             .ok_or_else(|| format!("blockrep serve did not announce its address: {}", self.read_log("serve.log")))?
             .to_owned();
+        let mut relay = None;
+        let addr = if delayed {
+            let mut r = self
+                .sides
+                .send(&self.self_exe.to_string_lossy(), &self.usage_file("relay"))
+                .args(["delay-proxy", "127.0.0.1:0", &addr, &RTT_DELAY_MS.to_string()])
+                .stdout(Stdio::piped())
+                .stderr(self.log("relay.err")?)
+                .spawn()
+                .map_err(|e| format!("cannot start the delaying relay: {e}"))?;
+            let mut out = BufReader::new(r.stdout.take().expect("piped"));
+            let mut line = String::new();
+            out.read_line(&mut line).map_err(|e| format!("reading the relay's address: {e}"))?;
+            relay = Some((r, out));
+            line.trim().to_owned()
+        } else {
+            addr
+        };
         let pcfg = self.blockrep_config('p', &addr)?;
         let t = Instant::now();
+        let mut args = vec!["sync", "--json"];
+        if compare {
+            args.push("--verify");
+        }
         let sync = self
             .sides
             .send(&self.blockrep.to_string_lossy(), &self.usage_file("sync"))
-            .args(["sync", "--json", "--config"])
+            .args(args)
+            .arg("--config")
             .arg(&pcfg)
             .stdout(self.log("sync.out")?)
             .stderr(self.log("sync.err")?)
@@ -211,6 +257,11 @@ impl Env {
             .map_err(|e| format!("cannot start blockrep sync: {e}"))?;
         let (st, u_sync) = self.finish(&sync, "sync")?;
         let wall_s = t.elapsed().as_secs_f64();
+        if let Some((r, out)) = relay {
+            terminate(&r);
+            let _ = self.finish(&r, "relay");
+            drop(out);
+        }
         std::mem::forget(guard);
         terminate(&serve);
         let (_, u_serve) = self.finish(&serve, "serve")?;
@@ -382,4 +433,54 @@ pub fn tcp_send(file: &Path, addr: &str) -> std::io::Result<()> {
     let mut s = std::net::TcpStream::connect(addr)?;
     std::io::copy(&mut f, &mut s)?;
     s.shutdown(std::net::Shutdown::Write)
+}
+
+/// `e2e delay-proxy LISTEN TARGET DELAY_MS`: a TCP relay adding a fixed one-way delay in each direction (this
+/// host has no netem). Prints the bound address, then relays every accepted connection to TARGET: per direction
+/// one thread reads and stamps each chunk, another writes it out once its delay has passed, so the delay does not
+/// limit the bandwidth (the relay buffers what is in flight).
+pub fn delay_proxy(listen: &str, target: &str, delay: Duration) -> std::io::Result<()> {
+    use std::io::Write;
+    let l = std::net::TcpListener::bind(listen)?;
+    println!("{}", l.local_addr()?);
+    std::io::stdout().flush()?;
+    for client in l.incoming() {
+        let client = client?;
+        let server = std::net::TcpStream::connect(target)?;
+        client.set_nodelay(true)?;
+        server.set_nodelay(true)?;
+        for (from, to) in [(client.try_clone()?, server.try_clone()?), (server, client)] {
+            std::thread::spawn(move || relay_delayed(from, to, delay));
+        }
+    }
+    Ok(())
+}
+
+fn relay_delayed(mut from: std::net::TcpStream, mut to: std::net::TcpStream, delay: Duration) {
+    use std::io::{Read, Write};
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    let writer = std::thread::spawn(move || {
+        for (due, buf) in rx {
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if to.write_all(&buf).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(tx);
+    let _ = writer.join();
 }

@@ -1,4 +1,11 @@
-//! Turns changed blocks into coalesced extents, refining them to 4 KiB pieces in batches.
+//! Turns changed blocks into coalesced extents, refining them to 4 KiB pieces in pipelined batches.
+//!
+//! The target's answers (block hashes in a compare sync, piece fingerprints for refinement) are asked for ahead
+//! and collected later ([`TargetLink::block_hashes_request`], [`TargetLink::sub_hashes_request`]), so the scan does
+//! not wait a round trip per batch: a changed block waiting for its fingerprints is copied out of its chunk (so
+//! the scan's buffer goes back at once), and the blocks in flight are bounded by [`MAX_HELD_BYTES`].
+
+use std::collections::VecDeque;
 
 use bytes::Bytes;
 
@@ -8,45 +15,73 @@ use crate::hash::{block_len, piece_cv, SUB_BLOCK_SIZE};
 use crate::manifest::Manifest;
 use link::{BlockHash, Extent, ExtentData, TargetLink, MAX_EXTENT_LEN, MAX_ZERO_EXTENT_LEN};
 
-/// Blocks asked for in one `block_hashes` call.
-const HASH_BATCH: u32 = 4096;
-/// Changed blocks collected before one `sub_hashes` call.
-const REFINE_BATCH: usize = 256;
-/// Chunks held back while a refinement batch fills (bounded by the scan's buffer pool).
-const MAX_HELD_CHUNKS: usize = 16;
+/// Blocks asked for in one `block_hashes` request.
+const HASH_BATCH: u32 = 1024;
+/// `block_hashes` requests kept ahead of the scan (the target hashes its shadow while the source scans).
+pub(super) const HASH_AHEAD: usize = 4;
+/// Refinable blocks in one `sub_hashes` request.
+const REFINE_BATCH: usize = 128;
+/// Bytes of changed blocks in one batch (a batch is closed, and its request sent, at this size).
+const BATCH_BYTES: usize = 4 << 20;
+/// Bytes of changed blocks held while their batches wait for the target's answers (the pipeline's depth: at
+/// 20 ms round trip and 1 % scattered changes it covers more than 100 MiB of scan).
+const MAX_HELD_BYTES: usize = 32 << 20;
+/// Batches waiting for their answers (fewer than a network link's `MAX_OUTSTANDING` requests).
+pub(super) const MAX_QUEUED: usize = 16;
 
-/// A window of block hashes fetched from the target.
-struct RemoteHashes {
+/// A window of block hashes asked from the target.
+struct HashWindow {
     first: u64,
-    hashes: Vec<BlockHash>,
+    count: u32,
+    /// `None` until collected.
+    hashes: Option<Vec<BlockHash>>,
 }
 
-/// A changed block waiting to be turned into extents.
-struct Changed {
-    /// Index within its held chunk.
-    index: usize,
-    /// Whether a reference existed (so the target has earlier content to refine against).
+/// A changed block waiting for its batch's answer.
+struct Held {
+    /// Offset of the block in the volume.
+    offset: u64,
+    /// Its bytes (a copy, or a slice of a chunk; `len` zero bytes for a zero block).
+    data: Option<Bytes>,
+    len: u64,
+    /// Whether its pieces are compared with the target's fingerprints.
     refinable: bool,
+}
+
+/// Changed blocks in scan order and, once answered, the fingerprints of the refinable ones.
+#[derive(Default)]
+struct Batch {
+    blocks: Vec<Held>,
+    refine: Vec<u64>,
+    bytes: usize,
+    /// Requested and waiting for `sub_hashes_wait`.
+    waiting: bool,
+    answer: Vec<BlockHash>,
 }
 
 /// The extent being built (coalescing adjacent pieces).
 struct Current {
     offset: u64,
     len: u64,
-    /// Data: the chunk bytes and the start of this extent within them. None: zero extent.
+    /// Data: the buffer and the start of this extent within it. None: zero extent.
     data: Option<(Bytes, usize)>,
 }
 
-/// Turns changed blocks into coalesced extents, refining them to 4 KiB pieces in batches.
+/// Turns changed blocks into coalesced extents, refining them to 4 KiB pieces in pipelined batches.
 pub(super) struct Sender<'a> {
     volume: &'a str,
     pub(super) link: &'a mut dyn TargetLink,
     bs: u32,
     size: u64,
     refine: bool,
-    held: Vec<(ScannedChunk, Vec<Changed>)>,
-    to_refine: Vec<u64>,
-    remote: RemoteHashes,
+    /// The batch being filled (not yet requested).
+    open: Batch,
+    /// Closed batches, oldest first, waiting for their answers.
+    queue: VecDeque<Batch>,
+    held_bytes: usize,
+    windows: VecDeque<HashWindow>,
+    /// First block not yet asked for with `block_hashes`.
+    asked_end: u64,
     query_end: u64,
     cur: Option<Current>,
     refine_seen: u64,
@@ -72,15 +107,73 @@ impl<'a> Sender<'a> {
             bs,
             size,
             refine,
-            held: Vec::new(),
-            to_refine: Vec::new(),
-            remote: RemoteHashes { first: 0, hashes: Vec::new() },
+            open: Batch::default(),
+            queue: VecDeque::new(),
+            held_bytes: 0,
+            windows: VecDeque::new(),
+            asked_end: 0,
             query_end,
             cur: None,
             refine_seen: 0,
             refine_changed: 0,
             report,
         }
+    }
+
+    fn bad_answer(&self, what: &'static str, got: usize, expected: usize) -> SyncError {
+        SyncError::BadAnswer { volume: self.volume.into(), what, got, expected }
+    }
+
+    /// Asks for block-hash windows ahead, up to [`HASH_AHEAD`] outstanding, from block `from` on.
+    fn ask_ahead(&mut self, from: u64) -> Result<(), SyncError> {
+        self.asked_end = self.asked_end.max(from);
+        while self.windows.len() < HASH_AHEAD && self.asked_end < self.query_end {
+            let first = self.asked_end;
+            let count = (self.query_end - first).min(HASH_BATCH as u64) as u32;
+            let hashes = self.link.block_hashes_request(first, count)?;
+            self.windows.push_back(HashWindow { first, count, hashes });
+            self.asked_end += count as u64;
+        }
+        Ok(())
+    }
+
+    /// Drops the oldest window, collecting its answer first if it is still outstanding (answers come in order).
+    fn drop_window(&mut self) -> Result<(), SyncError> {
+        if let Some(w) = self.windows.pop_front() {
+            if w.hashes.is_none() {
+                self.link.block_hashes_wait()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The target's hash of block `b` (below `query_end`), from the windows asked ahead.
+    fn target_hash(&mut self, b: u64) -> Result<BlockHash, SyncError> {
+        while self.windows.front().is_some_and(|w| b >= w.first + w.count as u64) {
+            self.drop_window()?;
+        }
+        if self.windows.front().is_some_and(|w| b < w.first) {
+            // Before the windows asked (a change source that went back: never with the full scan): start over.
+            while !self.windows.is_empty() {
+                self.drop_window()?;
+            }
+        }
+        if self.windows.is_empty() {
+            self.asked_end = b;
+        }
+        self.ask_ahead(b)?;
+        let w = self.windows.front().expect("asked above");
+        debug_assert!(b >= w.first && b < w.first + w.count as u64);
+        if w.hashes.is_none() {
+            let count = w.count as usize;
+            let got = self.link.block_hashes_wait()?;
+            if got.len() != count {
+                return Err(self.bad_answer("block_hashes", got.len(), count));
+            }
+            self.windows.front_mut().expect("present").hashes = Some(got);
+        }
+        let w = self.windows.front().expect("present");
+        Ok(w.hashes.as_ref().expect("collected")[(b - w.first) as usize])
     }
 
     /// The reference hashes for a chunk's blocks: target hashes below `query_end`, the manifest above it.
@@ -94,106 +187,147 @@ impl<'a> Sender<'a> {
         let mut out = Vec::with_capacity(n as usize);
         for b in chunk.first_block..chunk.first_block + n {
             if b < self.query_end {
-                let end = self.remote.first + self.remote.hashes.len() as u64;
-                if b < self.remote.first || b >= end {
-                    let count = (self.query_end - b).min(HASH_BATCH as u64) as u32;
-                    let hashes = self.link.block_hashes(b, count)?;
-                    if hashes.len() != count as usize {
-                        return Err(SyncError::BadAnswer {
-                            volume: self.volume.into(),
-                            what: "block_hashes",
-                            got: hashes.len(),
-                            expected: count as usize,
-                        });
-                    }
-                    self.remote = RemoteHashes { first: b, hashes };
-                }
-                out.push(Some(self.remote.hashes[(b - self.remote.first) as usize]));
+                out.push(Some(self.target_hash(b)?));
             } else {
                 out.push(manifest.map(|m| *m.hash(b)));
             }
         }
+        // Keep the target hashing ahead while this chunk is handled.
+        let next = chunk.first_block + n;
+        if next < self.query_end {
+            self.ask_ahead(next)?;
+        }
         Ok(out)
     }
 
-    /// Takes a scanned chunk: records its changed blocks, holding the chunk until its refinement batch is sent.
+    /// Takes a scanned chunk: sends its changed blocks at once when nothing waits before them and none needs
+    /// refining, else adds them to the open batch (copied, so the chunk's buffer is released now).
     pub(super) fn take(&mut self, chunk: ScannedChunk, reference: Vec<Option<BlockHash>>) -> Result<(), SyncError> {
-        let mut changed = Vec::new();
+        let bs = self.bs as usize;
         for (i, (h, r)) in chunk.hashes.iter().zip(&reference).enumerate() {
             if Some(h) == r.as_ref() {
                 continue;
             }
             self.report.blocks_changed += 1;
-            let refinable = self.refine && r.is_some() && !chunk.zero[i] && self.bs > SUB_BLOCK_SIZE;
-            if refinable {
-                self.to_refine.push(chunk.first_block + i as u64);
+            let zero = chunk.zero[i];
+            let refinable = self.refine && r.is_some() && !zero && self.bs > SUB_BLOCK_SIZE;
+            let offset = chunk.offset + (i * bs) as u64;
+            let len = (chunk.data.len() - i * bs).min(bs);
+            if !refinable && self.queue.is_empty() && self.open.blocks.is_empty() {
+                let data = (!zero).then_some((&chunk.data, i * bs));
+                self.push(offset, len as u64, data)?;
+                continue;
             }
-            changed.push(Changed { index: i, refinable });
+            let data = (!zero).then(|| Bytes::copy_from_slice(&chunk.data[i * bs..i * bs + len]));
+            let held = if zero { 0 } else { len };
+            self.open.bytes += held;
+            self.held_bytes += held;
+            if refinable {
+                self.open.refine.push(offset / self.bs as u64);
+            }
+            self.open.blocks.push(Held { offset, data, len: len as u64, refinable });
+            if self.open.refine.len() >= REFINE_BATCH || self.open.bytes >= BATCH_BYTES {
+                self.close_batch()?;
+            }
         }
-        if changed.is_empty() && self.held.is_empty() {
-            return self.end_chunk();
+        // A data extent cannot continue into the next chunk (another buffer).
+        self.end_chunk()?;
+        self.drain(false)
+    }
+
+    /// Sends the open batch's request (if it has refinable blocks) and queues it.
+    fn close_batch(&mut self) -> Result<(), SyncError> {
+        let mut batch = std::mem::take(&mut self.open);
+        if batch.blocks.is_empty() {
+            return Ok(());
         }
-        self.held.push((chunk, changed));
-        if self.to_refine.len() >= REFINE_BATCH || self.held.len() >= MAX_HELD_CHUNKS {
-            self.flush()?;
+        if !batch.refine.is_empty() {
+            match self.link.sub_hashes_request(&batch.refine)? {
+                Some(answer) => batch.answer = answer,
+                None => batch.waiting = true,
+            }
+            if !batch.waiting {
+                self.check_answer(&batch)?;
+            }
+        }
+        self.queue.push_back(batch);
+        Ok(())
+    }
+
+    fn check_answer(&self, batch: &Batch) -> Result<(), SyncError> {
+        let expected: usize =
+            batch.refine.iter().map(|&b| block_len(self.size, self.bs, b).div_ceil(SUB_BLOCK_SIZE as usize)).sum();
+        if batch.answer.len() != expected {
+            return Err(self.bad_answer("sub_hashes", batch.answer.len(), expected));
         }
         Ok(())
     }
 
-    /// Sends every held chunk's changed blocks, after one `sub_hashes` call for the refinable ones.
-    pub(super) fn flush(&mut self) -> Result<(), SyncError> {
-        let mut theirs: Vec<BlockHash> = Vec::new();
-        if !self.to_refine.is_empty() {
-            theirs = self.link.sub_hashes(&self.to_refine)?;
-            let expected: usize = self
-                .to_refine
-                .iter()
-                .map(|&b| block_len(self.size, self.bs, b).div_ceil(SUB_BLOCK_SIZE as usize))
-                .sum();
-            if theirs.len() != expected {
-                return Err(SyncError::BadAnswer {
-                    volume: self.volume.into(),
-                    what: "sub_hashes",
-                    got: theirs.len(),
-                    expected,
-                });
-            }
+    /// Sends the queued batches whose answers are here; with `all`, or while more than [`MAX_HELD_BYTES`] are
+    /// held, waits for the oldest answers.
+    fn drain(&mut self, all: bool) -> Result<(), SyncError> {
+        if all {
+            self.close_batch()?;
         }
-        let mut sub = theirs.iter();
-        for (chunk, changed) in std::mem::take(&mut self.held) {
-            for c in changed {
-                let offset = chunk.offset + c.index as u64 * self.bs as u64;
-                let block = chunk.block(c.index, self.bs);
-                let base = c.index * self.bs as usize;
-                if chunk.zero[c.index] {
-                    self.push(offset, block.len() as u64, None)?;
-                } else if c.refinable {
-                    for (j, piece) in block.chunks(SUB_BLOCK_SIZE as usize).enumerate() {
-                        let remote = sub.next().expect("length checked above");
+        let queued = self.queue.len();
+        while let Some(front) = self.queue.front_mut() {
+            if front.waiting {
+                if !all && self.held_bytes <= MAX_HELD_BYTES && queued <= MAX_QUEUED {
+                    // Still room in the pipeline: let the answer come while the scan goes on.
+                    return Ok(());
+                }
+                front.answer = self.link.sub_hashes_wait()?;
+                front.waiting = false;
+                let front = self.queue.front().expect("present");
+                self.check_answer(front)?;
+            }
+            let batch = self.queue.pop_front().expect("present");
+            self.send_batch(batch)?;
+        }
+        if !all && self.held_bytes > MAX_HELD_BYTES {
+            // Everything queued is sent and the open batch alone is too large: close it and wait for it.
+            self.close_batch()?;
+            return self.drain(false);
+        }
+        Ok(())
+    }
+
+    /// Turns one answered batch into extents.
+    fn send_batch(&mut self, batch: Batch) -> Result<(), SyncError> {
+        let mut theirs = batch.answer.iter();
+        for h in batch.blocks {
+            self.held_bytes -= h.data.as_ref().map_or(0, |d| d.len());
+            match &h.data {
+                None => self.push(h.offset, h.len, None)?,
+                Some(data) if h.refinable => {
+                    for (j, piece) in data.chunks(SUB_BLOCK_SIZE as usize).enumerate() {
+                        let remote = theirs.next().expect("length checked");
+                        let at = j * SUB_BLOCK_SIZE as usize;
                         self.refine_seen += 1;
-                        let at = j as u64 * SUB_BLOCK_SIZE as u64;
-                        if piece_cv(piece, at) != *remote {
+                        if piece_cv(piece, at as u64) != *remote {
                             self.refine_changed += 1;
-                            let start = j * SUB_BLOCK_SIZE as usize;
-                            self.push(offset + start as u64, piece.len() as u64, Some((&chunk.data, base + start)))?;
+                            self.push(h.offset + at as u64, piece.len() as u64, Some((data, at)))?;
                         }
                     }
-                } else {
-                    self.push(offset, block.len() as u64, Some((&chunk.data, base)))?;
                 }
+                Some(data) => self.push(h.offset, h.len, Some((data, 0)))?,
             }
             self.end_chunk()?;
         }
-        self.to_refine.clear();
         // Refining pays only when few pieces of a changed block changed; stop asking when most do.
-        if self.refine_seen >= 1024 && self.refine_changed * 4 > self.refine_seen * 3 {
+        if self.refine && self.refine_seen >= 1024 && self.refine_changed * 4 > self.refine_seen * 3 {
             tracing::debug!(volume = self.volume, "most 4 KiB pieces of changed blocks differ: no longer refining");
             self.refine = false;
         }
         Ok(())
     }
 
-    /// A data extent cannot continue into the next chunk (another buffer).
+    /// Sends everything still held (waiting for every outstanding answer).
+    pub(super) fn flush(&mut self) -> Result<(), SyncError> {
+        self.drain(true)
+    }
+
+    /// A data extent cannot continue into the next buffer.
     fn end_chunk(&mut self) -> Result<(), SyncError> {
         if self.cur.as_ref().is_some_and(|c| c.data.is_some()) {
             self.emit_pending()?;
