@@ -313,6 +313,11 @@ pub fn run(opts: Options) -> Result<Results, String> {
         }
     }
     let have_blockrep_state = env.state("base-", 's').exists();
+    // The standby recorded the shadow's modification time at its commit (evidence of outside writes, issue 11):
+    // restoring the target changes it, which would turn every later sync into a compare sync. Put it back
+    // before each blockrep run, so that `blockrep` measures an incremental sync (and `blockrep-compare` a
+    // compare sync because it asks for one).
+    let committed_mtime = std::fs::metadata(env.target()).and_then(|m| m.modified()).ok();
     if !check(&env.target(), base_hash) {
         image::copy_file(&env.base(), &env.target()).map_err(|e| format!("cannot restore target: {e}"))?;
     }
@@ -339,6 +344,13 @@ pub fn run(opts: Options) -> Result<Results, String> {
                             .map_err(|e| format!("restoring state: {e}"))?;
                         copy_dir(&env.state("base-", 's'), &env.state("", 's'))
                             .map_err(|e| format!("restoring state: {e}"))?;
+                        if let Some(t) = committed_mtime {
+                            std::fs::File::options()
+                                .write(true)
+                                .open(env.target())
+                                .and_then(|f| f.set_modified(t))
+                                .map_err(|e| format!("restoring the target's modification time: {e}"))?;
+                        }
                     }
                     flush_dirty();
                     let result = env.run(tool);

@@ -273,6 +273,14 @@ impl Env {
         let v: serde_json::Value = serde_json::from_str(out.lines().next().unwrap_or(""))
             .map_err(|e| format!("blockrep sync --json printed no JSON ({e}): {out}"))?;
         let wire_bytes = v["bytes_on_wire"].as_u64().ok_or_else(|| format!("no bytes_on_wire in {v}"))?;
+        // An incremental case must measure the mode it names (a restored shadow looks written outside blockrep
+        // unless its modification time is put back, and would make every sync a compare sync).
+        let want = if compare { "compare" } else { "incremental" };
+        match v["mode"].as_str() {
+            Some("full") | None => {}
+            Some(m) if m == want => {}
+            Some(m) => return Err(format!("blockrep ran a {m} sync where this row measures {want}: {}", v["reason"])),
+        }
         Ok(Outcome { wall_s, wire_bytes, usage: u_sync.plus(u_serve) })
     }
 
