@@ -1214,7 +1214,7 @@ impl Target {
         self.check_blocks(first, count as u64)?;
         let s = self.session("hash")?;
         let (size, bs) = (s.plan.volume_size, s.plan.block_size);
-        let per_read = (HASH_READ as u64 / bs as u64).max(1);
+        let per_read = (IO_CHUNK as u64 / bs as u64).max(1);
         let end = first + count as u64;
         let mut b = first;
         while b < end {
@@ -1231,14 +1231,14 @@ impl Target {
             let offset = b * bs as u64;
             let len = ((run_end * bs as u64).min(size) - offset) as usize;
             let data = self.read_effective(offset, len)?;
-            let hashes = hash_blocks(&data, bs as usize);
-            self.recycle(data);
             let s = self.session.as_mut().expect("checked above");
-            for (i, h) in hashes.iter().enumerate() {
+            for (i, chunk) in data.chunks(bs as usize).enumerate() {
                 let blk = b + i as u64;
-                s.next.set(blk, h);
+                debug_assert_eq!(chunk.len(), hash::block_len(size, bs, blk));
+                s.next.set(blk, &hash::hash_block(chunk));
                 s.dirty.set(blk, false);
             }
+            self.recycle(data);
             b = run_end;
         }
         let s = self.session.as_ref().expect("checked above");
@@ -1400,34 +1400,6 @@ fn update_hashes(s: &mut Session, e: &Extent) {
         }
     }
 }
-
-/// Hashes the blocks of `data` (blocks of `bs`, the last one may be short) on up to [`HASH_THREADS`] threads, so a
-/// compare sync's standby hashes its shadow about as fast as the source's scan hashes the source.
-fn hash_blocks(data: &[u8], bs: usize) -> Vec<BlockHash> {
-    let blocks = data.len().div_ceil(bs);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(HASH_THREADS).min(blocks);
-    if threads <= 1 {
-        return data.chunks(bs).map(hash::hash_block).collect();
-    }
-    let per = blocks.div_ceil(threads) * bs;
-    let mut out = Vec::with_capacity(blocks);
-    std::thread::scope(|scope| {
-        let mut parts = data.chunks(per);
-        let first = parts.next().expect("at least one block");
-        let others: Vec<_> =
-            parts.map(|p| scope.spawn(move || p.chunks(bs).map(hash::hash_block).collect::<Vec<_>>())).collect();
-        out.extend(first.chunks(bs).map(hash::hash_block));
-        for h in others {
-            out.extend(h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
-        }
-    });
-    out
-}
-
-/// Most threads hashing one read of a hash query.
-const HASH_THREADS: usize = 4;
-/// Bytes read at once to answer a block-hash query (split between the hashing threads).
-const HASH_READ: usize = 4 * IO_CHUNK;
 
 /// One piece of zeros (for the fingerprints of zero extents).
 static ZERO_PIECE: [u8; SUB_BLOCK_SIZE as usize] = [0; SUB_BLOCK_SIZE as usize];

@@ -1118,13 +1118,3 @@ fn the_reference_survives_an_interrupted_transfer_but_not_an_outside_write() {
     let t = open(&e, Durable::new()).unwrap();
     assert!(t.reference().is_none());
 }
-#[test]
-fn parallel_block_hashing_matches_one_hash_per_block() {
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(41);
-    for (len, bs) in [(1usize, 4096usize), (4096, 4096), (4097, 4096), (5 * 65536 + 17, 65536), (4 << 20, 65536)] {
-        let mut data = vec![0u8; len];
-        rng.fill(&mut data[..]);
-        let expected: Vec<BlockHash> = data.chunks(bs).map(hash::hash_block).collect();
-        assert_eq!(super::hash_blocks(&data, bs), expected, "len {len} bs {bs}");
-    }
-}
