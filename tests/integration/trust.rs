@@ -173,45 +173,13 @@ fn a_split_brain_is_refused_with_both_histories_until_the_standby_changes_are_di
 /// A block device shadow held by `serve` cannot be opened exclusively (what mount does) while it runs.
 #[test]
 fn serve_holds_a_block_device_shadow_exclusively() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let is_root = unsafe { libc::geteuid() == 0 };
-    let losetup = std::path::Path::new("/usr/sbin/losetup").exists() || std::path::Path::new("/sbin/losetup").exists();
-    if !is_root || !losetup {
-        eprintln!("skipping: needs root and losetup for a loop device");
-        return;
-    }
     let p = Pair::new(1 << 20);
-    let o = run(std::process::Command::new("losetup").args(["--find", "--show"]).arg(p.path("shadow.img")));
-    if !o.status.success() {
-        eprintln!("skipping: no loop device ({})", stderr(&o));
-        return;
-    }
-    let dev = stdout(&o).trim().to_owned();
-    struct Detach(String);
-    impl Drop for Detach {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("losetup").args(["-d", &self.0]).status();
-        }
-    }
-    let _detach = Detach(dev.clone());
-    let cfg = p.path("dev.toml");
-    let text = std::fs::read_to_string(p.config("standby", &p.path("key"), "127.0.0.1:1")).unwrap();
-    std::fs::write(&cfg, text.replace(&format!("{:?}", p.path("shadow.img")), &format!("{dev:?}"))).unwrap();
-    let mut serve = blockrep()
-        .args(["serve", "--announce", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(serve.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    assert!(line.starts_with("listening on"), "{line}");
+    let Some(mut d) = serve_on_a_loop_device(&p) else { return };
+    let dev = d.dev.clone();
     use std::os::unix::fs::OpenOptionsExt;
     let excl = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(&dev);
     assert_eq!(excl.err().and_then(|e| e.raw_os_error()), Some(libc::EBUSY), "serve holds {dev}");
-    let _ = serve.kill();
-    let _ = serve.wait();
+    d.stop_serve();
     let excl = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(&dev);
     assert!(excl.is_ok(), "released when serve ends");
 }
@@ -378,49 +346,10 @@ fn serve_holds_a_shadow_created_after_it_started() {
 /// finds it, and the next sync repairs it through the device.
 #[test]
 fn the_periodic_verify_checks_a_block_device_shadow() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let is_root = unsafe { libc::geteuid() == 0 };
-    let losetup = Path::new("/usr/sbin/losetup").exists() || Path::new("/sbin/losetup").exists();
-    if !is_root || !losetup {
-        eprintln!("skipping: needs root and losetup for a loop device");
-        return;
-    }
     let mut p = Pair::new(2 << 20);
     p.standby_extra = "verify_every = \"1s\"".into();
-    let o = run(std::process::Command::new("losetup").args(["--find", "--show"]).arg(p.path("shadow.img")));
-    if !o.status.success() {
-        eprintln!("skipping: no loop device ({})", stderr(&o));
-        return;
-    }
-    let dev = stdout(&o).trim().to_owned();
-    struct Detach(String);
-    impl Drop for Detach {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("losetup").args(["-d", &self.0]).status();
-        }
-    }
-    let _detach = Detach(dev.clone());
-    let cfg = p.path("dev.toml");
-    let text = std::fs::read_to_string(p.config("standby", &p.path("key"), "127.0.0.1:1")).unwrap();
-    std::fs::write(&cfg, text.replace(&format!("{:?}", p.path("shadow.img")), &format!("{dev:?}"))).unwrap();
-    let mut serve = blockrep()
-        .args(["serve", "--announce", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut line = String::new();
-    BufReader::new(serve.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let _serve = Kill(serve);
-    let addr = line.trim().strip_prefix("listening on ").expect("announce line").to_owned();
+    let Some(d) = serve_on_a_loop_device(&p) else { return };
+    let (addr, cfg) = (d.addr.clone(), d.cfg.clone());
     let sync = || {
         let o = p.sync_via(&addr, &p.path("key"));
         assert!(o.status.success(), "sync: {}", stderr(&o));
@@ -441,4 +370,65 @@ fn the_periodic_verify_checks_a_block_device_shadow() {
     let r = sync();
     assert_eq!(r["mode"], "compare", "{r}");
     assert!(p.identical(), "{r}");
+}
+
+/// `serve` of `p`'s standby configuration with the shadow on a loop device over `p`'s shadow image.
+struct LoopServe {
+    /// The loop device (detached on drop, after serve is killed).
+    dev: String,
+    /// The configuration naming it.
+    cfg: std::path::PathBuf,
+    /// Where serve listens.
+    addr: String,
+    /// The daemon (killed on drop).
+    serve: Option<std::process::Child>,
+}
+
+impl LoopServe {
+    /// Kills serve and waits for it.
+    fn stop_serve(&mut self) {
+        if let Some(mut c) = self.serve.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for LoopServe {
+    fn drop(&mut self) {
+        self.stop_serve();
+        let _ = std::process::Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
+/// Starts [`LoopServe`], or says why it skips (not root, no losetup, no loop device) and returns `None`.
+fn serve_on_a_loop_device(p: &Pair) -> Option<LoopServe> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let is_root = unsafe { libc::geteuid() == 0 };
+    let losetup = Path::new("/usr/sbin/losetup").exists() || Path::new("/sbin/losetup").exists();
+    if !is_root || !losetup {
+        eprintln!("skipping: needs root and losetup for a loop device");
+        return None;
+    }
+    let o = run(std::process::Command::new("losetup").args(["--find", "--show"]).arg(p.path("shadow.img")));
+    if !o.status.success() {
+        eprintln!("skipping: no loop device ({})", stderr(&o));
+        return None;
+    }
+    let mut d =
+        LoopServe { dev: stdout(&o).trim().to_owned(), cfg: p.path("dev.toml"), addr: String::new(), serve: None };
+    let text = std::fs::read_to_string(p.config("standby", &p.path("key"), "127.0.0.1:1")).unwrap();
+    std::fs::write(&d.cfg, text.replace(&format!("{:?}", p.path("shadow.img")), &format!("{:?}", d.dev))).unwrap();
+    let mut serve = blockrep()
+        .args(["serve", "--announce", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&d.cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(serve.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    d.serve = Some(serve);
+    d.addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("announce line: {line}")).to_owned();
+    Some(d)
 }
