@@ -25,6 +25,8 @@ USAGE: e2e [OPTIONS]
   --seed N             seed of image and changes [default 1]
   --link RATE          run across two network namespaces joined by a veth limited to RATE (tc tbf, e.g. 1gbit;
                        root only)
+  --pin-sides          the primary side on CPU 0 only, the standby side on CPU 1 only (taskset): each side has a
+                       core of its own, as on two machines (both sides otherwise share every core of this host)
   --no-differ          skip the differ-vs-b3sum measurement
   --no-plot            skip the PNG
   --quick              tiny sizes, 1 repetition (smoke test)
@@ -74,6 +76,7 @@ fn parse(args: Vec<String>) -> Result<Options, String> {
         tools: Tool::ALL.to_vec(),
         blockrep: default_blockrep(),
         link: None,
+        pin_sides: false,
         seed: 1,
         block_size: None,
         no_differ: false,
@@ -108,6 +111,7 @@ fn parse(args: Vec<String>) -> Result<Options, String> {
             "--block-size" => o.block_size = Some(val()?),
             "--seed" => o.seed = val()?.parse().map_err(|_| "--seed needs an integer")?,
             "--link" => o.link = Some(val()?),
+            "--pin-sides" => o.pin_sides = true,
             "--no-differ" => o.no_differ = true,
             "--no-plot" => o.no_plot = true,
             "-h" | "--help" => return Err(String::new()),

@@ -48,6 +48,8 @@ pub struct Options {
     pub no_plot: bool,
     /// Keep the work directory.
     pub keep: bool,
+    /// `--pin-sides`: sender on CPU 0, receiver on CPU 1 (see [`procs::Sides::pin`]).
+    pub pin_sides: bool,
 }
 
 /// One repetition of one tool in one case.
@@ -263,7 +265,10 @@ pub fn run(opts: Options) -> Result<Results, String> {
     let env = Env {
         work: work.clone(),
         blockrep: opts.blockrep.clone(),
-        sides: link.as_ref().map(|l| l.sides.clone()).unwrap_or_else(|| procs::Sides::loopback(self_exe.clone())),
+        sides: procs::Sides {
+            pin: opts.pin_sides,
+            ..link.as_ref().map(|l| l.sides.clone()).unwrap_or_else(|| procs::Sides::loopback(self_exe.clone()))
+        },
         self_exe,
         link,
         block_size: opts.block_size.clone(),

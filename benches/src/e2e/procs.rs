@@ -152,36 +152,47 @@ pub struct Sides {
     pub recv_ip: String,
     /// This harness (its `measure` helper wraps every tool process).
     pub measure_exe: std::path::PathBuf,
+    /// `--pin-sides`: the sending side runs on CPU 0 only and the receiving side on CPU 1 only (`taskset`), so
+    /// that on one host each side has a core of its own, as on two machines.
+    pub pin: bool,
 }
 
 impl Sides {
     /// Both sides on 127.0.0.1.
     pub fn loopback(measure_exe: std::path::PathBuf) -> Sides {
-        Sides { send_ns: None, recv_ns: None, recv_ip: "127.0.0.1".into(), measure_exe }
+        Sides { send_ns: None, recv_ns: None, recv_ip: "127.0.0.1".into(), measure_exe, pin: false }
     }
 
-    fn cmd(&self, ns: &Option<String>, prog: &str, usage: &Path) -> Command {
+    fn cmd(&self, ns: &Option<String>, cpu: &str, prog: &str, usage: &Path) -> Command {
         let mut c = match ns {
-            None => Command::new(&self.measure_exe),
+            None => Command::new(if self.pin { Path::new("taskset") } else { &self.measure_exe }),
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&self.measure_exe);
+                c.args(["netns", "exec", ns]);
+                if self.pin {
+                    c.arg("taskset");
+                } else {
+                    c.arg(&self.measure_exe);
+                }
                 c
             }
         };
+        if self.pin {
+            c.args(["-c", cpu]).arg(&self.measure_exe);
+        }
         c.arg("measure").arg(usage).arg(prog);
         c
     }
 
     /// A command on the sending side, run under the `measure` helper that writes its usage to `usage`
-    /// (`ip netns exec` execs in place, so the pid is the helper's).
+    /// (`ip netns exec` and `taskset` exec in place, so the pid is the helper's).
     pub fn send(&self, prog: &str, usage: &Path) -> Command {
-        self.cmd(&self.send_ns, prog, usage)
+        self.cmd(&self.send_ns, "0", prog, usage)
     }
 
     /// A command on the receiving side (see [`Sides::send`]).
     pub fn recv(&self, prog: &str, usage: &Path) -> Command {
-        self.cmd(&self.recv_ns, prog, usage)
+        self.cmd(&self.recv_ns, "1", prog, usage)
     }
 
     /// Waits until something listens on `port` on the receiving side.
@@ -245,6 +256,7 @@ impl Link {
                 recv_ns: Some(nb.clone()),
                 recv_ip: format!("{net}.2"),
                 measure_exe,
+                pin: false,
             },
             ends: [(na.clone(), va.clone()), (nb.clone(), vb.clone())],
         };
