@@ -147,7 +147,8 @@ fn run() -> Result<(), String> {
         for rep in 0..o.reps {
             let seed = 100 + rep as u64;
             let ranges = image::change_ranges(o.size, Pattern::Scattered4k, fraction, seed);
-            image::apply_changes(Path::new(&dev.0), &ranges, seed).map_err(|e| format!("{}: {e}", dev.0))?;
+            image::apply_changes(Path::new(&dev.0), &ranges, image::Content::Random, seed)
+                .map_err(|e| format!("{}: {e}", dev.0))?;
             let mut t_dd = 0.0;
             let mut r = None;
             for first_dd in [rep % 2 == 0, rep % 2 != 0] {

@@ -16,7 +16,8 @@ USAGE: e2e [OPTIONS]
   --pattern LIST       scattered4k,clustered1m (comma list) [default scattered4k]
   --fractions LIST     changed percentages [default 0,0.1,1,10,100]
   --reps N             repetitions per case and tool [default 3; --quick: 1]
-  --tools LIST         blockrep,blockrep-compare,blockrep-rtt20,rsync,tcp-copy,socat [default all]
+  --tools LIST         blockrep,blockrep-compare,blockrep-rtt20,rsync,tcp-copy,socat [default all];
+                       also blockrep-zN: blockrep with compression_level = N (0 = off), e.g. blockrep-z0,blockrep-z1
   --out DIR            CSV, report.md and incremental.png go here [default target/bench]
   --work DIR           where the images live [default a new directory in /var/tmp, deleted at the end]
   --keep               keep the work directory
@@ -122,7 +123,7 @@ fn parse(args: Vec<String>) -> Result<Options, String> {
         return Err("--size must be at least 1M and a multiple of 4K".into());
     }
     // Run in a fixed order whatever the order given: blockrep last in the full case, so its state is the base.
-    o.tools.sort_by_key(|t| Tool::ALL.iter().position(|x| x == t));
+    o.tools.sort_by_key(|t| (Tool::ALL.iter().position(|x| x == t).unwrap_or(Tool::ALL.len()), *t));
     o.tools.dedup();
     Ok(o)
 }

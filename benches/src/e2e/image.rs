@@ -107,26 +107,30 @@ fn fill_region(content: Content, rng: &mut SmallRng, buf: &mut [u8]) {
         return;
     }
     if content == Content::Mixed && kind >= 25 {
-        // Text-like: words with numbers, compresses roughly 3-5x.
-        let mut i = 0;
-        while i < buf.len() {
-            let w: &[u8] = if rng.gen_bool(0.3) {
-                let n = rng.gen_range(0..1_000_000u32);
-                let s = format!("{n}");
-                let take = s.len().min(buf.len() - i);
-                buf[i..i + take].copy_from_slice(&s.as_bytes()[..take]);
-                i += take;
-                continue;
-            } else {
-                WORDS[rng.gen_range(0..WORDS.len())].as_bytes()
-            };
-            let take = w.len().min(buf.len() - i);
-            buf[i..i + take].copy_from_slice(&w[..take]);
-            i += take;
-        }
+        fill_text(rng, buf);
         return;
     }
     buf.fill(0);
+}
+
+/// Text-like bytes: words with numbers, compresses roughly 3-5x.
+fn fill_text(rng: &mut SmallRng, buf: &mut [u8]) {
+    let mut i = 0;
+    while i < buf.len() {
+        let w: &[u8] = if rng.gen_bool(0.3) {
+            let n = rng.gen_range(0..1_000_000u32);
+            let s = format!("{n}");
+            let take = s.len().min(buf.len() - i);
+            buf[i..i + take].copy_from_slice(&s.as_bytes()[..take]);
+            i += take;
+            continue;
+        } else {
+            WORDS[rng.gen_range(0..WORDS.len())].as_bytes()
+        };
+        let take = w.len().min(buf.len() - i);
+        buf[i..i + take].copy_from_slice(&w[..take]);
+        i += take;
+    }
 }
 
 /// Writes a seeded image of `size` bytes at `path` and returns its BLAKE3.
@@ -163,14 +167,19 @@ pub fn change_ranges(size: u64, pattern: Pattern, fraction: f64, seed: u64) -> V
     idx.into_iter().map(|i| (i * unit, unit)).collect()
 }
 
-/// Overwrites `ranges` of `path` with new random bytes.
-pub fn apply_changes(path: &Path, ranges: &[(u64, u64)], seed: u64) -> io::Result<()> {
+/// Overwrites `ranges` of `path` with new content: random bytes, except for a `mixed` image, where each range is
+/// random or text-like (half and half, like the image's non-zero regions; never zeros, so every range changes).
+pub fn apply_changes(path: &Path, ranges: &[(u64, u64)], content: Content, seed: u64) -> io::Result<()> {
     let f = File::options().write(true).open(path)?;
     let mut rng = SmallRng::seed_from_u64(seed ^ 0x5eed_c4a9);
     let mut buf = vec![0u8; REGION];
     for &(off, len) in ranges {
         let b = &mut buf[..len as usize];
-        rng.fill_bytes(b);
+        if content == Content::Mixed && rng.gen_bool(0.5) {
+            fill_text(&mut rng, b);
+        } else {
+            rng.fill_bytes(b);
+        }
         f.write_all_at(b, off)?;
     }
     Ok(())

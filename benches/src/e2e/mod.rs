@@ -289,12 +289,14 @@ pub fn run(opts: Options) -> Result<Results, String> {
 
     let mut samples = Vec::new();
     // Initial full sync: an empty target (sparse file of the right size for blockrep, none for the others).
-    for &tool in tools.iter().filter(|t| t.full()) {
-        for rep in 0..opts.reps {
+    // Repetitions are interleaved (rep 0 of every tool, then rep 1, ...), so a change in the shared host's load
+    // hits all tools alike.
+    for rep in 0..opts.reps {
+        for &tool in tools.iter().filter(|t| t.full()) {
             let _ = std::fs::remove_file(env.target());
             let _ = std::fs::remove_dir_all(env.state("", 'p'));
             let _ = std::fs::remove_dir_all(env.state("", 's'));
-            if tool == Tool::Blockrep {
+            if tool.is_blockrep() {
                 let f = std::fs::File::create(env.target()).map_err(|e| format!("cannot create target: {e}"))?;
                 f.set_len(opts.size).map_err(|e| format!("cannot size target: {e}"))?;
             }
@@ -311,10 +313,12 @@ pub fn run(opts: Options) -> Result<Results, String> {
                 result,
                 verified,
             });
-        }
-        if tool == Tool::Blockrep {
-            copy_dir(&env.state("", 'p'), &env.state("base-", 'p')).map_err(|e| format!("saving state: {e}"))?;
-            copy_dir(&env.state("", 's'), &env.state("base-", 's')).map_err(|e| format!("saving state: {e}"))?;
+            // The base of the incremental cases: the state after a verified blockrep full sync (every
+            // blockrep variant leaves the same state; the compression level changes only the wire).
+            if tool.is_blockrep() && verified {
+                copy_dir(&env.state("", 'p'), &env.state("base-", 'p')).map_err(|e| format!("saving state: {e}"))?;
+                copy_dir(&env.state("", 's'), &env.state("base-", 's')).map_err(|e| format!("saving state: {e}"))?;
+            }
         }
     }
     let have_blockrep_state = env.state("base-", 's').exists();
@@ -333,17 +337,17 @@ pub fn run(opts: Options) -> Result<Results, String> {
         for (fi, &fraction) in opts.fractions.iter().enumerate() {
             image::copy_ranges(&env.base(), &env.src(), &src_ranges).map_err(|e| format!("restoring source: {e}"))?;
             let ranges = image::change_ranges(opts.size, pattern, fraction, opts.seed + 1 + fi as u64);
-            image::apply_changes(&env.src(), &ranges, opts.seed + 1000 + fi as u64)
+            image::apply_changes(&env.src(), &ranges, opts.content, opts.seed + 1000 + fi as u64)
                 .map_err(|e| format!("changing source: {e}"))?;
             src_ranges = ranges.clone();
             let changed: u64 = ranges.iter().map(|r| r.1).sum();
             let src_hash = image::hash_file(&env.src()).map_err(|e| format!("hashing source: {e}"))?.expect("exists");
             say(&format!("{} {:.3}%: {} bytes changed", pattern.name(), fraction * 100.0, changed));
-            for &tool in tools.iter().filter(|t| t.incremental()) {
-                if tool.is_blockrep() && !have_blockrep_state {
-                    continue;
-                }
-                for rep in 0..opts.reps {
+            for rep in 0..opts.reps {
+                for &tool in tools.iter().filter(|t| t.incremental()) {
+                    if tool.is_blockrep() && !have_blockrep_state {
+                        continue;
+                    }
                     if tool.is_blockrep() {
                         copy_dir(&env.state("base-", 'p'), &env.state("", 'p'))
                             .map_err(|e| format!("restoring state: {e}"))?;

@@ -26,6 +26,9 @@ pub enum Tool {
     /// blockrep through this harness's delaying TCP relay (`e2e delay-proxy`): [`RTT_DELAY_MS`] one way, so
     /// twice that round trip.
     BlockrepRtt,
+    /// blockrep with `[primary] compression_level` set to this level (0: compression off); `blockrep-zN` on the
+    /// command line. Not in [`Tool::ALL`]: asked for by name, to compare compression settings in one run.
+    BlockrepLevel(i32),
 }
 
 /// One-way delay of the relay of [`Tool::BlockrepRtt`], in milliseconds (20 ms round trip).
@@ -37,32 +40,44 @@ impl Tool {
         [Tool::TcpCopy, Tool::Socat, Tool::Rsync, Tool::Blockrep, Tool::BlockrepCompare, Tool::BlockrepRtt];
 
     /// Name in tables and on the command line.
-    pub fn name(self) -> &'static str {
+    pub fn name(self) -> String {
         match self {
-            Tool::Blockrep => "blockrep",
-            Tool::Rsync => "rsync",
-            Tool::TcpCopy => "tcp-copy",
-            Tool::Socat => "socat",
-            Tool::BlockrepCompare => "blockrep-compare",
-            Tool::BlockrepRtt => "blockrep-rtt20",
+            Tool::Blockrep => "blockrep".into(),
+            Tool::Rsync => "rsync".into(),
+            Tool::TcpCopy => "tcp-copy".into(),
+            Tool::Socat => "socat".into(),
+            Tool::BlockrepCompare => "blockrep-compare".into(),
+            Tool::BlockrepRtt => "blockrep-rtt20".into(),
+            Tool::BlockrepLevel(l) => format!("blockrep-z{l}"),
         }
     }
 
     /// Parses a name.
     pub fn parse(s: &str) -> Result<Tool, String> {
+        if let Some(l) = s.strip_prefix("blockrep-z").and_then(|l| l.parse::<i32>().ok()) {
+            if (0..=19).contains(&l) {
+                return Ok(Tool::BlockrepLevel(l));
+            }
+        }
         Tool::ALL.into_iter().find(|t| t.name() == s).ok_or_else(|| {
-            format!("tool {s:?} is unknown: use blockrep, blockrep-compare, blockrep-rtt20, rsync, tcp-copy or socat")
+            format!(
+                "tool {s:?} is unknown: use blockrep, blockrep-compare, blockrep-rtt20, blockrep-zN (compression \
+                 level N, 0 = off, up to 19), rsync, tcp-copy or socat"
+            )
         })
     }
 
     /// Whether the tool transfers only differences (and so runs in the incremental cases).
     pub fn incremental(self) -> bool {
-        matches!(self, Tool::Blockrep | Tool::Rsync | Tool::BlockrepCompare | Tool::BlockrepRtt)
+        matches!(
+            self,
+            Tool::Blockrep | Tool::Rsync | Tool::BlockrepCompare | Tool::BlockrepRtt | Tool::BlockrepLevel(_)
+        )
     }
 
     /// Whether it runs the blockrep binary (and needs blockrep's state of the initial sync).
     pub fn is_blockrep(self) -> bool {
-        matches!(self, Tool::Blockrep | Tool::BlockrepCompare | Tool::BlockrepRtt)
+        matches!(self, Tool::Blockrep | Tool::BlockrepCompare | Tool::BlockrepRtt | Tool::BlockrepLevel(_))
     }
 
     /// Whether it runs in the initial full sync (the blockrep variants only differ in incremental syncs).
@@ -148,11 +163,12 @@ impl Env {
         std::fs::write(self.work.join("rsyncd.conf"), conf).map_err(|e| format!("cannot write rsyncd.conf: {e}"))
     }
 
-    fn blockrep_config(&self, side: char, peer: &str) -> Result<PathBuf, String> {
+    fn blockrep_config(&self, side: char, peer: &str, level: Option<i32>) -> Result<PathBuf, String> {
         let bs = self.block_size.as_ref().map(|b| format!("block_size = \"{b}\"\n")).unwrap_or_default();
+        let z = level.map(|l| format!("compression_level = {l}\n")).unwrap_or_default();
         let text = format!(
             "node = \"bench-{side}\"\nkey_file = {:?}\nstate_dir = {:?}\n[standby]\nlisten = \"127.0.0.1:0\"\n\
-             [primary]\npeer = \"{peer}\"\n[[volume]]\nname = \"vol\"\nsource = {:?}\nshadow = {:?}\n{bs}",
+             [primary]\npeer = \"{peer}\"\n{z}[[volume]]\nname = \"vol\"\nsource = {:?}\nshadow = {:?}\n{bs}",
             self.work.join("key"),
             self.state("", side),
             self.src(),
@@ -167,9 +183,10 @@ impl Env {
     pub fn run(&self, tool: Tool) -> Result<Outcome, String> {
         let before = self.link.as_ref().map(|l| l.tx_bytes());
         let mut o = match tool {
-            Tool::Blockrep => self.run_blockrep(false, false),
-            Tool::BlockrepCompare => self.run_blockrep(true, false),
-            Tool::BlockrepRtt => self.run_blockrep(false, true),
+            Tool::Blockrep => self.run_blockrep(false, false, None),
+            Tool::BlockrepCompare => self.run_blockrep(true, false, None),
+            Tool::BlockrepRtt => self.run_blockrep(false, true, None),
+            Tool::BlockrepLevel(l) => self.run_blockrep(false, false, Some(l)),
             Tool::Rsync => self.run_rsync(),
             Tool::TcpCopy => self.run_tcp_copy(),
             Tool::Socat => self.run_socat(),
@@ -200,9 +217,10 @@ impl Env {
         std::fs::read_to_string(self.work.join(name)).unwrap_or_default()
     }
 
-    /// `compare`: `sync --verify`; `delayed`: through the delaying relay.
-    fn run_blockrep(&self, compare: bool, delayed: bool) -> Result<Outcome, String> {
-        let scfg = self.blockrep_config('s', "127.0.0.1:1")?;
+    /// `compare`: `sync --verify`; `delayed`: through the delaying relay; `level`: `compression_level` (None:
+    /// blockrep's default).
+    fn run_blockrep(&self, compare: bool, delayed: bool, level: Option<i32>) -> Result<Outcome, String> {
+        let scfg = self.blockrep_config('s', "127.0.0.1:1", None)?;
         let mut serve = self
             .sides
             .recv(&self.blockrep.to_string_lossy(), &self.usage_file("serve"))
@@ -239,7 +257,7 @@ impl Env {
         } else {
             addr
         };
-        let pcfg = self.blockrep_config('p', &addr)?;
+        let pcfg = self.blockrep_config('p', &addr, level)?;
         let t = Instant::now();
         let mut args = vec!["sync", "--json"];
         if compare {
