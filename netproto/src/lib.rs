@@ -51,5 +51,6 @@ pub use key::{generate_key, load_key, Key, KeyError};
 pub use message::Message;
 pub use server::{serve_session, Refusal, SessionError, Standby};
 
-/// The zstd level used for extents unless configured otherwise (chosen from `benches/benches/frames.rs`).
+/// The zstd level used for extents unless configured otherwise (`[primary] compression_level`): chosen from the
+/// end-to-end runs in `docs/performance.md` ("Compression"): as few bytes on the wire as level 3, less CPU.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 1;

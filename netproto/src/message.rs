@@ -300,19 +300,21 @@ pub enum MessageError {
     },
 }
 
-/// After this many extents in a row that did not compress, compression is not even tried for the next
-/// [`SKIP_AFTER_MISSES`] extents (incompressible data would otherwise pay zstd's cost for nothing).
-pub const MISSES_BEFORE_SKIP: u32 = 4;
-/// See [`MISSES_BEFORE_SKIP`].
-pub const SKIP_AFTER_MISSES: u32 = 16;
+/// An extent is compressed only when a sample of it compresses (a probe): an eighth of the extent, at least
+/// [`PROBE_MIN`] and at most [`PROBE_MAX`] bytes, taken as [`PROBE_MIN`]-byte pieces spread evenly over the
+/// extent (an extent may join a compressible block and an incompressible one). Incompressible data then costs
+/// zstd's work on the sample, not on the whole extent, and every extent is judged on its own content (a run of
+/// incompressible extents does not stop the compression of the text next to them).
+pub const PROBE_MAX: usize = 4096;
+/// See [`PROBE_MAX`]; extents shorter than twice this are compressed without a probe.
+pub const PROBE_MIN: usize = 512;
 
-/// A zstd compressor for extents, reused across frames. It stops trying for a while on incompressible runs
-/// ([`MISSES_BEFORE_SKIP`]).
+/// A zstd compressor for extents, reused across frames. Extents are probed first ([`PROBE_MAX`]).
 pub struct ExtentCompressor {
     level: i32,
     ctx: zstd::bulk::Compressor<'static>,
-    misses: u32,
-    skip: u32,
+    /// The probe's sample (reused).
+    sample: Vec<u8>,
 }
 
 impl std::fmt::Debug for ExtentCompressor {
@@ -321,11 +323,16 @@ impl std::fmt::Debug for ExtentCompressor {
     }
 }
 
+/// Whether `out` bytes are a saving worth sending for `raw` bytes ([`COMPRESS_MAX_PERCENT`]).
+fn pays(out: usize, raw: usize) -> bool {
+    (out as u64) * 100 < (raw as u64) * COMPRESS_MAX_PERCENT
+}
+
 impl ExtentCompressor {
     /// A compressor at zstd `level` (1..=22; negative levels are zstd's fast modes).
     pub fn new(level: i32) -> Result<Self, MessageError> {
         let ctx = zstd::bulk::Compressor::new(level).map_err(|source| MessageError::Compress { offset: 0, source })?;
-        Ok(ExtentCompressor { level, ctx, misses: 0, skip: 0 })
+        Ok(ExtentCompressor { level, ctx, sample: Vec::with_capacity(PROBE_MAX) })
     }
 
     /// The zstd level.
@@ -334,23 +341,24 @@ impl ExtentCompressor {
     }
 
     /// Compresses `data`; `None` when compression does not pay (result at least [`COMPRESS_MAX_PERCENT`] % of
-    /// the input) or is skipped after a run of incompressible extents.
+    /// the input), or when the probe of a sample spread over it ([`PROBE_MAX`]) does not.
     pub fn compress(&mut self, offset: u64, data: &[u8]) -> Result<Option<Vec<u8>>, MessageError> {
-        if self.skip > 0 {
-            self.skip -= 1;
-            return Ok(None);
+        let n = (data.len() / 8).clamp(PROBE_MIN, PROBE_MAX);
+        if data.len() >= 2 * n {
+            let pieces = n / PROBE_MIN;
+            self.sample.clear();
+            for i in 0..pieces {
+                // Piece i is centred in the i-th of `pieces` equal parts of the extent.
+                let at = (2 * i + 1) * data.len() / (2 * pieces) - PROBE_MIN / 2;
+                self.sample.extend_from_slice(&data[at..at + PROBE_MIN]);
+            }
+            let probe = self.ctx.compress(&self.sample).map_err(|source| MessageError::Compress { offset, source })?;
+            if !pays(probe.len(), self.sample.len()) {
+                return Ok(None);
+            }
         }
         let out = self.ctx.compress(data).map_err(|source| MessageError::Compress { offset, source })?;
-        if (out.len() as u64) * 100 >= (data.len() as u64) * COMPRESS_MAX_PERCENT {
-            self.misses += 1;
-            if self.misses >= MISSES_BEFORE_SKIP {
-                self.skip = SKIP_AFTER_MISSES;
-            }
-            Ok(None)
-        } else {
-            self.misses = 0;
-            Ok(Some(out))
-        }
+        Ok(pays(out.len(), data.len()).then_some(out))
     }
 }
 
@@ -989,21 +997,26 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn incompressible_runs_pause_compression_then_probe_again() {
+    fn each_extent_is_judged_on_its_own_content() {
         let mut z = ExtentCompressor::new(1).unwrap();
-        let noise = noise(65536);
-        let text = vec![b'a'; 65536];
-        for _ in 0..MISSES_BEFORE_SKIP {
+        let noise = noise(1 << 20);
+        let text: Vec<u8> = (0..1u32 << 20).map(|i| b"INSERT INTO calls VALUES (42);\n"[i as usize % 31]).collect();
+        // A long run of incompressible extents, large and small, does not stop the compression of the next
+        // compressible one.
+        for _ in 0..32 {
             assert!(z.compress(0, &noise).unwrap().is_none());
+            assert!(z.compress(0, &noise[..4096]).unwrap().is_none());
         }
-        // Compressible data is sent raw while paused...
-        for _ in 0..SKIP_AFTER_MISSES {
-            assert!(z.compress(0, &text).unwrap().is_none());
-        }
-        // ...and compressed again once the pause is over.
-        assert!(z.compress(0, &text).unwrap().is_some());
-        assert!(z.compress(0, &noise).unwrap().is_none(), "one miss after a success does not pause");
-        assert!(z.compress(0, &text).unwrap().is_some());
+        let c = z.compress(0, &text).unwrap().expect("text after noise is compressed");
+        assert_eq!(zstd::bulk::decompress(&c, text.len()).unwrap(), text);
+        assert!(z.compress(0, &text[..4096]).unwrap().is_some());
+        // An extent joining a compressible block and incompressible ones is compressed (the probe samples all
+        // of it); one of noise alone is not.
+        let mut joined = noise[..192 << 10].to_vec();
+        joined[..64 << 10].copy_from_slice(&text[..64 << 10]);
+        let c = z.compress(0, &joined).unwrap().expect("a third of text pays");
+        assert!(c.len() < joined.len() * 3 / 4);
+        assert!(z.compress(0, &noise[..192 << 10]).unwrap().is_none());
     }
 
     #[test]

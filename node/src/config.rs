@@ -252,7 +252,7 @@ pub struct Config {
     pub standby_peer: Option<String>,
     /// Send-rate cap in bytes per second.
     pub bwlimit: Option<u64>,
-    /// zstd level.
+    /// zstd level for extents; 0: compression off (`[primary] compression_level`).
     pub compression_level: i32,
     /// Connect timeout in seconds.
     pub connect_timeout_s: u64,
@@ -473,6 +473,13 @@ impl Config {
             monitoring.metrics_file = m.metrics_file;
             monitoring.standby_node = m.standby_node;
         }
+        let compression_level =
+            raw.primary.as_ref().and_then(|p| p.compression_level).unwrap_or(netproto::DEFAULT_ZSTD_LEVEL);
+        if !(0..=19).contains(&compression_level) {
+            return Err(bad(format!(
+                "primary.compression_level = {compression_level} is out of range: use 0 (off) to 19 (zstd levels)"
+            )));
+        }
         let verify_every = match raw.standby.as_ref().and_then(|s| s.verify_every.as_ref()) {
             Some(v) => Some(
                 crate::schedule::parse_duration(v.get_ref())
@@ -491,7 +498,7 @@ impl Config {
             peer: primary.map(|p| p.peer.get_ref().clone()),
             standby_peer: raw.standby.as_ref().and_then(|s| s.peer.as_ref()).map(|p| p.get_ref().clone()),
             bwlimit,
-            compression_level: primary.and_then(|p| p.compression_level).unwrap_or(3),
+            compression_level,
             connect_timeout_s: primary.and_then(|p| p.connect_timeout_s).unwrap_or(10),
             idle_timeout,
             verify_every,
@@ -635,6 +642,21 @@ mod tests {
         assert!(e.contains("track (line 6)") && e.contains("needs snapshot = \"lvm\""), "{e}");
         let e = link::error_chain(&parse("snapshot = \"lvm\"\ntrack = \"zfs\"\n").unwrap_err());
         assert!(e.contains("track (line 7)") && e.contains("\"auto\", \"thin\""), "{e}");
+    }
+
+    #[test]
+    fn compression_level_defaults_to_the_documented_level_and_zero_turns_it_off() {
+        let base = "node = \"a\"\nkey_file = \"/k\"\n[primary]\npeer = \"b:7788\"\n";
+        let parse = |extra: &str| Config::parse(&format!("{base}{extra}"), Path::new("c.toml"));
+        assert_eq!(parse("").unwrap().compression_level, netproto::DEFAULT_ZSTD_LEVEL);
+        assert_eq!(netproto::DEFAULT_ZSTD_LEVEL, 1, "docs/config.md and docs/performance.md say 1");
+        // The example spells the default out.
+        let example = Config::parse(EXAMPLE, Path::new("example.toml")).unwrap();
+        assert_eq!(example.compression_level, netproto::DEFAULT_ZSTD_LEVEL);
+        assert_eq!(parse("compression_level = 0\n").unwrap().compression_level, 0);
+        let e = link::error_chain(&parse("compression_level = 20\n").unwrap_err());
+        assert!(e.contains("compression_level = 20") && e.contains("0 (off) to 19"), "{e}");
+        assert!(parse("compression_level = -1\n").is_err());
     }
 
     #[test]

@@ -239,7 +239,7 @@ pub fn sync_one_planned(
 ) -> Result<(NetReport, bool), Error> {
     let src = Volume::open(source, Access::Read, &o.io).map_err(PrimaryError::OpenSource)?;
     let mut conn = connect(cfg)?;
-    conn.set_compression(Some(cfg.compression_level)).map_err(PrimaryError::from)?;
+    conn.set_compression((cfg.compression_level > 0).then_some(cfg.compression_level)).map_err(PrimaryError::from)?;
     conn.set_bwlimit(o.bwlimit.or(cfg.bwlimit));
     let mut remote = RemoteTarget::open(conn, &vol.name, src.size(), vol.block_size)
         .map_err(|source| PrimaryError::OpenRemote { volume: vol.name.clone(), source })?;

@@ -18,6 +18,8 @@ pub(super) struct Pair {
     pub(super) addr: String,
     /// Extra lines for the `[standby]` section.
     pub(super) standby_extra: String,
+    /// Extra lines for the `[primary]` section.
+    pub(super) primary_extra: String,
     /// Extra sections at the end of both configurations (`[schedule]`, `[monitoring]`, `[role]`).
     pub(super) extra: String,
 }
@@ -29,7 +31,14 @@ impl Pair {
         assert!(o.status.success(), "keygen: {}", stderr(&o));
         write_volume(&dir.path().join("src.img"), size, 5);
         std::fs::write(dir.path().join("shadow.img"), vec![0u8; size]).unwrap();
-        Pair { dir, serve: None, addr: String::new(), standby_extra: String::new(), extra: String::new() }
+        Pair {
+            dir,
+            serve: None,
+            addr: String::new(),
+            standby_extra: String::new(),
+            primary_extra: String::new(),
+            extra: String::new(),
+        }
     }
 
     pub(super) fn path(&self, name: &str) -> PathBuf {
@@ -40,8 +49,9 @@ impl Pair {
         let state = self.path(&format!("state-{side}"));
         let text = format!(
             "node = \"{side}\"\nkey_file = {key:?}\nstate_dir = {state:?}\n[standby]\nlisten = \"127.0.0.1:0\"\n{}\n\
-             [primary]\npeer = \"{peer}\"\n[[volume]]\nname = \"vol\"\nsource = {:?}\nshadow = {:?}\n{}\n",
+             [primary]\npeer = \"{peer}\"\n{}\n[[volume]]\nname = \"vol\"\nsource = {:?}\nshadow = {:?}\n{}\n",
             self.standby_extra,
+            self.primary_extra,
             self.path("src.img"),
             self.path("shadow.img"),
             self.extra,
@@ -193,6 +203,24 @@ fn full_and_incremental_sync_over_tcp_give_identical_shadow_and_few_bytes_on_the
     let (st, log) = p.stop_serve();
     assert!(st.success(), "serve exit on SIGTERM: {st}\n{log}");
     assert!(log.contains("generation committed"), "{log}");
+}
+
+#[test]
+fn compression_level_zero_sends_extents_raw() {
+    // The same compressible volume, synced with the default level and with compression off.
+    let mut wire = Vec::new();
+    for extra in ["", "compression_level = 0"] {
+        let mut p = Pair::new(8 << 20);
+        p.primary_extra = extra.into();
+        p.start_serve();
+        let r = p.sync_ok();
+        assert!(p.identical());
+        wire.push((r["bytes_on_wire"].as_u64().unwrap(), r["compression_ratio"].as_f64().unwrap()));
+    }
+    let ((on_bytes, on_ratio), (off_bytes, off_ratio)) = (wire[0], wire[1]);
+    assert!(on_ratio > 1.3, "default level compresses the repetitive quarter: {wire:?}");
+    assert_eq!(off_ratio, 1.0, "level 0 sends every data extent raw: {wire:?}");
+    assert!(off_bytes > on_bytes + (1 << 20), "{wire:?}");
 }
 
 #[test]
