@@ -361,23 +361,16 @@ fn same_volume(a: &Path, b: &Path) -> bool {
 /// failure is logged (the same).
 fn keep_references(cfg: &Config, io: engine::volume::IoOptions) {
     let layout = cfg.layout();
-    for v in cfg.volumes.iter().filter(|v| v.shadow.is_some()) {
-        let shadow = v.shadow.as_ref().expect("filtered");
-        let dir = layout.side_dir(Side::Standby, &v.name);
-        if !shadow.exists() || !dir.exists() {
-            continue;
-        }
-        let r = crate::verify::open_target(shadow, &dir, TargetOptions::new(&v.name, io))
-            .map_err(|e| link::error_chain(&e))
-            .and_then(|t| match t.reference() {
-                None => Ok(None),
-                Some((m, record)) => {
-                    let dest = layout.source_manifest(&v.name);
-                    engine::generations::adopt_source(&engine::durable::Durable::new(), &dest, m.path(), &record)
-                        .map(|()| Some(record))
-                        .map_err(|e| e.to_string())
-                }
-            });
+    for_each_shadow_target(cfg, io, |v, t| {
+        let r = t.map_err(|e| link::error_chain(&e)).and_then(|t| match t.reference() {
+            None => Ok(None),
+            Some((m, record)) => {
+                let dest = layout.source_manifest(&v.name);
+                engine::generations::adopt_source(&engine::durable::Durable::new(), &dest, m.path(), &record)
+                    .map(|()| Some(record))
+                    .map_err(|e| e.to_string())
+            }
+        });
         match r {
             Ok(Some(record)) => {
                 tracing::info!(
@@ -394,6 +387,23 @@ fn keep_references(cfg: &Config, io: engine::volume::IoOptions) {
             Err(e) => {
                 tracing::warn!(volume = %v.name, "cannot keep the promoted generation as a reference ({e}); the first sync back compares")
             }
+        }
+    });
+}
+
+/// Opens the target of each shadow of this node whose shadow and standby state both exist (what a promote turns
+/// into production) and hands it, or the error opening it, to `f` with its volume.
+fn for_each_shadow_target(
+    cfg: &Config,
+    io: engine::volume::IoOptions,
+    mut f: impl FnMut(&crate::config::Volume, Result<engine::target::Target, engine::target::TargetError>),
+) {
+    let layout = cfg.layout();
+    for v in &cfg.volumes {
+        let Some(shadow) = &v.shadow else { continue };
+        let dir = layout.side_dir(Side::Standby, &v.name);
+        if shadow.exists() && dir.exists() {
+            f(v, crate::verify::open_target(shadow, &dir, TargetOptions::new(&v.name, io)));
         }
     }
 }
@@ -678,19 +688,11 @@ fn adopt_after_demote(cfg: &Config, io: engine::volume::IoOptions) {
 /// ([`Target::mark_promoted`](engine::target::Target::mark_promoted)); a failure is logged (the write counters of
 /// block devices still show the writes).
 fn mark_promoted(cfg: &Config, io: engine::volume::IoOptions) {
-    let layout = cfg.layout();
-    for v in cfg.volumes.iter().filter(|v| v.shadow.is_some()) {
-        let shadow = v.shadow.as_ref().expect("filtered");
-        let dir = layout.side_dir(Side::Standby, &v.name);
-        if !shadow.exists() || !dir.exists() {
-            continue;
-        }
-        let r = crate::verify::open_target(shadow, &dir, TargetOptions::new(&v.name, io))
-            .and_then(|mut t| t.mark_promoted(&cfg.node));
-        if let Err(e) = r {
+    for_each_shadow_target(cfg, io, |v, t| {
+        if let Err(e) = t.and_then(|mut t| t.mark_promoted(&cfg.node)) {
             tracing::warn!(volume = %v.name, "cannot record that the shadow became production: {}", link::error_chain(&e));
         }
-    }
+    });
 }
 
 /// `blockrep announce`: periodic gratuitous ARP while primary, so neighbours that missed the first announcement
