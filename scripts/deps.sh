@@ -7,9 +7,10 @@ if [ "${1:-test}" = test ]; then
   # user-mode-linux + lvm2 + kmod: real LVM in a UML guest; iproute2/arping/ping/keepalived: namespace tests;
   # grub-common: grub-editenv round trip; rsync/socat/b3sum/time: benchmark peers; e2fsprogs: ext4 in scenarios;
   # patchelf: scripts/uml-kernel.sh, when the packaged UML kernel cannot boot on this CPU;
-  # thin-provisioning-tools: thin_delta for tracked thin LVs (and thin_restore for its parser's fixture).
+  # thin-provisioning-tools: thin_delta for tracked thin LVs (and thin_restore for its parser's fixture);
+  # xfsprogs: an XFS loop filesystem with reflinks for retained generations of file shadows.
   want+=(user-mode-linux lvm2 kmod iproute2 iputils-arping iputils-ping keepalived grub-common rsync socat b3sum
-         e2fsprogs nftables time patchelf thin-provisioning-tools)
+         e2fsprogs nftables time patchelf thin-provisioning-tools xfsprogs)
 fi
 missing=()
 for p in "${want[@]}"; do

@@ -46,6 +46,11 @@ pub enum Command {
     /// Standby: check that each shadow equals its last committed generation (re-hashes it). Primary: make the
     /// next sync a compare sync.
     Verify(VerifyArgs),
+    /// Standby: list each shadow's generations: the current one and those kept by `keep_generations`.
+    Generations(GenerationsArgs),
+    /// Standby: roll a shadow back to a retained generation without promoting it (the generation it holds now is
+    /// kept; the primary's next sync compares and overwrites the rollback unless replication is disabled).
+    Restore(RestoreArgs),
     /// Run the standby daemon: receive syncs into the configured shadow volumes.
     Serve(ServeArgs),
     /// Write a new random 256-bit key file (mode 0600) to share between the two nodes.
@@ -195,9 +200,45 @@ pub struct PlanArgs {
     /// (demote) Power the machine off and keep the primary-only services disabled.
     #[arg(long)]
     pub poweroff: bool,
+    /// (promote) Promote a retained generation: the shadow is rolled back to it first (`N` when one volume has
+    /// a shadow here, else `VOLUME=N`; repeatable). `blockrep generations` lists them.
+    #[arg(long = "generation", value_name = "[VOLUME=]N")]
+    pub generations: Vec<String>,
     /// One JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `blockrep generations`.
+#[derive(Debug, Args)]
+pub struct GenerationsArgs {
+    /// Only this volume.
+    pub volume: Option<String>,
+    /// One JSON object per volume.
+    #[arg(long)]
+    pub json: bool,
+    /// I/O options.
+    #[command(flatten)]
+    pub io: IoArgs,
+}
+
+/// `blockrep restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The retained generation to roll back to (`blockrep generations` lists them).
+    #[arg(long)]
+    pub generation: u64,
+    /// The volume.
+    pub volume: String,
+    /// Accept a copy kept while the shadow was not trusted.
+    #[arg(long)]
+    pub force: bool,
+    /// One JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// I/O options.
+    #[command(flatten)]
+    pub io: IoArgs,
 }
 
 /// `blockrep keygen`.

@@ -42,6 +42,26 @@ fn run(cli: &args::Cli) -> Result<()> {
         args::Command::Verify(a) => Ok(node::verify::run(&load()?, &a.volumes, a.io.options(), &mut |o| {
             report::print_verify_outcome(o, a.json)
         })?),
+        args::Command::Generations(a) => {
+            let g =
+                node::retain::generations(&load()?, a.volume.as_deref(), a.io.options()).map_err(node::Error::from)?;
+            report::print_generations(&g, a.json);
+            Ok(())
+        }
+        args::Command::Restore(a) => {
+            let cfg = load()?;
+            if let Some(why) = node::roles::refuses_syncs(&cfg) {
+                return Err(node::Error::from(node::config::ConfigError::Invalid {
+                    path: cfg.path.clone(),
+                    message: format!("restore rolls back a shadow on the standby, but {why}"),
+                })
+                .into());
+            }
+            let r = node::retain::restore(&cfg, &a.volume, a.generation, a.force, a.io.options())
+                .map_err(node::Error::from)?;
+            report::print_restored(&r, a.json);
+            Ok(())
+        }
         args::Command::Serve(a) => Ok(node::serve::run(load()?, a.listen, a.io.options(), |addr| {
             if a.announce {
                 report::announce(addr)
@@ -180,8 +200,19 @@ fn verify_local(a: &args::VerifyArgs) -> Result<()> {
 
 /// `blockrep promote | demote | switchover`; after a promote, re-announce the virtual IP in the background.
 fn plan(config: &Path, plan: Plan, a: &args::PlanArgs) -> Result<()> {
-    let opts = PlanOptions { force: a.force, dry_run: a.dry_run, reason: a.reason.clone(), poweroff: a.poweroff };
     let cfg = Config::load(config).map_err(node::Error::from)?;
+    let usage =
+        |message: String| node::Error::from(node::config::ConfigError::Invalid { path: cfg.path.clone(), message });
+    if plan != Plan::Promote && !a.generations.is_empty() {
+        return Err(usage(
+            "--generation is for promote (on the standby); `blockrep restore` rolls a shadow back without promoting"
+                .into(),
+        )
+        .into());
+    }
+    let generations = node::roles::parse_generations(&cfg, &a.generations).map_err(usage)?;
+    let opts =
+        PlanOptions { force: a.force, dry_run: a.dry_run, reason: a.reason.clone(), poweroff: a.poweroff, generations };
     let report = node::roles::run(&cfg, plan, &opts, Default::default())?;
     if !a.dry_run {
         let plan = format!("{plan:?}").to_lowercase();

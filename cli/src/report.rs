@@ -116,6 +116,31 @@ pub fn print_verify_outcome(o: &node::verify::Outcome, as_json: bool) {
     }
 }
 
+/// Prints `blockrep generations`: a table per volume, or one JSON object per volume.
+pub fn print_generations(g: &[node::retain::VolumeGenerations], as_json: bool) {
+    for v in g {
+        if as_json {
+            println!("{}", json(v));
+        } else {
+            print!("{}", node::text::generations(v));
+        }
+    }
+}
+
+/// Prints what `blockrep restore` did.
+pub fn print_restored(r: &node::retain::Restored, as_json: bool) {
+    if as_json {
+        println!("{}", json(r));
+    } else {
+        println!(
+            "volume {}: the shadow holds retained generation {} ({}) again, committed as generation {} ({} bytes \
+             written); the primary's next sync compares and overwrites it (`blockrep replication disable` on the \
+             primary to keep it)",
+            r.volume, r.generation, r.id, r.committed, r.bytes_changed
+        );
+    }
+}
+
 /// Prints a role plan's report.
 pub fn print_plan(r: &node::roles::Report, as_json: bool) {
     if as_json {

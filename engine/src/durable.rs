@@ -49,6 +49,9 @@ pub enum Op {
     Rename,
     /// Fsync of a directory after a rename or removal.
     DirSync,
+    /// Preserving the shadow's current generation before a commit overwrites it (a retained copy: snapshot or
+    /// reflink, made by the target's [`crate::target::Retention`]).
+    Retain,
 }
 
 /// When to simulate a crash.

@@ -280,6 +280,17 @@ pub enum TargetError {
         /// Source root (hex).
         theirs: String,
     },
+    /// The generation a commit would overwrite could not be preserved (`keep_generations`).
+    #[error("volume {volume}: not committing: the current generation {generation} could not be kept")]
+    Retain {
+        /// Volume name.
+        volume: String,
+        /// The generation that was to be kept.
+        generation: u64,
+        /// What failed and what to do.
+        #[source]
+        source: RetainFailure,
+    },
     /// `verify` needs a manifest.
     #[error("volume {volume} has no valid manifest to verify against: run a sync first")]
     NoManifest {
@@ -299,13 +310,71 @@ pub struct TargetOptions {
     pub durable: Durable,
     /// The node whose transfers this target commits (recorded in the history; empty: `local`).
     pub peer: String,
+    /// What to keep of the generation a commit overwrites (`None`: nothing, one generation is kept).
+    pub retention: Option<std::sync::Arc<dyn Retention>>,
+    /// Record the next commit under this identity and mark instead of the transfer's own (a rollback to a
+    /// retained generation: the record is that generation's, the mark [`Distrust::RolledBack`]).
+    pub commit_as: Option<(link::GenRecord, Distrust)>,
 }
 
 impl TargetOptions {
     /// Options for volume `volume` with I/O options `io` and an unarmed durable handle.
     pub fn new(volume: &str, io: IoOptions) -> Self {
-        TargetOptions { io, volume: volume.to_owned(), durable: Durable::new(), peer: String::new() }
+        TargetOptions {
+            io,
+            volume: volume.to_owned(),
+            durable: Durable::new(),
+            peer: String::new(),
+            retention: None,
+            commit_as: None,
+        }
     }
+}
+
+/// The generation a commit is about to overwrite, as given to [`Retention::preserve`].
+#[derive(Debug, Clone)]
+pub struct Preserving {
+    /// Volume name.
+    pub volume: String,
+    /// The shadow.
+    pub shadow: PathBuf,
+    /// The target's state directory.
+    pub state_dir: PathBuf,
+    /// The committed generation the shadow holds.
+    pub generation: u64,
+    /// The identity of the shadow's content (the current record; after a rollback, the generation rolled back
+    /// to; after a promote, the promote's).
+    pub record: Option<link::GenRecord>,
+    /// Why the shadow is not trusted to hold exactly that generation (`None`: it is).
+    pub distrust: Option<String>,
+    /// The committed manifest describing it (valid at the time of the call; renamed over by the commit).
+    pub manifest: Option<PathBuf>,
+    /// Its root hash, when the manifest is valid.
+    pub root: Option<BlockHash>,
+    /// Bytes the commit writes to the shadow (the spooled records' lengths: sizes a copy-on-write store).
+    pub bytes: u64,
+    /// The durable handle of the target (so fault-injection tests crash the preserving too).
+    pub durable: Durable,
+}
+
+/// Why [`Retention::preserve`] failed (its own error, boxed so that its chain of causes is kept).
+pub type RetainFailure = Box<dyn std::error::Error + Send + Sync>;
+
+/// Keeps earlier generations of a shadow (`keep_generations`, implemented by the node: LVM snapshots, reflink
+/// copies). The target calls it under its lock:
+///
+/// * [`Retention::preserve`] in a spool-mode commit after the spool's records and `manifest.next` are durable and
+///   before the spool's commit record, so a failure (no space for the copy) refuses the commit with the shadow
+///   untouched, and a commit record on disk implies the copy was made: rolling a committed spool forward never
+///   needs to preserve again. A crash in the middle leaves an incomplete copy that the next `preserve` removes.
+/// * [`Retention::committed`] after the new generation's state is durable: drop the copies beyond the limit.
+pub trait Retention: Send + Sync + std::fmt::Debug {
+    /// Preserves the shadow's current content. The error says what failed and what to do; the commit fails with
+    /// it and nothing is written to the shadow.
+    fn preserve(&self, what: &Preserving) -> Result<(), RetainFailure>;
+    /// The commit of `generation` is durable: drop the oldest copies beyond the limit (failures are the
+    /// implementation's to report: the commit stands).
+    fn committed(&self, volume: &str, generation: u64);
 }
 
 /// A set of block indexes.
@@ -742,13 +811,17 @@ impl Target {
     fn committed_state(&self, generation: u64, id: link::GenId) -> StateFile {
         let mut history = if self.state.corrupt { Default::default() } else { self.state.history.clone() };
         let node = if self.opts.peer.is_empty() { "local" } else { &self.opts.peer };
-        history.push(generations::record(generation, id, node));
+        let (record, distrust) = match &self.opts.commit_as {
+            Some((r, d)) => (r.clone(), *d),
+            None => (generations::record(generation, id, node), Distrust::None),
+        };
+        history.push(record);
         StateFile {
             exists: true,
             incomplete: false,
             corrupt: false,
             generation,
-            distrust: Distrust::None,
+            distrust,
             evidence: Evidence::of(self.shadow.file()),
             history,
         }
@@ -784,6 +857,15 @@ impl Target {
                 let committed = self.committed_generation();
                 return Some(format!("a verify found it different from its committed generation {committed}"));
             }
+            Distrust::RolledBack => {
+                let to = self.state.history.current.as_ref().map_or_else(String::new, |c| {
+                    format!(" {} ({}, made at unix {})", c.generation, generations::id_hex(&c.id), c.time)
+                });
+                return Some(format!(
+                    "it was rolled back to the retained generation{to}, not the primary's latest (promote it with \
+                     `promote --generation`)"
+                ));
+            }
             Distrust::None => {}
         }
         match self.state.evidence {
@@ -812,6 +894,18 @@ impl Target {
             );
         }
         self.state.evidence.changed(&Evidence::of(self.shadow.file()))
+    }
+
+    /// The retained generation the shadow was rolled back to (`blockrep restore`), when that is its only mark and
+    /// nothing wrote it since: it then holds exactly that generation.
+    pub fn rolled_back_to(&self) -> Option<&link::GenRecord> {
+        if self.state.distrust != Distrust::RolledBack || self.state.corrupt || !self.complete() {
+            return None;
+        }
+        if self.state.evidence.changed(&Evidence::of(self.shadow.file())).is_some() {
+            return None;
+        }
+        self.state.history.current.as_ref()
     }
 
     /// Marks the shadow untrusted (durably): the next sync compares its actual content with the source.
@@ -1291,6 +1385,14 @@ impl Target {
         match s.mode {
             Mode::Spool(mut w) => {
                 s.next.write().map_err(|e| self.manifest_err(e))?;
+                if let Err(e) = self.preserve(&w) {
+                    s.mode = Mode::Spool(w);
+                    self.session = Some(s);
+                    if let Err(a) = self.abort() {
+                        tracing::warn!(volume = %self.opts.volume, error = %error_chain(&a), "could not keep the spool for resume");
+                    }
+                    return Err(e);
+                }
                 w.commit(&root).map_err(|e| self.spool_err(e))?;
                 // The spool and manifest.next were created during this transfer: make their directory entries
                 // durable before the shadow changes, or a power loss could lose the redo log of a half-applied
@@ -1316,7 +1418,36 @@ impl Target {
         }
         self.load_manifest();
         tracing::info!(volume = %self.opts.volume, generation, root = %hash::hex(&root), "generation committed");
+        if let Some(r) = &self.opts.retention {
+            r.committed(&self.opts.volume, generation);
+        }
         Ok(CommitAck { generation, root })
+    }
+
+    /// Asks the retention, if any, to keep the generation the spooled transfer `w` is about to overwrite (see
+    /// [`Retention`]). Nothing to keep without a complete generation.
+    fn preserve(&self, w: &SpoolWriter) -> Result<(), TargetError> {
+        let Some(r) = &self.opts.retention else { return Ok(()) };
+        if !self.complete() || self.state.corrupt {
+            return Ok(());
+        }
+        let generation = self.committed_generation();
+        let d = &self.opts.durable;
+        let fail = |source: RetainFailure| TargetError::Retain { volume: self.volume(), generation, source };
+        d.gate_whole(Op::Retain).map_err(|e| fail(Box::new(e)))?;
+        let what = Preserving {
+            volume: self.volume(),
+            shadow: self.shadow_path.clone(),
+            state_dir: self.state_dir.clone(),
+            generation,
+            record: self.state.history.current.clone(),
+            distrust: self.distrust(),
+            manifest: self.manifest.as_ref().map(|m| m.path().to_owned()),
+            root: self.manifest.as_ref().map(|m| m.root()),
+            bytes: w.records().iter().map(|r| r.len).sum(),
+            durable: d.clone(),
+        };
+        r.preserve(&what).map_err(fail)
     }
 
     /// Ends a transfer without committing it: the spooled records are fsynced and kept for resume

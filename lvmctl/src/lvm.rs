@@ -522,6 +522,20 @@ impl Lvm {
     /// Checks the names, that the origin exists and the snapshot does not, and that the VG has room, before
     /// running `lvcreate`; returns the new snapshot as lvm reports it.
     pub fn create_snapshot(&self, vg: &str, origin: &str, snap_name: &str, size: SnapshotSize) -> Result<Lv, LvmError> {
+        self.create_snapshot_tagged(vg, origin, snap_name, size, SNAPSHOT_TAG)
+    }
+
+    /// [`Lvm::create_snapshot`] with another tag than [`SNAPSHOT_TAG`] (a retained generation on the standby is
+    /// not a sync's snapshot: nothing that cleans up leftover sync snapshots may remove it).
+    pub fn create_snapshot_tagged(
+        &self,
+        vg: &str,
+        origin: &str,
+        snap_name: &str,
+        size: SnapshotSize,
+        tag: &str,
+    ) -> Result<Lv, LvmError> {
+        validate_tag(tag)?;
         validate_vg_name(vg)?;
         validate_lv_name(origin)?;
         validate_lv_name(snap_name)?;
@@ -565,11 +579,35 @@ impl Lvm {
             "--name",
             snap_name,
             "--addtag",
-            SNAPSHOT_TAG,
+            tag,
             &origin_arg,
         ])
         .map_err(|e| classify(e, Some(vg), Some(origin)))?;
         self.lv(vg, snap_name)
+    }
+
+    /// Grows the LV `vg/name` by `add` bytes (rounded up to whole extents by lvm), after checking that the VG has
+    /// them free. For a classic snapshot this grows its copy-on-write store.
+    pub fn extend_lv(&self, vg: &str, name: &str, add: u64) -> Result<(), LvmError> {
+        validate_vg_name(vg)?;
+        validate_lv_name(name)?;
+        let vg_info = self.vg(vg)?;
+        let needed = round_up(add.max(1), vg_info.extent_size).unwrap_or(u64::MAX);
+        if needed > vg_info.free {
+            return Err(LvmError::InsufficientSpace {
+                vg: vg.into(),
+                name: name.into(),
+                what: "snapshot extension",
+                free: vg_info.free,
+                needed,
+                hint: "keep_generations",
+            });
+        }
+        let size_arg = format!("+{needed}b");
+        let full = format!("{vg}/{name}");
+        tracing::info!(vg, lv = name, bytes = needed, "extending LV");
+        self.run(&["lvextend", "--yes", "--size", &size_arg, &full]).map_err(|e| classify(e, Some(vg), Some(name)))?;
+        Ok(())
     }
 
     /// Fill level and validity of the snapshot `vg/snap`.

@@ -33,6 +33,8 @@ pub enum AlarmKind {
     SnapshotFull,
     /// The shadow is not trusted to be untouched since its last commit (the target's state, issue 11).
     ShadowUntrusted,
+    /// A retained generation's classic snapshot overflowed and was removed (`keep_generations`).
+    RetainedDropped,
 }
 
 impl AlarmKind {
@@ -45,17 +47,19 @@ impl AlarmKind {
             AlarmKind::DataTooOld => "data_too_old",
             AlarmKind::SnapshotFull => "snapshot_full",
             AlarmKind::ShadowUntrusted => "shadow_untrusted",
+            AlarmKind::RetainedDropped => "retained_dropped",
         }
     }
 
     /// Every kind, for metrics.
-    pub const ALL: [AlarmKind; 6] = [
+    pub const ALL: [AlarmKind; 7] = [
         AlarmKind::SyncFailed,
         AlarmKind::StandbyUnreachable,
         AlarmKind::PrimaryOnStandby,
         AlarmKind::DataTooOld,
         AlarmKind::SnapshotFull,
         AlarmKind::ShadowUntrusted,
+        AlarmKind::RetainedDropped,
     ];
 }
 

@@ -171,6 +171,8 @@ struct RawVolume {
     track: Option<Spanned<String>>,
     #[serde(default)]
     full_scan_every: Option<u32>,
+    #[serde(default)]
+    keep_generations: Option<Spanned<u32>>,
 }
 
 /// How a volume is frozen during a sync.
@@ -231,6 +233,9 @@ pub struct Volume {
     pub track: Track,
     /// Every this many syncs of a tracked volume, one full scan (`full_scan_every`; 1: always, 0: never).
     pub full_scan_every: u32,
+    /// Generations the standby keeps of this volume, the shadow's current one included (`keep_generations`,
+    /// 1 to [`crate::retain::MAX_KEEP_GENERATIONS`]; 1: only the current one).
+    pub keep_generations: u32,
 }
 
 /// The checked configuration.
@@ -430,6 +435,19 @@ impl Config {
                 }
             };
             let full_scan_every = v.full_scan_every.unwrap_or(DEFAULT_FULL_SCAN_EVERY);
+            let keep_generations = match &v.keep_generations {
+                None => 1,
+                Some(k) if (1..=crate::retain::MAX_KEEP_GENERATIONS).contains(k.get_ref()) => *k.get_ref(),
+                Some(k) => {
+                    return Err(bad(format!(
+                        "volume {name}: {}: keep_generations = {} is out of range: use 1 (only the current \
+                         generation) to {}",
+                        key_at("keep_generations", k.span()),
+                        k.get_ref(),
+                        crate::retain::MAX_KEEP_GENERATIONS
+                    )))
+                }
+            };
             volumes.push(Volume {
                 name,
                 source: v.source,
@@ -439,6 +457,7 @@ impl Config {
                 size,
                 track,
                 full_scan_every,
+                keep_generations,
             });
         }
         let at = |key: &str, v: &Spanned<String>, e: String| {

@@ -89,6 +89,17 @@ pub enum Event {
         /// Its identifier (hex).
         id: String,
     },
+    /// A shadow was rolled back to a retained generation (`blockrep restore`, `promote --generation`).
+    Rollback {
+        /// Volume name.
+        volume: String,
+        /// The generation rolled back to.
+        generation: u64,
+        /// Its identifier (hex).
+        id: String,
+        /// The standby generation number the rollback committed.
+        committed: u64,
+    },
     /// Replication was enabled or disabled.
     Replication {
         /// The new setting.
@@ -182,6 +193,11 @@ impl std::fmt::Display for Event {
                 f,
                 "adopt {volume}: this node's volume holds generation {generation} ({id}) as the standby side, for \
                  the sync back from the new primary"
+            ),
+            Event::Rollback { volume, generation, id, committed } => write!(
+                f,
+                "rollback {volume}: the shadow was rolled back to retained generation {generation} ({id}), committed \
+                 as generation {committed}; the primary's next sync compares"
             ),
             Event::Replication { enabled } => {
                 write!(f, "replication {}", if *enabled { "enabled" } else { "disabled" })

@@ -18,6 +18,7 @@
 //! * [`lock`]: one sync per node (`sync.lock`), `cancel`.
 //! * [`alarms`], [`metrics`], [`history`]: alarms with notify hooks, the Prometheus text file, `blockrep log`.
 //! * [`verify`]: verifying shadows (`blockrep verify`, `[standby] verify_every`), compare requests on the primary.
+//! * [`retain`]: retained generations on the standby (`keep_generations`, `blockrep generations`, `restore`).
 //! * [`deconfigure`]: returning a node to standalone (snapshots, state, optionally shadows).
 //!
 //! Every module has its own error enum; [`Error`] gathers them, and [`Error::kind`] says which of the outcomes a
@@ -42,6 +43,7 @@ pub mod lock;
 pub mod metrics;
 pub mod paths;
 pub mod primary;
+pub mod retain;
 pub mod roles;
 pub mod schedule;
 pub mod serve;
@@ -116,6 +118,9 @@ pub enum Error {
     /// Verifying shadows, compare requests.
     #[error(transparent)]
     Verify(Box<verify::VerifyError>),
+    /// Retained generations.
+    #[error(transparent)]
+    Retain(Box<retain::RetainError>),
 }
 
 // Boxed, so that a `Result<_, Error>` stays small.
@@ -209,6 +214,12 @@ impl From<verify::VerifyError> for Error {
     }
 }
 
+impl From<retain::RetainError> for Error {
+    fn from(e: retain::RetainError) -> Self {
+        Error::Retain(Box::new(e))
+    }
+}
+
 impl Error {
     /// The kind of this error.
     pub fn kind(&self) -> ErrorKind {
@@ -225,6 +236,7 @@ impl Error {
             Error::Lock(e) => e.kind(),
             Error::Schedule(e) => e.kind(),
             Error::Verify(e) => e.kind(),
+            Error::Retain(e) => e.kind(),
         }
     }
 }

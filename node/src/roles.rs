@@ -106,6 +106,36 @@ pub struct PlanOptions {
     pub reason: String,
     /// Demote: power off and keep primary services disabled.
     pub poweroff: bool,
+    /// Promote: roll these volumes' shadows back to these retained generations first (`--generation`).
+    pub generations: Vec<(String, u64)>,
+}
+
+/// Resolves `--generation` arguments (`N` when one volume has a shadow here, else `VOLUME=N`, repeatable).
+pub fn parse_generations(cfg: &Config, args: &[String]) -> Result<Vec<(String, u64)>, String> {
+    let shadows: Vec<&str> = cfg.volumes.iter().filter(|v| v.shadow.is_some()).map(|v| v.name.as_str()).collect();
+    let mut out: Vec<(String, u64)> = Vec::new();
+    for a in args {
+        let (vol, n) = match a.split_once('=') {
+            Some((v, n)) => (v.to_owned(), n),
+            None if shadows.len() == 1 => (shadows[0].to_owned(), a.as_str()),
+            None => {
+                return Err(format!(
+                    "--generation {a}: this node has {} volumes with shadows ({}): say which, as VOLUME=N",
+                    shadows.len(),
+                    shadows.join(", ")
+                ))
+            }
+        };
+        if !shadows.contains(&vol.as_str()) {
+            return Err(format!("--generation {a}: volume {vol:?} has no shadow on node {}", cfg.node));
+        }
+        let n: u64 = n.parse().map_err(|_| format!("--generation {a}: {n:?} is not a generation number"))?;
+        if out.iter().any(|(v, _)| *v == vol) {
+            return Err(format!("--generation {a}: volume {vol} is given twice"));
+        }
+        out.push((vol, n));
+    }
+    Ok(out)
 }
 
 /// The `[role]` section as the role crate's configuration: `state_dir` defaults to `<state_dir>/role` and `node`
@@ -150,6 +180,8 @@ fn replicated(cfg: &Config) -> Vec<PathBuf> {
 struct NodeGuards<'a> {
     cfg: &'a Config,
     io: engine::volume::IoOptions,
+    /// A shadow rolled back to a retained generation may be promoted (`promote --generation` just did that).
+    accept_rolled_back: bool,
 }
 
 impl role::Guards for NodeGuards<'_> {
@@ -169,7 +201,8 @@ impl role::Guards for NodeGuards<'_> {
                     v.name
                 ));
             }
-            if let Some(why) = t.tampered() {
+            let rolled_back = t.rolled_back_to().filter(|_| self.accept_rolled_back);
+            if let Some(why) = t.tampered().filter(|_| rolled_back.is_none()) {
                 return Err(format!(
                     "volume {} has an untrusted shadow: {why}; it may not hold generation {} (sync it again from \
                      the peer, or promote with --force to serve it as it is)",
@@ -600,9 +633,13 @@ pub fn run(cfg: &Config, plan: Plan, a: &PlanOptions, io: engine::volume::IoOpti
         }
     }
     if plan == Plan::Promote && !a.dry_run {
+        for (volume, generation) in &a.generations {
+            let r = crate::retain::restore(cfg, volume, *generation, a.force, io)?;
+            tracing::warn!(volume, generation, committed = r.committed, "promoting a retained generation");
+        }
         keep_references(cfg, io);
     }
-    let guards = NodeGuards { cfg, io };
+    let guards = NodeGuards { cfg, io, accept_rolled_back: plan == Plan::Promote && !a.generations.is_empty() };
     // Only a node that was (becoming) primary: a demote of a standby does nothing and must not touch its standby
     // state. Before the plan, which may end with a poweroff; harmless if the plan then fails (the mark only makes
     // a later sync to this node compare).

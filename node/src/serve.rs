@@ -348,6 +348,7 @@ impl Server {
     /// Loads the key and binds `listen` (or the configured `[standby] listen`).
     pub fn bind(cfg: Config, listen: Option<SocketAddr>, io: engine::volume::IoOptions) -> Result<Server, Error> {
         let key = netproto::load_key(&cfg.key_file)?;
+        crate::retain::check_config(&cfg)?;
         let addr = listen.or(cfg.listen).ok_or_else(|| ConfigError::Missing {
             path: cfg.path.clone(),
             what: "[standby] listen address (or pass --listen)",
@@ -732,7 +733,9 @@ fn open_volume(shared: &Shared, peer: &str, o: &m::OpenVolume) -> Result<OpenSha
     }
     shared.hold(&o.name, shadow); // a shadow created since the last hold check
     let dir = cfg.layout().side_dir(Side::Standby, &o.name);
-    let opts = TargetOptions { peer: peer.to_owned(), ..TargetOptions::new(&o.name, shared.io) };
+    let opts = crate::retain::target_options(cfg, vol, shared.io)
+        .map_err(|e| (code::REFUSED, format!("cannot keep generations: {}", link::error_chain(&e))))?;
+    let opts = TargetOptions { peer: peer.to_owned(), ..opts };
     let target = crate::verify::open_target(shadow, &dir, opts).map_err(|e| {
         (code::FAILED, format!("cannot open the shadow of volume {}: {}", o.name, link::error_chain(&e)))
     })?;

@@ -147,6 +147,49 @@ pub struct VolumeStatus {
     /// The last verify of the shadow (`blockrep verify`, or `serve`'s periodic verify), standby side.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_verify: Option<crate::verify::LastVerify>,
+    /// Generations kept besides the current one (`keep_generations`), oldest first, standby side.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub retained: Vec<RetainedStatus>,
+}
+
+/// One retained generation in the status.
+#[derive(Debug, Clone, Serialize)]
+pub struct RetainedStatus {
+    /// Generation number.
+    pub generation: u64,
+    /// The copy (`vg/lv` or a file).
+    pub copy: String,
+    /// Whether the copy is complete.
+    pub complete: bool,
+    /// Fill level of a classic snapshot's copy-on-write store (percent).
+    pub fill_percent: Option<f64>,
+    /// What is wrong with it, if anything.
+    pub problem: Option<String>,
+}
+
+/// The retained generations of `v`'s shadow (empty when it keeps one; a listing error is logged).
+fn retained(cfg: &Config, v: &crate::config::Volume) -> Vec<RetainedStatus> {
+    let list = match crate::retain::Retainer::for_volume(cfg, v) {
+        Ok(Some(r)) => r.list(),
+        Ok(None) => return Vec::new(),
+        Err(e) => Err(e),
+    };
+    match list {
+        Ok(l) => l
+            .into_iter()
+            .map(|l| RetainedStatus {
+                generation: l.record.generation,
+                copy: l.record.copy,
+                complete: l.complete,
+                fill_percent: l.fill_percent,
+                problem: l.problem,
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(volume = %v.name, error = %link::error_chain(&e), "cannot list the retained generations");
+            Vec::new()
+        }
+    }
 }
 
 /// The replication state of the node.
@@ -290,6 +333,7 @@ pub fn status_with(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error> 
                     record: SyncRecord::default(),
                     untrusted: None,
                     last_verify: crate::verify::last_verify(cfg, &v.name),
+                    retained: retained(cfg, v),
                 });
                 continue;
             }
@@ -308,6 +352,7 @@ pub fn status_with(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error> 
                     record: SyncRecord::default(),
                     untrusted: Some(info.distrust).filter(|_| info.complete && !info.trusted),
                     last_verify: crate::verify::last_verify(cfg, &v.name),
+                    retained: retained(cfg, v),
                 });
                 continue;
             }
@@ -328,6 +373,7 @@ pub fn status_with(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error> 
                 record,
                 untrusted: None,
                 last_verify: None,
+                retained: Vec::new(),
             });
         }
     }

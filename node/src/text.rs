@@ -87,6 +87,11 @@ impl fmt::Display for NodeStatus {
                 };
                 writeln!(f, "  last verify {}: generation {}, {result}", ago(l.time), l.generation)?;
             }
+            for r in &v.retained {
+                let fill = r.fill_percent.map_or_else(String::new, |p| format!(", {p:.1} % full"));
+                let state = r.problem.as_deref().map_or("complete".to_string(), |p| format!("INCOMPLETE: {p}"));
+                writeln!(f, "  retained generation {} in {}{fill}: {state}", r.generation, r.copy)?;
+            }
             if let Some(l) = &v.record.last_success {
                 writeln!(
                     f,
@@ -152,6 +157,60 @@ impl fmt::Display for ShadowReady {
         }
         Ok(())
     }
+}
+
+/// The lines of `blockrep generations` for one volume.
+pub fn generations(v: &crate::retain::VolumeGenerations) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let how = v.backend.as_deref().map_or_else(String::new, |b| format!(", {b} copies"));
+    let _ = writeln!(s, "volume {} (keep_generations = {}{how}):", v.volume, v.keep_generations);
+    let short = |id: &Option<String>| id.as_deref().map_or("-".to_string(), |i| i[..i.len().min(12)].to_string());
+    let when = |t: Option<u64>| t.map_or("-".to_string(), ago);
+    match &v.current {
+        Some(c) => {
+            let state = match (&c.untrusted, c.complete) {
+                (_, false) => "incomplete".to_string(),
+                (Some(why), true) => format!("untrusted: {why}"),
+                (None, true) => "complete".to_string(),
+            };
+            let _ = writeln!(
+                s,
+                "  current  generation {:>5}  id {}  made {} by {}  {state}",
+                c.generation,
+                short(&c.id),
+                when(c.made_at),
+                c.source_node.as_deref().unwrap_or("-")
+            );
+        }
+        None => {
+            let _ = writeln!(s, "  current  (no sync received yet)");
+        }
+    }
+    for r in &v.retained {
+        let rec = &r.record;
+        let state = match (&r.problem, &rec.untrusted, r.promotable) {
+            (Some(p), _, _) => format!("INCOMPLETE: {p}"),
+            (None, Some(why), _) => format!("complete, kept from an untrusted shadow ({why}): restore needs --force"),
+            (None, None, true) => "complete, promotable".to_string(),
+            (None, None, false) => "complete (identifier unknown: not promotable)".to_string(),
+        };
+        let size = r.size_on_disk.map_or("-".to_string(), bytes);
+        let fill = r.fill_percent.map_or_else(String::new, |p| format!(", {p:.1} % full"));
+        let _ = writeln!(
+            s,
+            "  retained generation {:>5}  id {}  made {} by {}  {} ({size} on disk{fill})  {state}",
+            rec.generation,
+            short(&rec.id),
+            when(rec.made_at),
+            rec.source_node.as_deref().unwrap_or("-"),
+            rec.copy
+        );
+    }
+    if let Some(p) = &v.problem {
+        let _ = writeln!(s, "  problem: {p}");
+    }
+    s
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ mod install;
 mod local_sync;
 mod network;
 mod operations;
+mod retain;
 mod role_cli;
 mod trust;
 mod uml_lifecycle;

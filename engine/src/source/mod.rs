@@ -533,13 +533,14 @@ fn choose_mode(
     if opts.force_compare {
         return compare("asked to verify the standby's content (sync --verify)".into());
     }
+    // The standby's own reason first: it says what happened to the shadow (written, promoted, rolled back).
+    if !info.trusted {
+        return compare(format!("the standby's shadow is not trusted: {}", info.distrust));
+    }
     let m = match manifest {
         Ok(m) => m,
         Err(why) => return compare(why.clone()),
     };
-    if !info.trusted {
-        return compare(format!("the standby's shadow is not trusted: {}", info.distrust));
-    }
     let Some(theirs) = info.generation_id else {
         return compare("the standby does not know the identifier of its generation".into());
     };

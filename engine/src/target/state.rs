@@ -15,7 +15,8 @@
 //!     12    4  flags: bit 0 incomplete (an in-place transfer is writing the shadow); bit 1 untrusted (something
 //!              may have written the shadow outside blockrep); any other bit is an error
 //!     16    8  generation: the one an in-place transfer is building (when incomplete), else the last committed
-//!     24    1  why untrusted: 0 not marked, 1 promoted, 2 a verify found a difference
+//!     24    1  why untrusted: 0 not marked, 1 promoted, 2 a verify found a difference, 3 rolled back to an
+//!              earlier retained generation (the current record)
 //!     25    1  evidence kind: 0 none, 1 block device, 2 regular file
 //!     26   24  evidence: block device: sectors written (8), zero (16); file: size, mtime ns, inode (8 each)
 //!     50   16  evidence: the boot id (block devices; else zero)
@@ -57,6 +58,9 @@ pub enum Distrust {
     Promoted,
     /// A verify found it different from its committed generation.
     VerifyFailed,
+    /// An operator rolled it back to an earlier retained generation (`blockrep restore`, `promote --generation`):
+    /// it holds exactly that generation (the current record), which is not the primary's latest.
+    RolledBack,
 }
 
 /// The decoded state file.
@@ -96,6 +100,7 @@ impl StateFile {
             Distrust::None => 0,
             Distrust::Promoted => 1,
             Distrust::VerifyFailed => 2,
+            Distrust::RolledBack => 3,
         };
         let mut p = Put::header(&mut b, MAGIC, VERSION);
         p.u32(flags).u64(self.generation).u8(why);
@@ -135,6 +140,7 @@ pub(super) fn decode(b: &[u8]) -> Result<StateFile, String> {
             0 => Distrust::None,
             1 => Distrust::Promoted,
             2 => Distrust::VerifyFailed,
+            3 => Distrust::RolledBack,
             v => return Err(format!("unknown distrust code {v}")),
         };
         let (kind, a, b2, c, boot_id) = (g.u8(), g.u64(), g.u64(), g.u64(), g.array::<16>());

@@ -1118,3 +1118,140 @@ fn the_reference_survives_an_interrupted_transfer_but_not_an_outside_write() {
     let t = open(&e, Durable::new()).unwrap();
     assert!(t.reference().is_none());
 }
+
+/// A retention that copies the shadow file into `dir` (`<generation>.img`, then `<generation>.root` as the mark
+/// of a complete copy) and keeps the newest `keep` copies; `fail` makes `preserve` refuse.
+#[derive(Debug)]
+struct CopyRetention {
+    dir: PathBuf,
+    keep: usize,
+    fail: std::sync::atomic::AtomicBool,
+    durable: Durable,
+}
+
+impl CopyRetention {
+    fn copies(&self) -> Vec<(u64, Vec<u8>, Option<Vec<u8>>)> {
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(&self.dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "root") {
+                let g: u64 = p.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+                let img = std::fs::read(self.dir.join(format!("{g}.img"))).ok();
+                v.push((g, std::fs::read(&p).unwrap(), img));
+            }
+        }
+        v.sort();
+        v
+    }
+}
+
+impl Retention for CopyRetention {
+    fn preserve(&self, w: &Preserving) -> Result<(), RetainFailure> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err("no space for the copy".into());
+        }
+        let data = std::fs::read(&w.shadow)?;
+        let d = &w.durable;
+        d.replace_file(Op::Retain, &self.dir, &format!("{}.img", w.generation), &data)?;
+        let root = w.root.expect("a complete generation has a root");
+        Ok(d.replace_file(Op::Retain, &self.dir, &format!("{}.root", w.generation), &root)?)
+    }
+    fn committed(&self, _volume: &str, _generation: u64) {
+        let copies = self.copies();
+        for (g, _, _) in copies.iter().take(copies.len().saturating_sub(self.keep)) {
+            let _ = self.durable.remove_file(Op::Retain, &self.dir.join(format!("{g}.root")));
+            let _ = self.durable.remove_file(Op::Retain, &self.dir.join(format!("{g}.img")));
+        }
+    }
+}
+
+fn open_retaining(e: &Env, durable: Durable, r: &std::sync::Arc<CopyRetention>) -> Result<Target, TargetError> {
+    let retention: std::sync::Arc<dyn Retention> = r.clone();
+    let opts = TargetOptions { volume: "vol".into(), durable, retention: Some(retention), ..Default::default() };
+    Target::open(&e.shadow, &e.state, opts)
+}
+
+#[test]
+fn a_commit_keeps_the_generation_it_overwrites_and_refuses_when_it_cannot() {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
+    let gens: Vec<Vec<u8>> =
+        std::iter::successors(Some(image(&mut rng, SIZE)), |p| Some(mutate(&mut rng, p))).take(5).collect();
+    let e = env(SIZE);
+    let dir = e.state.parent().unwrap().join("kept");
+    std::fs::create_dir_all(&dir).unwrap();
+    let r = std::sync::Arc::new(CopyRetention { dir, keep: 2, fail: false.into(), durable: Durable::new() });
+    let mut t = open_retaining(&e, Durable::new(), &r).unwrap();
+    for g in &gens[..4] {
+        sync(&mut t, g, 4096);
+    }
+    // Generations 1..=4 committed; copies of 2 and 3 kept (1 dropped), each exactly what that generation held.
+    let copies = r.copies();
+    assert_eq!(copies.iter().map(|c| c.0).collect::<Vec<_>>(), [2, 3]);
+    for (g, root, img) in &copies {
+        let want = &gens[*g as usize - 1];
+        assert_eq!(&img.as_ref().unwrap()[..SIZE], &want[..], "copy of generation {g}");
+        assert_eq!(root[..], source_root(want, 4096)[..]);
+    }
+    // No room for the copy: the commit is refused, the shadow still holds generation 4, the transfer is kept.
+    r.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = drive(&mut t, &gens[4], Drive::bs(4096)).unwrap_err();
+    let chain = error_chain(&err);
+    assert!(chain.contains("generation 4 could not be kept: no space for the copy"), "{chain}");
+    assert_eq!(shadow_bytes(&e, SIZE), gens[3]);
+    assert_eq!(t.info().generation, 4);
+    assert!(t.info().pending.is_some(), "the spooled transfer is kept for resume");
+    assert!(t.verify().unwrap());
+    r.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    sync(&mut t, &gens[4], 4096);
+    assert_eq!(shadow_bytes(&e, SIZE), gens[4]);
+    assert_eq!(r.copies().iter().map(|c| c.0).collect::<Vec<_>>(), [3, 4]);
+}
+
+#[test]
+fn a_crash_while_keeping_a_generation_leaves_complete_copies_and_one_generation() {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(12);
+    let v0 = image(&mut rng, SIZE);
+    let v1 = mutate(&mut rng, &v0);
+    let v2 = mutate(&mut rng, &v1);
+    let mut crashed_at = BTreeSet::new();
+    let mut n = 0u64;
+    loop {
+        let e = env(SIZE);
+        let dir = e.state.parent().unwrap().join("kept");
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = Durable::new();
+        let r = std::sync::Arc::new(CopyRetention { dir, keep: 1, fail: false.into(), durable: d.clone() });
+        let mut t = open_retaining(&e, d.clone(), &r).unwrap();
+        sync(&mut t, &v0, 4096);
+        sync(&mut t, &v1, 4096); // keeps generation 1
+        d.arm(FaultPlan { crash_after: n, torn: false, lose_unsynced: true });
+        let res = drive(&mut t, &v2, Drive::bs(4096));
+        drop(t);
+        d.power_loss().unwrap();
+        let done = match &res {
+            Ok(_) => true,
+            Err(err) => {
+                crashed_at.insert(format!("{:?}", crash_op(err).unwrap_or_else(|| panic!("{err:?}"))));
+                false
+            }
+        };
+        let t = open_retaining(&e, Durable::new(), &r).unwrap();
+        let shadow = shadow_bytes(&e, SIZE);
+        assert!(shadow == v1 || shadow == v2, "n {n}: the shadow is neither generation");
+        assert!(t.verify().unwrap());
+        // Every copy marked complete holds exactly the generation it names.
+        for (g, root, img) in r.copies() {
+            let want = [&v0, &v1][g as usize - 1];
+            assert_eq!(&img.expect("a complete copy has its image")[..SIZE], &want[..], "n {n}: copy {g}");
+            assert_eq!(root[..], source_root(want, 4096)[..]);
+        }
+        if shadow == v2 {
+            assert!(r.copies().iter().any(|c| c.0 == 2), "n {n}: generation 3 committed without keeping 2");
+        }
+        if done {
+            break;
+        }
+        n += 1;
+    }
+    assert!(crashed_at.contains("Retain"), "crashed at {crashed_at:?}");
+}
