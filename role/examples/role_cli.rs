@@ -6,8 +6,8 @@
 //! role_cli --config FILE demote  [--dry-run] [--poweroff] [--reason R] [--crash-after STEP] [--json]
 //! role_cli --config FILE status  [--json]
 //! role_cli --config FILE mark-synced           # what serve does after the first full sync
-//! role_cli --config FILE announce [COUNT]      # gratuitous ARP only
-//! role_cli --config FILE probe                 # ARP probe only: prints the MAC holding the VIP, if any
+//! role_cli --config FILE announce [COUNT]      # gratuitous ARP / unsolicited NA for every VIP only
+//! role_cli --config FILE probe                 # ARP probe / IPv6 DAD only: prints `VIP MAC` per VIP held elsewhere
 //! role_cli --config FILE refresh               # periodic re-announcement while primary (garp.refresh_s)
 //! ```
 //!
@@ -109,7 +109,7 @@ fn main() -> ExitCode {
         }
         "announce" => {
             let n = rest.first().and_then(|n| n.parse().ok()).unwrap_or(cfg.garp.count);
-            let r = role::arp::announce(&cfg.interface, cfg.vip.addr, n, Duration::from_millis(cfg.garp.interval_ms));
+            let r = role::arp::announce_all(&cfg, n);
             return match r {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -130,24 +130,26 @@ fn main() -> ExitCode {
         }
         "probe" => {
             let p = &cfg.probe;
-            let r = role::arp::probe(
-                &cfg.interface,
-                cfg.vip.addr,
-                p.count,
-                Duration::from_millis(p.interval_ms),
-                Duration::from_millis(p.wait_ms),
-            );
-            return match r {
-                Ok(Some(mac)) => {
-                    println!("{mac}");
-                    ExitCode::SUCCESS
+            let (interval, wait) = (Duration::from_millis(p.interval_ms), Duration::from_millis(p.wait_ms));
+            for v in &cfg.vip {
+                let r = match v.addr {
+                    std::net::IpAddr::V4(a) => {
+                        role::arp::probe(&cfg.interface, a, p.count, interval, wait).map_err(|e| error_chain(&e))
+                    }
+                    std::net::IpAddr::V6(a) => {
+                        role::ndp::probe(&cfg.interface, a, p.count, interval, wait).map_err(|e| error_chain(&e))
+                    }
+                };
+                match r {
+                    Ok(Some(mac)) => println!("{} {mac}", v.addr),
+                    Ok(None) => {}
+                    Err(e) => {
+                        eprintln!("role_cli: {e}");
+                        return ExitCode::from(FAILED);
+                    }
                 }
-                Ok(None) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("role_cli: {}", error_chain(&e));
-                    ExitCode::from(FAILED)
-                }
-            };
+            }
+            return ExitCode::SUCCESS;
         }
         other => return usage(&format!("unknown command `{other}`")),
     };

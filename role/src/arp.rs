@@ -6,12 +6,15 @@
 
 use std::fmt;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+
+use crate::ndp::NdpError;
+use crate::packet::PacketSocket;
 
 /// ARP payload length for Ethernet/IPv4.
 const ARP_LEN: usize = 28;
@@ -38,6 +41,9 @@ pub enum ArpError {
         #[source]
         source: io::Error,
     },
+    /// Re-announcing an IPv6 virtual IP (unsolicited neighbour advertisement) failed.
+    #[error(transparent)]
+    Ndp(#[from] NdpError),
 }
 
 /// An Ethernet address.
@@ -100,8 +106,7 @@ pub fn mac_address(iface: &str) -> Result<MacAddr, ArpError> {
 
 /// An `AF_PACKET` socket bound to the ARP protocol on one interface.
 struct ArpSocket {
-    fd: OwnedFd,
-    ifindex: i32,
+    sock: PacketSocket,
     iface: String,
     mac: MacAddr,
 }
@@ -110,118 +115,31 @@ impl ArpSocket {
     fn open(iface: &str) -> Result<ArpSocket, ArpError> {
         let ifindex = nix::net::if_::if_nametoindex(iface).map_err(|_| ArpError::NoInterface(iface.into()))? as i32;
         let mac = mac_address(iface)?;
-        let err = |action| move |source| ArpError::Socket { action, iface: iface.into(), source };
-        let proto = (libc::ETH_P_ARP as u16).to_be();
-        // SAFETY: socket(2) with constant arguments; checked before use.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, i32::from(proto)) };
-        if fd < 0 {
-            return Err(err("open a packet socket for")(io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` is fresh and owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let sll = sockaddr_ll(ifindex, proto, None);
-        // SAFETY: `sll` is a valid sockaddr_ll for the duration of the call; the length matches.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sll as *const libc::sockaddr_ll).cast(),
-                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if r < 0 {
-            return Err(err("bind a packet socket for")(io::Error::last_os_error()));
-        }
-        Ok(ArpSocket { fd, ifindex, iface: iface.into(), mac })
+        let sock = PacketSocket::open(ifindex, libc::ETH_P_ARP as u16, None).map_err(|source| ArpError::Socket {
+            action: "open a packet socket for",
+            iface: iface.into(),
+            source,
+        })?;
+        Ok(ArpSocket { sock, iface: iface.into(), mac })
     }
 
     fn send(&self, sender_ip: Ipv4Addr, target_ip: Ipv4Addr) -> Result<(), ArpError> {
         let pkt = arp_packet(ARPOP_REQUEST, self.mac, sender_ip, MacAddr([0; 6]), target_ip);
-        let dst = sockaddr_ll(self.ifindex, (libc::ETH_P_ARP as u16).to_be(), Some([0xff; 6]));
-        // SAFETY: `pkt` and `dst` are valid for their lengths for the duration of the call.
-        let n = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                pkt.as_ptr().cast(),
-                pkt.len(),
-                0,
-                (&dst as *const libc::sockaddr_ll).cast(),
-                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if n < 0 {
-            return Err(ArpError::Socket {
-                action: "send",
-                iface: self.iface.clone(),
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(())
+        self.sock.send([0xff; 6], &pkt).map_err(|source| ArpError::Socket {
+            action: "send",
+            iface: self.iface.clone(),
+            source,
+        })
     }
 
     /// Waits until `deadline` for an incoming ARP packet that claims `ip` from another MAC.
     fn watch(&self, ip: Ipv4Addr, deadline: Instant) -> Result<Option<MacAddr>, ArpError> {
-        let mut buf = [0u8; 256];
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(None);
-            }
-            let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
-            // SAFETY: one valid pollfd for the duration of the call.
-            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(ArpError::Socket { action: "wait for", iface: self.iface.clone(), source: e });
-            }
-            if r == 0 {
-                continue;
-            }
-            // SAFETY: sockaddr_ll is plain data; all-zero is valid.
-            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut flen = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-            // SAFETY: `buf` and `from` are valid for writes of the given lengths during the call.
-            let n = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                    (&mut from as *mut libc::sockaddr_ll).cast(),
-                    &mut flen,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) {
-                    continue;
-                }
-                return Err(ArpError::Socket { action: "receive", iface: self.iface.clone(), source: e });
-            }
-            if from.sll_pkttype == libc::PACKET_OUTGOING || from.sll_ifindex != self.ifindex {
-                continue;
-            }
-            if let Some(mac) = claims(&buf[..n as usize], ip, self.mac) {
-                return Ok(Some(mac));
-            }
-        }
+        self.sock.watch(deadline, |pkt, _src| claims(pkt, ip, self.mac)).map_err(|source| ArpError::Socket {
+            action: "receive",
+            iface: self.iface.clone(),
+            source,
+        })
     }
-}
-
-fn sockaddr_ll(ifindex: i32, proto_be: u16, dst: Option<[u8; 6]>) -> libc::sockaddr_ll {
-    // SAFETY: sockaddr_ll is plain data; all-zero is valid.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = proto_be;
-    sll.sll_ifindex = ifindex;
-    if let Some(d) = dst {
-        sll.sll_halen = 6;
-        sll.sll_addr[..6].copy_from_slice(&d);
-    }
-    sll
 }
 
 fn arp_packet(op: u16, sha: MacAddr, spa: Ipv4Addr, tha: MacAddr, tpa: Ipv4Addr) -> [u8; ARP_LEN] {
@@ -285,7 +203,20 @@ pub fn probe(
     Ok(None)
 }
 
-/// Re-announces the VIP while this node is primary: one announcement every `garp.refresh_interval_s` until
+/// Announces every virtual IP of `cfg` `count` times, `garp.interval_ms` apart: gratuitous ARP for IPv4,
+/// unsolicited neighbour advertisements ([`crate::ndp::announce`]) for IPv6.
+pub fn announce_all(cfg: &crate::Config, count: u32) -> Result<(), ArpError> {
+    let interval = Duration::from_millis(cfg.garp.interval_ms);
+    for v in &cfg.vip {
+        match v.addr {
+            IpAddr::V4(a) => announce(&cfg.interface, a, count, interval)?,
+            IpAddr::V6(a) => crate::ndp::announce(&cfg.interface, a, count, interval)?,
+        }
+    }
+    Ok(())
+}
+
+/// Re-announces the VIPs while this node is primary: one announcement each every `garp.refresh_interval_s` until
 /// `garp.refresh_s` have passed, `stop` is set, or the role is no longer primary. The lead runs this from `serve`
 /// or a timer after promote.
 pub fn refresh(cfg: &crate::Config, stop: &AtomicBool) -> Result<(), ArpError> {
@@ -296,7 +227,7 @@ pub fn refresh(cfg: &crate::Config, stop: &AtomicBool) -> Result<(), ArpError> {
         if !primary {
             break;
         }
-        announce(&cfg.interface, cfg.vip.addr, 1, Duration::ZERO)?;
+        announce_all(cfg, 1)?;
         let next = Instant::now() + step;
         while Instant::now() < next.min(end) && !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(100));

@@ -29,7 +29,7 @@
 //! ```
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -43,6 +43,8 @@ pub const DEFAULT_NOTIFY_TIMEOUT_S: u64 = 10;
 pub const MAX_IFNAME_LEN: usize = 15;
 /// Largest gratuitous ARP or probe count accepted.
 pub const MAX_ARP_COUNT: u32 = 100;
+/// Most virtual IPs in one configuration.
+pub const MAX_VIPS: usize = 16;
 
 /// Errors of reading or checking the `[role]` configuration.
 #[derive(Debug, thiserror::Error)]
@@ -60,39 +62,54 @@ pub enum ConfigError {
     },
 }
 
-/// An IPv4 address with prefix length, written `10.77.0.50/24`.
+/// An IPv4 or IPv6 address with prefix length, written `10.77.0.50/24` or `fd77::50/64`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ipv4Net {
+pub struct IpNet {
     /// The address.
-    pub addr: Ipv4Addr,
-    /// The prefix length (0..=32).
+    pub addr: IpAddr,
+    /// The prefix length (0..=32 for IPv4, 0..=128 for IPv6).
     pub prefix: u8,
 }
 
-impl Ipv4Net {
-    /// The network address (host bits cleared).
-    pub fn network(&self) -> Ipv4Addr {
-        let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(self.prefix)) };
-        Ipv4Addr::from(u32::from(self.addr) & mask)
+impl IpNet {
+    /// Whether this is an IPv6 address.
+    pub fn is_ipv6(&self) -> bool {
+        self.addr.is_ipv6()
     }
 
-    /// The broadcast address of the network, or `None` for /31 and /32.
-    pub fn broadcast(&self) -> Option<Ipv4Addr> {
-        if self.prefix >= 31 {
-            return None;
+    /// The network address (host bits cleared).
+    pub fn network(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+            }
         }
-        let host = u32::MAX >> u32::from(self.prefix);
-        Some(Ipv4Addr::from(u32::from(self.addr) | host))
+    }
+
+    /// The IPv4 broadcast address of the network; `None` for /31, /32 and IPv6 (which has no broadcast).
+    pub fn broadcast(&self) -> Option<Ipv4Addr> {
+        match self.addr {
+            IpAddr::V4(a) if self.prefix < 31 => {
+                let host = u32::MAX >> u32::from(self.prefix);
+                Some(Ipv4Addr::from(u32::from(a) | host))
+            }
+            _ => None,
+        }
     }
 }
 
-impl fmt::Display for Ipv4Net {
+impl fmt::Display for IpNet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
     }
 }
 
-impl FromStr for Ipv4Net {
+impl FromStr for IpNet {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
@@ -100,29 +117,64 @@ impl FromStr for Ipv4Net {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let addr: Ipv4Addr = a.parse().map_err(|_| format!("`{s}` is not an IPv4 address like 10.77.0.50/24"))?;
+        let addr: IpAddr =
+            a.parse().map_err(|_| format!("`{s}` is not an IP address like 10.77.0.50/24 or fd77::50/64"))?;
+        let max = if addr.is_ipv6() { 128 } else { 32 };
         let prefix = match p {
-            None => 32,
+            None => max,
             Some(p) => match p.parse::<u8>() {
-                Ok(p) if p <= 32 => p,
-                _ => return Err(format!("`{s}` has a prefix length that is not 0..=32")),
+                Ok(p) if p <= max => p,
+                _ => return Err(format!("`{s}` has a prefix length that is not 0..={max}")),
             },
         };
-        Ok(Ipv4Net { addr, prefix })
+        Ok(IpNet { addr, prefix })
     }
 }
 
-impl<'de> Deserialize<'de> for Ipv4Net {
+impl<'de> Deserialize<'de> for IpNet {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
     }
 }
 
-impl Serialize for Ipv4Net {
+impl Serialize for IpNet {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
     }
+}
+
+/// One value or a list of values: `vip = "10.77.0.50/24"` or `vip = ["10.77.0.50/24", "fd77::50/64"]`. Each
+/// value is parsed from its string, so a bad one keeps its own error message.
+fn one_or_many<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct OneOrMany<T>(std::marker::PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for OneOrMany<T> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an address, or a list of addresses")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Vec<T>, E> {
+            use serde::de::IntoDeserializer;
+            T::deserialize(s.into_deserializer()).map(|v| vec![v])
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(v) = seq.next_element()? {
+                out.push(v);
+            }
+            Ok(out)
+        }
+    }
+
+    d.deserialize_any(OneOrMany(std::marker::PhantomData))
 }
 
 /// The `[role]` section.
@@ -136,11 +188,14 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Interface that carries the virtual IP.
     pub interface: String,
-    /// The virtual (service) IP with prefix, e.g. `10.77.0.50/24`.
-    pub vip: Ipv4Net,
-    /// Optional default gateway added on promote and removed on demote.
-    #[serde(default)]
-    pub gateway: Option<Ipv4Addr>,
+    /// The virtual (service) IPs with prefix: one (`"10.77.0.50/24"`, `"fd77::50/64"`) or a list; a list with
+    /// both families is dual stack. All of them move together.
+    #[serde(deserialize_with = "one_or_many")]
+    pub vip: Vec<IpNet>,
+    /// Optional default gateways added on promote and removed on demote: one address or a list, at most one per
+    /// address family.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub gateway: Vec<IpAddr>,
     /// Static routes added on promote and removed on demote.
     #[serde(default)]
     pub routes: Vec<Route>,
@@ -185,14 +240,14 @@ fn default_poweroff_command() -> Vec<String> {
     vec!["/usr/bin/systemctl".into(), "poweroff".into()]
 }
 
-/// A static route: `{ to = "10.78.0.0/16", via = "10.77.0.254" }`.
+/// A static route: `{ to = "10.78.0.0/16", via = "10.77.0.254" }` or `{ to = "fd78::/48", via = "fe80::1" }`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     /// Destination network.
-    pub to: Ipv4Net,
-    /// Next hop.
-    pub via: Ipv4Addr,
+    pub to: IpNet,
+    /// Next hop, of the same address family as `to`.
+    pub via: IpAddr,
 }
 
 /// Gratuitous ARP settings.
@@ -366,8 +421,42 @@ impl Config {
         if self.interface.is_empty() || self.interface.len() > MAX_IFNAME_LEN || self.interface.contains('/') {
             return invalid("interface", "must be a Linux interface name of 1 to 15 characters, like eth0");
         }
-        if self.vip.addr.is_unspecified() || self.vip.addr.is_broadcast() || self.vip.addr.is_multicast() {
-            return invalid("vip", "must be a unicast IPv4 address with prefix, like 10.77.0.50/24");
+        if self.vip.is_empty() || self.vip.len() > MAX_VIPS {
+            return invalid(
+                "vip",
+                "must name 1 to 16 addresses, like \"10.77.0.50/24\" or [\"10.77.0.50/24\", \"fd77::50/64\"]",
+            );
+        }
+        for (i, v) in self.vip.iter().enumerate() {
+            match v.addr {
+                IpAddr::V4(a) if a.is_unspecified() || a.is_broadcast() || a.is_multicast() => {
+                    return invalid("vip", &format!("{v} is not a unicast IPv4 address; write one like 10.77.0.50/24"));
+                }
+                IpAddr::V6(a)
+                    if a.is_unspecified() || a.is_multicast() || a.is_loopback() || a.to_ipv4_mapped().is_some() =>
+                {
+                    return invalid("vip", &format!("{v} is not a unicast IPv6 address; write one like fd77::50/64"));
+                }
+                _ => {}
+            }
+            if self.vip[..i].iter().any(|w| w.addr == v.addr) {
+                return invalid("vip", &format!("{} is listed twice", v.addr));
+            }
+        }
+        if self.gateway.iter().filter(|g| g.is_ipv4()).count() > 1
+            || self.gateway.iter().filter(|g| g.is_ipv6()).count() > 1
+        {
+            return invalid("gateway", "names at most one IPv4 and one IPv6 default gateway");
+        }
+        for g in &self.gateway {
+            if g.is_unspecified() || g.is_multicast() {
+                return invalid("gateway", &format!("{g} is not a unicast address"));
+            }
+        }
+        for r in &self.routes {
+            if r.to.is_ipv6() != r.via.is_ipv6() {
+                return invalid("routes", &format!("route to {} via {}: both must be IPv4 or both IPv6", r.to, r.via));
+            }
         }
         if self.state_dir.as_os_str().is_empty() || !self.state_dir.is_absolute() {
             return invalid("state_dir", "must be an absolute path on a local, non-replicated filesystem");
@@ -465,9 +554,11 @@ primary_only = ["pg.service", { unit = "x.service", timeout_s = 5 }, { hook = "/
     #[test]
     fn full_section_parses() {
         let c = Config::from_toml(FULL).unwrap();
-        assert_eq!(c.vip.to_string(), "10.77.0.50/24");
-        assert_eq!(c.vip.network(), Ipv4Addr::new(10, 77, 0, 0));
-        assert_eq!(c.vip.broadcast(), Some(Ipv4Addr::new(10, 77, 0, 255)));
+        assert_eq!(c.vip.len(), 1);
+        assert_eq!(c.vip[0].to_string(), "10.77.0.50/24");
+        assert_eq!(c.vip[0].network(), IpAddr::V4(Ipv4Addr::new(10, 77, 0, 0)));
+        assert_eq!(c.vip[0].broadcast(), Some(Ipv4Addr::new(10, 77, 0, 255)));
+        assert_eq!(c.gateway, vec![IpAddr::V4(Ipv4Addr::new(10, 77, 0, 254))]);
         assert_eq!(c.garp.count, 5);
         assert_eq!(c.routes[0].to.prefix, 16);
         assert!(matches!(c.boot_target, BootTarget::GrubEnv { .. }));
@@ -509,9 +600,51 @@ primary_only = ["pg.service", { unit = "x.service", timeout_s = 5 }, { hook = "/
     #[test]
     fn minimal_section_gets_defaults() {
         let c = Config::from_toml("[role]\nstate_dir = \"/s\"\ninterface = \"eth0\"\nvip = \"10.77.0.50\"\n").unwrap();
-        assert_eq!(c.vip.prefix, 32);
+        assert_eq!(c.vip[0].prefix, 32);
+        assert!(c.gateway.is_empty());
         assert!(matches!(c.boot_target, BootTarget::None));
         assert_eq!(c.garp.count, 3);
         assert!(c.services.primary_only.is_empty());
+    }
+
+    #[test]
+    fn dual_stack_vips_gateways_and_routes_parse() {
+        let text = FULL
+            .replace("vip = \"10.77.0.50/24\"", "vip = [\"10.77.0.50/24\", \"fd77::50/64\"]")
+            .replace("gateway = \"10.77.0.254\"", "gateway = [\"10.77.0.254\", \"fe80::1\"]")
+            .replace(
+                "routes = [{ to = \"10.78.0.0/16\", via = \"10.77.0.254\" }]",
+                "routes = [{ to = \"10.78.0.0/16\", via = \"10.77.0.254\" }, { to = \"fd78::/48\", via = \"fe80::1\" }]",
+            );
+        let c = Config::from_toml(&text).unwrap();
+        assert_eq!(c.vip.len(), 2);
+        assert!(!c.vip[0].is_ipv6() && c.vip[1].is_ipv6());
+        assert_eq!(c.vip[1].to_string(), "fd77::50/64");
+        assert_eq!(c.vip[1].network(), "fd77::".parse::<IpAddr>().unwrap());
+        assert_eq!(c.vip[1].broadcast(), None, "IPv6 has no broadcast address");
+        assert_eq!(c.gateway.len(), 2);
+        assert_eq!(c.routes[1].to.to_string(), "fd78::/48");
+        let only6 =
+            Config::from_toml("[role]\nstate_dir = \"/s\"\ninterface = \"eth0\"\nvip = \"fd77::50\"\n").unwrap();
+        assert_eq!(only6.vip[0].prefix, 128);
+    }
+
+    #[test]
+    fn bad_addresses_name_the_field_and_the_value() {
+        for (from, to, field) in [
+            ("10.77.0.50/24", "fd77::50/129", "129"),
+            ("10.77.0.50/24", "ff02::1/64", "unicast IPv6"),
+            ("10.77.0.50/24", "::ffff:10.77.0.50/64", "unicast IPv6"),
+            ("\"10.77.0.50/24\"", "[\"10.77.0.50/24\", \"10.77.0.50/16\"]", "listed twice"),
+            ("\"10.77.0.50/24\"", "[]", "1 to 16"),
+            ("\"10.77.0.50/24\"", "[\"10.77.0.50/24\", \"nonsense\"]", "`nonsense` is not an IP address"),
+            ("gateway = \"10.77.0.254\"", "gateway = [\"10.77.0.254\", \"10.77.0.253\"]", "at most one IPv4"),
+            ("via = \"10.77.0.254\" }]", "via = \"fe80::1\" }]", "both must be IPv4 or both IPv6"),
+        ] {
+            let text = FULL.replacen(from, to, 1);
+            let e = Config::from_toml(&text).unwrap_err();
+            let msg = format!("{e}: {:?}", e);
+            assert!(msg.contains(field), "{to}: {msg}");
+        }
     }
 }

@@ -11,6 +11,7 @@
 //! idempotent, so a crash at any point is finished by running the command again. Guards run on every attempt.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use link::error_chain;
@@ -20,6 +21,7 @@ use crate::arp::{self, ArpError, MacAddr};
 use crate::boot::{self, BootError, LvRenamer};
 use crate::config::{BootTarget, Config, Service};
 use crate::exec::{self, Action, ExecError};
+use crate::ndp::{self, NdpError};
 use crate::netlink::{self, NetlinkError};
 use crate::state::{self, FailedStep, PlanKind, PlanProgress, Role, RoleState, StateError, Switchover};
 
@@ -85,22 +87,28 @@ pub enum PlanError {
         /// Why.
         reason: String,
     },
-    /// Another host answered an ARP probe for the virtual IP (refused as unsafe).
-    #[error("refusing to promote: virtual IP {vip} is in use by {mac} on {interface}; demote the other node or remove the address there first, or use --force if you are sure")]
+    /// Another host answered an ARP probe (IPv4) or duplicate address detection (IPv6) for a virtual IP (refused
+    /// as unsafe).
+    #[error("refusing to promote: virtual IP {vip} is in use by {mac} on {interface} (it answered {probe}); demote the other node or remove the address there first, or use --force if you are sure")]
     VipInUse {
         /// The virtual IP.
-        vip: std::net::Ipv4Addr,
+        vip: IpAddr,
         /// The MAC that answered.
         mac: MacAddr,
         /// Our interface.
         interface: String,
+        /// Which probe it answered: "an ARP probe" or "duplicate address detection".
+        probe: &'static str,
     },
     /// The role state could not be read or written.
     #[error("could not read or write the role state")]
     State(#[from] StateError),
-    /// The ARP probe could not run.
-    #[error("could not probe the virtual IP")]
+    /// The ARP probe of an IPv4 virtual IP could not run.
+    #[error("could not probe the virtual IP with ARP")]
     Probe(#[source] ArpError),
+    /// Duplicate address detection for an IPv6 virtual IP could not run.
+    #[error("could not probe the virtual IP with IPv6 duplicate address detection")]
+    DadProbe(#[source] NdpError),
     /// A step failed.
     #[error("{kind} stopped at step `{step}`; fix the cause and run {kind} again to continue from there")]
     Step {
@@ -127,7 +135,7 @@ pub enum StepError {
     /// Address or route change.
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
-    /// Gratuitous ARP.
+    /// Gratuitous ARP or unsolicited neighbour advertisement.
     #[error(transparent)]
     Arp(#[from] ArpError),
     /// Boot target.
@@ -410,9 +418,13 @@ impl<'a> Run<'a> {
     }
 }
 
+fn vip_list(cfg: &Config) -> String {
+    cfg.vip.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(" and ")
+}
+
 fn vip_plan(cfg: &Config) -> String {
-    let mut s = format!("add {} to {}", cfg.vip, cfg.interface);
-    if let Some(gw) = cfg.gateway {
+    let mut s = format!("add {} to {}", vip_list(cfg), cfg.interface);
+    for gw in &cfg.gateway {
         s.push_str(&format!(", default via {gw}"));
     }
     for r in &cfg.routes {
@@ -421,7 +433,8 @@ fn vip_plan(cfg: &Config) -> String {
     s
 }
 
-/// Runs the guards: the caller's data and peer checks, then the ARP probe for the VIP.
+/// Runs the guards: the caller's data and peer checks, then for each VIP an ARP probe (IPv4) or duplicate address
+/// detection (IPv6).
 fn guards(run: &mut Run<'_>, g: &dyn Guards) -> Result<(), PlanError> {
     let t = Instant::now();
     if run.opts.force {
@@ -429,7 +442,12 @@ fn guards(run: &mut Run<'_>, g: &dyn Guards) -> Result<(), PlanError> {
         return Ok(());
     }
     if run.opts.dry_run {
-        run.push("guards", Outcome::Planned, "check data committed, peer not primary, ARP probe for VIP".into(), t);
+        run.push(
+            "guards",
+            Outcome::Planned,
+            "check data committed, peer not primary, ARP probe / IPv6 duplicate address detection for each VIP".into(),
+            t,
+        );
         return Ok(());
     }
     let last_sync = g.data_committed().map_err(|reason| PlanError::Refused { guard: "data", reason })?;
@@ -440,52 +458,66 @@ fn guards(run: &mut Run<'_>, g: &dyn Guards) -> Result<(), PlanError> {
     }
     let peer = g.peer_not_primary().map_err(|reason| PlanError::Refused { guard: "peer", reason })?;
     let c = run.cfg;
-    let answer = arp::probe(
-        &c.interface,
-        c.vip.addr,
-        c.probe.count,
-        Duration::from_millis(c.probe.interval_ms),
-        Duration::from_millis(c.probe.wait_ms),
-    )
-    .map_err(PlanError::Probe)?;
-    if let Some(mac) = answer {
-        return Err(PlanError::VipInUse { vip: c.vip.addr, mac, interface: c.interface.clone() });
+    let (count, interval, wait) =
+        (c.probe.count, Duration::from_millis(c.probe.interval_ms), Duration::from_millis(c.probe.wait_ms));
+    let mut nobody = Vec::new();
+    for v in &c.vip {
+        let (answer, probe) = match v.addr {
+            IpAddr::V4(a) => {
+                (arp::probe(&c.interface, a, count, interval, wait).map_err(PlanError::Probe)?, "an ARP probe")
+            }
+            IpAddr::V6(a) => (
+                ndp::probe(&c.interface, a, count, interval, wait).map_err(PlanError::DadProbe)?,
+                "duplicate address detection",
+            ),
+        };
+        if let Some(mac) = answer {
+            return Err(PlanError::VipInUse { vip: v.addr, mac, interface: c.interface.clone(), probe });
+        }
+        nobody.push(format!("nobody answers {} for {}", if v.is_ipv6() { "DAD" } else { "ARP" }, v.addr));
     }
-    run.push("guards", Outcome::Done, format!("data committed; {peer}; nobody answers ARP for {}", c.vip.addr), t);
+    run.push("guards", Outcome::Done, format!("data committed; {peer}; {}", nobody.join(", ")), t);
     Ok(())
 }
 
-/// The `vip` step: address, gateway, routes (each idempotent).
+/// The `vip` step: addresses, gateways, routes (each idempotent).
 fn vip_up(run: &mut Run<'_>) -> Result<(), PlanError> {
     let cfg = run.cfg;
     run.step("vip", vip_plan(cfg), |_| {
-        let added = netlink::add_address(&cfg.interface, cfg.vip)?;
-        let mut d = if added {
-            format!("added {} to {}", cfg.vip, cfg.interface)
-        } else {
-            format!("{} already on {}", cfg.vip, cfg.interface)
-        };
-        if let Some(gw) = cfg.gateway {
-            netlink::add_route(&cfg.interface, None, gw)?;
-            d.push_str(&format!(", default via {gw}"));
+        let mut d = Vec::new();
+        for v in &cfg.vip {
+            let added = netlink::add_address(&cfg.interface, *v)?;
+            d.push(if added {
+                format!("added {v} to {}", cfg.interface)
+            } else {
+                format!("{v} already on {}", cfg.interface)
+            });
+        }
+        for gw in &cfg.gateway {
+            netlink::add_route(&cfg.interface, None, *gw)?;
+            d.push(format!("default via {gw}"));
         }
         for r in &cfg.routes {
             netlink::add_route(&cfg.interface, Some(r.to), r.via)?;
-            d.push_str(&format!(", route {} via {}", r.to, r.via));
+            d.push(format!("route {} via {}", r.to, r.via));
         }
-        Ok(d)
+        Ok(d.join(", "))
     })?;
     Ok(())
 }
 
-/// The `garp` step.
+/// The `garp` step: gratuitous ARP for IPv4 VIPs, unsolicited neighbour advertisements for IPv6 VIPs.
 fn garp(run: &mut Run<'_>) -> Result<(), PlanError> {
     let cfg = run.cfg;
     let g = &cfg.garp;
-    let plan =
-        format!("{} gratuitous ARP for {} on {}, {} ms apart", g.count, cfg.vip.addr, cfg.interface, g.interval_ms);
+    let kinds = match (cfg.vip.iter().any(|v| !v.is_ipv6()), cfg.vip.iter().any(|v| v.is_ipv6())) {
+        (true, true) => "gratuitous ARP / unsolicited neighbour advertisements",
+        (false, true) => "unsolicited neighbour advertisements",
+        _ => "gratuitous ARP",
+    };
+    let plan = format!("{} {kinds} for {} on {}, {} ms apart", g.count, vip_list(cfg), cfg.interface, g.interval_ms);
     run.step("garp", plan.clone(), |_| {
-        arp::announce(&cfg.interface, cfg.vip.addr, g.count, Duration::from_millis(g.interval_ms))?;
+        arp::announce_all(cfg, g.count)?;
         Ok(format!("sent {plan}"))
     })?;
     Ok(())
@@ -578,16 +610,18 @@ pub fn demote(cfg: &Config, opts: &Options<'_>) -> Result<Report, PlanError> {
             netlink::del_route(&cfg.interface, Some(r.to), r.via)?;
             d.push(format!("route {} via {}", r.to, r.via));
         }
-        if let Some(gw) = cfg.gateway {
-            netlink::del_route(&cfg.interface, None, gw)?;
+        for gw in &cfg.gateway {
+            netlink::del_route(&cfg.interface, None, *gw)?;
             d.push(format!("default via {gw}"));
         }
-        let removed = netlink::del_address(&cfg.interface, cfg.vip)?;
-        d.push(if removed {
-            format!("removed {} from {}", cfg.vip, cfg.interface)
-        } else {
-            format!("{} was not on {}", cfg.vip, cfg.interface)
-        });
+        for v in &cfg.vip {
+            let removed = netlink::del_address(&cfg.interface, *v)?;
+            d.push(if removed {
+                format!("removed {v} from {}", cfg.interface)
+            } else {
+                format!("{v} was not on {}", cfg.interface)
+            });
+        }
         Ok(d.join(", "))
     })?;
     run.boot_target(Role::Standby)?;
