@@ -12,6 +12,17 @@ use std::time::{Duration, Instant};
 
 const IP: &str = "/usr/sbin/ip";
 const VIP: &str = "10.77.0.50";
+const VIP6: &str = "fd77::50";
+/// The address, gateway and route lines of the IPv4-only configuration.
+const NET4: &str = r#"vip = "10.77.0.50/24"
+gateway = "10.77.0.100"
+routes = [{ to = "10.78.0.0/16", via = "10.77.0.100" }]"#;
+/// IPv6 only.
+const NET6: &str = r#"vip = "fd77::50/64""#;
+/// Dual stack: both VIPs, a default gateway and a route per family.
+const NET_DUAL: &str = r#"vip = ["10.77.0.50/24", "fd77::50/64"]
+gateway = ["10.77.0.100", "fd77::100"]
+routes = [{ to = "10.78.0.0/16", via = "10.77.0.100" }, { to = "fd78::/48", via = "fd77::100" }]"#;
 
 fn role_cli() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
@@ -91,6 +102,9 @@ impl Lab {
             vec!["-n", &lan, "link", "add", "br0", "type", "bridge"],
             vec!["-n", &lan, "link", "set", "br0", "up"],
             vec!["-n", &lan, "addr", "add", "10.77.0.100/24", "dev", "br0"],
+            // The observer's IPv6 address is usable at once (no DAD wait in the test; promote itself never needs
+            // this: it adds the VIP with IFA_F_NODAD after its own duplicate address detection).
+            vec!["-n", &lan, "addr", "add", "fd77::100/64", "dev", "br0", "nodad"],
         ]
         .into_iter()
         .map(|v| v.into_iter().map(String::from).collect())
@@ -131,6 +145,11 @@ impl Lab {
 
     /// Writes node `n`'s configuration; `primary_hook` replaces the primary-only service hook if non-empty.
     fn write_config(&self, n: &str, primary_hook: &str) {
+        self.write_config_net(n, primary_hook, NET4);
+    }
+
+    /// Writes node `n`'s configuration with `net` as its vip, gateway and routes lines.
+    fn write_config_net(&self, n: &str, primary_hook: &str, net: &str) {
         let d = self.node_dir(n);
         let d = d.display();
         let default_hook = format!("echo $BLOCKREP_ACTION >> {d}/primary.log");
@@ -140,9 +159,7 @@ impl Lab {
 node = "{n}"
 state_dir = "{d}/state"
 interface = "veth{n}"
-vip = "{VIP}/24"
-gateway = "10.77.0.100"
-routes = [{{ to = "10.78.0.0/16", via = "10.77.0.100" }}]
+{net}
 notify = ["echo $BLOCKREP_EVENT $BLOCKREP_NODE $BLOCKREP_REASON >> {d}/notify.log"]
 poweroff_command = ["/bin/sh", "-c", "echo off > {d}/poweroff.marker"]
 [role.garp]
@@ -199,6 +216,28 @@ primary_only = [{{ hook = {hook:?}, timeout_s = 5 }}]
 
     fn routes(&self, n: &str) -> String {
         ok(Command::new(IP).args(["-n", &self.ns(n), "-4", "route", "show"]))
+    }
+
+    fn has_vip6(&self, n: &str) -> bool {
+        let out =
+            ok(Command::new(IP).args(["-n", &self.ns(n), "-6", "-o", "addr", "show", "dev", &format!("veth{n}")]));
+        out.contains(&format!("inet6 {VIP6}/64"))
+    }
+
+    fn routes6(&self, n: &str) -> String {
+        ok(Command::new(IP).args(["-n", &self.ns(n), "-6", "route", "show"]))
+    }
+
+    /// The MAC the observer's IPv6 neighbour cache holds for the IPv6 VIP (`ip -6 neigh`).
+    fn observed_mac6(&self) -> Option<String> {
+        let out = ok(Command::new(IP).args(["-n", &self.ns("lan"), "-6", "neigh", "show", VIP6, "dev", "br0"]));
+        out.split_whitespace().skip_while(|w| *w != "lladdr").nth(1).map(String::from)
+    }
+
+    fn observer_reaches_vip6(&self) -> bool {
+        run(Command::new(IP).args(["netns", "exec", &self.ns("lan"), "ping", "-6", "-c1", "-W1", VIP6]))
+            .status
+            .success()
     }
 
     /// The MAC the observer's neighbour table holds for the VIP.
@@ -565,4 +604,133 @@ fn pacemaker_agent_promotes_and_demotes_through_the_cli() {
         .env("OCF_ROOT", lab.dir.path().join("no-ocf"))
         .env("OCF_RESKEY_binary", "/nonexistent/blockrep"));
     assert_eq!(out.status.code(), Some(5), "OCF_ERR_INSTALLED");
+}
+
+#[test]
+fn ipv6_vip_moves_and_the_observer_learns_the_new_mac_from_our_neighbour_advertisements() {
+    let lab = lab_or_skip!("v6");
+    for n in ["A", "B"] {
+        lab.write_config_net(n, "", NET6);
+    }
+    // B holds the VIP first and the observer talks to it, so its neighbour cache points at B.
+    lab.cli_ok("B", &["promote", "--reason", "first"]);
+    assert!(lab.has_vip6("B"));
+    let addr = ok(Command::new(IP).args(["-n", &lab.ns("B"), "-6", "-o", "addr", "show", "dev", "vethB"]));
+    let line = addr.lines().find(|l| l.contains(&format!("inet6 {VIP6}/64"))).unwrap_or_default();
+    assert!(line.contains("nodad") && !line.contains("tentative"), "the VIP must be usable at once: {addr}");
+    assert!(lab.observer_reaches_vip6());
+    assert_eq!(lab.observed_mac6().as_deref(), Some(lab.mac("B").as_str()));
+    lab.cli_ok("B", &["demote", "--reason", "handover"]);
+    assert!(!lab.has_vip6("B"));
+    assert_eq!(lab.observed_mac6().as_deref(), Some(lab.mac("B").as_str()), "observer entry still B's");
+
+    // A promotes: its unsolicited advertisements (override flag) alone move the observer's entry to A's MAC.
+    let t = Instant::now();
+    let out = lab.cli("A", &["promote", "--reason", "handover"]);
+    let wall = t.elapsed();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    println!(
+        "MEASURED IPv6 promote in namespace A: {:.1} ms wall-clock incl. ip netns exec; {}",
+        wall.as_secs_f64() * 1000.0,
+        ms_from_stderr(&out)
+    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("nobody answers DAD for fd77::50"), "{report}");
+    assert!(lab.has_vip6("A"));
+    assert_eq!(lab.observed_mac6().as_deref(), Some(lab.mac("A").as_str()), "observer still has the old MAC");
+    assert!(lab.observer_reaches_vip6());
+
+    // A neighbour that missed the announcement and still has a stale MAC is corrected by the periodic
+    // re-announcement.
+    ok(Command::new(IP).args([
+        "-n",
+        &lab.ns("lan"),
+        "-6",
+        "neigh",
+        "replace",
+        VIP6,
+        "lladdr",
+        "02:de:ad:00:00:01",
+        "dev",
+        "br0",
+        "nud",
+        "stale",
+    ]));
+    assert_eq!(lab.observed_mac6().as_deref(), Some("02:de:ad:00:00:01"));
+    lab.cli_ok("A", &["refresh"]);
+    assert_eq!(lab.observed_mac6().as_deref(), Some(lab.mac("A").as_str()), "refresh did not re-announce");
+
+    lab.cli_ok("A", &["demote", "--reason", "maintenance"]);
+    assert!(!lab.has_vip6("A"));
+    assert!(!lab.observer_reaches_vip6(), "IPv6 VIP still answers after demote");
+    assert_eq!(lab.status("A")["role"], "standby");
+}
+
+#[test]
+fn promote_refuses_while_another_host_holds_the_ipv6_vip_and_names_its_mac() {
+    let lab = lab_or_skip!("d6");
+    for n in ["A", "B"] {
+        lab.write_config_net(n, "", NET6);
+    }
+    // B holds the address (added by hand, usable at once: it must answer our duplicate address detection).
+    ok(Command::new(IP).args(["-n", &lab.ns("B"), "addr", "add", &format!("{VIP6}/64"), "dev", "vethB", "nodad"]));
+    let out = lab.cli("A", &["promote", "--reason", "split-brain test"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "expected 'refused as unsafe': {err}");
+    assert!(err.contains(&lab.mac("B")), "error does not name B's MAC {}: {err}", lab.mac("B"));
+    assert!(err.contains("duplicate address detection"), "{err}");
+    assert!(!lab.has_vip6("A"));
+    let st = lab.status("A");
+    assert_eq!(st["role"], "standby", "a refused promote changed the role");
+    assert_eq!(st["accepts_syncs"], true);
+    assert_eq!(lab.log("A", "primary.log"), "");
+    // The probe on its own says the same.
+    let probe = lab.cli_ok("A", &["probe"]);
+    assert_eq!(probe.trim(), format!("{VIP6} {}", lab.mac("B")));
+
+    ok(Command::new(IP).args(["-n", &lab.ns("B"), "addr", "del", &format!("{VIP6}/64"), "dev", "vethB"]));
+    assert_eq!(lab.cli_ok("A", &["probe"]).trim(), "", "nobody holds it now");
+    lab.cli_ok("A", &["promote"]);
+    assert!(lab.has_vip6("A"));
+}
+
+#[test]
+fn dual_stack_vips_move_together_and_demote_removes_both() {
+    let lab = lab_or_skip!("ds");
+    for n in ["A", "B"] {
+        lab.write_config_net(n, "", NET_DUAL);
+    }
+    lab.cli_ok("B", &["promote", "--reason", "first"]);
+    assert!(lab.has_vip("B") && lab.has_vip6("B"));
+    assert!(lab.observer_reaches_vip() && lab.observer_reaches_vip6());
+    assert_eq!(lab.observed_mac6().as_deref(), Some(lab.mac("B").as_str()));
+
+    // While B still holds only the IPv6 VIP, A refuses the whole promote: it takes neither address.
+    lab.cli_ok("B", &["demote"]);
+    ok(Command::new(IP).args(["-n", &lab.ns("B"), "addr", "add", &format!("{VIP6}/64"), "dev", "vethB", "nodad"]));
+    let out = lab.cli("A", &["promote", "--reason", "half split"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains(VIP6) && err.contains(&lab.mac("B")), "{err}");
+    assert!(!lab.has_vip("A") && !lab.has_vip6("A"), "a refused promote added an address");
+    ok(Command::new(IP).args(["-n", &lab.ns("B"), "addr", "del", &format!("{VIP6}/64"), "dev", "vethB"]));
+
+    lab.cli_ok("A", &["promote", "--reason", "handover"]);
+    assert!(lab.has_vip("A") && lab.has_vip6("A"));
+    assert!(!lab.has_vip("B") && !lab.has_vip6("B"));
+    assert_eq!(lab.observed_mac().as_deref(), Some(lab.mac("A").as_str()), "IPv4 entry not moved");
+    assert_eq!(lab.observed_mac6().as_deref(), Some(lab.mac("A").as_str()), "IPv6 entry not moved");
+    assert!(lab.observer_reaches_vip() && lab.observer_reaches_vip6());
+    let (r4, r6) = (lab.routes("A"), lab.routes6("A"));
+    assert!(r4.contains("default via 10.77.0.100") && r4.contains("10.78.0.0/16 via 10.77.0.100"), "{r4}");
+    assert!(r6.contains("default via fd77::100") && r6.contains("fd78::/48 via fd77::100"), "{r6}");
+
+    lab.cli_ok("A", &["demote", "--reason", "maintenance"]);
+    assert!(!lab.has_vip("A") && !lab.has_vip6("A"));
+    let (r4, r6) = (lab.routes("A"), lab.routes6("A"));
+    assert!(!r4.contains("default") && !r4.contains("10.78.0.0"), "{r4}");
+    assert!(!r6.contains("default") && !r6.contains("fd78::"), "{r6}");
+    assert!(!lab.observer_reaches_vip() && !lab.observer_reaches_vip6());
+    // Demote again: nothing left to remove, still fine.
+    lab.cli_ok("A", &["demote"]);
 }
