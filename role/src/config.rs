@@ -8,9 +8,9 @@
 //! [role]
 //! state_dir = "/var/lib/blockrep/role"    # must not be on a replicated volume
 //! interface = "eth0"
-//! vip = "10.77.0.50/24"
-//! gateway = "10.77.0.254"                 # optional default gateway, added on promote
-//! routes = [{ to = "10.78.0.0/16", via = "10.77.0.254" }]
+//! vip = "10.77.0.50/24"                  # or a list, IPv4 and/or IPv6: ["10.77.0.50/24", "fd77::50/64"]
+//! gateway = "10.77.0.254"                 # optional default gateway(s), one per family, added on promote
+//! routes = [{ to = "10.78.0.0/16", via = "10.77.0.254" }, { to = "fd78::/48", via = "fe80::1" }]
 //! notify = ["/usr/local/bin/page-oncall"] # BLOCKREP_EVENT, BLOCKREP_NODE, BLOCKREP_REASON in the environment
 //! reboot = false
 //! [role.garp]
@@ -199,10 +199,10 @@ pub struct Config {
     /// Static routes added on promote and removed on demote.
     #[serde(default)]
     pub routes: Vec<Route>,
-    /// Gratuitous ARP settings.
+    /// Gratuitous ARP (IPv4) and unsolicited neighbour advertisement (IPv6) settings.
     #[serde(default)]
     pub garp: Garp,
-    /// ARP probe (split-brain guard) settings.
+    /// ARP probe (IPv4) and duplicate address detection (IPv6) settings of the split-brain guard.
     #[serde(default)]
     pub probe: Probe,
     /// What to change so that the next boot comes up in the new role.
@@ -250,7 +250,7 @@ pub struct Route {
     pub via: IpAddr,
 }
 
-/// Gratuitous ARP settings.
+/// Announcement settings: gratuitous ARP for IPv4 VIPs, unsolicited neighbour advertisements for IPv6 VIPs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Garp {
@@ -270,7 +270,8 @@ impl Default for Garp {
     }
 }
 
-/// ARP probe settings of the "VIP already in use" guard (RFC 5227 style, shortened so that promote stays fast).
+/// Probe settings of the "VIP already in use" guard: ARP probes for IPv4 VIPs (RFC 5227 style), duplicate address
+/// detection solicitations for IPv6 VIPs (RFC 4862 5.4); both shortened so that promote stays fast.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Probe {

@@ -1,9 +1,11 @@
 //! blockrep's role manager: makes a node primary or standby, safely and resumably.
 //!
-//! `promote` runs an ordered, journaled plan (guards, stop accepting syncs, boot target, virtual IP via netlink,
-//! gratuitous ARP, services, notify hooks, role primary, optional reboot); `demote` runs the reverse. Every step
+//! `promote` runs an ordered, journaled plan (guards, stop accepting syncs, boot target, virtual IPs via netlink,
+//! gratuitous ARP / unsolicited neighbour advertisements, services, notify hooks, role primary, optional reboot);
+//! `demote` runs the reverse. Every step
 //! is idempotent and recorded in a small state file, so running the command again after a crash finishes it.
-//! The split-brain guard probes the virtual IP with ARP (RFC 5227 style) and names the MAC that answers; the
+//! The split-brain guard probes each virtual IP, IPv4 with ARP (RFC 5227 style) and IPv6 with duplicate address
+//! detection (RFC 4862, [`ndp`]), and names the MAC that answers; the
 //! engine and network checks come from the caller through [`Guards`].
 //!
 //! ```no_run

@@ -1,7 +1,7 @@
 //! The promote and demote plans: ordered, journaled, idempotent steps.
 //!
-//! Promote: guards → `role-promoting` → `stop-syncs` → `boot-target` → `vip` (address, gateway, routes) →
-//! `garp` → `stop-standby-services` → `start-primary-services` → `notify` → `role-primary` → optional `reboot`.
+//! Promote: guards → `role-promoting` → `stop-syncs` → `boot-target` → `vip` (addresses, gateways, routes) →
+//! `garp` (gratuitous ARP / unsolicited neighbour advertisements) → `stop-standby-services` → `start-primary-services` → `notify` → `role-primary` → optional `reboot`.
 //!
 //! Demote: `role-demoting` → `stop-primary-services` → `vip-remove` → `boot-target` → `start-standby-services`
 //! → `notify` → (`disable-primary-services` with poweroff) → `role-standby` → optional `poweroff`.

@@ -1,5 +1,5 @@
 //! Role manager tests on real kernel paths: network namespaces created by each test (two servers A and B and an
-//! observer "lan" on a bridge, addresses 10.77.0.x only inside them), the `role_cli` example run inside them with
+//! observer "lan" on a bridge, addresses 10.77.0.x and fd77::x only inside them), the `role_cli` example run inside them with
 //! `ip netns exec`, keepalived from the Debian package. Every namespace is deleted when the test ends.
 //!
 //! Needs root; each test prints why it skips otherwise. The `role_cli` example must be built, which
