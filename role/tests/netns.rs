@@ -493,6 +493,10 @@ fn keepalived_failover_promotes_the_other_node_through_the_notify_script() {
         panic!("{KEEPALIVED} is missing: install the Debian package keepalived (scripts/deps.sh does)");
     }
     let mut lab = lab_or_skip!("ka");
+    // A dual-stack service: keepalived (VRRP over IPv4) only elects; blockrep moves both addresses.
+    for n in ["A", "B"] {
+        lab.write_config_net(n, "", NET_DUAL);
+    }
     let notify = lab.dir.path().join("blockrep-keepalived-notify");
     fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/../contrib/keepalived/blockrep-keepalived-notify"), &notify)
         .unwrap();
@@ -535,10 +539,11 @@ fn keepalived_failover_promotes_the_other_node_through_the_notify_script() {
         lab.daemons.push(child);
     }
     let took = lab.wait_until("A is primary through keepalived", Duration::from_secs(10), || {
-        lab.has_vip("A") && lab.status("A")["role"] == "primary"
+        lab.has_vip("A") && lab.has_vip6("A") && lab.status("A")["role"] == "primary"
     });
     println!("keepalived made A primary {took:?} after start");
-    assert!(!lab.has_vip("B"));
+    assert!(!lab.has_vip("B") && !lab.has_vip6("B"));
+    assert!(lab.observer_reaches_vip6());
     assert!(lab.status("A")["last_switchover"]["reason"].as_str().unwrap().contains("keepalived"));
 
     // Stop keepalived on the primary: it demotes (STOP), B becomes MASTER and promotes.
@@ -547,14 +552,16 @@ fn keepalived_failover_promotes_the_other_node_through_the_notify_script() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let mut a = a;
     let took = lab.wait_until("B is primary after A's keepalived stopped", Duration::from_secs(10), || {
-        lab.has_vip("B") && lab.status("B")["role"] == "primary"
+        lab.has_vip("B") && lab.has_vip6("B") && lab.status("B")["role"] == "primary"
     });
     println!("MEASURED keepalived failover: B primary {took:?} after SIGTERM to A's keepalived");
     let _ = a.wait();
-    assert!(!lab.has_vip("A"));
+    assert!(!lab.has_vip("A") && !lab.has_vip6("A"));
     assert_eq!(lab.status("A")["role"], "standby");
     assert!(lab.observer_reaches_vip());
     assert_eq!(lab.observed_mac().as_deref(), Some(lab.mac("B").as_str()));
+    assert_eq!(lab.observed_mac6().as_deref(), Some(lab.mac("B").as_str()), "IPv6 neighbour entry not moved to B");
+    assert!(lab.observer_reaches_vip6());
 }
 
 #[test]
