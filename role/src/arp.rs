@@ -204,13 +204,19 @@ pub fn probe(
 }
 
 /// Announces every virtual IP of `cfg` `count` times, `garp.interval_ms` apart: gratuitous ARP for IPv4,
-/// unsolicited neighbour advertisements ([`crate::ndp::announce`]) for IPv6.
+/// unsolicited neighbour advertisements ([`crate::ndp::announce`]) for IPv6. Each round announces all VIPs, so
+/// the whole takes `(count - 1) * interval` however many VIPs there are.
 pub fn announce_all(cfg: &crate::Config, count: u32) -> Result<(), ArpError> {
     let interval = Duration::from_millis(cfg.garp.interval_ms);
-    for v in &cfg.vip {
-        match v.addr {
-            IpAddr::V4(a) => announce(&cfg.interface, a, count, interval)?,
-            IpAddr::V6(a) => crate::ndp::announce(&cfg.interface, a, count, interval)?,
+    for i in 0..count {
+        if i > 0 {
+            std::thread::sleep(interval);
+        }
+        for v in &cfg.vip {
+            match v.addr {
+                IpAddr::V4(a) => announce(&cfg.interface, a, 1, Duration::ZERO)?,
+                IpAddr::V6(a) => crate::ndp::announce(&cfg.interface, a, 1, Duration::ZERO)?,
+            }
         }
     }
     Ok(())

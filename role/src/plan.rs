@@ -460,9 +460,10 @@ fn guards(run: &mut Run<'_>, g: &dyn Guards) -> Result<(), PlanError> {
     let c = run.cfg;
     let (count, interval, wait) =
         (c.probe.count, Duration::from_millis(c.probe.interval_ms), Duration::from_millis(c.probe.wait_ms));
-    let mut nobody = Vec::new();
-    for v in &c.vip {
-        let (answer, probe) = match v.addr {
+    // All VIPs are probed at the same time (one thread and socket each), so a dual-stack promote waits for one
+    // probe round, not one per address; results are checked in configuration order.
+    let probe_one = |addr: IpAddr| -> Result<(Option<MacAddr>, &'static str), PlanError> {
+        Ok(match addr {
             IpAddr::V4(a) => {
                 (arp::probe(&c.interface, a, count, interval, wait).map_err(PlanError::Probe)?, "an ARP probe")
             }
@@ -470,7 +471,15 @@ fn guards(run: &mut Run<'_>, g: &dyn Guards) -> Result<(), PlanError> {
                 ndp::probe(&c.interface, a, count, interval, wait).map_err(PlanError::DadProbe)?,
                 "duplicate address detection",
             ),
-        };
+        })
+    };
+    let answers: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = c.vip.iter().map(|v| s.spawn(move || probe_one(v.addr))).collect();
+        handles.into_iter().map(|h| h.join().expect("a probe thread panicked")).collect()
+    });
+    let mut nobody = Vec::new();
+    for (v, answer) in c.vip.iter().zip(answers) {
+        let (answer, probe) = answer?;
         if let Some(mac) = answer {
             return Err(PlanError::VipInUse { vip: v.addr, mac, interface: c.interface.clone(), probe });
         }

@@ -722,7 +722,9 @@ fn dual_stack_vips_move_together_and_demote_removes_both() {
     assert!(!lab.has_vip("A") && !lab.has_vip6("A"), "a refused promote added an address");
     ok(Command::new(IP).args(["-n", &lab.ns("B"), "addr", "del", &format!("{VIP6}/64"), "dev", "vethB"]));
 
-    lab.cli_ok("A", &["promote", "--reason", "handover"]);
+    let out = lab.cli("A", &["promote", "--reason", "handover"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    println!("MEASURED dual-stack promote in namespace A: {}", ms_from_stderr(&out));
     assert!(lab.has_vip("A") && lab.has_vip6("A"));
     assert!(!lab.has_vip("B") && !lab.has_vip6("B"));
     assert_eq!(lab.observed_mac().as_deref(), Some(lab.mac("A").as_str()), "IPv4 entry not moved");
