@@ -10,6 +10,7 @@ mod role_cli;
 mod trust;
 mod uml_lifecycle;
 mod uml_lvm;
+mod uml_retain;
 mod uml_tracked;
 
 #[path = "../uml/harness.rs"]
