@@ -63,6 +63,12 @@ pub enum Command {
     Demote(PlanArgs),
     /// With both nodes reachable: demote the peer, then promote this node.
     Switchover(PlanArgs),
+    /// Set a maintenance lock for NODE (this node or its peer) on this node: every promote and switchover
+    /// involving it is refused here (exit 4; --force does not override it) until `blockrep unlock NODE`. Set it
+    /// on the standby (the node that would take over): a lock is not sent to the peer.
+    Lock(LockArgs),
+    /// Remove the maintenance lock for NODE on this node.
+    Unlock(UnlockArgs),
     /// Re-announce the virtual IP (gratuitous ARP) every `garp.refresh_interval_s` for `garp.refresh_s` while
     /// this node is primary; `promote` starts it in the background.
     Announce,
@@ -204,6 +210,29 @@ pub struct PlanArgs {
     /// a shadow here, else `VOLUME=N`; repeatable). `blockrep generations` lists them.
     #[arg(long = "generation", value_name = "[VOLUME=]N")]
     pub generations: Vec<String>,
+    /// One JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `blockrep lock`.
+#[derive(Debug, Args)]
+pub struct LockArgs {
+    /// The node to lock: this node's name or its peer's.
+    pub node: String,
+    /// Why, shown in status and in every refusal.
+    #[arg(long, default_value = "maintenance")]
+    pub reason: String,
+    /// One JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `blockrep unlock`.
+#[derive(Debug, Args)]
+pub struct UnlockArgs {
+    /// The node to unlock.
+    pub node: String,
     /// One JSON object.
     #[arg(long)]
     pub json: bool,

@@ -76,6 +76,14 @@ fn run(cli: &args::Cli) -> Result<()> {
         args::Command::Promote(a) => plan(&cli.config, Plan::Promote, a),
         args::Command::Demote(a) => plan(&cli.config, Plan::Demote, a),
         args::Command::Switchover(a) => plan(&cli.config, Plan::Switchover, a),
+        args::Command::Lock(a) => {
+            report::print_locked(&node::maint_lock::lock(&load()?, &a.node, &a.reason)?, a.json);
+            Ok(())
+        }
+        args::Command::Unlock(a) => {
+            report::print_unlocked(&node::maint_lock::unlock(&load()?, &a.node)?, a.json);
+            Ok(())
+        }
         args::Command::Announce => Ok(node::roles::announce(&load()?)?),
         args::Command::Shadow(args::ShadowCommand::Create { volumes, size }) => {
             Ok(node::shadow::create(&load()?, volumes, *size, &mut |s| println!("{s}"))?)

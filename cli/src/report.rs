@@ -150,6 +150,48 @@ pub fn print_plan(r: &node::roles::Report, as_json: bool) {
     }
 }
 
+/// Prints what `blockrep lock` did (a warning, if any, on stderr).
+pub fn print_locked(l: &node::maint_lock::Locked, as_json: bool) {
+    if as_json {
+        println!("{}", json(l));
+    } else {
+        let e = &l.lock.entry;
+        let state = if l.already { "was already locked" } else { "locked" };
+        println!(
+            "{} {state} for maintenance on {} since {} by {} ({}): promote and switchover involving it are refused \
+             here, --force included, until `blockrep unlock {}`",
+            l.lock.node,
+            l.here,
+            node::text::ago(e.since),
+            e.by,
+            e.reason,
+            l.lock.node
+        );
+    }
+    if let Some(w) = &l.warning {
+        eprintln!("blockrep: warning: {w}");
+    }
+}
+
+/// Prints what `blockrep unlock` did.
+pub fn print_unlocked(u: &node::maint_lock::Unlocked, as_json: bool) {
+    if as_json {
+        println!("{}", json(u));
+    } else {
+        match &u.removed {
+            Some(e) => println!(
+                "{} unlocked on {} (locked {} by {}: {}): promote and switchover allowed again",
+                u.node,
+                u.here,
+                node::text::ago(e.since),
+                e.by,
+                e.reason
+            ),
+            None => println!("{} was not locked on {}: nothing to do", u.node, u.here),
+        }
+    }
+}
+
 /// Prints the node's status: one screen, or one JSON object.
 pub fn print_status(s: &node::status::NodeStatus, as_json: bool) {
     if as_json {

@@ -229,7 +229,8 @@ const INSTALL_MANIFEST: &str = "install.manifest";
 /// Files of the state directory besides the per-volume and role directories: the sync lock (crate::lock), the
 /// history and its rotated part (crate::history), the alarms and their lock (crate::alarms). The replication
 /// switch (crate::schedule) stays: it keeps the node from syncing again.
-const STATE_FILES: &[&str] = &["sync.lock", "history.jsonl", "history.jsonl.1", "alarms.json", "alarms.lock"];
+const STATE_FILES: &[&str] =
+    &["sync.lock", "history.jsonl", "history.jsonl.1", "alarms.json", "alarms.lock", "maintenance_lock.json"];
 
 /// The replication switch's file name in the state directory (crate::schedule).
 const SWITCH_FILE: &str = "replication-disabled";

@@ -105,6 +105,31 @@ pub enum Event {
         /// The new setting.
         enabled: bool,
     },
+    /// A maintenance lock was set (`blockrep lock`, [`crate::maint_lock`]).
+    Lock {
+        /// The locked node.
+        node: String,
+        /// Who set it.
+        by: String,
+        /// Why.
+        reason: String,
+    },
+    /// A maintenance lock was removed (`blockrep unlock`).
+    Unlock {
+        /// The node unlocked.
+        node: String,
+        /// Who removed it.
+        by: String,
+        /// The reason the lock had been set for.
+        reason: String,
+    },
+    /// A promote or switchover was refused by a maintenance lock, or because the lock file cannot be read.
+    LockRefused {
+        /// The locked node (empty: the lock file cannot be read).
+        node: String,
+        /// The role change refused.
+        action: String,
+    },
 }
 
 /// An event with its time.
@@ -202,6 +227,16 @@ impl std::fmt::Display for Event {
             Event::Replication { enabled } => {
                 write!(f, "replication {}", if *enabled { "enabled" } else { "disabled" })
             }
+            Event::Lock { node, by, reason } => {
+                write!(f, "lock {node}: maintenance lock set by {by} ({reason}); promote and switchover refused")
+            }
+            Event::Unlock { node, by, reason } => {
+                write!(f, "unlock {node}: maintenance lock ({reason}) removed by {by}")
+            }
+            Event::LockRefused { node, action } if node.is_empty() => {
+                write!(f, "{action} refused: the maintenance lock file cannot be read")
+            }
+            Event::LockRefused { node, action } => write!(f, "{action} refused: node {node} is locked for maintenance"),
         }
     }
 }

@@ -16,6 +16,7 @@
 //! * [`local`]: sync and verify in one process, without network or configuration file.
 //! * [`schedule`]: `[schedule]`, the systemd units rendered from it, retries, the replication switch.
 //! * [`lock`]: one sync per node (`sync.lock`), `cancel`.
+//! * [`maint_lock`]: the maintenance lock (`blockrep lock NODE`): promote and switchover refused while set.
 //! * [`alarms`], [`metrics`], [`history`]: alarms with notify hooks, the Prometheus text file, `blockrep log`.
 //! * [`verify`]: verifying shadows (`blockrep verify`, `[standby] verify_every`), compare requests on the primary.
 //! * [`retain`]: retained generations on the standby (`keep_generations`, `blockrep generations`, `restore`).
@@ -40,6 +41,7 @@ pub mod history;
 pub mod layout;
 pub mod local;
 pub mod lock;
+pub mod maint_lock;
 pub mod metrics;
 pub mod paths;
 pub mod primary;
@@ -121,6 +123,9 @@ pub enum Error {
     /// Retained generations.
     #[error(transparent)]
     Retain(Box<retain::RetainError>),
+    /// The maintenance lock.
+    #[error(transparent)]
+    MaintLock(Box<maint_lock::MaintLockError>),
 }
 
 // Boxed, so that a `Result<_, Error>` stays small.
@@ -220,6 +225,12 @@ impl From<retain::RetainError> for Error {
     }
 }
 
+impl From<maint_lock::MaintLockError> for Error {
+    fn from(e: maint_lock::MaintLockError) -> Self {
+        Error::MaintLock(Box::new(e))
+    }
+}
+
 impl Error {
     /// The kind of this error.
     pub fn kind(&self) -> ErrorKind {
@@ -237,6 +248,7 @@ impl Error {
             Error::Schedule(e) => e.kind(),
             Error::Verify(e) => e.kind(),
             Error::Retain(e) => e.kind(),
+            Error::MaintLock(e) => e.kind(),
         }
     }
 }

@@ -522,6 +522,9 @@ pub fn demote_for_switchover(
         Refusal::new(if e.kind() == ErrorKind::Unsafe { code::REFUSED } else { code::FAILED }, link::error_chain(e))
     };
     let opts = PlanOptions { reason: format!("switchover requested by {peer}: {reason}"), ..Default::default() };
+    // A maintenance lock on this node (for this node or for the peer) refuses before anything stops.
+    crate::maint_lock::refuse_if_locked(cfg, &format!("demote for a switchover requested by {peer}"), None)
+        .map_err(|e| failed(&e.into()))?;
     let rc = role_config(cfg).map_err(|e| failed(&e))?;
     let primary = role::status(&rc.state_dir).is_ok_and(|s| s.role == role::Role::Primary && s.plan.is_none());
     if primary {
@@ -613,6 +616,7 @@ impl role::LvRenamer for LvmRenamer {
 pub fn run(cfg: &Config, plan: Plan, a: &PlanOptions, io: engine::volume::IoOptions) -> Result<Report, Error> {
     let rc = role_config(cfg)?;
     role::check_state_dir(&rc.state_dir, &replicated(cfg)).map_err(RoleError::StateDir)?;
+    refuse_if_maintenance(cfg, plan)?;
     let lvm = match &rc.boot_target {
         role::config::BootTarget::LvRename { .. } => Some(LvmRenamer(lvmctl::Lvm::new().map_err(RoleError::from)?)),
         _ => None,
@@ -673,6 +677,28 @@ pub fn run(cfg: &Config, plan: Plan, a: &PlanOptions, io: engine::volume::IoOpti
         mark_promoted(cfg, io);
     }
     Ok(result?)
+}
+
+/// A maintenance lock ([`crate::maint_lock`]) refuses a promote or switchover of this node, `--force` and
+/// `--dry-run` included, before anything is touched. Not refused: a demote (how maintenance of a primary starts),
+/// and a promote of a node that already is primary with no plan in progress (it only re-asserts the virtual IP).
+fn refuse_if_maintenance(cfg: &Config, plan: Plan) -> Result<(), Error> {
+    let action = match plan {
+        Plan::Demote => return Ok(()),
+        Plan::Promote => "promote",
+        Plan::Switchover => "switch over",
+    };
+    let reassert = plan == Plan::Promote
+        && role::status(cfg.layout().role_dir()).is_ok_and(|s| s.role == role::Role::Primary && s.plan.is_none());
+    if reassert {
+        if crate::maint_lock::locks(cfg).is_ok_and(|l| !l.is_empty()) {
+            tracing::info!("already primary: re-asserting the virtual IP under the maintenance lock (no role change)");
+        }
+        return Ok(());
+    }
+    // One peer today: every lock on this node involves the role change (`None`).
+    crate::maint_lock::refuse_if_locked(cfg, action, None)?;
+    Ok(())
 }
 
 /// Switchback after an unplanned promote of the peer, the demoted side: each volume whose shadow is its source

@@ -276,6 +276,11 @@ pub struct NodeStatus {
     pub services: Vec<ServiceStatus>,
     /// The alarms raised.
     pub alarms: Vec<Alarm>,
+    /// The maintenance locks set on this node (`blockrep lock`): promote and switchover are refused while any is.
+    pub maintenance_locks: Vec<crate::maint_lock::MaintLock>,
+    /// Why the maintenance lock file cannot be read: promote and switchover are refused until it is repaired.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maintenance_lock_error: Option<String>,
 }
 
 /// What to do besides reading local state.
@@ -408,6 +413,10 @@ pub fn status_with(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error> 
         _ => Vec::new(),
     };
     let alarms = alarms::update(cfg, &judged);
+    let (maintenance_locks, maintenance_lock_error) = match crate::maint_lock::locks(cfg) {
+        Ok(l) => (l, None),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
     Ok(NodeStatus {
         node: cfg.node.clone(),
         role: st,
@@ -418,6 +427,8 @@ pub fn status_with(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error> 
         peer,
         services,
         alarms,
+        maintenance_locks,
+        maintenance_lock_error,
     })
 }
 

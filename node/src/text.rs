@@ -48,6 +48,21 @@ impl fmt::Display for NodeStatus {
         if let Some(p) = &s.role.plan {
             writeln!(f, "plan in progress: {}", serde_json::to_string(p).map_err(|_| fmt::Error)?)?;
         }
+        for l in &s.maintenance_locks {
+            writeln!(
+                f,
+                "LOCKED for maintenance: {} since {} by {} ({}); promote and switchover refused until `blockrep \
+                 unlock {}`",
+                l.node,
+                ago(l.entry.since),
+                l.entry.by,
+                l.entry.reason,
+                l.node
+            )?;
+        }
+        if let Some(e) = &s.maintenance_lock_error {
+            writeln!(f, "MAINTENANCE LOCK UNREADABLE: {e}")?;
+        }
         if let Some(p) = &s.peer {
             match (&p.role, &p.error) {
                 (Some(r), _) => writeln!(f, "peer {}: reachable, {r}", p.address)?,

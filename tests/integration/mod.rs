@@ -3,6 +3,7 @@
 mod hardening;
 mod install;
 mod local_sync;
+mod maint_lock;
 mod network;
 mod operations;
 mod retain;

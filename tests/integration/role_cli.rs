@@ -7,18 +7,18 @@ use std::process::{Child, Command, Stdio};
 
 use super::*;
 
-fn is_root() -> bool {
+pub(super) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
 
-fn ip(args: &[&str]) {
+pub(super) fn ip(args: &[&str]) {
     let st = Command::new("ip").args(args).status().expect("ip runs");
     assert!(st.success(), "ip {args:?} failed");
 }
 
 /// Namespaces `<tag>a`, `<tag>b` and a bridge namespace `<tag>l`, deleted on drop.
-struct Lan {
+pub(super) struct Lan {
     tag: String,
 }
 
@@ -28,7 +28,7 @@ impl Lan {
     }
 
     /// Namespaces with `suffix` in their names, so that tests running at once do not share them.
-    fn named(suffix: &str) -> Lan {
+    pub(super) fn named(suffix: &str) -> Lan {
         let tag = format!("brc{}{suffix}", std::process::id() % 100000);
         let lan = Lan { tag };
         let l = lan.ns("l");
@@ -51,19 +51,19 @@ impl Lan {
         lan
     }
 
-    fn ns(&self, n: &str) -> String {
+    pub(super) fn ns(&self, n: &str) -> String {
         format!("{}{n}", self.tag)
     }
 
     /// `blockrep ARGS` inside namespace `n`.
-    fn blockrep(&self, n: &str) -> Command {
+    pub(super) fn blockrep(&self, n: &str) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.ns(n), env!("CARGO_BIN_EXE_blockrep")]);
         c.env_remove("BLOCKREP_LOG");
         c
     }
 
-    fn has_vip(&self, n: &str) -> bool {
+    pub(super) fn has_vip(&self, n: &str) -> bool {
         let o = Command::new("ip").args(["-n", &self.ns(n), "-4", "addr", "show", "dev", "eth0"]).output().unwrap();
         String::from_utf8_lossy(&o.stdout).contains("10.77.8.50/")
     }
@@ -117,7 +117,7 @@ primary_only = [{{ hook = "echo $BLOCKREP_ACTION >> {dir}/app-{me}.log" }}]
 
 /// A daemon the test started: killed and reaped when dropped, so a failing test leaves no `serve` running in a
 /// namespace nobody uses any more.
-struct Daemon(Child);
+pub(super) struct Daemon(Child);
 
 impl std::ops::Deref for Daemon {
     type Target = Child;
@@ -139,7 +139,7 @@ impl Drop for Daemon {
     }
 }
 
-fn serve(lan: &Lan, n: &str, cfg: &Path) -> Daemon {
+pub(super) fn serve(lan: &Lan, n: &str, cfg: &Path) -> Daemon {
     let mut c = lan
         .blockrep(n)
         .args(["serve", "--announce", "--config"])
@@ -154,7 +154,7 @@ fn serve(lan: &Lan, n: &str, cfg: &Path) -> Daemon {
     Daemon(c)
 }
 
-fn status(lan: &Lan, n: &str, cfg: &Path) -> serde_json::Value {
+pub(super) fn status(lan: &Lan, n: &str, cfg: &Path) -> serde_json::Value {
     let o = run(lan.blockrep(n).args(["status", "--json", "--config"]).arg(cfg));
     // 0 without alarm, 1 with an alarm raised (the JSON says which).
     assert!(matches!(o.status.code(), Some(0 | 1)), "status: {}", stderr(&o));
@@ -246,7 +246,7 @@ fn promote_demote_and_switchover_move_the_virtual_ip_with_guards() {
 
 /// A and B as in the test above, with A primary (VIP, primary-only hook service started) and B's shadow holding
 /// one complete generation of A's source; returns the configurations and B's serve.
-fn primary_a_synced_to_b(lan: &Lan, d: &Path) -> (PathBuf, PathBuf, Daemon) {
+pub(super) fn primary_a_synced_to_b(lan: &Lan, d: &Path) -> (PathBuf, PathBuf, Daemon) {
     assert!(run(blockrep().arg("keygen").arg(d.join("key"))).status.success());
     for me in ["a", "b"] {
         write_volume(&d.join(format!("src-{me}.img")), 1 << 20, 3);
@@ -269,7 +269,7 @@ fn write_at(path: &Path, offset: u64, bytes: &[u8]) {
     f.sync_all().unwrap();
 }
 
-fn stop(children: &mut [&mut Child]) {
+pub(super) fn stop(children: &mut [&mut Child]) {
     for c in children {
         let _ = c.kill();
         let _ = c.wait();
