@@ -157,3 +157,68 @@ fn a_maintenance_lock_refuses_promote_and_switchover_until_unlocked() {
     assert_eq!(refused[0]["action"], "demote for a switchover requested by b");
     stop(&mut [&mut serve_b]);
 }
+
+/// Without root or network (dry runs only): the lock, a corrupt lock file and an unknown name, through the
+/// binary.
+#[test]
+fn a_corrupt_lock_file_refuses_promote_and_is_left_alone() {
+    let d = tempfile::tempdir().unwrap();
+    let state = d.path().join("state");
+    let cfg = d.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "node = \"b\"\nkey_file = {:?}\nstate_dir = {state:?}\n[monitoring]\nstandby_node = \"b\"\n[role]\n\
+             interface = \"lo\"\nvip = \"10.77.9.50/24\"\n",
+            d.path().join("key")
+        ),
+    )
+    .unwrap();
+    let br = |args: &[&str]| run(blockrep().args(args).arg("--config").arg(&cfg));
+
+    let o = br(&["lock", "pbx-z"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("\"pbx-z\" is not known on b: lock this node or its peer by name (b)"),
+        "{}",
+        stderr(&o)
+    );
+    let o = br(&["lock", "b", "--reason", "disk swap", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(
+        (j["node"].as_str(), j["reason"].as_str(), j["already"].as_bool()),
+        (Some("b"), Some("disk swap"), Some(false))
+    );
+    let o = br(&["promote", "--force", "--dry-run"]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(stderr(&o).contains("refusing to promote: node b is locked for maintenance on b"), "{}", stderr(&o));
+
+    // A damaged file: promote refuses (exit 4) naming it, status shows it, and neither lock nor unlock touches it.
+    let file = state.join("maintenance_lock.json");
+    let damaged = b"{\"version\":1,\"locks\":{\"b\":{\"since\":17";
+    std::fs::write(&file, damaged).unwrap();
+    // (--dry-run: should the check ever be lost, this test must not add an address to the host's loopback.)
+    let o = br(&["promote", "--force", "--dry-run"]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("maintenance_lock.json cannot be read") && stderr(&o).contains("a lock may be set"),
+        "{}",
+        stderr(&o)
+    );
+    let o = br(&["status", "--json"]);
+    let s: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert!(s["maintenance_lock_error"].as_str().is_some_and(|e| e.contains("cannot be read")), "{s}");
+    assert!(stdout(&br(&["status"])).contains("MAINTENANCE LOCK UNREADABLE"));
+    for args in [&["unlock", "b"][..], &["lock", "b"][..]] {
+        let o = br(args);
+        assert_eq!(o.status.code(), Some(4), "{args:?}: {}", stderr(&o));
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), damaged, "the damaged file is left as it was");
+    assert_eq!(status_role(&br(&["status", "--json"])), "standby");
+}
+
+fn status_role(o: &std::process::Output) -> String {
+    let s: serde_json::Value = serde_json::from_str(stdout(o).trim()).unwrap();
+    s["role"].as_str().unwrap_or_default().to_owned()
+}
