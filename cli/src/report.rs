@@ -156,14 +156,14 @@ pub fn print_locked(l: &node::maint_lock::Locked, as_json: bool) {
         println!("{}", json(l));
     } else {
         let e = &l.lock.entry;
-        let state = if l.already { "was already locked" } else { "locked" };
+        let state = if l.already { "was already locked (unchanged)" } else { "locked" };
         println!(
-            "{} {state} for maintenance on {} since {} by {} ({}): promote and switchover involving it are refused \
-             here, --force included, until `blockrep unlock {}`",
+            "{} {state} for maintenance on {}, set by {} {}, reason: {}; promote and switchover involving it are \
+             refused here, --force included, until `blockrep unlock {}`",
             l.lock.node,
             l.here,
-            node::text::ago(e.since),
             e.by,
+            node::text::ago(e.since),
             e.reason,
             l.lock.node
         );
@@ -180,11 +180,11 @@ pub fn print_unlocked(u: &node::maint_lock::Unlocked, as_json: bool) {
     } else {
         match &u.removed {
             Some(e) => println!(
-                "{} unlocked on {} (locked {} by {}: {}): promote and switchover allowed again",
+                "{} unlocked on {} (the lock was set by {} {}, reason: {}); promote and switchover allowed again",
                 u.node,
                 u.here,
-                node::text::ago(e.since),
                 e.by,
+                node::text::ago(e.since),
                 e.reason
             ),
             None => println!("{} was not locked on {}: nothing to do", u.node, u.here),

@@ -60,10 +60,10 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum MaintLockError {
     /// A lock involving the role change is set (refused as unsafe).
     #[error(
-        "refusing to {action}: node {node} is locked for maintenance on {here} since {} by {} (reason: {}); \
+        "refusing to {action}: node {node} is locked for maintenance on {here}, set by {} {}, reason: {}; \
          --force does not override a maintenance lock: when the maintenance is over, run `blockrep unlock {node}` \
          on {here}",
-        crate::text::ago(entry.since), entry.by, entry.reason
+        entry.by, crate::text::ago(entry.since), entry.reason
     )]
     Locked {
         /// The role change refused ("promote", "switch over", ...).
@@ -240,7 +240,7 @@ pub fn locks(cfg: &Config) -> Result<Vec<MaintLock>, MaintLockError> {
 /// Refuses (`Err`) a role change of this node, `action` ("promote", ...), while a lock involving it is set, or
 /// while the lock file cannot be read. The change involves this node and `primary`, the primary it takes over;
 /// `None`: every primary this node protects, which today is its one peer, so that every lock refuses. A refusal
-/// is recorded in the history.
+/// is recorded in the history (the caller reports the error).
 pub fn refuse_if_locked(cfg: &Config, action: &str, primary: Option<&str>) -> Result<(), MaintLockError> {
     let refusal = match read_at(&path(cfg)) {
         Ok(locks) => {
@@ -261,7 +261,6 @@ pub fn refuse_if_locked(cfg: &Config, action: &str, primary: Option<&str>) -> Re
         MaintLockError::Locked { node, .. } => node.clone(),
         _ => String::new(),
     };
-    tracing::warn!("{refusal}");
     history::append(cfg, Event::LockRefused { node, action: action.to_owned() });
     Err(refusal)
 }
@@ -308,7 +307,7 @@ pub fn lock(cfg: &Config, node: &str, reason: &str) -> Result<Locked, Error> {
         Ok(((e, false), true))
     })?;
     if !already {
-        tracing::warn!(node, by = %entry.by, reason = %entry.reason, "maintenance lock set: promote and switchover refused");
+        tracing::info!(node, by = %entry.by, reason = %entry.reason, "maintenance lock set: promote and switchover refused");
         history::append(cfg, Event::Lock { node: node.to_owned(), by: entry.by.clone(), reason: entry.reason.clone() });
     }
     let primary = role::status(cfg.layout().role_dir()).is_ok_and(|s| s.role == role::Role::Primary);
@@ -335,7 +334,7 @@ pub fn unlock(cfg: &Config, node: &str) -> Result<Unlocked, Error> {
         Ok((r, changed))
     })?;
     if let Some(e) = &removed {
-        tracing::warn!(node, since = e.since, "maintenance lock removed: promote and switchover allowed again");
+        tracing::info!(node, since = e.since, "maintenance lock removed: promote and switchover allowed again");
         history::append(cfg, Event::Unlock { node: node.to_owned(), by: who(), reason: e.reason.clone() });
     }
     Ok(Unlocked { node: node.to_owned(), here: cfg.node.clone(), removed })

@@ -523,8 +523,12 @@ pub fn demote_for_switchover(
     };
     let opts = PlanOptions { reason: format!("switchover requested by {peer}: {reason}"), ..Default::default() };
     // A maintenance lock on this node (for this node or for the peer) refuses before anything stops.
-    crate::maint_lock::refuse_if_locked(cfg, &format!("demote for a switchover requested by {peer}"), None)
-        .map_err(|e| failed(&e.into()))?;
+    crate::maint_lock::refuse_if_locked(cfg, &format!("demote for a switchover requested by {peer}"), None).map_err(
+        |e| {
+            tracing::warn!("switchover: {e}");
+            failed(&e.into())
+        },
+    )?;
     let rc = role_config(cfg).map_err(|e| failed(&e))?;
     let primary = role::status(&rc.state_dir).is_ok_and(|s| s.role == role::Role::Primary && s.plan.is_none());
     if primary {

@@ -51,11 +51,11 @@ impl fmt::Display for NodeStatus {
         for l in &s.maintenance_locks {
             writeln!(
                 f,
-                "LOCKED for maintenance: {} since {} by {} ({}); promote and switchover refused until `blockrep \
-                 unlock {}`",
+                "LOCKED for maintenance: {}, set by {} {}, reason: {}; promote and switchover refused until \
+                 `blockrep unlock {}`",
                 l.node,
-                ago(l.entry.since),
                 l.entry.by,
+                ago(l.entry.since),
                 l.entry.reason,
                 l.node
             )?;

@@ -59,7 +59,7 @@ fn a_maintenance_lock_refuses_promote_and_switchover_until_unlocked() {
     assert_eq!((locks[0]["node"].as_str(), locks[0]["reason"].as_str()), (Some("a"), Some("kernel update on a")));
     assert!(locks[0]["since"].as_u64().is_some_and(|t| t > 0) && locks[0]["by"].as_str().is_some(), "{sb}");
     let text = stdout(&br(&lan, "b", &cb, &["status"]));
-    assert!(text.contains("LOCKED for maintenance: a since") && text.contains("kernel update on a"), "{text}");
+    assert!(text.contains("LOCKED for maintenance: a, set by") && text.contains("kernel update on a"), "{text}");
     assert_eq!(status(&lan, "a", &ca)["maintenance_locks"], serde_json::json!([]), "a lock is local to b");
 
     // A forced promote is refused (exit 4): role, virtual IP, services and hooks untouched.
