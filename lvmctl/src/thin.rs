@@ -494,11 +494,20 @@ impl Lvm {
     /// flag), and returns it as lvm reports it.
     pub fn create_thin_snapshot(&self, vg: &str, origin: &str, snap: &str, tags: &[&str]) -> Result<Lv, LvmError> {
         validate_vg_name(vg)?;
-        validate_lv_name(origin)?;
         validate_lv_name(snap)?;
         if self.find_lv(vg, snap)?.is_some() {
             return Err(LvmError::LvExists { vg: vg.into(), name: snap.into() });
         }
+        self.create_thin_snapshot_only(vg, origin, snap, tags)?;
+        self.lv(vg, snap)
+    }
+
+    /// [`Lvm::create_thin_snapshot`] in one lvm command: no check that `snap` is free beforehand (lvcreate
+    /// refuses an existing name) and no report afterwards. For a caller that listed the VG already.
+    pub fn create_thin_snapshot_only(&self, vg: &str, origin: &str, snap: &str, tags: &[&str]) -> Result<(), LvmError> {
+        validate_vg_name(vg)?;
+        validate_lv_name(origin)?;
+        validate_lv_name(snap)?;
         let origin_arg = format!("{vg}/{origin}");
         let mut args = vec!["lvcreate", "--yes", "--snapshot", "--setactivationskip", "n", "--name", snap];
         for t in tags {
@@ -508,7 +517,7 @@ impl Lvm {
         args.push(&origin_arg);
         tracing::info!(vg, origin, snapshot = snap, "creating thin snapshot");
         self.run(&args)?;
-        self.lv(vg, snap)
+        Ok(())
     }
 
     /// Adds `add` and removes `del` tags of `vg/name` in one `lvchange`.

@@ -166,6 +166,8 @@ pub enum Backend {
         vg: String,
         /// The shadow LV.
         lv: String,
+        /// Its thin pool (in the same VG).
+        pool: String,
     },
     /// Classic snapshots of the LV `vg/lv`.
     Classic {
@@ -189,8 +191,23 @@ impl Backend {
     }
 }
 
-/// Finds how copies of `shadow` can be made, or says why they cannot.
+/// Backends found, by shadow path and device (a long-running `serve` asks lvm once per shadow, not per sync).
+static BACKENDS: std::sync::Mutex<Vec<(PathBuf, u64, Backend)>> = std::sync::Mutex::new(Vec::new());
+
+/// Finds how copies of `shadow` can be made, or says why they cannot (remembered per shadow and device).
 pub fn backend(volume: &str, shadow: &Path, keep: u32) -> Result<Backend, RetainError> {
+    let dev = std::fs::metadata(shadow).map(|m| if m.is_file() { m.dev() } else { m.rdev() }).unwrap_or(0);
+    let cached =
+        BACKENDS.lock().expect("not poisoned").iter().find(|c| c.0 == shadow && c.1 == dev).map(|c| c.2.clone());
+    if let Some(b) = cached {
+        return Ok(b);
+    }
+    let b = detect_backend(volume, shadow, keep)?;
+    BACKENDS.lock().expect("not poisoned").push((shadow.to_owned(), dev, b.clone()));
+    Ok(b)
+}
+
+fn detect_backend(volume: &str, shadow: &Path, keep: u32) -> Result<Backend, RetainError> {
     let unsupported =
         |why: String| RetainError::Unsupported { volume: volume.into(), keep, shadow: shadow.into(), why };
     let meta = std::fs::metadata(shadow).map_err(|e| unsupported(format!("cannot be read ({e})")))?;
@@ -206,7 +223,7 @@ pub fn backend(volume: &str, shadow: &Path, keep: u32) -> Result<Backend, Retain
         return Err(unsupported(format!("is the classic snapshot {}", lv.full_name())));
     }
     match lvm.thin_lv(&lv.vg, &lv.name) {
-        Ok(Some(_)) => Ok(Backend::Thin { vg: lv.vg, lv: lv.name }),
+        Ok(Some(t)) => Ok(Backend::Thin { vg: lv.vg, lv: lv.name, pool: t.pool }),
         Ok(None) => Ok(Backend::Classic { vg: lv.vg, lv: lv.name }),
         Err(e) => Err(unsupported(format!(
             "is the LV {} whose type lvm did not report: {}",
@@ -298,7 +315,7 @@ pub struct Listed {
 
 /// The copies of one volume's shadow, and how to make and remove them. It is the engine's
 /// [`engine::target::Retention`] for that shadow.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Retainer {
     volume: String,
     shadow: PathBuf,
@@ -306,6 +323,9 @@ pub struct Retainer {
     keep: u32,
     backend: Backend,
     cfg: Option<Config>,
+    /// Drop the oldest copies on a thread of their own after a commit (`serve`: the sync's answer does not wait
+    /// for lvremove); the next preserve, listing or restore waits for it (the lock file).
+    background_prune: bool,
 }
 
 impl Retainer {
@@ -319,6 +339,7 @@ impl Retainer {
         let backend = backend(&v.name, &shadow, v.keep_generations)?;
         let dir = cfg.layout().side_dir(Side::Standby, &v.name).join(DIR);
         Ok(Some(Retainer {
+            background_prune: false,
             volume: v.name.clone(),
             shadow,
             dir,
@@ -330,7 +351,15 @@ impl Retainer {
 
     /// A retainer for `shadow` with state directory `state_dir` (tests, and tools without a configuration).
     pub fn new(volume: &str, shadow: &Path, state_dir: &Path, keep: u32, backend: Backend) -> Retainer {
-        Retainer { volume: volume.into(), shadow: shadow.into(), dir: state_dir.join(DIR), keep, backend, cfg: None }
+        Retainer {
+            volume: volume.into(),
+            shadow: shadow.into(),
+            dir: state_dir.join(DIR),
+            keep,
+            backend,
+            cfg: None,
+            background_prune: false,
+        }
     }
 
     /// How copies are made.
@@ -362,7 +391,7 @@ impl Retainer {
     /// The name of the copy of `generation`: `<lv>_gen<N>` in the shadow's VG, or `<shadow>.gen<N>` beside it.
     pub fn copy_name(&self, generation: u64) -> String {
         match &self.backend {
-            Backend::Thin { vg, lv } | Backend::Classic { vg, lv } => format!("{vg}/{lv}_gen{generation}"),
+            Backend::Thin { vg, lv, .. } | Backend::Classic { vg, lv } => format!("{vg}/{lv}_gen{generation}"),
             Backend::Reflink => format!("{}.gen{generation}", self.shadow.display()),
         }
     }
@@ -409,38 +438,59 @@ impl Retainer {
         v
     }
 
-    /// Generations of copies that exist (complete or not), from the storage itself.
-    fn copies(&self) -> Result<Vec<u64>, RetainError> {
+    /// Generations of copies that exist (complete or not), from the storage itself, and (LVM) the VG's LVs as
+    /// listed by the same `lvs`.
+    fn copies(&self) -> Result<(Vec<u64>, Vec<lvmctl::Lv>), RetainError> {
         let parse = |name: &str, prefix: &str| name.strip_prefix(prefix).and_then(|n| n.parse::<u64>().ok());
         match &self.backend {
-            Backend::Thin { vg, lv } | Backend::Classic { vg, lv } => {
+            Backend::Thin { vg, lv, .. } | Backend::Classic { vg, lv } => {
                 let lvm = self.lvm()?;
                 let lvs = lvm.lvs(Some(vg)).map_err(|e| self.lvm_err(format!("list the LVs of VG {vg}"), e))?;
                 let prefix = format!("{lv}_gen");
-                Ok(lvs.iter().filter(|l| l.has_tag(RETAINED_TAG)).filter_map(|l| parse(&l.name, &prefix)).collect())
+                let gens =
+                    lvs.iter().filter(|l| l.has_tag(RETAINED_TAG)).filter_map(|l| parse(&l.name, &prefix)).collect();
+                Ok((gens, lvs))
             }
             Backend::Reflink => {
                 let dir = self.shadow.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
                 let prefix = format!("{}.gen", self.shadow.file_name().and_then(|n| n.to_str()).unwrap_or_default());
                 let rd = std::fs::read_dir(dir).map_err(|e| self.io_err("list", dir, e))?;
-                Ok(rd.flatten().filter_map(|e| e.file_name().to_str().and_then(|n| parse(n, &prefix))).collect())
+                Ok((
+                    rd.flatten().filter_map(|e| e.file_name().to_str().and_then(|n| parse(n, &prefix))).collect(),
+                    Vec::new(),
+                ))
             }
         }
     }
 
-    /// Removes the copy of `generation` (record first, then the manifest link, then the copy).
-    fn remove(&self, generation: u64, durable: &Durable) -> Result<(), RetainError> {
+    /// Holds the retained copies of this shadow against other processes and threads (a background prune, a
+    /// restore, a listing) until dropped.
+    fn lock(&self) -> Result<nix::fcntl::Flock<std::fs::File>, RetainError> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| self.io_err("create", &self.dir, e))?;
+        let path = self.dir.join(".lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| self.io_err("open", &path, e))?;
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| self.io_err("lock", &path, e.into()))
+    }
+
+    /// Removes the copy of `generation` (record first, then the manifest link, then the copy, if it `exists`).
+    fn remove(&self, generation: u64, exists: bool, durable: &Durable) -> Result<(), RetainError> {
         for p in [self.record_path(generation), self.manifest_path(generation)] {
             durable.remove_file(Op::Retain, &p).map_err(|e| self.io_err("remove", &p, e))?;
         }
         durable.sync_dir(&self.dir).map_err(|e| self.io_err("fsync", &self.dir, e))?;
         durable.gate_whole(Op::Retain).map_err(|e| self.io_err("remove the copy of", &self.shadow, e))?;
         match &self.backend {
-            Backend::Thin { vg, lv } | Backend::Classic { vg, lv } => {
+            Backend::Thin { vg, lv, .. } | Backend::Classic { vg, lv } => {
                 let name = format!("{lv}_gen{generation}");
-                let lvm = self.lvm()?;
-                if lvm.find_lv(vg, &name).map_err(|e| self.lvm_err(format!("look up {vg}/{name}"), e))?.is_some() {
-                    lvm.remove_lv(vg, &name)
+                if exists {
+                    self.lvm()?
+                        .remove_lv(vg, &name)
                         .map_err(|e| self.lvm_err(format!("remove the retained copy {vg}/{name}"), e))?;
                 }
             }
@@ -454,40 +504,45 @@ impl Retainer {
     }
 
     /// Removes incomplete copies (a copy without a record, a record without its copy or manifest): what a crash
-    /// while making or removing a copy leaves. Returns the complete records, oldest first.
-    pub fn tidy(&self, durable: &Durable) -> Result<Vec<Retained>, RetainError> {
+    /// while making or removing a copy leaves. Returns the complete records, oldest first, and the VG's LVs.
+    pub fn tidy(&self, durable: &Durable) -> Result<(Vec<Retained>, Vec<lvmctl::Lv>), RetainError> {
         let records = self.records();
-        let copies = self.copies()?;
+        let (copies, lvs) = self.copies()?;
         let mut complete = Vec::new();
         for r in records {
-            if copies.contains(&r.generation) && self.manifest_path(r.generation).exists() {
+            let has_copy = copies.contains(&r.generation);
+            if has_copy && self.manifest_path(r.generation).exists() {
                 complete.push(r);
             } else {
                 tracing::warn!(volume = %self.volume, generation = r.generation, "a retained generation lost its copy or manifest; removing its record");
-                self.remove(r.generation, durable)?;
+                self.remove(r.generation, has_copy, durable)?;
             }
         }
-        for g in copies {
+        for &g in &copies {
             if !complete.iter().any(|r| r.generation == g) {
                 tracing::warn!(volume = %self.volume, generation = g, copy = %self.copy_name(g), "removing an incomplete retained copy (interrupted while it was made or removed)");
-                self.remove(g, durable)?;
+                self.remove(g, true, durable)?;
             }
         }
-        Ok(complete)
+        Ok((complete, lvs))
     }
 
     /// Drops classic copies whose copy-on-write store overflowed (never the shadow), with an alarm; clears the
     /// alarm when none was dropped. Returns the remaining records.
-    fn drop_invalid(&self, records: Vec<Retained>, durable: &Durable) -> Result<Vec<Retained>, RetainError> {
-        let Backend::Classic { vg, lv } = &self.backend else { return Ok(records) };
-        let lvm = self.lvm()?;
+    fn drop_invalid(
+        &self,
+        records: Vec<Retained>,
+        lvs: &[lvmctl::Lv],
+        durable: &Durable,
+    ) -> Result<Vec<Retained>, RetainError> {
+        let Backend::Classic { lv, .. } = &self.backend else { return Ok(records) };
         let mut kept = Vec::new();
         let mut dropped = Vec::new();
         for r in records {
             let name = format!("{lv}_gen{}", r.generation);
-            let st = lvm.find_lv(vg, &name).map_err(|e| self.lvm_err(format!("look up {vg}/{name}"), e))?;
+            let st = lvs.iter().find(|l| l.name == name);
             if st.and_then(|l| l.snapshot_status()).is_some_and(|s| s.invalid) {
-                self.remove(r.generation, durable)?;
+                self.remove(r.generation, true, durable)?;
                 dropped.push(r.generation);
             } else {
                 kept.push(r);
@@ -522,8 +577,9 @@ impl Retainer {
 
     fn preserve_impl(&self, p: &Preserving) -> Result<(), RetainError> {
         let d = &p.durable;
-        std::fs::create_dir_all(&self.dir).map_err(|e| self.io_err("create", &self.dir, e))?;
-        let records = self.drop_invalid(self.tidy(d)?, d)?;
+        let _lock = self.lock()?;
+        let (records, lvs) = self.tidy(d)?;
+        let records = self.drop_invalid(records, &lvs, d)?;
         let generation = p.generation;
         let have = records.iter().any(|r| r.generation == generation);
         let need = margin(p.bytes);
@@ -536,9 +592,7 @@ impl Retainer {
                 let mut grow = Vec::new();
                 for r in &records {
                     let name = format!("{lv}_gen{}", r.generation);
-                    if let Some(l) =
-                        lvm.find_lv(vg, &name).map_err(|e| self.lvm_err(format!("look up {vg}/{name}"), e))?
-                    {
+                    if let Some(l) = lvs.iter().find(|l| l.name == name) {
                         let used = l.data_percent.map_or(l.size, |pc| (l.size as f64 * pc / 100.0).ceil() as u64);
                         let free = l.size.saturating_sub(used);
                         if free < need {
@@ -564,31 +618,22 @@ impl Retainer {
                         .map_err(|e| self.lvm_err(format!("create the retained copy {vg}/{name}"), e))?;
                 }
             }
-            Backend::Thin { vg, lv } => {
+            Backend::Thin { vg, lv, pool } => {
                 let lvm = self.lvm()?;
-                if let Some(t) = lvm.thin_lv(vg, lv).map_err(|e| RetainError::Unsupported {
-                    volume: self.volume.clone(),
-                    keep: self.keep,
-                    shadow: self.shadow.clone(),
-                    why: link::error_chain(&e),
-                })? {
-                    if let Some(pool) = lvm
-                        .find_lv(vg, &t.pool)
-                        .map_err(|e| self.lvm_err(format!("look up the pool {vg}/{}", t.pool), e))?
-                    {
-                        let used = pool.data_percent.map_or(0, |pc| (pool.size as f64 * pc / 100.0).ceil() as u64);
-                        let free = pool.size.saturating_sub(used);
-                        if free < need {
-                            return Err(no_space(format!(
-                                "thin pool {vg}/{} has {free} bytes free; with a snapshot kept, this transfer ({} bytes written) may allocate {need}",
-                                t.pool, p.bytes
-                            )));
-                        }
+                if let Some(pl) = lvs.iter().find(|l| &l.name == pool) {
+                    let used = pl.data_percent.map_or(0, |pc| (pl.size as f64 * pc / 100.0).ceil() as u64);
+                    let free = pl.size.saturating_sub(used);
+                    if free < need {
+                        return Err(no_space(format!(
+                            "thin pool {vg}/{pool} has {free} bytes free; with a snapshot kept, this transfer ({} \
+                             bytes written) may allocate {need}",
+                            p.bytes
+                        )));
                     }
                 }
                 if !have {
                     let name = format!("{lv}_gen{generation}");
-                    lvm.create_thin_snapshot(vg, lv, &name, &[RETAINED_TAG])
+                    lvm.create_thin_snapshot_only(vg, lv, &name, &[RETAINED_TAG])
                         .map_err(|e| self.lvm_err(format!("create the retained copy {vg}/{name}"), e))?;
                 }
             }
@@ -652,24 +697,21 @@ impl Retainer {
 
     /// Removes the oldest copies beyond `keep - 1`.
     fn prune(&self, durable: &Durable) -> Result<(), RetainError> {
-        let records = self.drop_invalid(self.tidy(durable)?, durable)?;
+        let _lock = self.lock()?;
+        let (records, lvs) = self.tidy(durable)?;
+        let records = self.drop_invalid(records, &lvs, durable)?;
         let extra = records.len().saturating_sub(self.keep.saturating_sub(1) as usize);
         for r in &records[..extra] {
-            self.remove(r.generation, durable)?;
+            self.remove(r.generation, true, durable)?;
         }
         Ok(())
     }
 
     /// The copies with their state now, oldest first.
     pub fn list(&self) -> Result<Vec<Listed>, RetainError> {
+        let _lock = self.lock()?; // a prune in progress finishes first
         let records = self.records();
-        let copies = self.copies()?;
-        let lvs = match &self.backend {
-            Backend::Thin { vg, .. } | Backend::Classic { vg, .. } => {
-                self.lvm()?.lvs(Some(vg)).map_err(|e| self.lvm_err(format!("list the LVs of VG {vg}"), e))?
-            }
-            Backend::Reflink => Vec::new(),
-        };
+        let (copies, lvs) = self.copies()?;
         Ok(records
             .into_iter()
             .map(|r| {
@@ -724,16 +766,32 @@ impl Retention for Retainer {
     }
 
     fn committed(&self, volume: &str, generation: u64) {
-        if let Err(e) = self.prune(&Durable::new()) {
-            tracing::warn!(volume, generation, error = %link::error_chain(&e), "could not remove the oldest retained generation; the next sync tries again");
+        let me = self.clone();
+        let volume = volume.to_owned();
+        let prune = move || {
+            if let Err(e) = me.prune(&Durable::new()) {
+                tracing::warn!(volume, generation, error = %link::error_chain(&e), "could not remove the oldest retained generation; the next sync tries again");
+            }
+        };
+        if self.background_prune {
+            std::thread::spawn(prune);
+        } else {
+            prune();
         }
     }
 }
 
-/// Target options for volume `v`'s shadow with its retention (if `keep_generations` > 1).
-pub fn target_options(cfg: &Config, v: &VolumeCfg, io: IoOptions) -> Result<TargetOptions, RetainError> {
+/// Target options for volume `v`'s shadow with its retention (if `keep_generations` > 1); `background`: prune
+/// after a commit on a thread of its own (a long-running `serve`, never a command that exits right after).
+pub fn target_options(
+    cfg: &Config,
+    v: &VolumeCfg,
+    io: IoOptions,
+    background: bool,
+) -> Result<TargetOptions, RetainError> {
     let mut opts = TargetOptions::new(&v.name, io);
-    if let Some(r) = Retainer::for_volume(cfg, v)? {
+    if let Some(mut r) = Retainer::for_volume(cfg, v)? {
+        r.background_prune = background;
         opts.retention = Some(Arc::new(r));
     }
     Ok(opts)
@@ -836,7 +894,7 @@ pub fn restore(cfg: &Config, name: &str, generation: u64, force: bool, io: IoOpt
     };
     let shadow = v.shadow.as_ref().expect("filtered");
     let dir = cfg.layout().side_dir(Side::Standby, name);
-    let mut opts = target_options(cfg, v, io)?;
+    let mut opts = target_options(cfg, v, io, false)?;
     opts.commit_as = Some((record, Distrust::RolledBack));
     opts.peer = "restore".into();
     let rollback = |source: Box<dyn std::error::Error + Send + Sync>| RetainError::Rollback {

@@ -733,7 +733,7 @@ fn open_volume(shared: &Shared, peer: &str, o: &m::OpenVolume) -> Result<OpenSha
     }
     shared.hold(&o.name, shadow); // a shadow created since the last hold check
     let dir = cfg.layout().side_dir(Side::Standby, &o.name);
-    let opts = crate::retain::target_options(cfg, vol, shared.io)
+    let opts = crate::retain::target_options(cfg, vol, shared.io, true)
         .map_err(|e| (code::REFUSED, format!("cannot keep generations: {}", link::error_chain(&e))))?;
     let opts = TargetOptions { peer: peer.to_owned(), ..opts };
     let target = crate::verify::open_target(shadow, &dir, opts).map_err(|e| {
