@@ -527,8 +527,8 @@ impl Retainer {
         Ok((complete, lvs))
     }
 
-    /// Drops classic copies whose copy-on-write store overflowed (never the shadow), with an alarm; clears the
-    /// alarm when none was dropped. Returns the remaining records.
+    /// Drops classic copies whose copy-on-write store overflowed (never the shadow), with an alarm (cleared by
+    /// the prune that finds K - 1 copies again). Returns the remaining records.
     fn drop_invalid(
         &self,
         records: Vec<Retained>,
@@ -548,20 +548,16 @@ impl Retainer {
                 kept.push(r);
             }
         }
-        if let Some(cfg) = &self.cfg {
-            let j = if dropped.is_empty() {
-                Judgement::clear(AlarmKind::RetainedDropped, Some(&self.volume))
-            } else {
-                Judgement::raise(
-                    AlarmKind::RetainedDropped,
-                    Some(&self.volume),
-                    format!(
-                        "volume {}: the retained classic snapshot(s) of generation(s) {dropped:?} overflowed and were \
-                         removed (the shadow is intact); they can no longer be promoted or restored",
-                        self.volume
-                    ),
-                )
-            };
+        if let (Some(cfg), false) = (&self.cfg, dropped.is_empty()) {
+            let j = Judgement::raise(
+                AlarmKind::RetainedDropped,
+                Some(&self.volume),
+                format!(
+                    "volume {}: the retained classic snapshot(s) of generation(s) {dropped:?} overflowed and were \
+                     removed (the shadow is intact); they can no longer be promoted or restored",
+                    self.volume
+                ),
+            );
             alarms::update(cfg, &[j]);
         }
         Ok(kept)
@@ -700,9 +696,14 @@ impl Retainer {
         let _lock = self.lock()?;
         let (records, lvs) = self.tidy(durable)?;
         let records = self.drop_invalid(records, &lvs, durable)?;
-        let extra = records.len().saturating_sub(self.keep.saturating_sub(1) as usize);
+        let want = self.keep.saturating_sub(1) as usize;
+        let extra = records.len().saturating_sub(want);
         for r in &records[..extra] {
             self.remove(r.generation, true, durable)?;
+        }
+        // The alarm about dropped copies stands until the standby holds its K - 1 earlier generations again.
+        if let (Some(cfg), true) = (&self.cfg, records.len() >= want) {
+            alarms::update(cfg, &[Judgement::clear(AlarmKind::RetainedDropped, Some(&self.volume))]);
         }
         Ok(())
     }

@@ -153,10 +153,31 @@ psync sync5 cl || fail "sync after freeing space: $(tail -n 5 $W/sync5.err)"
 result cl_5 "$(hash_dev /dev/vg0/cl)"
 result shadow_cl_5 "$(hash_dev /dev/vg1/cl)"
 
-# Promote older generations: cl's 3 (of 5) and th's 2 (of 4); serve stopped as when the primary died.
+# The shadow written outside blockrep (12 MiB, more than the copies' stores hold): cl's classic copies overflow;
+# the next sync drops them with an alarm (never the shadow), keeps what the shadow held marked untrusted, and
+# repairs the shadow; the sync after it keeps a trusted copy again.
+check dd if=/dev/urandom of=/dev/vg1/cl bs=1M count=12 oflag=direct status=none
+$BR $S generations --json cl > $W/ovf.json || fail "generations: $(cat $W/ovf.json)"
+result ovf_gens "$(cat $W/ovf.json)"
+psync sync6 cl || fail "sync 6: $(tail -n 5 $W/sync6.err)"
+result sync6 "$(cat $W/sync6.json)"
+result dropped_alarm "$($BR $S status --json | grep -o '"kind":"retained_dropped","volume":"cl"' | wc -l)"
+result cl_6 "$(hash_dev /dev/vg0/cl)"
+psync sync7 cl || fail "sync 7: $(tail -n 5 $W/sync7.err)"
+result shadow_cl_7 "$(hash_dev /dev/vg1/cl)"
+$BR $S generations --json cl > $W/g7.json || fail "generations: $(cat $W/g7.json)"
+result gens7 "$(cat $W/g7.json)"
+result alarm_after_7 "$($BR $S status --json | grep -o '"kind":"retained_dropped","volume":"cl"' | wc -l)"
+
+# Promote older generations (serve stopped, as when the primary died). A copy kept from the untrusted shadow is
+# refused (exit 4) and nothing changes; then cl's 6 (of 7) and th's 2 (of 4).
 kill $SERVE
 wait $SERVE
-BLOCKREP_LOG=info $BR $S promote --generation cl=3 --generation th=2 --reason "bad upgrade on p" --json > $W/promote.json 2> $W/promote.err
+$BR $S promote --generation cl=5 --generation th=2 --reason "bad upgrade on p" > /dev/null 2> $W/refused.err
+result refused_rc $?
+result refused_msg "$(grep -c 'not trusted when it was kept' $W/refused.err)"
+result after_refused "$(hash_dev /dev/vg1/cl) $(hash_dev /dev/vg1/th)"
+BLOCKREP_LOG=info $BR $S promote --generation cl=6 --generation th=2 --reason "bad upgrade on p" --json > $W/promote.json 2> $W/promote.err
 result promote_rc $?
 result promote_err "$(tail -n 3 $W/promote.err | tr '\n' ' ')"
 result cl_promoted "$(hash_dev /dev/vg1/cl)"
@@ -210,9 +231,30 @@ result log "$($BR $S log | grep -c 'rollback')"
     assert_eq!(res("cl_after_nospace"), res("cl_4"), "the shadow was written although the sync was refused");
     assert_eq!(res("gen_lvs_after_nospace"), "4");
     assert_eq!(res("shadow_cl_5"), res("cl_5"));
+    // Overflowed classic copies: listed as lost, dropped by the next sync with the alarm; the copy made from the
+    // written shadow is kept but marked untrusted (not promotable); the shadow is repaired.
+    let ovf = json_lines(&res("ovf_gens"));
+    for c in ovf[0]["retained"].as_array().unwrap() {
+        assert_eq!(c["complete"], false, "{c}");
+        assert!(c["problem"].as_str().unwrap().contains("overflowed"), "{c}");
+    }
+    let s6 = json_lines(&res("sync6"));
+    assert_eq!(s6[0]["mode"], "compare", "{s6:?}");
+    assert_eq!(res("dropped_alarm"), "1");
+    assert_eq!(res("alarm_after_7"), "0", "cleared once the standby holds two earlier generations again");
+    assert_eq!(res("shadow_cl_7"), res("cl_6"));
+    let g7 = &json_lines(&res("gens7"))[0];
+    assert_eq!(retained(g7), [6, 5], "{g7}");
+    assert_eq!(g7["retained"][0]["promotable"], true, "{g7}");
+    assert_eq!(g7["retained"][1]["promotable"], false, "{g7}");
+    assert!(g7["retained"][1]["untrusted"].as_str().is_some_and(|u| !u.is_empty()), "{g7}");
+    // promote --generation of the untrusted copy: refused (exit 4), nothing rolled back.
+    assert_eq!(res("refused_rc"), "4");
+    assert_eq!(res("refused_msg"), "1");
+    assert_eq!(res("after_refused"), format!("{} {}", res("cl_6"), res("th_4")));
     // promote --generation: each shadow holds the chosen older generation; th's ext4 has that generation's files.
     assert_eq!(res("promote_rc"), "0", "{}", res("promote_err"));
-    assert_eq!(res("cl_promoted"), res("cl_3"));
+    assert_eq!(res("cl_promoted"), res("cl_6"));
     assert_eq!(res("th_promoted"), res("th_2"));
     assert_eq!(res("th_files").split_whitespace().collect::<Vec<_>>(), ["gen1", "gen2"]);
     assert_eq!(res("role"), "primary");
