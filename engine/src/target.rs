@@ -375,6 +375,14 @@ pub trait Retention: Send + Sync + std::fmt::Debug {
     /// The commit of `generation` is durable: drop the oldest copies beyond the limit (failures are the
     /// implementation's to report: the commit stands).
     fn committed(&self, volume: &str, generation: u64);
+
+    /// A spool-mode transfer begins (on a thread of its own): nothing is written to the shadow before its
+    /// commit, so an implementation may make the copy now, while the transfer runs (`what.bytes` is 0: the size
+    /// is not known yet); [`Retention::preserve`] at the commit waits for this call and then only checks. Failures
+    /// are the implementation's to log: `preserve` tries again. The default does nothing.
+    fn prepare(&self, what: Preserving) {
+        let _ = what;
+    }
 }
 
 /// A set of block indexes.
@@ -437,6 +445,8 @@ struct Session {
     /// `sub_hashes` answer, then updated for every whole piece an extent writes. A block's new hash is merged
     /// from them ([`Session::settle`]) instead of reading and hashing the block again at commit.
     pieces: std::collections::BTreeMap<u64, Vec<BlockHash>>,
+    /// The retention's [`Retention::prepare`] running since `begin`; joined before the commit preserves.
+    prepared: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Most piece fingerprints a session keeps (32 MiB; with a pipelined source only the blocks between the newest
@@ -1163,6 +1173,7 @@ impl Target {
             end: 0,
             zeros: ZeroHashes::new(plan.block_size),
             pieces: Default::default(),
+            prepared: if in_place { None } else { self.prepare() },
         });
         tracing::debug!(volume = %self.opts.volume, generation = plan.generation, in_place, resumed, "transfer begun");
         Ok(BeginAck { resumed, in_place })
@@ -1385,6 +1396,9 @@ impl Target {
         match s.mode {
             Mode::Spool(mut w) => {
                 s.next.write().map_err(|e| self.manifest_err(e))?;
+                if let Some(h) = s.prepared.take() {
+                    let _ = h.join(); // a panic there is the retention's: preserve tries again
+                }
                 if let Err(e) = self.preserve(&w) {
                     s.mode = Mode::Spool(w);
                     self.session = Some(s);
@@ -1424,6 +1438,33 @@ impl Target {
         Ok(CommitAck { generation, root })
     }
 
+    /// What the retention is given about the generation the shadow holds (`bytes` to be written by the commit).
+    fn preserving(&self, bytes: u64) -> Preserving {
+        let generation = self.committed_generation();
+        Preserving {
+            volume: self.volume(),
+            shadow: self.shadow_path.clone(),
+            state_dir: self.state_dir.clone(),
+            generation,
+            record: self.state.history.current.clone(),
+            distrust: self.distrust(),
+            manifest: self.manifest.as_ref().map(|m| m.path().to_owned()),
+            root: self.manifest.as_ref().map(|m| m.root()),
+            bytes,
+            durable: self.opts.durable.clone(),
+        }
+    }
+
+    /// Starts the retention's [`Retention::prepare`] for a spool-mode transfer, when there is a generation to keep.
+    fn prepare(&self) -> Option<std::thread::JoinHandle<()>> {
+        let r = self.opts.retention.clone()?;
+        if !self.complete() || self.state.corrupt {
+            return None;
+        }
+        let what = self.preserving(0);
+        Some(std::thread::spawn(move || r.prepare(what)))
+    }
+
     /// Asks the retention, if any, to keep the generation the spooled transfer `w` is about to overwrite (see
     /// [`Retention`]). Nothing to keep without a complete generation.
     fn preserve(&self, w: &SpoolWriter) -> Result<(), TargetError> {
@@ -1435,19 +1476,7 @@ impl Target {
         let d = &self.opts.durable;
         let fail = |source: RetainFailure| TargetError::Retain { volume: self.volume(), generation, source };
         d.gate_whole(Op::Retain).map_err(|e| fail(Box::new(e)))?;
-        let what = Preserving {
-            volume: self.volume(),
-            shadow: self.shadow_path.clone(),
-            state_dir: self.state_dir.clone(),
-            generation,
-            record: self.state.history.current.clone(),
-            distrust: self.distrust(),
-            manifest: self.manifest.as_ref().map(|m| m.path().to_owned()),
-            root: self.manifest.as_ref().map(|m| m.root()),
-            bytes: w.records().iter().map(|r| r.len).sum(),
-            durable: d.clone(),
-        };
-        r.preserve(&what).map_err(fail)
+        r.preserve(&self.preserving(w.records().iter().map(|r| r.len).sum())).map_err(fail)
     }
 
     /// Ends a transfer without committing it: the spooled records are fsynced and kept for resume

@@ -766,6 +766,17 @@ impl Retention for Retainer {
         self.preserve_impl(what).map_err(|e| Box::new(e) as RetainFailure)
     }
 
+    /// Thin snapshots and reflink copies need no size: made while the transfer runs, so that the commit only
+    /// checks (a classic snapshot is sized from the transfer and waits for the commit).
+    fn prepare(&self, what: Preserving) {
+        if matches!(self.backend, Backend::Classic { .. }) {
+            return;
+        }
+        if let Err(e) = self.preserve_impl(&what) {
+            tracing::info!(volume = %self.volume, error = %link::error_chain(&e), "could not keep the current generation early; the commit tries again");
+        }
+    }
+
     fn committed(&self, volume: &str, generation: u64) {
         let me = self.clone();
         let volume = volume.to_owned();
