@@ -273,11 +273,16 @@ pub struct RestoreArgs {
 /// `blockrep keygen`.
 #[derive(Debug, Args)]
 pub struct KeygenArgs {
-    /// Where to write the key.
+    /// Where to write the key (the node's key_file; with --rotate, the existing key file the next key goes beside).
     pub path: PathBuf,
-    /// Overwrite an existing key file.
+    /// Overwrite an existing key file (with --rotate: an existing next key).
     #[arg(long)]
     pub force: bool,
+    /// Start a key rotation: write a new key to PATH.next (mode 0600) beside the current key; copy it to the other
+    /// node's PATH.next. Both keys are accepted until each node has seen its peer prove the new one, which then
+    /// replaces PATH (docs/config.md, "Key rotation").
+    #[arg(long)]
+    pub rotate: bool,
 }
 
 /// I/O engine choice.

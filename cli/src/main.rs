@@ -67,6 +67,21 @@ fn run(cli: &args::Cli) -> Result<()> {
                 report::announce(addr)
             }
         })?),
+        args::Command::Keygen(a) if a.rotate => {
+            let (current, next) = node::generate_next_key(&a.path, a.force)?;
+            let next_path = node::next_key_path(&a.path);
+            println!(
+                "wrote the next key {} to {} (mode 0600) beside the current key {} in {}; copy it to {} on the other \
+                 node (mode 0600). Both keys are accepted meanwhile; the first session in which the peer proves the \
+                 new key makes it the current key on each node (`blockrep status` shows the rotation)",
+                next,
+                next_path.display(),
+                current,
+                a.path.display(),
+                next_path.display()
+            );
+            Ok(())
+        }
         args::Command::Keygen(a) => {
             node::generate_key(&a.path, a.force)?;
             println!("wrote a new key to {} (mode 0600); copy it to the other node's key_file", a.path.display());

@@ -9,12 +9,12 @@ use std::io::{IoSlice, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 
-use crate::frame::{self, Direction, EncodedFrame, FrameError, FrameType, Header, MacKey, HEADER_LEN};
+use crate::frame::{self, AeadKey, Direction, EncodedFrame, FrameError, FrameType, Header, MacKey, HEADER_LEN};
 use crate::handshake::{self, HandshakeError, HandshakeOptions};
-use crate::key::Key;
-use crate::message::{ErrorMsg, ExtentCompressor, ExtentData, Message, MessageError};
+use crate::key::{KeySet, KeySlot, KeyStore};
+use crate::message::{Encryption, ErrorMsg, ExtentCompressor, ExtentData, Message, MessageError};
 
 /// How much to read at least per `read` call.
 const READ_CHUNK: usize = 256 * 1024;
@@ -148,11 +148,29 @@ impl Limiter {
     }
 }
 
+/// How the frames of one direction are protected once the session key exists.
+#[derive(Debug, Clone)]
+pub(crate) enum FrameKey {
+    /// A MAC per frame; the payload in clear.
+    Mac(MacKey),
+    /// The payload encrypted, with a tag per frame.
+    Aead(AeadKey),
+}
+
+impl FrameKey {
+    fn new(session: [u8; 32], dir: Direction, e: Encryption) -> FrameKey {
+        match e {
+            Encryption::None => FrameKey::Mac(MacKey::new(session, dir)),
+            Encryption::Aead => FrameKey::Aead(AeadKey::new(session, dir)),
+        }
+    }
+}
+
 /// The sending state of a connection: sequence number, MAC key, compressor, rate cap.
 #[derive(Debug)]
 struct Tx {
     seq: u64,
-    key: Option<MacKey>,
+    key: Option<FrameKey>,
     compressor: Option<ExtentCompressor>,
     limiter: Option<Limiter>,
 }
@@ -167,7 +185,11 @@ impl Tx {
                 stats.extent_wire_bytes_sent += body.len() as u64;
             }
         }
-        let f = EncodedFrame::new(version, msg.frame_type(), self.seq, head, body, self.key.as_ref());
+        let f = match &self.key {
+            Some(FrameKey::Aead(k)) => EncodedFrame::sealed(version, msg.frame_type(), self.seq, head, body, k),
+            Some(FrameKey::Mac(k)) => EncodedFrame::new(version, msg.frame_type(), self.seq, head, body, Some(k)),
+            None => EncodedFrame::new(version, msg.frame_type(), self.seq, head, body, None),
+        };
         self.seq += 1;
         if let Some(l) = &mut self.limiter {
             l.take(f.len());
@@ -236,10 +258,14 @@ pub struct Connection<S = TcpStream> {
     /// `None` while split off ([`Connection::split_sender`]).
     tx: Option<Tx>,
     recv_seq: u64,
-    recv_key: Option<MacKey>,
+    recv_key: Option<FrameKey>,
     stats: Stats,
     peer_node: String,
     broken: bool,
+    encryption: Encryption,
+    key_slot: KeySlot,
+    /// What finishing a key rotation in the handshake did (see [`Connection::rotation`]).
+    pub(crate) rotation: Option<Result<bool, String>>,
 }
 
 impl<S> std::fmt::Debug for Connection<S> {
@@ -249,6 +275,8 @@ impl<S> std::fmt::Debug for Connection<S> {
             .field("version", &self.version)
             .field("peer_node", &self.peer_node)
             .field("authenticated", &self.recv_key.is_some())
+            .field("encryption", &self.encryption)
+            .field("key_slot", &self.key_slot)
             .field("send_seq", &self.tx.as_ref().map(|t| t.seq))
             .field("recv_seq", &self.recv_seq)
             .field("buffered", &self.filled)
@@ -279,21 +307,51 @@ impl<S: Read + Write> Connection<S> {
             stats: Stats::default(),
             peer_node: String::new(),
             broken: false,
+            encryption: Encryption::None,
+            key_slot: KeySlot::Current,
+            rotation: None,
         }
     }
 
-    /// Switches to the negotiated version and the session key (end of the handshake).
-    pub(crate) fn establish(&mut self, version: u16, session: [u8; 32], peer_node: String) {
+    /// Switches to the negotiated version and the session key (end of the handshake): frames are MAC'd, or
+    /// encrypted with `encryption = aead`.
+    pub(crate) fn establish(
+        &mut self,
+        version: u16,
+        session: [u8; 32],
+        peer_node: String,
+        encryption: Encryption,
+        key_slot: KeySlot,
+    ) {
         let (send, recv) = match self.role {
             Role::Client => (Direction::ToServer, Direction::ToClient),
             Role::Server => (Direction::ToClient, Direction::ToServer),
         };
         self.version = version;
         if let Some(tx) = &mut self.tx {
-            tx.key = Some(MacKey::new(session, send));
+            tx.key = Some(FrameKey::new(session, send, encryption));
         }
-        self.recv_key = Some(MacKey::new(session, recv));
+        self.recv_key = Some(FrameKey::new(session, recv, encryption));
         self.peer_node = peer_node;
+        self.encryption = encryption;
+        self.key_slot = key_slot;
+    }
+
+    /// Whether the session is encrypted.
+    pub fn encryption(&self) -> Encryption {
+        self.encryption
+    }
+
+    /// Which of this node's keys the session runs under ([`KeySlot::Next`]: the peer proved the next key of a
+    /// rotation in progress).
+    pub fn key_slot(&self) -> KeySlot {
+        self.key_slot
+    }
+
+    /// When the peer proved this node's next key: whether the handshake finished the rotation on disk
+    /// (`Ok(true)`), found it already finished (`Ok(false)`), or failed (the error, also logged).
+    pub fn rotation(&self) -> Option<&Result<bool, String>> {
+        self.rotation.as_ref()
     }
 
     pub(crate) fn set_version(&mut self, version: u16) {
@@ -419,7 +477,11 @@ impl<S: Read + Write> Connection<S> {
 
     fn recv_inner(&mut self) -> Result<Option<Message>, ConnError> {
         let Some(raw) = self.read_frame()? else { return Ok(None) };
-        let (h, payload) = frame::parse(raw, self.recv_seq, self.recv_key.as_ref())?;
+        let (h, payload) = match &self.recv_key {
+            Some(FrameKey::Aead(k)) => frame::open(raw, self.recv_seq, k)?,
+            Some(FrameKey::Mac(k)) => frame::parse(raw.freeze(), self.recv_seq, Some(k))?,
+            None => frame::parse(raw.freeze(), self.recv_seq, None)?,
+        };
         self.recv_seq += 1;
         self.stats.frames_received += 1;
         if h.version != self.version {
@@ -443,7 +505,7 @@ impl<S: Read + Write> Connection<S> {
     }
 
     /// Reads one complete frame from the stream (`Ok(None)` at a clean end of stream).
-    fn read_frame(&mut self) -> Result<Option<Bytes>, ConnError> {
+    fn read_frame(&mut self) -> Result<Option<BytesMut>, ConnError> {
         // Before the peer proved the key, frames are small and so are reads: an unauthenticated peer cannot make
         // this node buffer more than one handshake frame.
         let authenticated = self.recv_key.is_some();
@@ -454,7 +516,7 @@ impl<S: Read + Write> Connection<S> {
         };
         loop {
             if let Some(len) = frame::check_limited(&self.rbuf[..self.filled], max_payload)? {
-                let f = self.rbuf.split_to(len).freeze();
+                let f = self.rbuf.split_to(len);
                 self.filled -= len;
                 return Ok(Some(f));
             }
@@ -505,17 +567,18 @@ impl Connection<TcpStream> {
     }
 }
 
-/// Connects to the standby at `addr` ("host:port"), runs the handshake as client with node name `node`, and
+/// Connects to the standby at `addr` ("host:port"), runs the handshake as client with node name `node` and `keys` (a
+/// [`KeySet`], or one `&Key`), and
 /// returns the authenticated connection. `timeout` bounds the connect and the handshake; afterwards the socket
 /// has no timeout (set one with [`Connection::set_timeout`]).
-pub fn connect(addr: &str, key: &Key, node: &str, timeout: Duration) -> Result<Connection, ConnError> {
-    connect_with(addr, key, &HandshakeOptions::new(node), timeout)
+pub fn connect(addr: &str, keys: impl Into<KeySet>, node: &str, timeout: Duration) -> Result<Connection, ConnError> {
+    connect_with(addr, keys, &HandshakeOptions::new(node), timeout)
 }
 
 /// [`connect`] with explicit handshake options.
 pub fn connect_with(
     addr: &str,
-    key: &Key,
+    keys: impl Into<KeySet>,
     opts: &HandshakeOptions,
     timeout: Duration,
 ) -> Result<Connection, ConnError> {
@@ -535,23 +598,28 @@ pub fn connect_with(
     stream.set_nodelay(true).map_err(ConnError::Socket)?;
     stream.set_read_timeout(Some(timeout)).map_err(ConnError::Socket)?;
     stream.set_write_timeout(Some(timeout)).map_err(ConnError::Socket)?;
-    let conn = client_handshake(stream, key, opts)?;
+    let conn = client_handshake(stream, keys, opts)?;
     conn.set_timeout(None)?;
     Ok(conn)
 }
 
 /// Runs the server side of the handshake on an accepted socket (within [`HANDSHAKE_TIMEOUT`]). On a wrong key
 /// or version the client is told why before the error is returned.
-pub fn accept_handshake(stream: TcpStream, key: &Key, node: &str) -> Result<Connection, ConnError> {
-    accept_handshake_with(stream, key, &HandshakeOptions::new(node))
+/// `keys`: a [`KeySet`], or a [`crate::KeyFile`] read again for each handshake.
+pub fn accept_handshake(stream: TcpStream, keys: &dyn KeyStore, node: &str) -> Result<Connection, ConnError> {
+    accept_handshake_with(stream, keys, &HandshakeOptions::new(node))
 }
 
 /// [`accept_handshake`] with explicit handshake options.
-pub fn accept_handshake_with(stream: TcpStream, key: &Key, opts: &HandshakeOptions) -> Result<Connection, ConnError> {
+pub fn accept_handshake_with(
+    stream: TcpStream,
+    keys: &dyn KeyStore,
+    opts: &HandshakeOptions,
+) -> Result<Connection, ConnError> {
     stream.set_nodelay(true).map_err(ConnError::Socket)?;
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(ConnError::Socket)?;
     stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(ConnError::Socket)?;
-    let conn = server_handshake(stream, key, opts)?;
+    let conn = server_handshake(stream, keys, opts)?;
     conn.set_timeout(None)?;
     Ok(conn)
 }
@@ -559,21 +627,21 @@ pub fn accept_handshake_with(stream: TcpStream, key: &Key, opts: &HandshakeOptio
 /// Runs the client side of the handshake over any byte stream.
 pub fn client_handshake<S: Read + Write>(
     stream: S,
-    key: &Key,
+    keys: impl Into<KeySet>,
     opts: &HandshakeOptions,
 ) -> Result<Connection<S>, ConnError> {
     let mut conn = Connection::new_unauthenticated(stream, Role::Client);
-    handshake::run_client(&mut conn, key, opts)?;
+    handshake::run_client(&mut conn, &keys.into(), opts)?;
     Ok(conn)
 }
 
 /// Runs the server side of the handshake over any byte stream.
 pub fn server_handshake<S: Read + Write>(
     stream: S,
-    key: &Key,
+    keys: &dyn KeyStore,
     opts: &HandshakeOptions,
 ) -> Result<Connection<S>, ConnError> {
     let mut conn = Connection::new_unauthenticated(stream, Role::Server);
-    handshake::run_server(&mut conn, key, opts)?;
+    handshake::run_server(&mut conn, keys, opts)?;
     Ok(conn)
 }

@@ -5,14 +5,22 @@
 //!      0     4  magic "BRP1"
 //!      4     2  version       protocol version of this frame (1 for the frames of the version negotiation)
 //!      6     1  type          FrameType
-//!      7     1  flags         FLAG_MAC; every other bit is an error
+//!      7     1  flags         FLAG_MAC or FLAG_AEAD (not both); every other bit is an error
 //!      8     4  payload_len   <= MAX_PAYLOAD
 //!     12     8  seq           per-direction frame counter, starting at 0 with the first frame of the connection
 //!     20     4  crc32         of the payload
 //!     24     n  payload       (message encoding, see `message`)
 //!   24+n    16  mac           only with FLAG_MAC: keyed BLAKE3 over payload || header, truncated to 16 bytes;
 //!                             key = keyed_BLAKE3(session key, "dir" || 'S' (to server) or 'C' (to client))
+//!   24+n    16  tag           only with FLAG_AEAD (`encryption = "aead"`): the payload is ChaCha20-Poly1305
+//!                             ciphertext and this is its tag; additional data = header bytes 0..20 (all but the
+//!                             crc, which is then the crc32 of the ciphertext); nonce = seq (u64 LE) || 4 zero bytes;
+//!                             key = BLAKE3_derive_key("blockrep aead v4", session key || 'S' or 'C')
 //! ```
+//!
+//! A nonce is never reused: each direction has its own key, derived from a session key that is new for every
+//! connection (both random handshake nonces go into it), and within a direction the sequence number grows by one per
+//! frame and is checked on receipt.
 //!
 //! Decoding is two-phase: [`check`] looks at the header of a buffer that may be incomplete, without allocating,
 //! and says how long the frame is; [`parse`] then verifies checksum, sequence number and MAC of one complete frame.
@@ -20,7 +28,7 @@
 
 use std::io::IoSlice;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"BRP1";
@@ -38,15 +46,21 @@ pub const MAX_HANDSHAKE_PAYLOAD: usize = crate::message::MAX_ERROR_LEN + 1024;
 pub const MAX_FRAME_LEN: usize = HEADER_LEN + MAX_PAYLOAD + MAC_LEN;
 /// Flag: the frame ends with a [`MAC_LEN`]-byte MAC (required once the session key exists, refused before).
 pub const FLAG_MAC: u8 = 0x01;
+/// Flag: the payload is encrypted and the frame ends with a [`MAC_LEN`]-byte ChaCha20-Poly1305 tag (required in an
+/// encrypted session, refused otherwise).
+pub const FLAG_AEAD: u8 = 0x02;
 /// All flag bits this version knows.
-pub const SUPPORTED_FLAGS: u8 = FLAG_MAC;
+pub const SUPPORTED_FLAGS: u8 = FLAG_MAC | FLAG_AEAD;
+/// The header bytes an encrypted frame authenticates as additional data: all but the crc.
+pub const AAD_LEN: usize = 20;
 /// Lowest protocol version this build can speak. Version 3: sub-block hashes are the pieces' BLAKE3 chaining
 /// values in their block's tree (not the pieces' own hashes), so the standby reads a refined block once; and hash
 /// requests may be pipelined (the client sends requests and extents without waiting for earlier answers, which the
-/// standby sends in request order).
-pub const MIN_VERSION: u16 = 3;
+/// standby sends in request order). Version 4: `Auth` carries the client's encryption setting and a proof per key
+/// it holds (key rotation), and frames may be encrypted ([`FLAG_AEAD`]).
+pub const MIN_VERSION: u16 = 4;
 /// Highest protocol version this build can speak.
-pub const MAX_VERSION: u16 = 3;
+pub const MAX_VERSION: u16 = 4;
 /// The header version of the negotiation frames (Hello, HelloAck and an Error answering them); frozen so that
 /// nodes of any version can read each other's offer.
 pub const NEGOTIATION_VERSION: u16 = 1;
@@ -242,6 +256,38 @@ pub enum FrameError {
         /// The sequence number.
         seq: u64,
     },
+    /// Both trailer flags at once.
+    #[error("frame of type {ty} claims both a MAC and encryption (flags {flags:#04x}): the peer speaks a different protocol")]
+    ConflictingFlags {
+        /// The frame type.
+        ty: FrameType,
+        /// The flags found.
+        flags: u8,
+    },
+    /// The ChaCha20-Poly1305 tag does not verify.
+    #[error("frame {seq} of type {ty} fails decryption (bad ChaCha20-Poly1305 tag): it was forged or altered in transit; dropping the connection")]
+    BadTag {
+        /// The frame type.
+        ty: FrameType,
+        /// The sequence number.
+        seq: u64,
+    },
+    /// A frame in clear (or only MAC'd) in an encrypted session.
+    #[error("frame {seq} of type {ty} is not encrypted although this session is (encryption = \"aead\"); dropping the connection")]
+    NotEncrypted {
+        /// The frame type.
+        ty: FrameType,
+        /// The sequence number.
+        seq: u64,
+    },
+    /// An encrypted frame in a session that is not encrypted.
+    #[error("frame {seq} of type {ty} is encrypted although this session is not (encryption = \"none\"); dropping the connection")]
+    UnexpectedEncryption {
+        /// The frame type.
+        ty: FrameType,
+        /// The sequence number.
+        seq: u64,
+    },
     /// A frame with MAC before the session key exists.
     #[error("frame {seq} of type {ty} carries a MAC before the peers have authenticated")]
     UnexpectedMac {
@@ -293,7 +339,7 @@ impl Header {
     /// Length of the whole frame described by this header.
     pub fn frame_len(&self) -> usize {
         // Cannot overflow: payload_len <= MAX_PAYLOAD was checked.
-        HEADER_LEN + self.payload_len as usize + if self.flags & FLAG_MAC != 0 { MAC_LEN } else { 0 }
+        HEADER_LEN + self.payload_len as usize + if self.flags & (FLAG_MAC | FLAG_AEAD) != 0 { MAC_LEN } else { 0 }
     }
 
     /// Encodes the header.
@@ -328,6 +374,9 @@ impl Header {
         let flags = h[7];
         if flags & !SUPPORTED_FLAGS != 0 {
             return Err(FrameError::UnknownFlags { ty, bits: flags & !SUPPORTED_FLAGS });
+        }
+        if flags & (FLAG_MAC | FLAG_AEAD) == FLAG_MAC | FLAG_AEAD {
+            return Err(FrameError::ConflictingFlags { ty, flags });
         }
         let payload_len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
         if payload_len as usize > MAX_PAYLOAD {
@@ -367,6 +416,38 @@ pub struct MacKey {
 impl std::fmt::Debug for MacKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MacKey").field("key", &"<redacted>").field("dir", &self.dir).finish()
+    }
+}
+
+/// A session's encryption key for frames travelling in one direction (`encryption = "aead"`).
+#[derive(Clone)]
+pub struct AeadKey {
+    cipher: chacha20poly1305::ChaCha20Poly1305,
+    dir: Direction,
+}
+
+impl std::fmt::Debug for AeadKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AeadKey").field("key", &"<redacted>").field("dir", &self.dir).finish()
+    }
+}
+
+impl AeadKey {
+    /// The key for frames travelling in direction `dir`, derived from the session key and the direction.
+    pub fn new(session: [u8; 32], dir: Direction) -> AeadKey {
+        use chacha20poly1305::KeyInit;
+        let mut input = [0u8; 33];
+        input[..32].copy_from_slice(&session);
+        input[32] = dir.byte();
+        let key = blake3::derive_key("blockrep aead v4", &input);
+        AeadKey { cipher: chacha20poly1305::ChaCha20Poly1305::new(&key.into()), dir }
+    }
+
+    /// The nonce of frame `seq`: the sequence number, little-endian, then 4 zero bytes.
+    fn nonce(seq: u64) -> chacha20poly1305::Nonce {
+        let mut n = [0u8; 12];
+        n[..8].copy_from_slice(&seq.to_le_bytes());
+        n.into()
     }
 }
 
@@ -449,6 +530,28 @@ impl EncodedFrame {
         EncodedFrame { header, head, body, mac }
     }
 
+    /// Builds an encrypted frame ([`FLAG_AEAD`]) around a payload made of `head` followed by `body`: the payload
+    /// is copied into one buffer (`head`'s, grown) and encrypted there; `body` of the result is empty.
+    ///
+    /// # Panics
+    /// If the payload exceeds [`MAX_PAYLOAD`]: message encoders check their limits first.
+    pub fn sealed(version: u16, ty: FrameType, seq: u64, head: Vec<u8>, body: Bytes, key: &AeadKey) -> Self {
+        use chacha20poly1305::AeadInOut;
+        let len = head.len() + body.len();
+        assert!(len <= MAX_PAYLOAD, "payload of {len} bytes for {ty} exceeds MAX_PAYLOAD");
+        let mut buf = head;
+        buf.extend_from_slice(&body);
+        let mut header = Header { version, ty, flags: FLAG_AEAD, payload_len: len as u32, seq, crc: 0 }.encode();
+        let tag = key
+            .cipher
+            .encrypt_inout_detached(&AeadKey::nonce(seq), &header[..AAD_LEN], buf.as_mut_slice().into())
+            .expect("ChaCha20-Poly1305 takes payloads of MAX_PAYLOAD");
+        header[20..24].copy_from_slice(&crc32fast::hash(&buf).to_le_bytes());
+        let mut mac = [0u8; MAC_LEN];
+        mac.copy_from_slice(&tag);
+        EncodedFrame { header, head: buf, body: Bytes::new(), mac: Some(mac) }
+    }
+
     /// Total length on the wire.
     pub fn len(&self) -> usize {
         HEADER_LEN + self.head.len() + self.body.len() + self.mac.map_or(0, |m| m.len())
@@ -499,6 +602,9 @@ pub fn parse(frame: Bytes, expected_seq: u64, key: Option<&MacKey>) -> Result<(H
     }
     let payload_end = HEADER_LEN + h.payload_len as usize;
     let payload = frame.slice(HEADER_LEN..payload_end);
+    if h.flags & FLAG_AEAD != 0 {
+        return Err(FrameError::UnexpectedEncryption { ty: h.ty, seq: h.seq });
+    }
     let has_mac = h.flags & FLAG_MAC != 0;
     match (key, has_mac) {
         (Some(_), false) => return Err(FrameError::MissingMac { ty: h.ty, seq: h.seq }),
@@ -516,6 +622,36 @@ pub fn parse(frame: Bytes, expected_seq: u64, key: Option<&MacKey>) -> Result<(H
         }
     }
     Ok((h, payload))
+}
+
+/// Phase two for an encrypted session: verifies one complete frame (exactly the `len` bytes [`check`] reported):
+/// header, length, sequence number, checksum of the ciphertext, then decrypts the payload in place and checks its
+/// tag. Returns the header and the plaintext payload (a slice of `frame`, not a copy).
+pub fn open(mut frame: BytesMut, expected_seq: u64, key: &AeadKey) -> Result<(Header, Bytes), FrameError> {
+    use chacha20poly1305::AeadInOut;
+    let h = Header::decode(&frame)?.ok_or(FrameError::Length { described: HEADER_LEN, found: frame.len() })?;
+    if frame.len() != h.frame_len() {
+        return Err(FrameError::Length { described: h.frame_len(), found: frame.len() });
+    }
+    if h.seq != expected_seq {
+        return Err(FrameError::BadSequence { ty: h.ty, expected: expected_seq, found: h.seq });
+    }
+    if h.flags & FLAG_AEAD == 0 {
+        return Err(FrameError::NotEncrypted { ty: h.ty, seq: h.seq });
+    }
+    let payload_end = HEADER_LEN + h.payload_len as usize;
+    let found = crc32fast::hash(&frame[HEADER_LEN..payload_end]);
+    if found != h.crc {
+        return Err(FrameError::BadCrc { ty: h.ty, seq: h.seq, expected: h.crc, found });
+    }
+    let mut aad = [0u8; AAD_LEN];
+    aad.copy_from_slice(&frame[..AAD_LEN]);
+    let mut tag = chacha20poly1305::Tag::default();
+    tag.copy_from_slice(&frame[payload_end..]);
+    key.cipher
+        .decrypt_inout_detached(&AeadKey::nonce(h.seq), &aad, (&mut frame[HEADER_LEN..payload_end]).into(), &tag)
+        .map_err(|_| FrameError::BadTag { ty: h.ty, seq: h.seq })?;
+    Ok((h, frame.freeze().slice(HEADER_LEN..payload_end)))
 }
 
 #[cfg(test)]
@@ -587,6 +723,69 @@ mod tests {
         // The same frame reflected to its sender (other direction) does not verify.
         let other = key(Direction::ToClient);
         assert!(matches!(parse(buf, 7, Some(&other)), Err(FrameError::BadMac { .. })));
+    }
+
+    fn sealed(seq: u64, k: &AeadKey) -> Vec<u8> {
+        EncodedFrame::sealed(4, FrameType::Extent, seq, vec![1, 2, 3], Bytes::from_static(b"hello world"), k).to_vec()
+    }
+
+    #[test]
+    fn sealed_frames_round_trip_and_hide_the_payload() {
+        let k = AeadKey::new([9; 32], Direction::ToServer);
+        let buf = sealed(5, &k);
+        assert_eq!(buf.len(), HEADER_LEN + 14 + MAC_LEN);
+        assert!(!buf.windows(11).any(|w| w == b"hello world"), "the payload is on the wire in clear");
+        for n in 0..buf.len() {
+            assert_eq!(check(&buf[..n]).unwrap(), None, "prefix of {n} bytes");
+        }
+        assert_eq!(check(&buf).unwrap(), Some(buf.len()));
+        let (h, p) = open(BytesMut::from(&buf[..]), 5, &k).unwrap();
+        assert_eq!((h.ty, h.flags), (FrameType::Extent, FLAG_AEAD));
+        assert_eq!(&p[..], b"\x01\x02\x03hello world");
+        // Same payload, next sequence number: another nonce, another ciphertext.
+        assert_ne!(sealed(6, &k)[HEADER_LEN..], buf[HEADER_LEN..]);
+    }
+
+    #[test]
+    fn any_altered_sealed_byte_is_rejected_even_with_a_fixed_crc() {
+        let k = AeadKey::new([9; 32], Direction::ToClient);
+        let buf = sealed(3, &k);
+        for i in 0..buf.len() {
+            let mut b = buf.clone();
+            b[i] ^= 0x01;
+            if (HEADER_LEN..buf.len() - MAC_LEN).contains(&i) {
+                // An attacker can recompute the crc: the tag still catches the change.
+                let crc = crc32fast::hash(&b[HEADER_LEN..buf.len() - MAC_LEN]);
+                b[20..24].copy_from_slice(&crc.to_le_bytes());
+                let e = open(BytesMut::from(&b[..]), 3, &k).unwrap_err();
+                assert_eq!(e, FrameError::BadTag { ty: FrameType::Extent, seq: 3 });
+                assert!(e.to_string().contains("forged or altered"), "{e}");
+                continue;
+            }
+            let r = match check(&b) {
+                Err(e) => Err(e),
+                Ok(None) => continue,
+                Ok(Some(n)) => open(BytesMut::from(&b[..n]), 3, &k).map(|_| ()),
+            };
+            assert!(r.is_err(), "flipping byte {i} was accepted");
+        }
+    }
+
+    #[test]
+    fn encryption_must_match_the_session_and_keys_are_per_direction() {
+        let k = AeadKey::new([9; 32], Direction::ToServer);
+        let buf = sealed(0, &k);
+        let other = AeadKey::new([9; 32], Direction::ToClient);
+        assert!(matches!(open(BytesMut::from(&buf[..]), 0, &other), Err(FrameError::BadTag { .. })));
+        assert!(matches!(open(BytesMut::from(&buf[..]), 1, &k), Err(FrameError::BadSequence { .. })));
+        let mac = MacKey::new([9; 32], Direction::ToServer);
+        assert!(matches!(parse(Bytes::from(buf.clone()), 0, Some(&mac)), Err(FrameError::UnexpectedEncryption { .. })));
+        assert!(matches!(parse(Bytes::from(buf), 0, None), Err(FrameError::UnexpectedEncryption { .. })));
+        let maced = sample(0, Some(&mac));
+        assert!(matches!(open(BytesMut::from(&maced[..]), 0, &k), Err(FrameError::NotEncrypted { .. })));
+        let mut both = maced;
+        both[7] = FLAG_MAC | FLAG_AEAD;
+        assert!(matches!(check(&both), Err(FrameError::ConflictingFlags { .. })));
     }
 
     #[test]

@@ -6,16 +6,20 @@
 
 use std::io::{Read, Write};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::conn::{Connection, Role};
-use crate::frame::{self, Direction, EncodedFrame, Header, MacKey};
+use crate::frame::{self, AeadKey, Direction, EncodedFrame, Header, MacKey};
 use crate::handshake::HandshakeOptions;
-use crate::key::Key;
+use crate::key::{Key, KeySet};
 use crate::message::*;
 
-/// The key the handshake target uses.
+/// The key the handshake target uses (both sides' current key).
 pub const FUZZ_KEY: Key = Key([0x42; 32]);
+/// The server's next key in the handshake target (a rotation only the server has started).
+pub const FUZZ_NEXT_KEY: Key = Key([0x43; 32]);
+/// The session key of the frame target's MAC and AEAD keys.
+const FRAME_SESSION: [u8; 32] = [0x17; 32];
 const CLIENT_NONCE: [u8; 32] = [0xc1; 32];
 const SERVER_NONCE: [u8; 32] = [0x5e; 32];
 
@@ -53,21 +57,25 @@ fn check_round_trip(m: &Message) {
     assert_eq!(&back, m, "decode(encode(m)) != m");
 }
 
-/// The frame decoder: two-phase decoding of back-to-back frames (with and without a session key, at the
-/// sequence number each header claims), message decoding with a round-trip check, and a connection reading the
-/// input as a stream.
+/// The frame decoder: two-phase decoding of back-to-back frames (without a session key, with a MAC key and with an
+/// encryption key, at the sequence number each header claims), message decoding with a round-trip check, and a
+/// connection reading the input as a stream.
 pub fn frame(data: &[u8]) {
-    let key = MacKey::new([0x17; 32], Direction::ToServer);
+    let key = MacKey::new(FRAME_SESSION, Direction::ToServer);
+    let sealing = AeadKey::new(FRAME_SESSION, Direction::ToServer);
     let mut buf = data;
     while let Ok(Some(n)) = frame::check(buf) {
         let h = Header::decode(buf).expect("checked").expect("complete");
         let f = Bytes::copy_from_slice(&buf[..n]);
+        let mut decoded = Vec::new();
         for k in [None, Some(&key)] {
-            if let Ok((h2, payload)) = frame::parse(f.clone(), h.seq, k) {
-                assert_eq!(h, h2);
-                if let Ok(m) = Message::decode(h.ty, payload) {
-                    check_round_trip(&m);
-                }
+            decoded.push(frame::parse(f.clone(), h.seq, k));
+        }
+        decoded.push(frame::open(BytesMut::from(&buf[..n]), h.seq, &sealing));
+        for (h2, payload) in decoded.into_iter().flatten() {
+            assert_eq!(h, h2);
+            if let Ok(m) = Message::decode(h.ty, payload) {
+                check_round_trip(&m);
             }
         }
         buf = &buf[n..];
@@ -79,8 +87,10 @@ pub fn frame(data: &[u8]) {
     }
 }
 
-/// The handshake: the first byte picks the role (even: this node is the server, odd: the client), the rest is
-/// what the peer sends. After a successful handshake, messages are received until the input ends or fails.
+/// The handshake: the first byte picks the role (bit 0 clear: this node is the server, set: the client) and the
+/// encryption setting (bit 1 set: `aead`), the rest is what the peer sends. The server holds [`FUZZ_KEY`] and, as a
+/// next key, [`FUZZ_NEXT_KEY`]; the client holds [`FUZZ_KEY`]. After a successful handshake, messages are received
+/// (decrypted, with `aead`) until the input ends or fails.
 pub fn handshake(data: &[u8]) {
     let _ = handshake_session(data);
 }
@@ -89,12 +99,13 @@ pub fn handshake(data: &[u8]) {
 /// handshake failed).
 pub fn handshake_session(data: &[u8]) -> Option<usize> {
     let (&sel, rest) = data.split_first()?;
-    let stream = FuzzStream { input: rest, pos: 0, chunk: (sel >> 1) as usize + 1 };
+    let stream = FuzzStream { input: rest, pos: 0, chunk: (sel >> 2) as usize + 1 };
+    let enc = if sel & 2 == 0 { Encryption::None } else { Encryption::Aead };
     let conn = if sel & 1 == 0 {
-        let opts = HandshakeOptions::new("fuzz-standby").fixed_nonce(SERVER_NONCE);
-        crate::conn::server_handshake(stream, &FUZZ_KEY, &opts)
+        let opts = HandshakeOptions::new("fuzz-standby").fixed_nonce(SERVER_NONCE).encryption(enc);
+        crate::conn::server_handshake(stream, &KeySet::with_next(FUZZ_KEY, FUZZ_NEXT_KEY), &opts)
     } else {
-        let opts = HandshakeOptions::new("fuzz-primary").fixed_nonce(CLIENT_NONCE);
+        let opts = HandshakeOptions::new("fuzz-primary").fixed_nonce(CLIENT_NONCE).encryption(enc);
         crate::conn::client_handshake(stream, &FUZZ_KEY, &opts)
     };
     let mut conn = conn.ok()?;
@@ -119,7 +130,7 @@ pub fn sample_messages() -> Vec<Message> {
             node: "standby".into(),
             nonce: [2; 32],
         }),
-        Message::Auth([3; 32]),
+        Message::Auth(Auth { encryption: Encryption::Aead, proofs: vec![[3; 32], [13; 32]] }),
         Message::AuthOk([4; 32]),
         Message::Error(ErrorMsg { code: code::REFUSED, message: "extent past the end of the shadow".into() }),
         Message::OpenVolume(OpenVolume { name: "data".into(), source_size: 1 << 30, block_size: 65536 }),
@@ -188,29 +199,47 @@ impl<S: Write> Write for Recorder<S> {
 }
 
 /// The seed corpus: `(target, file name, content)`. Frame seeds are real encoded frames (one per message type,
-/// with and without MAC, zstd-compressed extents, a stream of several); handshake seeds are the bytes each side
-/// of a real session (fixed nonces, [`FUZZ_KEY`]) wrote, so they replay through [`handshake`] up to the MAC'd
-/// messages.
+/// with and without MAC, encrypted, zstd-compressed extents, a stream of several); handshake seeds are the bytes
+/// each side of a real session (fixed nonces, [`FUZZ_KEY`], with and without encryption) wrote, so they replay
+/// through [`handshake`] up to the MAC'd or encrypted messages.
 pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     let mut out = Vec::new();
-    let key = MacKey::new([0x17; 32], Direction::ToServer);
+    let key = MacKey::new(FRAME_SESSION, Direction::ToServer);
+    let sealing = AeadKey::new(FRAME_SESSION, Direction::ToServer);
     let mut z = ExtentCompressor::new(3).expect("zstd level 3");
     let mut stream = Vec::new();
     for (i, m) in sample_messages().iter().enumerate() {
         let (head, body) = m.encode(Some(&mut z)).expect("sample messages encode");
         let plain = EncodedFrame::new(1, m.frame_type(), i as u64, head.clone(), body.clone(), None).to_vec();
-        let maced = EncodedFrame::new(1, m.frame_type(), 0, head, body, Some(&key)).to_vec();
+        let maced = EncodedFrame::new(1, m.frame_type(), 0, head.clone(), body.clone(), Some(&key)).to_vec();
+        let sealed = EncodedFrame::sealed(crate::frame::MAX_VERSION, m.frame_type(), 0, head, body, &sealing).to_vec();
         let name = m.frame_type().name().to_lowercase();
         stream.extend_from_slice(&plain);
         out.push(("frame", format!("{i:02}-{name}"), plain));
         out.push(("frame", format!("{i:02}-{name}-mac"), maced));
+        out.push(("frame", format!("{i:02}-{name}-aead"), sealed));
     }
     out.push(("frame", "stream".into(), stream));
+    for enc in [Encryption::None, Encryption::Aead] {
+        let (client_log, server_log) = seed_session(enc);
+        let suffix = if enc == Encryption::Aead { "-aead" } else { "" };
+        let mut s = vec![(enc == Encryption::Aead) as u8 * 2];
+        s.extend_from_slice(&client_log);
+        out.push(("handshake", format!("server-full-session{suffix}"), s));
+        let mut c = vec![1 | (enc == Encryption::Aead) as u8 * 2];
+        c.extend_from_slice(&server_log);
+        out.push(("handshake", format!("client-full-session{suffix}"), c));
+    }
+    out
+}
 
+/// A real session over a socket pair with fixed nonces: what the client wrote, and what the server wrote.
+fn seed_session(enc: Encryption) -> (Vec<u8>, Vec<u8>) {
     let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
     let server = std::thread::spawn(move || {
-        let opts = HandshakeOptions::new("fuzz-standby").fixed_nonce(SERVER_NONCE);
-        let mut conn = crate::conn::server_handshake(Recorder { inner: b, log: Vec::new() }, &FUZZ_KEY, &opts)
+        let opts = HandshakeOptions::new("fuzz-standby").fixed_nonce(SERVER_NONCE).encryption(enc);
+        let keys = KeySet::with_next(FUZZ_KEY, FUZZ_NEXT_KEY);
+        let mut conn = crate::conn::server_handshake(Recorder { inner: b, log: Vec::new() }, &keys, &opts)
             .expect("seed session: server handshake");
         for m in sample_messages().iter().filter(|m| matches!(m, Message::VolumeInfo(_) | Message::BeginAck(_))) {
             conn.send(m).expect("seed session: server send");
@@ -218,7 +247,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         while conn.recv().expect("seed session: server recv").is_some() {}
         conn.get_ref().log.clone()
     });
-    let opts = HandshakeOptions::new("fuzz-primary").fixed_nonce(CLIENT_NONCE);
+    let opts = HandshakeOptions::new("fuzz-primary").fixed_nonce(CLIENT_NONCE).encryption(enc);
     let mut conn = crate::conn::client_handshake(Recorder { inner: a, log: Vec::new() }, &FUZZ_KEY, &opts)
         .expect("seed session: client handshake");
     conn.set_compression(Some(3)).expect("zstd level 3");
@@ -228,11 +257,5 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     conn.get_ref().inner.shutdown(std::net::Shutdown::Write).expect("shutdown");
     let client_log = conn.get_ref().log.clone();
     let server_log = server.join().expect("seed session: server thread");
-    let mut s = vec![0u8];
-    s.extend_from_slice(&client_log);
-    out.push(("handshake", "server-full-session".into(), s));
-    let mut c = vec![1u8];
-    c.extend_from_slice(&server_log);
-    out.push(("handshake", "client-full-session".into(), c));
-    out
+    (client_log, server_log)
 }

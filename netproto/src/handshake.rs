@@ -4,17 +4,25 @@
 //! client                                              server
 //!   Hello{min, max, node, nonce_c}          -->
 //!                                           <--   HelloAck{chosen (0: none), min, max, node, nonce_s}
-//!   Auth{proof_c}                           -->   checks proof_c; on mismatch: Error{AUTH} and close
-//!                                           <--   AuthOk{proof_s}
-//!   checks proof_s
+//!   Auth{encryption_c, proofs_c[1..=2]}     -->   finds a proof under one of its keys (the next key first);
+//!                                                 none: Error{AUTH} and close; encryption_c differs from its own:
+//!                                                 Error{ENCRYPTION} naming both settings, and close
+//!                                           <--   AuthOk{proof_s} under the key it found
+//!   finds the key proof_s verifies under
 //! ```
 //!
 //! `transcript = BLAKE3(payload(Hello) || payload(HelloAck))` binds the proofs to the negotiation (a man in the
 //! middle cannot downgrade the version or swap names);
-//! `proof_c = keyed_BLAKE3(key, "client" || nonce_c || nonce_s || transcript)`, `proof_s` likewise with
-//! `"server"`; `session = BLAKE3_derive_key("blockrep session v1", key || nonce_c || nonce_s || transcript)`.
-//! The server sends nothing derived from the key before it has verified the client's proof. Every later frame
-//! carries a MAC under the session key (see [`crate::frame`]).
+//! `proof = keyed_BLAKE3(key, "client" || nonce_c || nonce_s || transcript || encryption_c)` for each key the client
+//! holds (its current key, then during a rotation its next key), `proof_s` likewise with `"server"` under the key the
+//! server chose; `session = BLAKE3_derive_key("blockrep session v4", key || nonce_c || nonce_s || transcript ||
+//! encryption)`. The encryption setting is in every proof, so it cannot be changed on the way either. The server
+//! sends nothing derived from a key before it has verified the client's proof. Every later frame carries a MAC
+//! under the session key, or with `encryption = "aead"` is encrypted under it (see [`crate::frame`]).
+//!
+//! Key rotation ([`crate::key`]): the server tries its next key before its current one, so a session runs under
+//! the next key as soon as both nodes hold it; each side that sees its peer prove its next key (the server in
+//! `Auth`, the client in `AuthOk`) then finishes its rotation ([`KeySet::finish_rotation`]).
 //!
 //! The negotiation frames (Hello, HelloAck) use header version [`crate::frame::NEGOTIATION_VERSION`]; from
 //! `Auth` on, frames carry the chosen version.
@@ -23,8 +31,8 @@ use std::io::{Read, Write};
 
 use crate::conn::{ConnError, Connection};
 use crate::frame::{MAX_VERSION, MIN_VERSION};
-use crate::key::Key;
-use crate::message::{code, Hello, HelloAck, Message};
+use crate::key::{Key, KeyError, KeySet, KeySlot, KeyStore};
+use crate::message::{code, Auth, Encryption, Hello, HelloAck, Message};
 
 /// The message both sides give when the keys differ.
 pub const AUTH_FAILED_MESSAGE: &str =
@@ -64,6 +72,21 @@ pub enum HandshakeError {
     /// The keys differ (or the peer is an impostor).
     #[error("{AUTH_FAILED_MESSAGE}")]
     AuthFailed,
+    /// The nodes' `encryption` settings differ (the message names both).
+    #[error("{message}")]
+    EncryptionMismatch {
+        /// What differs, naming both nodes and settings.
+        message: String,
+    },
+    /// The server could not read its keys.
+    #[error("cannot load the key for the handshake with {peer}")]
+    Keys {
+        /// The peer's node name.
+        peer: String,
+        /// The key file error.
+        #[source]
+        source: KeyError,
+    },
     /// No random nonce could be had.
     #[error("cannot get random bytes from the operating system for the handshake nonce")]
     Random(#[source] std::io::Error),
@@ -75,6 +98,7 @@ pub struct HandshakeOptions {
     node: String,
     min_version: u16,
     max_version: u16,
+    encryption: Encryption,
     fixed_nonce: Option<[u8; 32]>,
 }
 
@@ -85,8 +109,15 @@ impl HandshakeOptions {
             node: node.to_owned(),
             min_version: MIN_VERSION,
             max_version: MAX_VERSION,
+            encryption: Encryption::None,
             fixed_nonce: None,
         }
+    }
+
+    /// Encrypts the session (`encryption = "aead"`) or not; both nodes must agree.
+    pub fn encryption(mut self, e: Encryption) -> Self {
+        self.encryption = e;
+        self
     }
 
     /// Claims to speak versions `min..=max` instead (tests of the negotiation).
@@ -130,27 +161,53 @@ fn transcript(hello: &Hello, ack: &HelloAck) -> Result<[u8; 32], ConnError> {
     Ok(*h.finalize().as_bytes())
 }
 
-fn proof(key: &Key, label: &[u8], nc: &[u8; 32], ns: &[u8; 32], transcript: &[u8; 32]) -> blake3::Hash {
+fn proof(key: &Key, label: &[u8], nc: &[u8; 32], ns: &[u8; 32], transcript: &[u8; 32], e: Encryption) -> blake3::Hash {
     let mut h = blake3::Hasher::new_keyed(key.as_bytes());
     h.update(label);
     h.update(nc);
     h.update(ns);
     h.update(transcript);
+    h.update(&[e.code()]);
     h.finalize()
 }
 
-fn session_key(key: &Key, nc: &[u8; 32], ns: &[u8; 32], transcript: &[u8; 32]) -> [u8; 32] {
-    let mut h = blake3::Hasher::new_derive_key("blockrep session v1");
+fn session_key(key: &Key, nc: &[u8; 32], ns: &[u8; 32], transcript: &[u8; 32], e: Encryption) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("blockrep session v4");
     h.update(key.as_bytes());
     h.update(nc);
     h.update(ns);
     h.update(transcript);
+    h.update(&[e.code()]);
     *h.finalize().as_bytes()
+}
+
+/// The message both sides give when the encryption settings differ.
+fn encryption_mismatch(client: &str, c: Encryption, server: &str, s: Encryption) -> String {
+    format!(
+        "encryption differs: node {client} (connecting) has encryption = \"{c}\", node {server} has encryption = \"{s}\"; \
+         set the same `encryption` in the configuration of both nodes"
+    )
+}
+
+/// After the peer proved this node's next key: finishes the rotation on disk, logged either way (a failure does not
+/// end the session, which runs under the new key; the next session tries again).
+fn finish_rotation(keys: &KeySet, peer: &str) -> Option<Result<bool, String>> {
+    let r = keys.finish_rotation();
+    let file = keys.file().map(|p| p.display().to_string()).unwrap_or_default();
+    let id = crate::key::key_id(keys.get(KeySlot::Next));
+    match &r {
+        Ok(true) => {
+            tracing::info!(%peer, key_file = %file, key_id = %id, "key rotation finished: the peer proved the next key, which is now the current key")
+        }
+        Ok(false) => {}
+        Err(e) => tracing::warn!(%peer, key_file = %file, "{}", link::error_chain(e)),
+    }
+    Some(r.map_err(|e| link::error_chain(&e)))
 }
 
 pub(crate) fn run_client<S: Read + Write>(
     conn: &mut Connection<S>,
-    key: &Key,
+    keys: &KeySet,
     opts: &HandshakeOptions,
 ) -> Result<(), ConnError> {
     let ours = (opts.min_version, opts.max_version);
@@ -179,28 +236,40 @@ pub(crate) fn run_client<S: Read + Write>(
     }
     conn.set_version(ack.version);
     let t = transcript(&hello, &ack)?;
-    let proof_c = proof(key, b"client", &hello.nonce, &ack.nonce, &t);
-    conn.send(&Message::Auth(*proof_c.as_bytes()))?;
-    match conn.recv() {
+    let enc = opts.encryption;
+    let proofs =
+        keys.slots().map(|(_, k)| *proof(k, b"client", &hello.nonce, &ack.nonce, &t, enc).as_bytes()).collect();
+    conn.send(&Message::Auth(Auth { encryption: enc, proofs }))?;
+    let slot = match conn.recv() {
         Ok(Some(Message::AuthOk(p))) => {
             // blake3::Hash compares in constant time.
-            if proof(key, b"server", &hello.nonce, &ack.nonce, &t) != blake3::Hash::from(p) {
-                return Err(HandshakeError::AuthFailed.into());
+            let p = blake3::Hash::from(p);
+            let found = keys.slots().find(|(_, k)| proof(k, b"server", &hello.nonce, &ack.nonce, &t, enc) == p);
+            match found {
+                Some((slot, _)) => slot,
+                None => return Err(HandshakeError::AuthFailed.into()),
             }
         }
         Ok(Some(Message::Error(e))) if e.code == code::AUTH => return Err(HandshakeError::AuthFailed.into()),
+        Ok(Some(Message::Error(e))) if e.code == code::ENCRYPTION => {
+            return Err(HandshakeError::EncryptionMismatch { message: e.message }.into())
+        }
         Ok(Some(Message::Error(e))) => return Err(ConnError::Remote { code: e.code, message: e.message }),
         Ok(Some(m)) => return Err(ConnError::Unexpected { expected: "AuthOk", got: m.frame_type() }),
         Ok(None) => return Err(ConnError::Closed { waiting_for: "the standby's answer to Auth" }),
         Err(e) => return Err(e),
+    };
+    let key = keys.get(slot);
+    conn.establish(ack.version, session_key(key, &hello.nonce, &ack.nonce, &t, enc), ack.node.clone(), enc, slot);
+    if slot == KeySlot::Next {
+        conn.rotation = finish_rotation(keys, &ack.node);
     }
-    conn.establish(ack.version, session_key(key, &hello.nonce, &ack.nonce, &t), ack.node);
     Ok(())
 }
 
 pub(crate) fn run_server<S: Read + Write>(
     conn: &mut Connection<S>,
-    key: &Key,
+    store: &dyn KeyStore,
     opts: &HandshakeOptions,
 ) -> Result<(), ConnError> {
     let hello = match conn.recv_expect("the client's Hello")? {
@@ -232,20 +301,43 @@ pub(crate) fn run_server<S: Read + Write>(
     };
     conn.set_version(version);
     let t = transcript(&hello, &ack)?;
-    let p = match conn.recv_expect("the client's Auth")? {
-        Message::Auth(p) => p,
+    let auth = match conn.recv_expect("the client's Auth")? {
+        Message::Auth(a) => a,
         m => {
             conn.send_error(code::PROTOCOL, &format!("expected Auth, got {}", m.frame_type()));
             return Err(ConnError::Unexpected { expected: "Auth", got: m.frame_type() });
         }
     };
-    if proof(key, b"client", &hello.nonce, &ack.nonce, &t) != blake3::Hash::from(p) {
+    // Read the keys now (not at start): a next key copied in while the daemon runs is used at once.
+    let keys = match store.keys_for(&hello.node) {
+        Ok(k) => k,
+        Err(source) => {
+            conn.send_error(code::FAILED, &format!("standby {} cannot load its key; see its log", opts.node));
+            return Err(HandshakeError::Keys { peer: hello.node, source }.into());
+        }
+    };
+    let (nc, ns, enc) = (&hello.nonce, &ack.nonce, auth.encryption);
+    // The next key first: the first session in which both nodes hold it runs under it.
+    let found = keys.slots().rev().find(|(_, k)| {
+        let expected = proof(k, b"client", nc, ns, &t, enc);
+        // blake3::Hash compares in constant time.
+        auth.proofs.iter().fold(false, |any, p| any | (expected == blake3::Hash::from(*p)))
+    });
+    let Some((slot, key)) = found else {
         conn.send_error(code::AUTH, AUTH_FAILED_MESSAGE);
         return Err(HandshakeError::AuthFailed.into());
+    };
+    if enc != opts.encryption {
+        let message = encryption_mismatch(&hello.node, enc, &opts.node, opts.encryption);
+        conn.send_error(code::ENCRYPTION, &message);
+        return Err(HandshakeError::EncryptionMismatch { message }.into());
     }
-    let proof_s = proof(key, b"server", &hello.nonce, &ack.nonce, &t);
+    let proof_s = proof(key, b"server", nc, ns, &t, enc);
     conn.send(&Message::AuthOk(*proof_s.as_bytes()))?;
-    conn.establish(version, session_key(key, &hello.nonce, &ack.nonce, &t), hello.node);
+    conn.establish(version, session_key(key, nc, ns, &t, enc), hello.node.clone(), enc, slot);
+    if slot == KeySlot::Next {
+        conn.rotation = finish_rotation(&keys, &hello.node);
+    }
     Ok(())
 }
 
@@ -264,11 +356,13 @@ mod tests {
     #[test]
     fn proofs_differ_by_role_key_and_transcript() {
         let k = Key([1; 32]);
-        let (nc, ns, t) = ([2; 32], [3; 32], [4; 32]);
-        let c = proof(&k, b"client", &nc, &ns, &t);
-        assert_ne!(c, proof(&k, b"server", &nc, &ns, &t));
-        assert_ne!(c, proof(&Key([9; 32]), b"client", &nc, &ns, &t));
-        assert_ne!(c, proof(&k, b"client", &nc, &ns, &[5; 32]));
-        assert_ne!(session_key(&k, &nc, &ns, &t), session_key(&k, &ns, &nc, &t));
+        let (nc, ns, t, e) = ([2; 32], [3; 32], [4; 32], Encryption::None);
+        let c = proof(&k, b"client", &nc, &ns, &t, e);
+        assert_ne!(c, proof(&k, b"server", &nc, &ns, &t, e));
+        assert_ne!(c, proof(&Key([9; 32]), b"client", &nc, &ns, &t, e));
+        assert_ne!(c, proof(&k, b"client", &nc, &ns, &[5; 32], e));
+        assert_ne!(c, proof(&k, b"client", &nc, &ns, &t, Encryption::Aead));
+        assert_ne!(session_key(&k, &nc, &ns, &t, e), session_key(&k, &ns, &nc, &t, e));
+        assert_ne!(session_key(&k, &nc, &ns, &t, e), session_key(&k, &nc, &ns, &t, Encryption::Aead));
     }
 }

@@ -7,22 +7,23 @@
 //! * [`frame`]: fixed header (magic, version, type, flags, length, sequence number, crc32), payload, MAC; two-phase
 //!   decoding ([`frame::check`], then [`frame::parse`]) with named `MAX_*` limits.
 //! * [`message`]: the payload of each frame type; extents with per-extent zstd compression when it pays.
-//! * [`handshake`]: version negotiation and mutual challenge-response authentication with the shared key, which
-//!   yields the session key for the MACs.
+//! * [`handshake`]: version negotiation and mutual challenge-response authentication with the shared key (either
+//!   key of a rotation in progress), which yields the session key for the MACs or, with `encryption = "aead"`, for
+//!   ChaCha20-Poly1305.
 //! * [`conn`]: a blocking [`Connection`] over a `TcpStream` (or any byte stream): vectored, copy-free sends,
 //!   buffered two-phase receives, send-rate cap, byte counters; [`connect`] and [`accept_handshake`].
 //! * [`client`]: [`RemoteTarget`], the primary's `TargetLink` over a connection; hash requests are pipelined (a
 //!   second thread receives the answers while the source sends).
 //! * [`server`]: [`serve_session`], the standby's per-connection dispatch loop over any `TargetLink`.
-//! * [`key`]: loading and generating the shared key file.
+//! * [`key`]: loading and generating the shared key file; [`KeySet`] (current and next key) and key rotation.
 //! * `fuzzing` (cargo feature `fuzzing`, on for `fuzz/` and this crate's tests): the entry points of the fuzz
 //!   targets in `fuzz/`.
 //!
 //! ```no_run
 //! use netproto::{connect, message::{Message, OpenVolume}};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let key = netproto::load_key("/etc/blockrep/key".as_ref())?;
-//! let mut conn = connect("standby:7420", &key, "primary", std::time::Duration::from_secs(10))?;
+//! let keys = netproto::KeySet::load("/etc/blockrep/key".as_ref())?;
+//! let mut conn = connect("standby:7420", &keys, "primary", std::time::Duration::from_secs(10))?;
 //! conn.send(&Message::OpenVolume(OpenVolume { name: "data".into(), source_size: 1 << 30, block_size: 65536 }))?;
 //! let info = conn.recv_expect("VolumeInfo")?;
 //! # let _ = info; Ok(()) }
@@ -47,8 +48,10 @@ pub use conn::{
     Connection, FrameSender, Stats,
 };
 pub use handshake::{HandshakeError, HandshakeOptions};
-pub use key::{generate_key, load_key, Key, KeyError};
-pub use message::Message;
+pub use key::{
+    generate_key, generate_next_key, key_id, load_key, next_key_path, Key, KeyError, KeyFile, KeySet, KeySlot, KeyStore,
+};
+pub use message::{Encryption, Message};
 pub use server::{serve_session, Refusal, SessionError, Standby};
 
 /// The zstd level used for extents unless configured otherwise (`[primary] compression_level`): chosen from the

@@ -58,6 +58,8 @@ pub mod code {
     pub const FAILED: u16 = 7;
     /// The standby is shutting down.
     pub const SHUTDOWN: u16 = 8;
+    /// The nodes' `encryption` settings differ.
+    pub const ENCRYPTION: u16 = 9;
 }
 
 /// Client's opening offer.
@@ -88,6 +90,61 @@ pub struct HelloAck {
     pub nonce: [u8; 32],
 }
 
+/// Most key proofs in one [`Auth`]: the current key and the next one during a key rotation.
+pub const MAX_AUTH_PROOFS: u8 = 2;
+
+/// Whether the session after the handshake is encrypted (`encryption` in the configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Encryption {
+    /// MAC only: the stream is authenticated but readable (zero-copy sends).
+    #[default]
+    None,
+    /// ChaCha20-Poly1305 over every payload.
+    Aead,
+}
+
+impl Encryption {
+    /// The configuration word: `none` or `aead`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encryption::None => "none",
+            Encryption::Aead => "aead",
+        }
+    }
+
+    /// The wire byte.
+    pub fn code(self) -> u8 {
+        match self {
+            Encryption::None => 0,
+            Encryption::Aead => 1,
+        }
+    }
+
+    /// The setting with wire byte `code`, if known.
+    pub fn from_code(code: u8) -> Option<Encryption> {
+        match code {
+            0 => Some(Encryption::None),
+            1 => Some(Encryption::Aead),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Encryption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Client's proof of its key (or keys, during a rotation) and its encryption setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Auth {
+    /// The client's `encryption` setting (bound into every proof).
+    pub encryption: Encryption,
+    /// One proof per key the client holds (1..=[`MAX_AUTH_PROOFS`]): the current key's, then the next key's.
+    pub proofs: Vec<Hash>,
+}
+
 /// A refusal or failure.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorMsg {
@@ -115,8 +172,8 @@ pub enum Message {
     Hello(Hello),
     /// See [`HelloAck`].
     HelloAck(HelloAck),
-    /// Client's proof of the key.
-    Auth([u8; 32]),
+    /// See [`Auth`].
+    Auth(Auth),
     /// Server's proof of the key.
     AuthOk([u8; 32]),
     /// See [`ErrorMsg`].
@@ -223,6 +280,14 @@ pub enum MessageError {
         value: u64,
         /// The limit.
         max: u64,
+    },
+    /// A list that must hold at least one item is empty.
+    #[error("{ty} message field `{field}` is empty; it needs at least one item")]
+    Empty {
+        /// Frame type.
+        ty: FrameType,
+        /// The field.
+        field: &'static str,
     },
     /// A string is not UTF-8.
     #[error("{ty} message field `{field}` is not valid UTF-8")]
@@ -527,7 +592,18 @@ impl Message {
                 w.str(ty, "node", &h.node, MAX_NAME_LEN)?;
                 w.hash(&h.nonce);
             }
-            Message::Auth(p) | Message::AuthOk(p) | Message::Commit(p) => w.hash(p),
+            Message::Auth(a) => {
+                w.u8(a.encryption.code());
+                if a.proofs.is_empty() {
+                    return Err(MessageError::Empty { ty, field: "proofs" });
+                }
+                limit(ty, "proofs", a.proofs.len() as u64, MAX_AUTH_PROOFS as u64)?;
+                w.u8(a.proofs.len() as u8);
+                for p in &a.proofs {
+                    w.hash(p);
+                }
+            }
+            Message::AuthOk(p) | Message::Commit(p) => w.hash(p),
             Message::Error(e) => {
                 w.u16(e.code);
                 w.str(ty, "message", &e.message, MAX_ERROR_LEN)?;
@@ -668,7 +744,18 @@ impl Message {
                 node: r.str("node", MAX_NAME_LEN)?,
                 nonce: r.hash("nonce")?,
             }),
-            FrameType::Auth => Message::Auth(r.hash("proof")?),
+            FrameType::Auth => {
+                let code = r.u8("encryption")?;
+                let encryption =
+                    Encryption::from_code(code).ok_or(MessageError::BadTag { ty, field: "encryption", value: code })?;
+                let n = r.u8("proofs")?;
+                limit(ty, "proofs", n as u64, MAX_AUTH_PROOFS as u64)?;
+                if n == 0 {
+                    return Err(MessageError::Empty { ty, field: "proofs" });
+                }
+                let proofs = (0..n).map(|_| r.hash("proof")).collect::<Result<_, _>>()?;
+                Message::Auth(Auth { encryption, proofs })
+            }
             FrameType::AuthOk => Message::AuthOk(r.hash("proof")?),
             FrameType::Error => {
                 Message::Error(ErrorMsg { code: r.u16("code")?, message: r.str("message", MAX_ERROR_LEN)? })
@@ -860,7 +947,9 @@ pub(crate) mod tests {
                     nonce
                 })
             ),
-            hash().prop_map(Message::Auth),
+            (any::<bool>(), proptest::collection::vec(hash(), 1..=MAX_AUTH_PROOFS as usize)).prop_map(|(e, proofs)| {
+                Message::Auth(Auth { encryption: if e { Encryption::Aead } else { Encryption::None }, proofs })
+            }),
             hash().prop_map(Message::AuthOk),
             (any::<u16>(), name(MAX_ERROR_LEN)).prop_map(|(code, message)| Message::Error(ErrorMsg { code, message })),
             (name(MAX_NAME_LEN), any::<u64>(), any::<u32>()).prop_map(|(name, source_size, block_size)| {

@@ -110,4 +110,8 @@ fn handshake_seeds_replay_a_full_session() {
     let count = fuzzing::handshake_session(&seed("server-full-session")).expect("handshake as server");
     assert_eq!(fuzzing::handshake_session(&seed("client-full-session")), Some(2), "handshake as client");
     assert!(count >= 10, "only {count} messages after the handshake");
+    // The same over an encrypted session: the target decrypts what the recorded peer sealed.
+    let sealed = fuzzing::handshake_session(&seed("server-full-session-aead")).expect("encrypted, as server");
+    assert_eq!(sealed, count, "the encrypted session carries the same messages");
+    assert_eq!(fuzzing::handshake_session(&seed("client-full-session-aead")), Some(2), "encrypted, as client");
 }

@@ -104,12 +104,12 @@ fn wrong_key_is_refused_on_both_sides_with_the_same_message() {
 fn version_mismatch_names_both_versions_on_both_sides() {
     let (l, addr) = listener();
     let server = serve_one(l, KEY, HandshakeOptions::new("standby"), drain);
-    // A node of the previous release (version 2: sub-block hashes were the pieces' own hashes) against this one.
-    let opts = HandshakeOptions::new("primary").versions(2, 2);
+    // A node of the previous release (version 3: one key proof, no encryption) against this one.
+    let opts = HandshakeOptions::new("primary").versions(3, 3);
     let e = netproto::connect_with(&addr, &KEY, &opts, TIMEOUT).unwrap_err();
-    assert_eq!(e.to_string(), "peer speaks protocol versions 3..3, this node 2..2; upgrade one side");
+    assert_eq!(e.to_string(), "peer speaks protocol versions 4..4, this node 3..3; upgrade one side");
     let e = server.join().unwrap().unwrap_err();
-    assert_eq!(e.to_string(), "peer speaks protocol versions 2..2, this node 3..3; upgrade one side");
+    assert_eq!(e.to_string(), "peer speaks protocol versions 3..3, this node 4..4; upgrade one side");
 }
 
 #[test]
@@ -216,7 +216,7 @@ fn proxy(target: String, fault: Fault) -> (String, JoinHandle<Vec<u8>>) {
                 _ => {}
             }
             if let Fault::RenameHello = fault {
-                let hello_len = (CLIENT_HANDSHAKE_LEN - 24 - 32) as usize;
+                let hello_len = (CLIENT_HANDSHAKE_LEN - (24 + 1 + 1 + 32)) as usize;
                 if log.len() < hello_len {
                     continue;
                 }
@@ -249,9 +249,9 @@ fn proxy(target: String, fault: Fault) -> (String, JoinHandle<Vec<u8>>) {
     (addr, h)
 }
 
-/// Length of the client's handshake frames (Hello with node name "primary", Auth): the first MAC'd frame starts
-/// there.
-const CLIENT_HANDSHAKE_LEN: u64 = (24 + 2 + 2 + 2 + 7 + 32) + (24 + 32);
+/// Length of the client's handshake frames (Hello with node name "primary", Auth with encryption, count and one
+/// proof): the first MAC'd frame starts there.
+const CLIENT_HANDSHAKE_LEN: u64 = (24 + 2 + 2 + 2 + 7 + 32) + (24 + 1 + 1 + 32);
 /// Length of the OpenVolume frame sent after the handshake.
 const OPEN_VOLUME_FRAME_LEN: u64 = 24 + (2 + 4 + 8 + 4) + 16;
 

@@ -81,6 +81,8 @@ struct Raw {
     version: Option<toml::Spanned<i64>>,
     node: String,
     key_file: PathBuf,
+    #[serde(default)]
+    encryption: Option<Spanned<String>>,
     #[serde(default = "default_state_dir")]
     state_dir: PathBuf,
     #[serde(default)]
@@ -245,8 +247,10 @@ pub struct Config {
     pub path: PathBuf,
     /// This node's name.
     pub node: String,
-    /// Shared key file.
+    /// Shared key file (its next key, during a rotation, is `KEYFILE.next`).
     pub key_file: PathBuf,
+    /// Whether sessions are encrypted (`encryption`; both nodes must agree).
+    pub encryption: netproto::Encryption,
     /// State directory (not on a replicated volume).
     pub state_dir: PathBuf,
     /// Standby listen address.
@@ -507,11 +511,23 @@ impl Config {
             ),
             None => None,
         };
+        let encryption = match &raw.encryption {
+            None => netproto::Encryption::None,
+            Some(e) => match e.get_ref().as_str() {
+                "none" => netproto::Encryption::None,
+                "aead" => netproto::Encryption::Aead,
+                other => {
+                    let key = key_at("encryption", e.span());
+                    return Err(bad(format!("{key}: encryption {other:?} is unknown: use \"none\" or \"aead\"")));
+                }
+            },
+        };
         let primary = raw.primary.as_ref();
         Ok(Config {
             path: path.to_owned(),
             node: raw.node,
             key_file: raw.key_file,
+            encryption,
             state_dir: raw.state_dir,
             listen,
             peer: primary.map(|p| p.peer.get_ref().clone()),
@@ -542,6 +558,16 @@ impl Config {
                     .ok_or_else(|| ConfigError::UnknownVolume { name: n.clone(), path: self.path.clone() })
             })
             .collect()
+    }
+
+    /// What this node says in a handshake: its name and its `encryption`.
+    pub fn handshake_options(&self) -> netproto::HandshakeOptions {
+        netproto::HandshakeOptions::new(&self.node).encryption(self.encryption)
+    }
+
+    /// This node's keys: `key_file` and, during a rotation, `KEYFILE.next`.
+    pub fn keys(&self) -> Result<netproto::KeySet, netproto::KeyError> {
+        netproto::KeySet::load(&self.key_file)
     }
 
     /// This node's state layout.
@@ -727,6 +753,17 @@ mod tests {
             let e = link::error_chain(&Config::parse(&format!("{base}{text}"), Path::new("c.toml")).unwrap_err());
             assert!(e.contains(needle), "{needle}: {e}");
         }
+    }
+
+    #[test]
+    fn encryption_is_none_or_aead() {
+        let text = "node = \"a\"\nkey_file = \"/k\"\nencryption = \"aes\"\n";
+        let e = Config::parse(text, Path::new("c.toml")).unwrap_err().to_string();
+        assert!(e.contains("encryption (line 3)") && e.contains("\"none\" or \"aead\""), "{e}");
+        let c = Config::parse("node = \"a\"\nkey_file = \"/k\"\nencryption = \"aead\"\n", Path::new("c.toml")).unwrap();
+        assert_eq!(c.encryption, netproto::Encryption::Aead);
+        let c = Config::parse("node = \"a\"\nkey_file = \"/k\"\n", Path::new("c.toml")).unwrap();
+        assert_eq!(c.encryption, netproto::Encryption::None, "the default stays the MAC'd stream");
     }
 
     #[test]

@@ -285,6 +285,16 @@ pub fn generate_key(path: &std::path::Path, force: bool) -> Result<(), Error> {
     Ok(())
 }
 
+/// Starts a key rotation (`keygen --rotate`): writes a new random key to `path.next` (mode 0600) beside the current
+/// key file `path`, which must exist; an existing next key is replaced only with `force`. Returns the fingerprints
+/// of the current and the next key.
+pub fn generate_next_key(path: &std::path::Path, force: bool) -> Result<(String, String), Error> {
+    let (current, next) = netproto::generate_next_key(path, force)?;
+    Ok((netproto::key_id(&current), netproto::key_id(&next)))
+}
+
+pub use netproto::next_key_path;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -208,9 +208,10 @@ pub fn connect(cfg: &Config) -> Result<netproto::Connection, Error> {
         path: cfg.path.clone(),
         what: "[primary] peer address of the standby",
     })?;
-    let key = netproto::load_key(&cfg.key_file)?;
-    let conn = netproto::connect(peer, &key, &cfg.node, Duration::from_secs(cfg.connect_timeout_s))
-        .map_err(PrimaryError::from)?;
+    let keys = cfg.keys()?;
+    let conn =
+        netproto::connect_with(peer, &keys, &cfg.handshake_options(), Duration::from_secs(cfg.connect_timeout_s))
+            .map_err(PrimaryError::from)?;
     Ok(conn)
 }
 

@@ -236,8 +236,9 @@ impl role::Guards for NodeGuards<'_> {
 /// A connection to the other node's `blockrep serve` for role queries.
 fn peer_conn(cfg: &Config, connect_timeout: Duration, timeout: Duration) -> Result<netproto::Connection, String> {
     let addr = cfg.standby_peer.as_deref().ok_or("no peer address configured ([standby] peer)")?;
-    let key = netproto::load_key(&cfg.key_file).map_err(|e| e.to_string())?;
-    let conn = netproto::connect(addr, &key, &cfg.node, connect_timeout).map_err(|e| link::error_chain(&e))?;
+    let keys = cfg.keys().map_err(|e| e.to_string())?;
+    let conn = netproto::connect_with(addr, &keys, &cfg.handshake_options(), connect_timeout)
+        .map_err(|e| link::error_chain(&e))?;
     conn.set_timeout(Some(timeout)).map_err(|e| e.to_string())?;
     Ok(conn)
 }

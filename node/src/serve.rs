@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use engine::target::{Target, TargetOptions};
 use link::{BeginAck, BeginPlan, BlockHash, CommitAck, Extent, LinkError, TargetInfo, TargetLink};
 use netproto::message::{self as m, code};
-use netproto::{ConnError, Key, Refusal, SessionError};
+use netproto::{ConnError, Refusal, SessionError};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
@@ -174,7 +174,8 @@ fn hold_shadows(cfg: &Config) -> Result<HashMap<String, Hold>, Error> {
 #[derive(Debug)]
 struct Shared {
     cfg: Config,
-    key: Key,
+    /// `key_file`, read again at each handshake (a next key copied in while `serve` runs is used at once).
+    keys: netproto::KeyFile,
     io: engine::volume::IoOptions,
     busy: Arc<Mutex<HashSet<String>>>,
     /// A clone of every open connection's socket, so that a stop can cut its read side.
@@ -347,7 +348,8 @@ impl Stopper {
 impl Server {
     /// Loads the key and binds `listen` (or the configured `[standby] listen`).
     pub fn bind(cfg: Config, listen: Option<SocketAddr>, io: engine::volume::IoOptions) -> Result<Server, Error> {
-        let key = netproto::load_key(&cfg.key_file)?;
+        cfg.keys()?; // refuse to start with a missing or unsafe key file
+        let keys = netproto::KeyFile(cfg.key_file.clone());
         crate::retain::check_config(&cfg)?;
         let addr = listen.or(cfg.listen).ok_or_else(|| ConfigError::Missing {
             path: cfg.path.clone(),
@@ -357,7 +359,7 @@ impl Server {
         listener.set_nonblocking(true).map_err(ServeError::Listener)?;
         let shared = Arc::new(Shared {
             cfg,
-            key,
+            keys,
             io,
             busy: Arc::new(Mutex::new(HashSet::new())),
             streams: Mutex::new(HashMap::new()),
@@ -580,7 +582,7 @@ fn session(
     hs_permit: OwnedSemaphorePermit,
     handshake_done: tokio::sync::oneshot::Sender<()>,
 ) {
-    let conn = netproto::accept_handshake(stream, &shared.key, &shared.cfg.node);
+    let conn = netproto::accept_handshake_with(stream, &shared.keys, &shared.cfg.handshake_options());
     drop(hs_permit);
     let _ = handshake_done.send(());
     let mut conn = match conn {

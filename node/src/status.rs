@@ -243,6 +243,45 @@ pub struct PeerStatus {
     pub error: Option<String>,
 }
 
+/// The state of a key rotation on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rotation {
+    /// No next key (`KEYFILE.next` absent).
+    None,
+    /// A next key is present, not yet confirmed by the peer (the peer has not proved it in a handshake).
+    Pending,
+    /// The peer proved the next key (in this status's probe of the peer); that handshake finished the rotation on
+    /// this node unless `detail` says otherwise.
+    Confirmed,
+}
+
+impl Rotation {
+    /// `none`, `pending` or `confirmed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rotation::None => "none",
+            Rotation::Pending => "pending",
+            Rotation::Confirmed => "confirmed",
+        }
+    }
+}
+
+/// This node's key (`key_file`) and its rotation.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyStatus {
+    /// The key file.
+    pub file: std::path::PathBuf,
+    /// Fingerprint of the current key (compare with the other node's), `None` if it cannot be read.
+    pub id: Option<String>,
+    /// Fingerprint of the next key during a rotation.
+    pub next_id: Option<String>,
+    /// The rotation state.
+    pub rotation: Rotation,
+    /// What the rotation state means here, or why the key file cannot be read.
+    pub detail: String,
+}
+
 /// One service of this node.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServiceStatus {
@@ -272,6 +311,8 @@ pub struct NodeStatus {
     pub volumes: Vec<VolumeStatus>,
     /// The peer (not asked for the metrics).
     pub peer: Option<PeerStatus>,
+    /// The key and the state of a key rotation.
+    pub key: KeyStatus,
     /// The `[role]` services of this node.
     pub services: Vec<ServiceStatus>,
     /// The alarms raised.
@@ -393,7 +434,13 @@ pub fn status_with(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error> 
     } else {
         ReplicationState::Ok
     };
-    let peer = o.probe_peer.then(|| probe_peer(cfg)).flatten();
+    // The keys before the probe: the probe's handshake may finish a rotation.
+    let keys_before = cfg.keys();
+    let (peer, slot) = match o.probe_peer.then(|| probe_peer(cfg)).flatten() {
+        Some((p, s)) => (Some(p), s),
+        None => (None, None),
+    };
+    let key = key_status(cfg, keys_before, slot);
     let mut judged = alarms::judge_standing(cfg, Some(st.role), &volumes);
     if let Some(p) = &peer {
         // Only the primary needs its standby.
@@ -425,11 +472,57 @@ pub fn status_with(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error> 
         running,
         volumes,
         peer,
+        key,
         services,
         alarms,
         maintenance_locks,
         maintenance_lock_error,
     })
+}
+
+/// The key status from the keys read before the peer probe and the key slot of the probe's session.
+fn key_status(
+    cfg: &Config,
+    before: Result<netproto::KeySet, netproto::KeyError>,
+    probe: Option<(netproto::KeySlot, Option<Result<bool, String>>)>,
+) -> KeyStatus {
+    let file = cfg.key_file.clone();
+    let before = match before {
+        Ok(k) => k,
+        Err(e) => {
+            let detail = link::error_chain(&e);
+            return KeyStatus { file, id: None, next_id: None, rotation: Rotation::None, detail };
+        }
+    };
+    let now = cfg.keys().unwrap_or_else(|_| before.clone());
+    let (id, next_id) = (Some(netproto::key_id(now.current())), now.next().map(netproto::key_id));
+    let Some(next) = before.next() else {
+        let detail = "no key rotation in progress".to_owned();
+        return KeyStatus { file, id, next_id, rotation: Rotation::None, detail };
+    };
+    let next = netproto::key_id(next);
+    let next_path = netproto::next_key_path(&cfg.key_file);
+    let (rotation, detail) = match probe {
+        Some((netproto::KeySlot::Next, finished)) => (
+            Rotation::Confirmed,
+            match finished {
+                Some(Err(e)) => format!("the peer proved the next key {next}, but it could not be made current: {e}"),
+                _ => format!("the peer proved the next key {next}; it is now the current key of this node"),
+            },
+        ),
+        Some(_) => (
+            Rotation::Pending,
+            format!(
+                "next key {next} present ({}), not yet confirmed by the peer: copy it to the other node's key_file                  with the suffix .next",
+                next_path.display()
+            ),
+        ),
+        None => (
+            Rotation::Pending,
+            format!("next key {next} present ({}), not confirmed by the peer (not asked)", next_path.display()),
+        ),
+    };
+    KeyStatus { file, id, next_id, rotation, detail }
 }
 
 /// The other node's address: the standby from a primary (volumes with a source), else `[standby] peer`.
@@ -441,16 +534,22 @@ fn peer_address(cfg: &Config) -> Option<&str> {
     }
 }
 
-fn probe_peer(cfg: &Config) -> Option<PeerStatus> {
+/// The peer's status, and the key slot of the probe's session (with what finishing a rotation did).
+type ProbeKeys = Option<(netproto::KeySlot, Option<Result<bool, String>>)>;
+
+fn probe_peer(cfg: &Config) -> Option<(PeerStatus, ProbeKeys)> {
     let address = peer_address(cfg)?.to_owned();
+    let mut slot = None;
     // The error, and whether the peer answered at all (a refusal or a timeout after connecting means it is up).
-    let ask = || -> Result<role::Role, (bool, String)> {
-        let key = netproto::load_key(&cfg.key_file).map_err(|e| (false, e.to_string()))?;
-        let mut conn = netproto::connect(&address, &key, &cfg.node, PEER_TIMEOUT).map_err(|e| {
-            let unreachable =
-                matches!(e, netproto::ConnError::Unreachable { .. } | netproto::ConnError::Timeout { .. });
-            (!unreachable, link::error_chain(&e))
-        })?;
+    let mut ask = || -> Result<role::Role, (bool, String)> {
+        let keys = cfg.keys().map_err(|e| (false, e.to_string()))?;
+        let mut conn =
+            netproto::connect_with(&address, &keys, &cfg.handshake_options(), PEER_TIMEOUT).map_err(|e| {
+                let unreachable =
+                    matches!(e, netproto::ConnError::Unreachable { .. } | netproto::ConnError::Timeout { .. });
+                (!unreachable, link::error_chain(&e))
+            })?;
+        slot = Some((conn.key_slot(), conn.rotation().cloned()));
         let up = |e: netproto::ConnError| (true, link::error_chain(&e));
         conn.set_timeout(Some(PEER_TIMEOUT)).map_err(up)?;
         conn.send(&netproto::Message::RoleReq).map_err(up)?;
@@ -459,10 +558,11 @@ fn probe_peer(cfg: &Config) -> Option<PeerStatus> {
             other => Err((true, format!("unexpected answer {}", other.frame_type()))),
         }
     };
-    Some(match ask() {
+    let peer = match ask() {
         Ok(r) => PeerStatus { address, reachable: true, role: Some(r), error: None },
         Err((reachable, e)) => PeerStatus { address, reachable, role: None, error: Some(e) },
-    })
+    };
+    Some((peer, slot))
 }
 
 /// The `[role]` services: `systemctl is-active` for units, `unknown` for hooks or without systemctl.

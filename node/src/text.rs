@@ -72,6 +72,15 @@ impl fmt::Display for NodeStatus {
                 (None, None) => writeln!(f, "peer {}: unknown", p.address)?,
             }
         }
+        let k = &s.key;
+        let rotation = match k.rotation {
+            crate::status::Rotation::None => "none".to_owned(),
+            r => format!("{} ({})", r.as_str(), k.detail),
+        };
+        match &k.id {
+            Some(id) => writeln!(f, "key {}: id {id}; rotation: {rotation}", k.file.display())?,
+            None => writeln!(f, "key {}: UNREADABLE ({})", k.file.display(), k.detail)?,
+        }
         for sv in &s.services {
             writeln!(f, "service {} ({}): {}", sv.name, sv.runs_on, sv.state)?;
         }
