@@ -223,10 +223,11 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     for enc in [Encryption::None, Encryption::Aead] {
         let (client_log, server_log) = seed_session(enc);
         let suffix = if enc == Encryption::Aead { "-aead" } else { "" };
-        let mut s = vec![(enc == Encryption::Aead) as u8 * 2];
+        let aead_bit = if enc == Encryption::Aead { 2 } else { 0 };
+        let mut s = vec![aead_bit];
         s.extend_from_slice(&client_log);
         out.push(("handshake", format!("server-full-session{suffix}"), s));
-        let mut c = vec![1 | (enc == Encryption::Aead) as u8 * 2];
+        let mut c = vec![1 | aead_bit];
         c.extend_from_slice(&server_log);
         out.push(("handshake", format!("client-full-session{suffix}"), c));
     }

@@ -84,7 +84,17 @@ fn fail<S: Read + Write>(conn: &mut Connection<S>, e: LinkError, default: u16) -
 pub fn serve_session<S: Read + Write, N: Standby>(conn: &mut Connection<S>, node: &N) -> Result<(), SessionError> {
     let mut open: Option<N::Target> = None;
     loop {
-        let Some(msg) = conn.recv()? else { return Ok(()) };
+        let msg = match conn.recv() {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(()),
+            Err(e @ ConnError::Frame(_)) => {
+                // Altered, forged or replayed: say so before closing, so the primary reports this instead of a
+                // broken pipe.
+                conn.send_error(code::PROTOCOL, &format!("the standby refused a frame: {e}"));
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
         let reply = match (msg, open.as_mut()) {
             (Message::OpenVolume(o), _) => {
                 drop(open.take()); // release the previous volume before opening another

@@ -89,7 +89,7 @@ fn handshake_then_request_and_answer() {
 fn wrong_key_is_refused_on_both_sides_with_the_same_message() {
     let (l, addr) = listener();
     let server = serve_one(l, Key([1; 32]), HandshakeOptions::new("standby"), drain);
-    let e = netproto::connect(&addr, &Key([2; 32]), "primary", TIMEOUT).unwrap_err();
+    let e = netproto::connect(&addr, Key([2; 32]), "primary", TIMEOUT).unwrap_err();
     assert!(matches!(e, ConnError::Handshake(HandshakeError::AuthFailed)), "{e:?}");
     assert_eq!(e.to_string(), AUTH_FAILED_MESSAGE);
     let e = server.join().unwrap().unwrap_err();

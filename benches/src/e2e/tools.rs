@@ -29,6 +29,9 @@ pub enum Tool {
     /// blockrep with `[primary] compression_level` set to this level (0: compression off); `blockrep-zN` on the
     /// command line. Not in [`Tool::ALL`]: asked for by name, to compare compression settings in one run.
     BlockrepLevel(i32),
+    /// blockrep with `encryption = "aead"` on both nodes (ChaCha20-Poly1305 over the session); not in
+    /// [`Tool::ALL`]: asked for by name (`blockrep-aead`), to compare with `blockrep` in one run.
+    BlockrepAead,
 }
 
 /// One-way delay of the relay of [`Tool::BlockrepRtt`], in milliseconds (20 ms round trip).
@@ -49,6 +52,7 @@ impl Tool {
             Tool::BlockrepCompare => "blockrep-compare".into(),
             Tool::BlockrepRtt => "blockrep-rtt20".into(),
             Tool::BlockrepLevel(l) => format!("blockrep-z{l}"),
+            Tool::BlockrepAead => "blockrep-aead".into(),
         }
     }
 
@@ -59,10 +63,13 @@ impl Tool {
                 return Ok(Tool::BlockrepLevel(l));
             }
         }
+        if s == "blockrep-aead" {
+            return Ok(Tool::BlockrepAead);
+        }
         Tool::ALL.into_iter().find(|t| t.name() == s).ok_or_else(|| {
             format!(
                 "tool {s:?} is unknown: use blockrep, blockrep-compare, blockrep-rtt20, blockrep-zN (compression \
-                 level N, 0 = off, up to 19), rsync, tcp-copy or socat"
+                 level N, 0 = off, up to 19), blockrep-aead (encrypted session), rsync, tcp-copy or socat"
             )
         })
     }
@@ -71,13 +78,21 @@ impl Tool {
     pub fn incremental(self) -> bool {
         matches!(
             self,
-            Tool::Blockrep | Tool::Rsync | Tool::BlockrepCompare | Tool::BlockrepRtt | Tool::BlockrepLevel(_)
+            Tool::Blockrep
+                | Tool::Rsync
+                | Tool::BlockrepCompare
+                | Tool::BlockrepRtt
+                | Tool::BlockrepLevel(_)
+                | Tool::BlockrepAead
         )
     }
 
     /// Whether it runs the blockrep binary (and needs blockrep's state of the initial sync).
     pub fn is_blockrep(self) -> bool {
-        matches!(self, Tool::Blockrep | Tool::BlockrepCompare | Tool::BlockrepRtt | Tool::BlockrepLevel(_))
+        matches!(
+            self,
+            Tool::Blockrep | Tool::BlockrepCompare | Tool::BlockrepRtt | Tool::BlockrepLevel(_) | Tool::BlockrepAead
+        )
     }
 
     /// Whether it runs in the initial full sync (the blockrep variants only differ in incremental syncs).
@@ -163,11 +178,13 @@ impl Env {
         std::fs::write(self.work.join("rsyncd.conf"), conf).map_err(|e| format!("cannot write rsyncd.conf: {e}"))
     }
 
-    fn blockrep_config(&self, side: char, peer: &str, level: Option<i32>) -> Result<PathBuf, String> {
+    fn blockrep_config(&self, side: char, peer: &str, level: Option<i32>, aead: bool) -> Result<PathBuf, String> {
         let bs = self.block_size.as_ref().map(|b| format!("block_size = \"{b}\"\n")).unwrap_or_default();
         let z = level.map(|l| format!("compression_level = {l}\n")).unwrap_or_default();
+        let enc = if aead { "aead" } else { "none" };
         let text = format!(
-            "node = \"bench-{side}\"\nkey_file = {:?}\nstate_dir = {:?}\n[standby]\nlisten = \"127.0.0.1:0\"\n\
+            "node = \"bench-{side}\"\nkey_file = {:?}\nencryption = \"{enc}\"\nstate_dir = {:?}\n\
+             [standby]\nlisten = \"127.0.0.1:0\"\n\
              [primary]\npeer = \"{peer}\"\n{z}[[volume]]\nname = \"vol\"\nsource = {:?}\nshadow = {:?}\n{bs}",
             self.work.join("key"),
             self.state("", side),
@@ -183,10 +200,11 @@ impl Env {
     pub fn run(&self, tool: Tool) -> Result<Outcome, String> {
         let before = self.link.as_ref().map(|l| l.tx_bytes());
         let mut o = match tool {
-            Tool::Blockrep => self.run_blockrep(false, false, None),
-            Tool::BlockrepCompare => self.run_blockrep(true, false, None),
-            Tool::BlockrepRtt => self.run_blockrep(false, true, None),
-            Tool::BlockrepLevel(l) => self.run_blockrep(false, false, Some(l)),
+            Tool::Blockrep => self.run_blockrep(false, false, None, false),
+            Tool::BlockrepCompare => self.run_blockrep(true, false, None, false),
+            Tool::BlockrepRtt => self.run_blockrep(false, true, None, false),
+            Tool::BlockrepLevel(l) => self.run_blockrep(false, false, Some(l), false),
+            Tool::BlockrepAead => self.run_blockrep(false, false, None, true),
             Tool::Rsync => self.run_rsync(),
             Tool::TcpCopy => self.run_tcp_copy(),
             Tool::Socat => self.run_socat(),
@@ -218,9 +236,9 @@ impl Env {
     }
 
     /// `compare`: `sync --verify`; `delayed`: through the delaying relay; `level`: `compression_level` (None:
-    /// blockrep's default).
-    fn run_blockrep(&self, compare: bool, delayed: bool, level: Option<i32>) -> Result<Outcome, String> {
-        let scfg = self.blockrep_config('s', "127.0.0.1:1", None)?;
+    /// blockrep's default); `aead`: `encryption = "aead"` on both sides.
+    fn run_blockrep(&self, compare: bool, delayed: bool, level: Option<i32>, aead: bool) -> Result<Outcome, String> {
+        let scfg = self.blockrep_config('s', "127.0.0.1:1", None, aead)?;
         let mut serve = self
             .sides
             .recv(&self.blockrep.to_string_lossy(), &self.usage_file("serve"))
@@ -257,7 +275,7 @@ impl Env {
         } else {
             addr
         };
-        let pcfg = self.blockrep_config('p', &addr, level)?;
+        let pcfg = self.blockrep_config('p', &addr, level, aead)?;
         let t = Instant::now();
         let mut args = vec!["sync", "--json"];
         if compare {
