@@ -15,7 +15,7 @@ pub enum ExitCode {
     PeerUnreachable = 3,
     /// 4: refused because it is unsafe (stale data, peer still active, virtual IP in use).
     Unsafe = 4,
-    /// 5: refused by the peer (wrong key, protocol version).
+    /// 5: refused by the peer (wrong key, protocol version, different `encryption`).
     RefusedByPeer = 5,
 }
 
