@@ -35,11 +35,12 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::durable::{Durable, Gate, Op};
 use crate::generations::{self, Evidence};
 use crate::hash::{self, BlockHash, HashError, ZeroHashes, SUB_BLOCK_SIZE};
-use crate::io::{AlignedBuf, BufPool};
+use crate::io::{AlignedBuf, BufPool, EngineKind};
 use crate::manifest::{self, Manifest, ManifestError, ManifestWriter};
 use crate::spool::{self, Record, RecordKind, Scan, SpoolError, SpoolHeader, SpoolWriter};
 use crate::sync::{BeginAck, BeginPlan, CommitAck, Extent, ExtentData, LinkError, PendingInfo, TargetInfo, TargetLink};
@@ -47,9 +48,12 @@ use crate::volume::{Access, IoOptions, Volume, VolumeError};
 use link::error_chain;
 use link::PlanMode;
 
+mod ahead;
 mod state;
 #[cfg(test)]
 mod tests;
+
+use ahead::AheadHasher;
 
 use state::StateFile;
 pub use state::{decode_state, Distrust};
@@ -447,6 +451,9 @@ struct Session {
     pieces: std::collections::BTreeMap<u64, Vec<BlockHash>>,
     /// The retention's [`Retention::prepare`] running since `begin`; joined before the commit preserves.
     prepared: Option<std::thread::JoinHandle<()>>,
+    /// In a compare sync with nothing spooled before it: the shadow's block hashes, computed ahead on a thread
+    /// of its own from `begin` on (see `target/ahead.rs`; used only for blocks at or after `end`).
+    ahead: Option<AheadHasher>,
 }
 
 /// Most piece fingerprints a session keeps (32 MiB; with a pipelined source only the blocks between the newest
@@ -480,7 +487,8 @@ pub struct Target {
     shadow_path: PathBuf,
     state_dir: PathBuf,
     opts: TargetOptions,
-    shadow: Volume,
+    /// Shared with a compare session's read-ahead hasher.
+    shadow: Arc<Volume>,
     manifest: Option<Manifest>,
     manifest_problem: Option<String>,
     state: StateFile,
@@ -517,7 +525,7 @@ impl Target {
             shadow_path: shadow.to_owned(),
             state_dir: state_dir.to_owned(),
             opts,
-            shadow: volume,
+            shadow: Arc::new(volume),
             manifest: None,
             manifest_problem: None,
             state: StateFile::default(),
@@ -1163,6 +1171,12 @@ impl Target {
                 ),
             }
         };
+        // A compare sync asks for every block's hash in order: hash the shadow from now on, while the source
+        // scans. Not after a resume: the spooled records would have to be overlaid.
+        let ahead = (plan.mode == PlanMode::Compare && !resumed).then(|| {
+            let mmap = self.opts.io.engine == EngineKind::Auto;
+            AheadHasher::start(self.shadow.clone(), plan.volume_size, plan.block_size, mmap, &self.opts.volume)
+        });
         // Extents of this session come in increasing order; a resumed session may start anywhere, as it may
         // overwrite what an earlier session spooled.
         self.session = Some(Session {
@@ -1174,6 +1188,7 @@ impl Target {
             zeros: ZeroHashes::new(plan.block_size),
             pieces: Default::default(),
             prepared: if in_place { None } else { self.prepare() },
+            ahead,
         });
         tracing::debug!(volume = %self.opts.volume, generation = plan.generation, in_place, resumed, "transfer begun");
         Ok(BeginAck { resumed, in_place })
@@ -1323,6 +1338,16 @@ impl Target {
         let end = first + count as u64;
         let mut b = first;
         while b < end {
+            let s = self.session.as_mut().expect("checked above");
+            // A block no extent has reached yet: the read-ahead hasher's hash of the shadow is its hash.
+            if s.dirty.get(b) && b * bs as u64 >= s.end {
+                if let Some(h) = s.ahead.as_mut().and_then(|a| a.take(b)) {
+                    s.next.set(b, &h);
+                    s.dirty.set(b, false);
+                    b += 1;
+                    continue;
+                }
+            }
             let s = self.session.as_ref().expect("checked above");
             let mut run_end = b;
             while run_end < end && run_end - b < per_read && s.dirty.get(run_end) {
@@ -1374,6 +1399,8 @@ impl Target {
     /// Commits the transfer if its content hashes to `root` (see the module docs for the protocol).
     fn commit_impl(&mut self, root: BlockHash) -> Result<CommitAck, TargetError> {
         self.session("commit")?;
+        // Every hash was asked for: stop the read-ahead hasher (if any) before the shadow is written.
+        self.session.as_mut().expect("checked").ahead = None;
         self.session.as_mut().expect("checked").settle(u64::MAX);
         let dirty: Vec<u64> = self.session.as_ref().expect("checked").dirty.iter().collect();
         for b in dirty {

@@ -17,11 +17,13 @@ USAGE: e2e [OPTIONS]
   --fractions LIST     changed percentages [default 0,0.1,1,10,100]
   --reps N             repetitions per case and tool [default 3; --quick: 1]
   --tools LIST         blockrep,blockrep-compare,blockrep-rtt20,rsync,tcp-copy,socat [default all];
-                       also blockrep-zN: blockrep with compression_level = N (0 = off), e.g. blockrep-z0,blockrep-z1
+                       also blockrep-zN: blockrep with compression_level = N (0 = off), e.g. blockrep-z0,blockrep-z1;
+                       blockrep@base, blockrep-compare@base: those rows with the --blockrep-base binary
   --out DIR            CSV, report.md and incremental.png go here [default target/bench]
   --work DIR           where the images live [default a new directory in /var/tmp, deleted at the end]
   --keep               keep the work directory
   --blockrep PATH      the blockrep binary [default: blockrep next to this binary's target dir, release first]
+  --blockrep-base PATH another blockrep binary for the @base rows (before/after in one interleaved run)
   --block-size SIZE    blockrep volume block size [default blockrep's]
   --seed N             seed of image and changes [default 1]
   --link RATE          run across two network namespaces joined by a veth limited to RATE (tc tbf, e.g. 1gbit;
@@ -76,6 +78,7 @@ fn parse(args: Vec<String>) -> Result<Options, String> {
         work: None,
         tools: Tool::ALL.to_vec(),
         blockrep: default_blockrep(),
+        blockrep_base: None,
         link: None,
         pin_sides: false,
         seed: 1,
@@ -109,6 +112,7 @@ fn parse(args: Vec<String>) -> Result<Options, String> {
             "--work" => o.work = Some(PathBuf::from(val()?)),
             "--keep" => o.keep = true,
             "--blockrep" => o.blockrep = PathBuf::from(val()?),
+            "--blockrep-base" => o.blockrep_base = Some(PathBuf::from(val()?)),
             "--block-size" => o.block_size = Some(val()?),
             "--seed" => o.seed = val()?.parse().map_err(|_| "--seed needs an integer")?,
             "--link" => o.link = Some(val()?),

@@ -36,6 +36,8 @@ pub struct Options {
     pub tools: Vec<Tool>,
     /// The blockrep binary.
     pub blockrep: PathBuf,
+    /// The binary of the `@base` rows.
+    pub blockrep_base: Option<PathBuf>,
     /// `--link RATE`: run across two namespaces joined by a tbf-limited veth.
     pub link: Option<String>,
     /// Seed of the image and the changes.
@@ -265,6 +267,7 @@ pub fn run(opts: Options) -> Result<Results, String> {
     let env = Env {
         work: work.clone(),
         blockrep: opts.blockrep.clone(),
+        blockrep_base: opts.blockrep_base.clone(),
         sides: procs::Sides {
             pin: opts.pin_sides,
             ..link.as_ref().map(|l| l.sides.clone()).unwrap_or_else(|| procs::Sides::loopback(self_exe.clone()))
@@ -399,10 +402,11 @@ fn report_one(case: &str, fraction: f64, tool: Tool, rep: usize, r: &Result<tool
     let what = format!("{case} {:>7.3}% {:<9} rep {rep}", fraction * 100.0, tool.name());
     match r {
         Ok(o) if ok => say(&format!(
-            "{what}: {:.3} s, {} bytes on the wire, {:.2} CPU s, {} MiB peak RSS",
+            "{what}: {:.3} s, {} bytes on the wire, {:.2} CPU s{}, {} MiB peak RSS",
             o.wall_s,
             o.wire_bytes,
             o.usage.cpu_s,
+            o.cpu_sides.map(|(p, s)| format!(" (primary {p:.2} + standby {s:.2})")).unwrap_or_default(),
             o.usage.max_rss_kb / 1024
         )),
         Ok(o) => say(&format!("{what}: {:.3} s but TARGET MISMATCH: the target differs from the source!", o.wall_s)),

@@ -171,6 +171,14 @@ pub fn ratios(r: &Results, rows: &[Row]) -> Vec<Ratio> {
         "<= 1.5",
         |v| v <= 1.5,
     );
+    if let Some(v) = inc(Tool::BlockrepCompareBase).zip(inc(Tool::BlockrepBase)).map(|(c, b)| c.wall.0 / b.wall.0) {
+        push(
+            "the same with the --blockrep-base binary (blockrep-compare@base / blockrep@base)",
+            Some(v),
+            "<= 1.5",
+            |v| v <= 1.5,
+        );
+    }
     push(
         "compare sync, 1% scattered 4 KiB: bytes the primary sends / changed bytes (hashes come back the other way)",
         inc(Tool::BlockrepCompare).map(|b| b.wire_bytes as f64 / b.changed_bytes as f64),

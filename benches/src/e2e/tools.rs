@@ -32,6 +32,11 @@ pub enum Tool {
     /// blockrep with `encryption = "aead"` on both nodes (ChaCha20-Poly1305 over the session); not in
     /// [`Tool::ALL`]: asked for by name (`blockrep-aead`), to compare with `blockrep` in one run.
     BlockrepAead,
+    /// [`Tool::Blockrep`] with the binary of `--blockrep-base` (`blockrep@base`): a before/after comparison of two
+    /// builds in one run, repetitions interleaved. Not in [`Tool::ALL`].
+    BlockrepBase,
+    /// [`Tool::BlockrepCompare`] with the binary of `--blockrep-base` (`blockrep-compare@base`).
+    BlockrepCompareBase,
 }
 
 /// One-way delay of the relay of [`Tool::BlockrepRtt`], in milliseconds (20 ms round trip).
@@ -53,6 +58,8 @@ impl Tool {
             Tool::BlockrepRtt => "blockrep-rtt20".into(),
             Tool::BlockrepLevel(l) => format!("blockrep-z{l}"),
             Tool::BlockrepAead => "blockrep-aead".into(),
+            Tool::BlockrepBase => "blockrep@base".into(),
+            Tool::BlockrepCompareBase => "blockrep-compare@base".into(),
         }
     }
 
@@ -66,12 +73,15 @@ impl Tool {
         if s == "blockrep-aead" {
             return Ok(Tool::BlockrepAead);
         }
-        Tool::ALL.into_iter().find(|t| t.name() == s).ok_or_else(|| {
-            format!(
-                "tool {s:?} is unknown: use blockrep, blockrep-compare, blockrep-rtt20, blockrep-zN (compression \
-                 level N, 0 = off, up to 19), blockrep-aead (encrypted session), rsync, tcp-copy or socat"
-            )
-        })
+        Tool::ALL.into_iter().chain([Tool::BlockrepBase, Tool::BlockrepCompareBase]).find(|t| t.name() == s).ok_or_else(
+            || {
+                format!(
+                    "tool {s:?} is unknown: use blockrep, blockrep-compare, blockrep-rtt20, blockrep-zN (compression \
+                     level N, 0 = off, up to 19), blockrep-aead (encrypted session), blockrep@base, \
+                     blockrep-compare@base (the --blockrep-base binary), rsync, tcp-copy or socat"
+                )
+            },
+        )
     }
 
     /// Whether the tool transfers only differences (and so runs in the incremental cases).
@@ -84,6 +94,8 @@ impl Tool {
                 | Tool::BlockrepRtt
                 | Tool::BlockrepLevel(_)
                 | Tool::BlockrepAead
+                | Tool::BlockrepBase
+                | Tool::BlockrepCompareBase
         )
     }
 
@@ -91,13 +103,19 @@ impl Tool {
     pub fn is_blockrep(self) -> bool {
         matches!(
             self,
-            Tool::Blockrep | Tool::BlockrepCompare | Tool::BlockrepRtt | Tool::BlockrepLevel(_) | Tool::BlockrepAead
+            Tool::Blockrep
+                | Tool::BlockrepCompare
+                | Tool::BlockrepRtt
+                | Tool::BlockrepLevel(_)
+                | Tool::BlockrepAead
+                | Tool::BlockrepBase
+                | Tool::BlockrepCompareBase
         )
     }
 
     /// Whether it runs in the initial full sync (the blockrep variants only differ in incremental syncs).
     pub fn full(self) -> bool {
-        !matches!(self, Tool::BlockrepCompare | Tool::BlockrepRtt)
+        !matches!(self, Tool::BlockrepCompare | Tool::BlockrepRtt | Tool::BlockrepBase | Tool::BlockrepCompareBase)
     }
 
     /// The external program it needs, if any.
@@ -119,6 +137,8 @@ pub struct Outcome {
     pub wire_bytes: u64,
     /// CPU and peak RSS of the tool's processes (both sides).
     pub usage: Usage,
+    /// blockrep: CPU seconds of the sending side (`sync`) and of the receiving side (`serve`).
+    pub cpu_sides: Option<(f64, f64)>,
 }
 
 /// Files and processes shared by all runs.
@@ -128,6 +148,8 @@ pub struct Env {
     pub work: PathBuf,
     /// The `blockrep` binary under test.
     pub blockrep: PathBuf,
+    /// The binary of the `@base` rows (`--blockrep-base`), if given.
+    pub blockrep_base: Option<PathBuf>,
     /// This harness (for its `tcp-send` / `tcp-recv` helpers).
     pub self_exe: PathBuf,
     /// Where each side runs.
@@ -200,11 +222,15 @@ impl Env {
     pub fn run(&self, tool: Tool) -> Result<Outcome, String> {
         let before = self.link.as_ref().map(|l| l.tx_bytes());
         let mut o = match tool {
-            Tool::Blockrep => self.run_blockrep(false, false, None, false),
-            Tool::BlockrepCompare => self.run_blockrep(true, false, None, false),
-            Tool::BlockrepRtt => self.run_blockrep(false, true, None, false),
-            Tool::BlockrepLevel(l) => self.run_blockrep(false, false, Some(l), false),
-            Tool::BlockrepAead => self.run_blockrep(false, false, None, true),
+            Tool::Blockrep => self.run_blockrep(&self.blockrep, false, false, None, false),
+            Tool::BlockrepCompare => self.run_blockrep(&self.blockrep, true, false, None, false),
+            Tool::BlockrepRtt => self.run_blockrep(&self.blockrep, false, true, None, false),
+            Tool::BlockrepLevel(l) => self.run_blockrep(&self.blockrep, false, false, Some(l), false),
+            Tool::BlockrepAead => self.run_blockrep(&self.blockrep, false, false, None, true),
+            Tool::BlockrepBase | Tool::BlockrepCompareBase => {
+                let base = self.blockrep_base.as_ref().ok_or("the @base rows need --blockrep-base PATH")?;
+                self.run_blockrep(base, tool == Tool::BlockrepCompareBase, false, None, false)
+            }
             Tool::Rsync => self.run_rsync(),
             Tool::TcpCopy => self.run_tcp_copy(),
             Tool::Socat => self.run_socat(),
@@ -235,13 +261,20 @@ impl Env {
         std::fs::read_to_string(self.work.join(name)).unwrap_or_default()
     }
 
-    /// `compare`: `sync --verify`; `delayed`: through the delaying relay; `level`: `compression_level` (None:
-    /// blockrep's default); `aead`: `encryption = "aead"` on both sides.
-    fn run_blockrep(&self, compare: bool, delayed: bool, level: Option<i32>, aead: bool) -> Result<Outcome, String> {
+    /// `binary`: the blockrep to run (both sides); `compare`: `sync --verify`; `delayed`: through the delaying
+    /// relay; `level`: `compression_level` (None: blockrep's default); `aead`: `encryption = "aead"` on both sides.
+    fn run_blockrep(
+        &self,
+        binary: &Path,
+        compare: bool,
+        delayed: bool,
+        level: Option<i32>,
+        aead: bool,
+    ) -> Result<Outcome, String> {
         let scfg = self.blockrep_config('s', "127.0.0.1:1", None, aead)?;
         let mut serve = self
             .sides
-            .recv(&self.blockrep.to_string_lossy(), &self.usage_file("serve"))
+            .recv(&binary.to_string_lossy(), &self.usage_file("serve"))
             .args(["serve", "--announce", "--listen", &format!("{}:0", self.sides.recv_ip), "--config"])
             .arg(&scfg)
             .stdout(Stdio::piped())
@@ -283,7 +316,7 @@ impl Env {
         }
         let sync = self
             .sides
-            .send(&self.blockrep.to_string_lossy(), &self.usage_file("sync"))
+            .send(&binary.to_string_lossy(), &self.usage_file("sync"))
             .args(args)
             .arg("--config")
             .arg(&pcfg)
@@ -317,7 +350,7 @@ impl Env {
             Some(m) if m == want => {}
             Some(m) => return Err(format!("blockrep ran a {m} sync where this row measures {want}: {}", v["reason"])),
         }
-        Ok(Outcome { wall_s, wire_bytes, usage: u_sync.plus(u_serve) })
+        Ok(Outcome { wall_s, wire_bytes, usage: u_sync.plus(u_serve), cpu_sides: Some((u_sync.cpu_s, u_serve.cpu_s)) })
     }
 
     fn run_rsync(&self) -> Result<Outcome, String> {
@@ -364,7 +397,7 @@ impl Env {
         };
         let sent = stat("Total bytes sent:").ok_or_else(|| format!("no 'Total bytes sent' in rsync --stats: {out}"))?;
         let recv = stat("Total bytes received:").unwrap_or(0);
-        Ok(Outcome { wall_s, wire_bytes: sent + recv, usage: u_client.plus(u_daemon) })
+        Ok(Outcome { wall_s, wire_bytes: sent + recv, usage: u_client.plus(u_daemon), cpu_sides: None })
     }
 
     fn run_tcp_copy(&self) -> Result<Outcome, String> {
@@ -406,7 +439,7 @@ impl Env {
             ));
         }
         let wire_bytes = std::fs::metadata(self.src()).map(|m| m.len()).unwrap_or(0);
-        Ok(Outcome { wall_s, wire_bytes, usage: u_s.plus(u_r) })
+        Ok(Outcome { wall_s, wire_bytes, usage: u_s.plus(u_r), cpu_sides: None })
     }
 
     fn run_socat(&self) -> Result<Outcome, String> {
@@ -442,7 +475,7 @@ impl Env {
             return Err(format!("socat failed: send {st_s} / recv {st_r} {}", self.read_log("socat-recv.err").trim()));
         }
         let wire_bytes = std::fs::metadata(self.src()).map(|m| m.len()).unwrap_or(0);
-        Ok(Outcome { wall_s, wire_bytes, usage: u_s.plus(u_r) })
+        Ok(Outcome { wall_s, wire_bytes, usage: u_s.plus(u_r), cpu_sides: None })
     }
 }
 

@@ -87,6 +87,8 @@ pub(super) struct Sender<'a> {
     refine_seen: u64,
     refine_changed: u64,
     pub(super) report: SyncReport,
+    /// Time spent waiting for the target's block hashes and piece fingerprints (debug log at the end).
+    waited: (std::time::Duration, std::time::Duration),
 }
 
 impl<'a> Sender<'a> {
@@ -117,6 +119,7 @@ impl<'a> Sender<'a> {
             refine_seen: 0,
             refine_changed: 0,
             report,
+            waited: Default::default(),
         }
     }
 
@@ -141,7 +144,9 @@ impl<'a> Sender<'a> {
     fn drop_window(&mut self) -> Result<(), SyncError> {
         if let Some(w) = self.windows.pop_front() {
             if w.hashes.is_none() {
+                let t = std::time::Instant::now();
                 self.link.block_hashes_wait()?;
+                self.waited.0 += t.elapsed();
             }
         }
         Ok(())
@@ -166,7 +171,9 @@ impl<'a> Sender<'a> {
         debug_assert!(b >= w.first && b < w.first + w.count as u64);
         if w.hashes.is_none() {
             let count = w.count as usize;
+            let t = std::time::Instant::now();
             let got = self.link.block_hashes_wait()?;
+            self.waited.0 += t.elapsed();
             if got.len() != count {
                 return Err(self.bad_answer("block_hashes", got.len(), count));
             }
@@ -276,7 +283,9 @@ impl<'a> Sender<'a> {
                     // Still room in the pipeline: let the answer come while the scan goes on.
                     return Ok(());
                 }
+                let t = std::time::Instant::now();
                 front.answer = self.link.sub_hashes_wait()?;
+                self.waited.1 += t.elapsed();
                 front.waiting = false;
                 let front = self.queue.front().expect("present");
                 self.check_answer(front)?;
@@ -324,7 +333,14 @@ impl<'a> Sender<'a> {
 
     /// Sends everything still held (waiting for every outstanding answer).
     pub(super) fn flush(&mut self) -> Result<(), SyncError> {
-        self.drain(true)
+        self.drain(true)?;
+        tracing::debug!(
+            volume = self.volume,
+            block_hashes_s = self.waited.0.as_secs_f64(),
+            sub_hashes_s = self.waited.1.as_secs_f64(),
+            "waited for the target's answers"
+        );
+        Ok(())
     }
 
     /// A data extent cannot continue into the next buffer.
