@@ -15,10 +15,14 @@ use crate::hash::{block_len, piece_cv, SUB_BLOCK_SIZE};
 use crate::manifest::Manifest;
 use link::{BlockHash, Extent, ExtentData, TargetLink, MAX_EXTENT_LEN, MAX_ZERO_EXTENT_LEN};
 
-/// Blocks asked for in one `block_hashes` request.
-const HASH_BATCH: u32 = 1024;
-/// `block_hashes` requests kept ahead of the scan (the target hashes its shadow while the source scans).
-pub(super) const HASH_AHEAD: usize = 4;
+/// Blocks asked for in one `block_hashes` request (16 MiB of 64 KiB blocks: the scan's first comparison waits
+/// for the target to hash this much).
+const HASH_BATCH: u32 = 256;
+/// `block_hashes` requests kept ahead of the scan: 128 MiB of 64 KiB blocks, about 40 ms of scan, to cover a
+/// round trip (the target hashes its shadow from `begin` on, whether asked or not). Not more: the target answers
+/// in order, so a `sub_hashes` request waits behind the `block_hashes` requests sent before it, and with them
+/// for the target's hashing to get that far ahead of the scan.
+pub(super) const HASH_AHEAD: usize = 8;
 /// Refinable blocks in one `sub_hashes` request.
 const REFINE_BATCH: usize = 128;
 /// Bytes of changed blocks in one batch (a batch is closed, and its request sent, at this size).
