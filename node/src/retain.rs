@@ -326,7 +326,13 @@ pub struct Retainer {
     /// Drop the oldest copies on a thread of their own after a commit (`serve`: the sync's answer does not wait
     /// for lvremove); the next preserve, listing or restore waits for it (the lock file).
     background_prune: bool,
+    /// What [`Retention::prepare`] made for this transfer: the generation kept and the thin pool's free bytes
+    /// then (the commit checks against them instead of asking lvm again).
+    prepared: Arc<std::sync::Mutex<Option<Prepared>>>,
 }
+
+/// What a prepare kept: the generation, and the thin pool's free bytes then.
+type Prepared = (u64, Option<u64>);
 
 impl Retainer {
     /// The retainer of volume `v` (its shadow configured) on this node, `None` when it keeps one generation.
@@ -340,6 +346,7 @@ impl Retainer {
         let dir = cfg.layout().side_dir(Side::Standby, &v.name).join(DIR);
         Ok(Some(Retainer {
             background_prune: false,
+            prepared: Default::default(),
             volume: v.name.clone(),
             shadow,
             dir,
@@ -359,6 +366,7 @@ impl Retainer {
             backend,
             cfg: None,
             background_prune: false,
+            prepared: Default::default(),
         }
     }
 
@@ -571,8 +579,28 @@ impl Retainer {
             .map_err(|e| self.io_err("write", &self.dir.join(name), e))
     }
 
-    fn preserve_impl(&self, p: &Preserving) -> Result<(), RetainError> {
+    /// Keeps the shadow's generation; returns the thin pool's free bytes it found (thin shadows).
+    fn preserve_impl(&self, p: &Preserving) -> Result<Option<u64>, RetainError> {
         let d = &p.durable;
+        let prepared = self.prepared.lock().expect("not poisoned").take();
+        if let (Some((g, free)), Backend::Thin { vg, pool, .. }) = (prepared, &self.backend) {
+            // Made by prepare during this transfer, under the same lock holder's rules: only the size check is left.
+            if g == p.generation && self.record_path(g).exists() && self.manifest_path(g).exists() {
+                let need = margin(p.bytes);
+                if let Some(free) = free.filter(|&f| f < need) {
+                    return Err(RetainError::NoSpace {
+                        volume: self.volume.clone(),
+                        generation: g,
+                        what: format!(
+                            "thin pool {vg}/{pool} has {free} bytes free; with a snapshot kept, this transfer ({} \
+                             bytes written) may allocate {need}",
+                            p.bytes
+                        ),
+                    });
+                }
+                return Ok(free);
+            }
+        }
         let _lock = self.lock()?;
         let (records, lvs) = self.tidy(d)?;
         let records = self.drop_invalid(records, &lvs, d)?;
@@ -580,6 +608,7 @@ impl Retainer {
         let have = records.iter().any(|r| r.generation == generation);
         let need = margin(p.bytes);
         let no_space = |what: String| RetainError::NoSpace { volume: self.volume.clone(), generation, what };
+        let mut pool_free = None;
         match &self.backend {
             Backend::Classic { vg, lv } => {
                 let lvm = self.lvm()?;
@@ -619,6 +648,7 @@ impl Retainer {
                 if let Some(pl) = lvs.iter().find(|l| &l.name == pool) {
                     let used = pl.data_percent.map_or(0, |pc| (pl.size as f64 * pc / 100.0).ceil() as u64);
                     let free = pl.size.saturating_sub(used);
+                    pool_free = Some(free);
                     if free < need {
                         return Err(no_space(format!(
                             "thin pool {vg}/{pool} has {free} bytes free; with a snapshot kept, this transfer ({} \
@@ -654,7 +684,7 @@ impl Retainer {
             }
         }
         if have {
-            return Ok(());
+            return Ok(pool_free);
         }
         // The manifest describing the content, kept by a hard link (the commit renames a new one over it).
         let link_to = self.manifest_path(generation);
@@ -688,7 +718,7 @@ impl Retainer {
         };
         self.write_record(&r, d)?;
         tracing::info!(volume = %self.volume, generation, copy = %r.copy, "kept the generation a sync is about to overwrite");
-        Ok(())
+        Ok(pool_free)
     }
 
     /// Removes the oldest copies beyond `keep - 1`.
@@ -763,7 +793,7 @@ fn round_up(v: u64, unit: u64) -> u64 {
 
 impl Retention for Retainer {
     fn preserve(&self, what: &Preserving) -> Result<(), RetainFailure> {
-        self.preserve_impl(what).map_err(|e| Box::new(e) as RetainFailure)
+        self.preserve_impl(what).map(|_| ()).map_err(|e| Box::new(e) as RetainFailure)
     }
 
     /// Thin snapshots and reflink copies need no size: made while the transfer runs, so that the commit only
@@ -772,8 +802,11 @@ impl Retention for Retainer {
         if matches!(self.backend, Backend::Classic { .. }) {
             return;
         }
-        if let Err(e) = self.preserve_impl(&what) {
-            tracing::info!(volume = %self.volume, error = %link::error_chain(&e), "could not keep the current generation early; the commit tries again");
+        match self.preserve_impl(&what) {
+            Ok(free) => *self.prepared.lock().expect("not poisoned") = Some((what.generation, free)),
+            Err(e) => {
+                tracing::info!(volume = %self.volume, error = %link::error_chain(&e), "could not keep the current generation early; the commit tries again")
+            }
         }
     }
 
