@@ -203,9 +203,10 @@ impl Env {
     fn blockrep_config(&self, side: char, peer: &str, level: Option<i32>, aead: bool) -> Result<PathBuf, String> {
         let bs = self.block_size.as_ref().map(|b| format!("block_size = \"{b}\"\n")).unwrap_or_default();
         let z = level.map(|l| format!("compression_level = {l}\n")).unwrap_or_default();
-        let enc = if aead { "aead" } else { "none" };
+        // Only when asked: a `--blockrep-base` binary older than the setting must read the same configuration.
+        let enc = if aead { "encryption = \"aead\"\n" } else { "" };
         let text = format!(
-            "node = \"bench-{side}\"\nkey_file = {:?}\nencryption = \"{enc}\"\nstate_dir = {:?}\n\
+            "node = \"bench-{side}\"\nkey_file = {:?}\n{enc}state_dir = {:?}\n\
              [standby]\nlisten = \"127.0.0.1:0\"\n\
              [primary]\npeer = \"{peer}\"\n{z}[[volume]]\nname = \"vol\"\nsource = {:?}\nshadow = {:?}\n{bs}",
             self.work.join("key"),
