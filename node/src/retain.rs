@@ -579,6 +579,24 @@ impl Retainer {
             .map_err(|e| self.io_err("write", &self.dir.join(name), e))
     }
 
+    /// Refuses a transfer that may allocate more than the thin pool's `free` bytes once a snapshot shares the
+    /// shadow's blocks.
+    fn check_pool(&self, vg: &str, pool: &str, free: u64, p: &Preserving) -> Result<(), RetainError> {
+        let need = margin(p.bytes);
+        if free >= need {
+            return Ok(());
+        }
+        Err(RetainError::NoSpace {
+            volume: self.volume.clone(),
+            generation: p.generation,
+            what: format!(
+                "thin pool {vg}/{pool} has {free} bytes free; with a snapshot kept, this transfer ({} bytes written) \
+                 may allocate {need}",
+                p.bytes
+            ),
+        })
+    }
+
     /// Keeps the shadow's generation; returns the thin pool's free bytes it found (thin shadows).
     fn preserve_impl(&self, p: &Preserving) -> Result<Option<u64>, RetainError> {
         let d = &p.durable;
@@ -586,21 +604,17 @@ impl Retainer {
         if let (Some((g, free)), Backend::Thin { vg, pool, .. }) = (prepared, &self.backend) {
             // Made by prepare during this transfer, under the same lock holder's rules: only the size check is left.
             if g == p.generation && self.record_path(g).exists() && self.manifest_path(g).exists() {
-                let need = margin(p.bytes);
-                if let Some(free) = free.filter(|&f| f < need) {
-                    return Err(RetainError::NoSpace {
-                        volume: self.volume.clone(),
-                        generation: g,
-                        what: format!(
-                            "thin pool {vg}/{pool} has {free} bytes free; with a snapshot kept, this transfer ({} \
-                             bytes written) may allocate {need}",
-                            p.bytes
-                        ),
-                    });
+                if let Some(free) = free {
+                    self.check_pool(vg, pool, free, p)?;
                 }
                 return Ok(free);
             }
         }
+        let Some(manifest) = &p.manifest else {
+            // Nothing could prove later what a copy holds: keep none rather than refuse the sync that repairs it.
+            tracing::warn!(volume = %self.volume, generation = p.generation, "the shadow's generation has no valid manifest: not kept (the sync compares and commits as usual)");
+            return Ok(None);
+        };
         let _lock = self.lock()?;
         let (records, lvs) = self.tidy(d)?;
         let records = self.drop_invalid(records, &lvs, d)?;
@@ -649,13 +663,7 @@ impl Retainer {
                     let used = pl.data_percent.map_or(0, |pc| (pl.size as f64 * pc / 100.0).ceil() as u64);
                     let free = pl.size.saturating_sub(used);
                     pool_free = Some(free);
-                    if free < need {
-                        return Err(no_space(format!(
-                            "thin pool {vg}/{pool} has {free} bytes free; with a snapshot kept, this transfer ({} \
-                             bytes written) may allocate {need}",
-                            p.bytes
-                        )));
-                    }
+                    self.check_pool(vg, pool, free, p)?;
                 }
                 if !have {
                     let name = format!("{lv}_gen{generation}");
@@ -688,16 +696,8 @@ impl Retainer {
         }
         // The manifest describing the content, kept by a hard link (the commit renames a new one over it).
         let link_to = self.manifest_path(generation);
-        if let Some(m) = &p.manifest {
-            let _ = std::fs::remove_file(&link_to);
-            std::fs::hard_link(m, &link_to).map_err(|e| self.io_err("link the manifest to", &link_to, e))?;
-        } else {
-            return Err(RetainError::Unusable {
-                volume: self.volume.clone(),
-                generation,
-                why: "the shadow's generation has no valid manifest to keep with it (the next sync compares)".into(),
-            });
-        }
+        let _ = std::fs::remove_file(&link_to);
+        std::fs::hard_link(manifest, &link_to).map_err(|e| self.io_err("link the manifest to", &link_to, e))?;
         let rec = p.record.as_ref();
         let r = Retained {
             version: RECORD_VERSION,
@@ -709,10 +709,7 @@ impl Retainer {
             retained_at: generations::now_secs(),
             kind: self.backend.kind().into(),
             copy: self.copy_name(generation),
-            volume_size: std::fs::metadata(&link_to)
-                .ok()
-                .and(Manifest::open(&link_to).ok())
-                .map_or(0, |m| m.volume_size()),
+            volume_size: Manifest::open(&link_to).map_or(0, |m| m.volume_size()),
             root: p.root.map(|r| engine::hash::hex(&r)),
             untrusted: p.distrust.clone(),
         };

@@ -240,6 +240,16 @@ fn retained_generations_of_a_file_shadow_on_xfs_are_kept_listed_and_restored() {
     std::fs::remove_file(&filler).unwrap();
     let r = n.sync_ok();
     assert_eq!(std::fs::read(&n.shadow).unwrap(), std::fs::read(n.path("src.img")).unwrap(), "{r}");
+
+    // The standby's manifest lost: nothing could prove what a copy of that generation holds, so none is kept,
+    // but the sync that repairs the shadow is not refused.
+    let kept = retained_generations(&n.generations());
+    std::fs::remove_file(n.path("state-standby/standby/vol/manifest")).unwrap();
+    scribble(&n.path("src.img"), &[5, 60], 88);
+    let r = n.sync_ok();
+    assert_eq!(r["mode"], "compare", "{r}");
+    assert_eq!(std::fs::read(&n.shadow).unwrap(), std::fs::read(n.path("src.img")).unwrap(), "{r}");
+    assert_eq!(retained_generations(&n.generations()), kept, "a copy was kept without a manifest to prove it");
 }
 
 #[test]
