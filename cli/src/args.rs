@@ -21,6 +21,11 @@ pub struct Cli {
     /// Log format on stderr: text, or one JSON object per line (for log collectors).
     #[arg(long, value_enum, default_value_t, global = true)]
     pub log_format: LogFormat,
+    /// On a standby protecting several primaries (`[[primary]]` blocks): the primary the command acts on
+    /// (`promote --for pbx-a` takes over pbx-a only). `status`, `log`, `lock` and `serve` cover every primary
+    /// without it.
+    #[arg(long = "for", value_name = "NODE", global = true)]
+    pub for_primary: Option<String>,
     /// The command.
     #[command(subcommand)]
     pub command: Command,

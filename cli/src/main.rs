@@ -34,22 +34,24 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: &args::Cli) -> Result<()> {
     let load = || Config::load(&cli.config).map_err(node::Error::from);
+    // The configuration a command acts on: with [[primary]] blocks, the one of the primary named by --for.
+    let load_for = || load().and_then(|c| c.for_primary(cli.for_primary.as_deref()).map_err(node::Error::from));
     match &cli.command {
         args::Command::Demo(a) => demo::run(a),
         args::Command::Sync(a) if !a.local.is_empty() => sync_local(a),
-        args::Command::Sync(a) => sync(&load()?, a),
+        args::Command::Sync(a) => sync(&load_for()?, a),
         args::Command::Verify(a) if a.local.is_some() => verify_local(a),
-        args::Command::Verify(a) => Ok(node::verify::run(&load()?, &a.volumes, a.io.options(), &mut |o| {
+        args::Command::Verify(a) => Ok(node::verify::run(&load_for()?, &a.volumes, a.io.options(), &mut |o| {
             report::print_verify_outcome(o, a.json)
         })?),
         args::Command::Generations(a) => {
-            let g =
-                node::retain::generations(&load()?, a.volume.as_deref(), a.io.options()).map_err(node::Error::from)?;
+            let g = node::retain::generations(&load_for()?, a.volume.as_deref(), a.io.options())
+                .map_err(node::Error::from)?;
             report::print_generations(&g, a.json);
             Ok(())
         }
         args::Command::Restore(a) => {
-            let cfg = load()?;
+            let cfg = load_for()?;
             if let Some(why) = node::roles::refuses_syncs(&cfg) {
                 return Err(node::Error::from(node::config::ConfigError::Invalid {
                     path: cfg.path.clone(),
@@ -61,6 +63,12 @@ fn run(cli: &args::Cli) -> Result<()> {
                 .map_err(node::Error::from)?;
             report::print_restored(&r, a.json);
             Ok(())
+        }
+        args::Command::Serve(_) if cli.for_primary.is_some() => {
+            Err(anyhow::Error::from(node::Error::from(node::config::ConfigError::Invalid {
+                path: cli.config.clone(),
+                message: "serve serves every primary of this standby: leave --for out".into(),
+            })))
         }
         args::Command::Serve(a) => Ok(node::serve::run(load()?, a.listen, a.io.options(), |addr| {
             if a.announce {
@@ -87,10 +95,10 @@ fn run(cli: &args::Cli) -> Result<()> {
             println!("wrote a new key to {} (mode 0600); copy it to the other node's key_file", a.path.display());
             Ok(())
         }
-        args::Command::Status(a) => status(&cli.config, a.json),
-        args::Command::Promote(a) => plan(&cli.config, Plan::Promote, a),
-        args::Command::Demote(a) => plan(&cli.config, Plan::Demote, a),
-        args::Command::Switchover(a) => plan(&cli.config, Plan::Switchover, a),
+        args::Command::Status(a) => status(&cli.config, cli.for_primary.as_deref(), a.json),
+        args::Command::Promote(a) => plan(cli, Plan::Promote, a),
+        args::Command::Demote(a) => plan(cli, Plan::Demote, a),
+        args::Command::Switchover(a) => plan(cli, Plan::Switchover, a),
         args::Command::Lock(a) => {
             report::print_locked(&node::maint_lock::lock(&load()?, &a.node, &a.reason)?, a.json);
             Ok(())
@@ -99,9 +107,9 @@ fn run(cli: &args::Cli) -> Result<()> {
             report::print_unlocked(&node::maint_lock::unlock(&load()?, &a.node)?, a.json);
             Ok(())
         }
-        args::Command::Announce => Ok(node::roles::announce(&load()?)?),
+        args::Command::Announce => Ok(node::roles::announce(&load_for()?)?),
         args::Command::Shadow(args::ShadowCommand::Create { volumes, size }) => {
-            Ok(node::shadow::create(&load()?, volumes, *size, &mut |s| println!("{s}"))?)
+            Ok(node::shadow::create(&load_for()?, volumes, *size, &mut |s| println!("{s}"))?)
         }
         args::Command::Deconfigure(a) => {
             let opts = node::deconfigure::DeconfigureOptions { delete_shadows: a.delete_shadows };
@@ -127,12 +135,13 @@ fn run(cli: &args::Cli) -> Result<()> {
             Ok(())
         }
         args::Command::Cancel => {
-            let h = node::lock::cancel(&load()?)?;
+            let h = node::lock::cancel(&load_for()?)?;
             println!("sent SIGTERM to the sync (process {}, running since {} unix)", h.pid, h.since);
             Ok(())
         }
         args::Command::Log(a) => {
-            report::print_log(&node::history::read(&load()?, a.since.unwrap_or(0)), a.json);
+            let cfg = if cli.for_primary.is_some() { load_for()? } else { load()? };
+            report::print_log(&node::history::read(&cfg, a.since.unwrap_or(0)), a.json);
             Ok(())
         }
     }
@@ -153,8 +162,14 @@ fn init_logging(verbose: u8, format: args::LogFormat) {
 
 /// `blockrep status`: exit 0 without alarm, 1 with an alarm raised, 2 when the configuration cannot be used
 /// (with --json, still one object saying so).
-fn status(config: &Path, as_json: bool) -> Result<()> {
-    let s = Config::load(config).map_err(node::Error::from).and_then(|c| node::status::status(&c, Default::default()));
+fn status(config: &Path, for_primary: Option<&str>, as_json: bool) -> Result<()> {
+    let s = Config::load(config)
+        .and_then(|c| match for_primary {
+            Some(_) => c.for_primary(for_primary),
+            None => Ok(c),
+        })
+        .map_err(node::Error::from)
+        .and_then(|c| node::status::status(&c, Default::default()));
     let s = match s {
         Ok(s) => s,
         Err(e) if as_json && e.kind() == node::ErrorKind::Usage => {
@@ -222,8 +237,20 @@ fn verify_local(a: &args::VerifyArgs) -> Result<()> {
 }
 
 /// `blockrep promote | demote | switchover`; after a promote, re-announce the virtual IP in the background.
-fn plan(config: &Path, plan: Plan, a: &args::PlanArgs) -> Result<()> {
-    let cfg = Config::load(config).map_err(node::Error::from)?;
+fn plan(cli: &args::Cli, plan: Plan, a: &args::PlanArgs) -> Result<()> {
+    let config = cli.config.as_path();
+    let top = Config::load(config).map_err(node::Error::from)?;
+    let cfg = top.for_primary(cli.for_primary.as_deref()).map_err(node::Error::from)?;
+    // Several primaries: one takeover at a time, by priority when several start together.
+    let _claim = match plan {
+        Plan::Promote | Plan::Switchover => node::protect::claim_takeover(&top, &cfg, a.force, a.dry_run)
+            .map_err(node::Error::from)
+            .inspect_err(|e| {
+                let reason = node::error_chain(e);
+                node::history::append(&cfg, node::history::Event::TakeoverRefused { reason });
+            })?,
+        Plan::Demote => node::protect::Claim::none(),
+    };
     let usage =
         |message: String| node::Error::from(node::config::ConfigError::Invalid { path: cfg.path.clone(), message });
     if plan != Plan::Promote && !a.generations.is_empty() {
@@ -236,7 +263,12 @@ fn plan(config: &Path, plan: Plan, a: &args::PlanArgs) -> Result<()> {
     let generations = node::roles::parse_generations(&cfg, &a.generations).map_err(usage)?;
     let opts =
         PlanOptions { force: a.force, dry_run: a.dry_run, reason: a.reason.clone(), poweroff: a.poweroff, generations };
-    let report = node::roles::run(&cfg, plan, &opts, Default::default())?;
+    let report = node::roles::run(&cfg, plan, &opts, Default::default());
+    if !top.primaries.is_empty() && !a.dry_run {
+        // Acting for one primary may leave the others unprotected (keep_protecting): raise or clear at once.
+        node::alarms::update(&top, &node::protect::judge_unprotected(&top));
+    }
+    let report = report?;
     if !a.dry_run {
         let plan = format!("{plan:?}").to_lowercase();
         node::history::append(&cfg, node::history::Event::Switchover { plan, reason: a.reason.clone() });
@@ -244,7 +276,7 @@ fn plan(config: &Path, plan: Plan, a: &args::PlanArgs) -> Result<()> {
     report::print_plan(&report, a.json);
     if plan != Plan::Demote && !a.dry_run {
         let exe = std::env::current_exe().map_err(|e| anyhow::anyhow!("cannot find the blockrep executable: {e}"))?;
-        node::roles::spawn_announcer(&exe, config)?;
+        node::roles::spawn_announcer(&exe, config, cli.for_primary.as_deref())?;
     }
     Ok(())
 }

@@ -207,7 +207,10 @@ pub fn print_log(entries: &[node::history::Entry], as_json: bool) {
         if as_json {
             println!("{}", json(e));
         } else {
-            println!("{} {}", e.time, e.event);
+            match &e.primary {
+                Some(p) => println!("{} [for {p}] {}", e.time, e.event),
+                None => println!("{} {}", e.time, e.event),
+            }
         }
     }
 }

@@ -250,7 +250,9 @@ pub(crate) fn run_client<S: Read + Write>(
                 None => return Err(HandshakeError::AuthFailed.into()),
             }
         }
-        Ok(Some(Message::Error(e))) if e.code == code::AUTH => return Err(HandshakeError::AuthFailed.into()),
+        Ok(Some(Message::Error(e))) if e.code == code::AUTH && e.message == AUTH_FAILED_MESSAGE => {
+            return Err(HandshakeError::AuthFailed.into())
+        }
         Ok(Some(Message::Error(e))) if e.code == code::ENCRYPTION => {
             return Err(HandshakeError::EncryptionMismatch { message: e.message }.into())
         }
@@ -311,6 +313,11 @@ pub(crate) fn run_server<S: Read + Write>(
     // Read the keys now (not at start): a next key copied in while the daemon runs is used at once.
     let keys = match store.keys_for(&hello.node) {
         Ok(k) => k,
+        Err(source @ KeyError::UnknownPeer { .. }) => {
+            // Names are not secret; the peer learns that this standby does not protect it, and nothing else.
+            conn.send_error(code::AUTH, &source.to_string());
+            return Err(HandshakeError::Keys { peer: hello.node, source }.into());
+        }
         Err(source) => {
             conn.send_error(code::FAILED, &format!("standby {} cannot load its key; see its log", opts.node));
             return Err(HandshakeError::Keys { peer: hello.node, source }.into());

@@ -205,6 +205,19 @@ impl KeyStore for KeyFile {
 /// Errors of key files.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
+    /// A standby protecting several primaries has no key for the node that connected.
+    #[error(
+        "node {peer} is not a primary of standby {standby} (its [[primary]] blocks name {known}); add a [[primary]] \
+         block for {peer} with its own key_file on the standby, or check `node` in {peer}'s configuration"
+    )]
+    UnknownPeer {
+        /// The name the peer gave.
+        peer: String,
+        /// The standby.
+        standby: String,
+        /// The primaries it protects, comma-separated.
+        known: String,
+    },
     /// The key file could not be read.
     #[error("cannot read key file {}; check key_file in the configuration (create one with `blockrep keygen`)", path.display())]
     Read {

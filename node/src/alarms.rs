@@ -35,6 +35,9 @@ pub enum AlarmKind {
     ShadowUntrusted,
     /// A retained generation's classic snapshot overflowed and was removed (`keep_generations`).
     RetainedDropped,
+    /// A standby protecting several primaries acts for one and refuses the others' syncs (`keep_protecting`);
+    /// the alarm's "volume" is the unprotected primary's node name.
+    Unprotected,
 }
 
 impl AlarmKind {
@@ -48,11 +51,12 @@ impl AlarmKind {
             AlarmKind::SnapshotFull => "snapshot_full",
             AlarmKind::ShadowUntrusted => "shadow_untrusted",
             AlarmKind::RetainedDropped => "retained_dropped",
+            AlarmKind::Unprotected => "unprotected",
         }
     }
 
     /// Every kind, for metrics.
-    pub const ALL: [AlarmKind; 7] = [
+    pub const ALL: [AlarmKind; 8] = [
         AlarmKind::SyncFailed,
         AlarmKind::StandbyUnreachable,
         AlarmKind::PrimaryOnStandby,
@@ -60,6 +64,7 @@ impl AlarmKind {
         AlarmKind::SnapshotFull,
         AlarmKind::ShadowUntrusted,
         AlarmKind::RetainedDropped,
+        AlarmKind::Unprotected,
     ];
 }
 

@@ -74,13 +74,18 @@ pub enum ConfigError {
 /// Default configuration path.
 pub const DEFAULT_PATH: &str = "/etc/blockrep/blockrep.toml";
 
+/// The file as written. `P` is the shape of `primary`: the `[primary]` table of a node that replicates its own
+/// volumes ([`RawPrimary`]), or the `[[primary]]` blocks of a standby protecting several primaries
+/// ([`RawProtected`]); [`Config::parse`] looks at the file's shape first and reads it as one or the other, so that
+/// every key keeps its line in the error messages.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Raw {
+#[serde(deny_unknown_fields, bound(deserialize = "P: Deserialize<'de>"))]
+struct Raw<P> {
     #[serde(default)]
     version: Option<toml::Spanned<i64>>,
     node: String,
-    key_file: PathBuf,
+    #[serde(default)]
+    key_file: Option<PathBuf>,
     #[serde(default)]
     encryption: Option<Spanned<String>>,
     #[serde(default = "default_state_dir")]
@@ -88,7 +93,7 @@ struct Raw {
     #[serde(default)]
     standby: Option<RawStandby>,
     #[serde(default)]
-    primary: Option<RawPrimary>,
+    primary: Option<P>,
     #[serde(default, rename = "volume")]
     volumes: Vec<RawVolume>,
     #[serde(default)]
@@ -137,6 +142,30 @@ struct RawStandby {
     idle_timeout_s: Option<Spanned<u64>>,
     #[serde(default)]
     verify_every: Option<Spanned<String>>,
+    #[serde(default)]
+    keep_protecting: Option<bool>,
+    #[serde(default)]
+    takeover_settle: Option<Spanned<String>>,
+}
+
+/// One `[[primary]]` block of a standby that protects several primaries (issue 14).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProtected {
+    node: Spanned<String>,
+    key_file: PathBuf,
+    #[serde(default)]
+    address: Option<Spanned<String>>,
+    #[serde(default)]
+    priority: Option<u32>,
+    #[serde(default)]
+    fallback: Option<Spanned<String>>,
+    #[serde(default)]
+    min_hold: Option<Spanned<String>>,
+    #[serde(default, rename = "volume")]
+    volumes: Vec<RawVolume>,
+    #[serde(default)]
+    role: Option<toml::Table>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -277,6 +306,44 @@ pub struct Config {
     pub schedule: crate::schedule::Schedule,
     /// The `[monitoring]` section.
     pub monitoring: Monitoring,
+    /// The primaries this standby protects (`[[primary]]` blocks), each as the configuration of its own
+    /// (see [`Config::for_primary`]); empty on a node of a two-node pair.
+    pub primaries: Vec<Config>,
+    /// Set on the configuration of one protected primary: which, and its takeover settings.
+    pub protects: Option<Protects>,
+    /// While acting for one primary, keep accepting the others' syncs (`[standby] keep_protecting`).
+    pub keep_protecting: bool,
+    /// How long a takeover waits for the takeovers of other primaries that failed at the same time, so that the
+    /// one with the highest priority wins (`[standby] takeover_settle`).
+    pub takeover_settle: std::time::Duration,
+}
+
+/// Directory below `state_dir` holding one state directory per protected primary.
+pub const PRIMARIES_DIR: &str = "primaries";
+
+/// What a protected primary's configuration protects (a `[[primary]]` block).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Protects {
+    /// The primary's node name (as it calls itself in the handshake).
+    pub node: String,
+    /// Higher wins when several primaries fail at once (`priority`).
+    pub priority: u32,
+    /// Whether the service goes back by itself once the primary is repaired and resynchronised (`fallback`).
+    pub fallback: Fallback,
+    /// The least time the standby acts for the primary before an automatic fallback (`min_hold`).
+    pub min_hold: std::time::Duration,
+    /// The standby's own `state_dir` (maintenance locks, the history).
+    pub node_state_dir: PathBuf,
+}
+
+/// `fallback` of a `[[primary]]` block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fallback {
+    /// The operator switches back (`blockrep switchover` on the repaired primary).
+    Manual,
+    /// The standby hands the service back by a planned switchover once the primary is resynchronised.
+    Automatic,
 }
 
 /// The `[monitoring]` section: alarm thresholds and the metrics file.
@@ -309,12 +376,54 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.into(), error })?;
         let cfg = Self::parse(&text, path)?;
         crate::paths::check(&cfg)?;
+        for c in &cfg.primaries {
+            crate::paths::check(c)?;
+        }
+        crate::paths::check_across_primaries(&cfg)?;
         Ok(cfg)
     }
 
     /// Parses and checks configuration text.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: Raw = toml::from_str(text).map_err(|error| ConfigError::Syntax { path: path.into(), error })?;
+        let syntax = |error| ConfigError::Syntax { path: path.into(), error };
+        // `primary` is a table on a node replicating its own volumes and an array of blocks on a standby
+        // protecting several primaries: look at the shape, then read the file as the one it is.
+        let shape: toml::Table = toml::from_str(text).map_err(syntax)?;
+        if !matches!(shape.get("primary"), Some(toml::Value::Array(_))) {
+            let raw: Raw<RawPrimary> = toml::from_str(text).map_err(syntax)?;
+            return Self::build(raw, Vec::new(), text, path);
+        }
+        let raw: Raw<Vec<RawProtected>> = toml::from_str(text).map_err(syntax)?;
+        let Raw {
+            version,
+            node,
+            key_file,
+            encryption,
+            state_dir,
+            standby,
+            primary,
+            volumes,
+            role,
+            schedule,
+            monitoring,
+        } = raw;
+        let raw = Raw {
+            version,
+            node,
+            key_file,
+            encryption,
+            state_dir,
+            standby,
+            primary: None,
+            volumes,
+            role,
+            schedule,
+            monitoring,
+        };
+        Self::build(raw, primary.unwrap_or_default(), text, path)
+    }
+
+    fn build(raw: Raw<RawPrimary>, blocks: Vec<RawProtected>, text: &str, path: &Path) -> Result<Config, ConfigError> {
         let bad = |message: String| ConfigError::Invalid { path: path.into(), message };
         // A semantic error names the key and its line, as the TOML parser does for syntax errors.
         let key_at = |key: &str, span: std::ops::Range<usize>| format!("{key} (line {})", line_of(text, span));
@@ -366,104 +475,7 @@ impl Config {
             ),
             None => None,
         };
-        let mut volumes = Vec::new();
-        for v in raw.volumes {
-            let name_key = key_at("name", v.name.span());
-            let name = v.name.get_ref().clone();
-            layout::volume_name(Some(&name), Path::new(""))
-                .map_err(|_| bad(format!("{name_key}: volume name {name:?}: use letters, digits and . _ + -")))?;
-            if volumes.iter().any(|o: &Volume| o.name == name) {
-                return Err(bad(format!("{name_key}: volume {name:?} is configured twice")));
-            }
-            let block_key = match &v.block_size {
-                Some(s) => key_at("block_size", s.span()),
-                None => "block_size".into(),
-            };
-            let bs = match &v.block_size {
-                Some(s) => parse_size(s.get_ref()).map_err(|e| bad(format!("volume {}: {block_key}: {e}", name)))?,
-                None => engine::hash::DEFAULT_BLOCK_SIZE as u64,
-            };
-            let block_size =
-                engine::hash::validate_block_size(bs).map_err(|e| bad(format!("volume {}: {block_key}: {e}", name)))?;
-            let size = match &v.size {
-                Some(s) => Some(
-                    parse_size(s.get_ref())
-                        .and_then(|n| if n == 0 { Err("the size must not be 0".into()) } else { Ok(n) })
-                        .map_err(|e| bad(format!("volume {}: {}: {e}", name, key_at("size", s.span()))))?,
-                ),
-                None => None,
-            };
-            let snapshot = match v.snapshot.as_ref().map_or("none", |s| s.get_ref().as_str()) {
-                "none" => SnapshotDriver::None,
-                "lvm" => SnapshotDriver::Lvm {
-                    size: match &v.snapshot_size {
-                        Some(s) => {
-                            let key = key_at("snapshot_size", s.span());
-                            let size = parse_snapshot_size(s.get_ref())
-                                .map_err(|e| bad(format!("volume {}: {key}: {e}", name)))?;
-                            warn_small_snapshot(&name, &key, size);
-                            size
-                        }
-                        None => SnapshotSize::Percent(lvmctl::DEFAULT_SNAPSHOT_PERCENT),
-                    },
-                    name: v.snapshot_name.clone(),
-                },
-                other => {
-                    let key = v.snapshot.as_ref().map(|s| key_at("snapshot", s.span())).unwrap_or_default();
-                    return Err(bad(format!(
-                        "volume {name}: {key}: snapshot {other:?} is unknown: use \"none\" or \"lvm\""
-                    )));
-                }
-            };
-            if v.source.is_none() && v.shadow.is_none() {
-                return Err(bad(format!(
-                    "volume {name} ({name_key}): give `source` (primary side) and/or `shadow` (standby side)"
-                )));
-            }
-            let track = match v.track.as_ref().map_or("auto", |t| t.get_ref().as_str()) {
-                "auto" => Track::Auto,
-                t @ ("thin" | "snapshot") if snapshot == SnapshotDriver::None => {
-                    let key = v.track.as_ref().map(|s| key_at("track", s.span())).unwrap_or_default();
-                    return Err(bad(format!(
-                        "volume {name}: {key}: track = {t:?} needs snapshot = \"lvm\" (the tracker is an LVM snapshot)"
-                    )));
-                }
-                "thin" => Track::Thin,
-                "snapshot" => Track::Snapshot,
-                "none" => Track::None,
-                other => {
-                    let key = v.track.as_ref().map(|s| key_at("track", s.span())).unwrap_or_default();
-                    return Err(bad(format!(
-                        "volume {name}: {key}: track {other:?} is unknown: use \"auto\", \"thin\", \"snapshot\" or \"none\""
-                    )));
-                }
-            };
-            let full_scan_every = v.full_scan_every.unwrap_or(DEFAULT_FULL_SCAN_EVERY);
-            let keep_generations = match &v.keep_generations {
-                None => 1,
-                Some(k) if (1..=crate::retain::MAX_KEEP_GENERATIONS).contains(k.get_ref()) => *k.get_ref(),
-                Some(k) => {
-                    return Err(bad(format!(
-                        "volume {name}: {}: keep_generations = {} is out of range: use 1 (only the current \
-                         generation) to {}",
-                        key_at("keep_generations", k.span()),
-                        k.get_ref(),
-                        crate::retain::MAX_KEEP_GENERATIONS
-                    )))
-                }
-            };
-            volumes.push(Volume {
-                name,
-                source: v.source,
-                shadow: v.shadow,
-                snapshot,
-                block_size,
-                size,
-                track,
-                full_scan_every,
-                keep_generations,
-            });
-        }
+        let volumes = parse_volumes(raw.volumes, text, path)?;
         let at = |key: &str, v: &Spanned<String>, e: String| {
             let line = text[..v.span().start.min(text.len())].matches('\n').count() + 1;
             bad(format!("{key} (line {line}): {e}"))
@@ -523,10 +535,27 @@ impl Config {
             },
         };
         let primary = raw.primary.as_ref();
-        Ok(Config {
+        let key_file =
+            match raw.key_file {
+                Some(k) => k,
+                None if !blocks.is_empty() => PathBuf::new(), // each [[primary]] block names its own key
+                None => return Err(bad(
+                    "missing key `key_file`: the shared key's path, like key_file = \"/etc/blockrep/blockrep.key\" \
+                     (create it with `blockrep keygen`)"
+                        .into(),
+                )),
+            };
+        let standby = raw.standby.as_ref();
+        let keep_protecting = standby.and_then(|s| s.keep_protecting).unwrap_or(false);
+        let takeover_settle = match standby.and_then(|s| s.takeover_settle.as_ref()) {
+            Some(v) => crate::schedule::parse_duration(v.get_ref()).map_err(|e| at("standby.takeover_settle", v, e))?,
+            None => crate::protect::DEFAULT_TAKEOVER_SETTLE,
+        };
+        let has_schedule = raw.schedule.is_some();
+        let mut cfg = Config {
             path: path.to_owned(),
             node: raw.node,
-            key_file: raw.key_file,
+            key_file,
             encryption,
             state_dir: raw.state_dir,
             listen,
@@ -541,7 +570,172 @@ impl Config {
             role: raw.role,
             schedule,
             monitoring,
+            primaries: Vec::new(),
+            protects: None,
+            keep_protecting,
+            takeover_settle,
+        };
+        if !blocks.is_empty() {
+            let refuse = |what: &str| {
+                bad(format!(
+                    "{what} cannot be used with [[primary]] blocks: on a standby protecting several primaries, \
+                     each [[primary]] block has its own volumes ([[primary.volume]]) and role ([primary.role])"
+                ))
+            };
+            if !cfg.volumes.is_empty() {
+                return Err(refuse("top-level [[volume]] blocks"));
+            }
+            if cfg.role.is_some() {
+                return Err(refuse("a top-level [role] section"));
+            }
+            if has_schedule {
+                return Err(refuse("[schedule] (syncs start on the primaries)"));
+            }
+            if cfg.listen.is_none() {
+                return Err(
+                    bad("[[primary]] blocks are for a standby: add [standby] listen = \"0.0.0.0:7788\"".into()),
+                );
+            }
+            for b in blocks {
+                let child = cfg.protected(b, text, path)?;
+                let node = &child.protects.as_ref().expect("set by protected").node;
+                if cfg.primaries.iter().any(|p: &Config| p.protects.as_ref().is_some_and(|q| &q.node == node)) {
+                    return Err(bad(format!("[[primary]] node {node:?} is configured twice")));
+                }
+                if node == &cfg.node {
+                    return Err(bad(format!(
+                        "[[primary]] node {node:?} is this node's own name: name the primaries this standby protects"
+                    )));
+                }
+                cfg.primaries.push(child);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// The configuration of one protected primary (a `[[primary]]` block): this standby's settings with the
+    /// block's key, volumes and role, and its own state under `<state_dir>/primaries/<node>`.
+    fn protected(&self, b: RawProtected, text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let bad = |message: String| ConfigError::Invalid { path: path.into(), message };
+        let at =
+            |key: &str, v: &Spanned<String>, e: String| bad(format!("{key} (line {}): {e}", line_of(text, v.span())));
+        let node = b.node.get_ref().clone();
+        layout::volume_name(Some(&node), Path::new(""))
+            .map_err(|_| at("primary.node", &b.node, format!("node name {node:?}: use letters, digits and . _ + -")))?;
+        if let Some(a) = &b.address {
+            let ok = a
+                .get_ref()
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|n| n > 0));
+            if !ok {
+                return Err(at("primary.address", a, "not host:port, like pbx-a.example:7788".into()));
+            }
+        }
+        let fallback = match b.fallback.as_ref().map(|f| (f, f.get_ref().as_str())) {
+            None | Some((_, "manual")) => Fallback::Manual,
+            Some((_, "automatic")) => Fallback::Automatic,
+            Some((f, other)) => {
+                return Err(at("primary.fallback", f, format!("{other:?} is unknown: use \"manual\" or \"automatic\"")))
+            }
+        };
+        let min_hold = match &b.min_hold {
+            Some(v) => crate::schedule::parse_duration(v.get_ref()).map_err(|e| at("primary.min_hold", v, e))?,
+            None => crate::protect::DEFAULT_MIN_HOLD,
+        };
+        if b.volumes.is_empty() {
+            return Err(at(
+                "primary.node",
+                &b.node,
+                format!("primary {node} has no volumes: add [[primary.volume]] blocks with name and shadow"),
+            ));
+        }
+        let mut volumes = parse_volumes(b.volumes, text, path)?;
+        for v in &mut volumes {
+            if v.source.is_some() {
+                return Err(bad(format!(
+                    "primary {node}, volume {}: a protected primary's volume has only a `shadow` here (while this \
+                     standby acts for {node}, the shadow is the production volume, and it is the source when \
+                     syncing back)",
+                    v.name
+                )));
+            }
+            if v.shadow.is_none() {
+                return Err(bad(format!("primary {node}, volume {}: give its `shadow` on this standby", v.name)));
+            }
+            v.source = v.shadow.clone();
+        }
+        let address = b.address.map(|a| a.into_inner());
+        Ok(Config {
+            path: self.path.clone(),
+            node: self.node.clone(),
+            key_file: b.key_file,
+            encryption: self.encryption,
+            state_dir: self.state_dir.join(PRIMARIES_DIR).join(&node),
+            listen: self.listen,
+            peer: address.clone(),
+            standby_peer: address,
+            bwlimit: self.bwlimit,
+            compression_level: self.compression_level,
+            connect_timeout_s: self.connect_timeout_s,
+            idle_timeout: self.idle_timeout,
+            verify_every: self.verify_every,
+            volumes,
+            role: b.role,
+            schedule: crate::schedule::Schedule::default(),
+            monitoring: Monitoring {
+                max_data_age: self.monitoring.max_data_age,
+                metrics_file: None,
+                metrics_interval: self.monitoring.metrics_interval,
+                standby_node: None,
+            },
+            primaries: Vec::new(),
+            protects: Some(Protects {
+                node,
+                priority: b.priority.unwrap_or(crate::protect::DEFAULT_PRIORITY),
+                fallback,
+                min_hold,
+                node_state_dir: self.state_dir.clone(),
+            }),
+            keep_protecting: self.keep_protecting,
+            takeover_settle: self.takeover_settle,
         })
+    }
+
+    /// The state directory of this node as a whole (maintenance locks, the history): `state_dir`, also for a
+    /// protected primary's configuration, whose own state is below it.
+    pub fn node_state_dir(&self) -> &Path {
+        self.protects.as_ref().map_or(&self.state_dir, |p| &p.node_state_dir)
+    }
+
+    /// The primaries this standby protects by name (`[[primary]]` blocks; empty on a two-node pair).
+    pub fn primary_names(&self) -> Vec<&str> {
+        self.primaries.iter().filter_map(|p| p.protects.as_ref()).map(|p| p.node.as_str()).collect()
+    }
+
+    /// The configuration a command acts on: this one, or with `[[primary]]` blocks the one of the primary named
+    /// by `--for NODE`.
+    pub fn for_primary(&self, node: Option<&str>) -> Result<Config, ConfigError> {
+        let bad = |message: String| ConfigError::Invalid { path: self.path.clone(), message };
+        match (node, self.primaries.is_empty()) {
+            (None, true) => Ok(self.clone()),
+            (Some(n), true) => Err(bad(format!(
+                "--for {n}: this node protects no list of primaries ([[primary]] blocks); leave --for out"
+            ))),
+            (Some(n), false) => {
+                self.primaries.iter().find(|p| p.protects.as_ref().is_some_and(|q| q.node == n)).cloned().ok_or_else(
+                    || {
+                        bad(format!(
+                            "--for {n}: {n} is not a primary of this standby; its primaries are {}",
+                            self.primary_names().join(", ")
+                        ))
+                    },
+                )
+            }
+            (None, false) => Err(bad(format!(
+                "this standby protects several primaries ({}): say which with --for NODE",
+                self.primary_names().join(", ")
+            ))),
+        }
     }
 
     /// The named volumes, or all of them; an unknown name is an error naming it.
@@ -588,6 +782,111 @@ impl Config {
     fn missing_path(&self, vol: &Volume, key: &'static str, hint: &'static str) -> ConfigError {
         ConfigError::MissingPath { volume: vol.name.clone(), key, path: self.path.clone(), hint }
     }
+}
+
+/// The `[[volume]]` blocks (or a `[[primary]]` block's `[[primary.volume]]` blocks), checked.
+fn parse_volumes(raws: Vec<RawVolume>, text: &str, path: &Path) -> Result<Vec<Volume>, ConfigError> {
+    let bad = |message: String| ConfigError::Invalid { path: path.into(), message };
+    let key_at = |key: &str, span: std::ops::Range<usize>| format!("{key} (line {})", line_of(text, span));
+    let mut volumes = Vec::new();
+    for v in raws {
+        let name_key = key_at("name", v.name.span());
+        let name = v.name.get_ref().clone();
+        layout::volume_name(Some(&name), Path::new(""))
+            .map_err(|_| bad(format!("{name_key}: volume name {name:?}: use letters, digits and . _ + -")))?;
+        if volumes.iter().any(|o: &Volume| o.name == name) {
+            return Err(bad(format!("{name_key}: volume {name:?} is configured twice")));
+        }
+        let block_key = match &v.block_size {
+            Some(s) => key_at("block_size", s.span()),
+            None => "block_size".into(),
+        };
+        let bs = match &v.block_size {
+            Some(s) => parse_size(s.get_ref()).map_err(|e| bad(format!("volume {}: {block_key}: {e}", name)))?,
+            None => engine::hash::DEFAULT_BLOCK_SIZE as u64,
+        };
+        let block_size =
+            engine::hash::validate_block_size(bs).map_err(|e| bad(format!("volume {}: {block_key}: {e}", name)))?;
+        let size = match &v.size {
+            Some(s) => Some(
+                parse_size(s.get_ref())
+                    .and_then(|n| if n == 0 { Err("the size must not be 0".into()) } else { Ok(n) })
+                    .map_err(|e| bad(format!("volume {}: {}: {e}", name, key_at("size", s.span()))))?,
+            ),
+            None => None,
+        };
+        let snapshot = match v.snapshot.as_ref().map_or("none", |s| s.get_ref().as_str()) {
+            "none" => SnapshotDriver::None,
+            "lvm" => SnapshotDriver::Lvm {
+                size: match &v.snapshot_size {
+                    Some(s) => {
+                        let key = key_at("snapshot_size", s.span());
+                        let size = parse_snapshot_size(s.get_ref())
+                            .map_err(|e| bad(format!("volume {}: {key}: {e}", name)))?;
+                        warn_small_snapshot(&name, &key, size);
+                        size
+                    }
+                    None => SnapshotSize::Percent(lvmctl::DEFAULT_SNAPSHOT_PERCENT),
+                },
+                name: v.snapshot_name.clone(),
+            },
+            other => {
+                let key = v.snapshot.as_ref().map(|s| key_at("snapshot", s.span())).unwrap_or_default();
+                return Err(bad(format!(
+                    "volume {name}: {key}: snapshot {other:?} is unknown: use \"none\" or \"lvm\""
+                )));
+            }
+        };
+        if v.source.is_none() && v.shadow.is_none() {
+            return Err(bad(format!(
+                "volume {name} ({name_key}): give `source` (primary side) and/or `shadow` (standby side)"
+            )));
+        }
+        let track = match v.track.as_ref().map_or("auto", |t| t.get_ref().as_str()) {
+            "auto" => Track::Auto,
+            t @ ("thin" | "snapshot") if snapshot == SnapshotDriver::None => {
+                let key = v.track.as_ref().map(|s| key_at("track", s.span())).unwrap_or_default();
+                return Err(bad(format!(
+                    "volume {name}: {key}: track = {t:?} needs snapshot = \"lvm\" (the tracker is an LVM snapshot)"
+                )));
+            }
+            "thin" => Track::Thin,
+            "snapshot" => Track::Snapshot,
+            "none" => Track::None,
+            other => {
+                let key = v.track.as_ref().map(|s| key_at("track", s.span())).unwrap_or_default();
+                return Err(bad(format!(
+                    "volume {name}: {key}: track {other:?} is unknown: use \"auto\", \"thin\", \"snapshot\" or \"none\""
+                )));
+            }
+        };
+        let full_scan_every = v.full_scan_every.unwrap_or(DEFAULT_FULL_SCAN_EVERY);
+        let keep_generations = match &v.keep_generations {
+            None => 1,
+            Some(k) if (1..=crate::retain::MAX_KEEP_GENERATIONS).contains(k.get_ref()) => *k.get_ref(),
+            Some(k) => {
+                return Err(bad(format!(
+                    "volume {name}: {}: keep_generations = {} is out of range: use 1 (only the current \
+                     generation) to {}",
+                    key_at("keep_generations", k.span()),
+                    k.get_ref(),
+                    crate::retain::MAX_KEEP_GENERATIONS
+                )))
+            }
+        };
+        volumes.push(Volume {
+            name,
+            source: v.source,
+            shadow: v.shadow,
+            snapshot,
+            block_size,
+            size,
+            track,
+            full_scan_every,
+            keep_generations,
+        });
+    }
+    Ok(volumes)
 }
 
 /// The configuration format this blockrep reads (`version = 1` at the top; optional, 1 when absent).
@@ -753,6 +1052,53 @@ mod tests {
             let e = link::error_chain(&Config::parse(&format!("{base}{text}"), Path::new("c.toml")).unwrap_err());
             assert!(e.contains(needle), "{needle}: {e}");
         }
+    }
+
+    #[test]
+    fn primary_blocks_give_each_primary_its_own_configuration() {
+        let base = "node = \"s\"\nstate_dir = \"/var/lib/b\"\n[standby]\nlisten = \"0.0.0.0:7788\"\n";
+        let block = |n: &str, extra: &str| {
+            format!(
+                "[[primary]]\nnode = \"{n}\"\nkey_file = \"/k/{n}\"\n{extra}[[primary.volume]]\nname = \"data\"\n\
+                 shadow = \"/dev/vg/{n}_data\"\n"
+            )
+        };
+        let parse = |t: &str| Config::parse(t, Path::new("c.toml"));
+        let c = parse(&format!("{base}{}{}", block("a", "priority = 7\nfallback = \"automatic\"\n"), block("b", "")))
+            .unwrap();
+        assert_eq!(c.primary_names(), ["a", "b"]);
+        let a = c.for_primary(Some("a")).unwrap();
+        let p = a.protects.as_ref().unwrap();
+        assert_eq!((p.priority, p.fallback), (7, Fallback::Automatic));
+        assert_eq!(a.key_file, Path::new("/k/a"));
+        assert_eq!(a.state_dir, Path::new("/var/lib/b/primaries/a"));
+        assert_eq!(a.node_state_dir(), Path::new("/var/lib/b"));
+        // Same volume name under two primaries; while acting, the shadow is the source for syncing back.
+        let b = c.for_primary(Some("b")).unwrap();
+        assert_eq!(b.volumes[0].name, "data");
+        assert_eq!(b.volumes[0].source.as_deref(), Some(Path::new("/dev/vg/b_data")));
+        assert_eq!(b.protects.as_ref().unwrap().fallback, Fallback::Manual);
+        let e = c.for_primary(None).unwrap_err().to_string();
+        assert!(e.contains("several primaries (a, b)") && e.contains("--for NODE"), "{e}");
+        let e = c.for_primary(Some("z")).unwrap_err().to_string();
+        assert!(e.contains("z is not a primary of this standby") && e.contains("a, b"), "{e}");
+        for (text, needle) in [
+            (format!("{base}{}{}", block("a", ""), block("a", "")), "node \"a\" is configured twice"),
+            (format!("{base}{}", block("s", "")), "this node's own name"),
+            (format!("{base}{}", block("a", "fallback = \"sometimes\"\n")), "primary.fallback (line 8)"),
+            (format!("{base}{}[[volume]]\nname = \"v\"\nshadow = \"/x\"\n", block("a", "")), "top-level [[volume]]"),
+            (format!("{base}{}source = \"/dev/vg/x\"\n", block("a", "")), "has only a `shadow` here"),
+            (format!("node = \"s\"\n{}", block("a", "")), "[standby] listen"),
+            (format!("{base}{}", block("a", "colour = 1\n")), "colour"),
+        ] {
+            let e = link::error_chain(&parse(&text).unwrap_err());
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        // A two-node pair's configuration has no --for, and still needs its key_file.
+        let pair = parse("node = \"a\"\nkey_file = \"/k\"\n").unwrap();
+        assert!(pair.for_primary(Some("x")).is_err() && pair.for_primary(None).is_ok());
+        let e = link::error_chain(&parse("node = \"a\"\n").unwrap_err());
+        assert!(e.contains("key_file"), "{e}");
     }
 
     #[test]

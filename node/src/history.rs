@@ -130,6 +130,12 @@ pub enum Event {
         /// The role change refused.
         action: String,
     },
+    /// A standby protecting several primaries refused to take one over (it acts for another, or another with a
+    /// higher priority failed at the same time).
+    TakeoverRefused {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// An event with its time.
@@ -137,6 +143,9 @@ pub enum Event {
 pub struct Entry {
     /// Unix seconds.
     pub time: u64,
+    /// On a standby protecting several primaries: the primary the event concerns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
     /// What happened.
     #[serde(flatten)]
     pub event: Event,
@@ -144,13 +153,20 @@ pub struct Entry {
 
 /// Appends an event (best effort, see the module docs).
 pub fn append(cfg: &Config, event: Event) {
-    append_at(&cfg.state_dir, event)
+    // One history per node: a protected primary's events go to the standby's, tagged with the primary.
+    write_entry(
+        cfg.node_state_dir(),
+        Entry { time: now(), primary: crate::protect::node_of(cfg).map(str::to_owned), event },
+    )
 }
 
 /// Appends an event to the history of the state directory `state_dir` (`verify --local` has no configuration).
 pub fn append_at(state_dir: &std::path::Path, event: Event) {
+    write_entry(state_dir, Entry { time: now(), primary: None, event })
+}
+
+fn write_entry(state_dir: &std::path::Path, entry: Entry) {
     let path = state_dir.join(FILE);
-    let entry = Entry { time: now(), event };
     let r = (|| -> std::io::Result<()> {
         std::fs::create_dir_all(state_dir)?;
         if std::fs::metadata(&path).is_ok_and(|m| m.len() >= MAX_BYTES) {
@@ -167,11 +183,19 @@ pub fn append_at(state_dir: &std::path::Path, event: Event) {
 }
 
 /// The recorded events at or after `since` (Unix seconds), oldest first; unreadable lines are skipped.
+///
+/// On a standby protecting several primaries, the configuration of one of them reads only that primary's
+/// events; the standby's own configuration reads all.
 pub fn read(cfg: &Config, since: u64) -> Vec<Entry> {
     let mut out = Vec::new();
+    let only = crate::protect::node_of(cfg);
     for name in [OLD_FILE, FILE] {
-        let Ok(text) = std::fs::read_to_string(cfg.state_dir.join(name)) else { continue };
-        out.extend(text.lines().filter_map(|l| serde_json::from_str::<Entry>(l).ok()).filter(|e| e.time >= since));
+        let Ok(text) = std::fs::read_to_string(cfg.node_state_dir().join(name)) else { continue };
+        out.extend(
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<Entry>(l).ok())
+                .filter(|e| e.time >= since && only.is_none_or(|p| e.primary.as_deref() == Some(p))),
+        );
     }
     out
 }
@@ -237,6 +261,7 @@ impl std::fmt::Display for Event {
                 write!(f, "{action} refused: the maintenance lock file cannot be read")
             }
             Event::LockRefused { node, action } => write!(f, "{action} refused: node {node} is locked for maintenance"),
+            Event::TakeoverRefused { reason } => write!(f, "takeover refused: {reason}"),
         }
     }
 }

@@ -16,6 +16,7 @@
 //! * [`local`]: sync and verify in one process, without network or configuration file.
 //! * [`schedule`]: `[schedule]`, the systemd units rendered from it, retries, the replication switch.
 //! * [`lock`]: one sync per node (`sync.lock`), `cancel`.
+//! * [`protect`]: one standby for several primaries (`[[primary]]`): takeover priority, `keep_protecting`.
 //! * [`maint_lock`]: the maintenance lock (`blockrep lock NODE`): promote and switchover refused while set.
 //! * [`alarms`], [`metrics`], [`history`]: alarms with notify hooks, the Prometheus text file, `blockrep log`.
 //! * [`verify`]: verifying shadows (`blockrep verify`, `[standby] verify_every`), compare requests on the primary.
@@ -45,6 +46,7 @@ pub mod maint_lock;
 pub mod metrics;
 pub mod paths;
 pub mod primary;
+pub mod protect;
 pub mod retain;
 pub mod roles;
 pub mod schedule;
@@ -126,6 +128,15 @@ pub enum Error {
     /// The maintenance lock.
     #[error(transparent)]
     MaintLock(Box<maint_lock::MaintLockError>),
+    /// The rules between protected primaries.
+    #[error(transparent)]
+    Protect(Box<protect::ProtectError>),
+}
+
+impl From<protect::ProtectError> for Error {
+    fn from(e: protect::ProtectError) -> Self {
+        Error::Protect(Box::new(e))
+    }
 }
 
 // Boxed, so that a `Result<_, Error>` stays small.
@@ -249,6 +260,7 @@ impl Error {
             Error::Verify(e) => e.kind(),
             Error::Retain(e) => e.kind(),
             Error::MaintLock(e) => e.kind(),
+            Error::Protect(e) => e.kind(),
         }
     }
 }

@@ -157,7 +157,7 @@ struct LockFile {
 
 /// The lock file of this node.
 pub fn path(cfg: &Config) -> PathBuf {
-    cfg.state_dir.join(FILE)
+    cfg.node_state_dir().join(FILE)
 }
 
 /// Reads the locks in `path` (none when the file does not exist).
@@ -220,9 +220,10 @@ fn update<T>(
     f: impl FnOnce(&mut BTreeMap<String, LockEntry>) -> Result<(T, bool), MaintLockError>,
 ) -> Result<T, MaintLockError> {
     let path = path(cfg);
-    let io = |source| MaintLockError::Io { path: cfg.state_dir.clone(), source };
-    std::fs::create_dir_all(&cfg.state_dir).map_err(io)?;
-    let dir = File::open(&cfg.state_dir).map_err(io)?;
+    let state_dir = cfg.node_state_dir();
+    let io = |source| MaintLockError::Io { path: state_dir.to_owned(), source };
+    std::fs::create_dir_all(state_dir).map_err(io)?;
+    let dir = File::open(state_dir).map_err(io)?;
     let _held = Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, e)| io(e.into()))?;
     let mut locks = read_at(&path)?;
     let (out, changed) = f(&mut locks)?;
@@ -242,6 +243,8 @@ pub fn locks(cfg: &Config) -> Result<Vec<MaintLock>, MaintLockError> {
 /// `None`: every primary this node protects, which today is its one peer, so that every lock refuses. A refusal
 /// is recorded in the history (the caller reports the error).
 pub fn refuse_if_locked(cfg: &Config, action: &str, primary: Option<&str>) -> Result<(), MaintLockError> {
+    // A protected primary's configuration: the role change involves that primary only.
+    let primary = primary.or(crate::protect::node_of(cfg));
     let refusal = match read_at(&path(cfg)) {
         Ok(locks) => {
             let hit = locks.into_iter().find(|(n, _)| *n == cfg.node || primary.is_none_or(|p| n == p));
@@ -369,6 +372,7 @@ pub fn known_nodes(cfg: &Config) -> Vec<String> {
             names.push(n.to_owned());
         }
     };
+    cfg.primary_names().into_iter().for_each(&mut add);
     if let Some(n) = &cfg.monitoring.standby_node {
         add(n);
     }

@@ -47,6 +47,42 @@ fn same(a: &Path, b: &Path) -> bool {
     resolve(a) == resolve(b) || matches!((identity(a), identity(b)), (Some(x), Some(y)) if x == y)
 }
 
+/// On a standby protecting several primaries (`[[primary]]`): no two primaries' volumes share a shadow, and no
+/// shadow is another primary's key file.
+pub fn check_across_primaries(cfg: &Config) -> Result<(), ConfigError> {
+    let bad = |message: String| ConfigError::Invalid { path: cfg.path.clone(), message };
+    let name = |c: &Config| crate::protect::node_of(c).unwrap_or_default().to_owned();
+    for (i, a) in cfg.primaries.iter().enumerate() {
+        for b in cfg.primaries.iter().skip(i + 1) {
+            for va in &a.volumes {
+                let Some(sa) = &va.shadow else { continue };
+                if let Some(vb) = b.volumes.iter().find(|vb| vb.shadow.as_deref().is_some_and(|sb| same(sa, sb))) {
+                    return Err(bad(format!(
+                        "primary {} volume {} and primary {} volume {} have the same shadow {}; each volume needs \
+                         a shadow of its own",
+                        name(a),
+                        va.name,
+                        name(b),
+                        vb.name,
+                        sa.display()
+                    )));
+                }
+            }
+        }
+        for b in cfg.primaries.iter().filter(|b| name(b) != name(a)) {
+            if let Some(v) = a.volumes.iter().find(|v| v.shadow.as_deref().is_some_and(|s| same(s, &b.key_file))) {
+                return Err(bad(format!(
+                    "primary {} volume {}: the shadow is primary {}'s key file; put the shadow elsewhere",
+                    name(a),
+                    v.name,
+                    name(b)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks the path rules of the module docs.
 pub fn check(cfg: &Config) -> Result<(), ConfigError> {
     let bad = |message: String| ConfigError::Invalid { path: cfg.path.clone(), message };

@@ -161,7 +161,15 @@ pub fn refuses_syncs(cfg: &Config) -> Option<String> {
     let dir = layout.role_dir();
     match role::accepts_syncs(dir) {
         Ok(true) => None,
-        Ok(false) => Some(format!("this node ({}) is primary: it does not accept syncs; demote it first", cfg.node)),
+        Ok(false) => Some(match crate::protect::node_of(cfg) {
+            Some(p) => format!(
+                "standby {} acts for primary {p} (promoted for it): it does not accept {p}'s syncs; hand the service \
+                 back first (`blockrep switchover` on {p} once it is this standby's standby again, or `blockrep demote \
+                 --for {p}` here)",
+                cfg.node
+            ),
+            None => format!("this node ({}) is primary: it does not accept syncs; demote it first", cfg.node),
+        }),
         Err(e) => Some(format!(
             "this node ({}) cannot read its role state in {} ({e}); it does not accept syncs until that is \
              repaired (`blockrep status` on it shows the same error)",
@@ -774,10 +782,13 @@ pub fn announce(cfg: &Config) -> Result<(), Error> {
 
 /// Starts `exe --config CONFIG announce` in the background (own process group, no terminal), after a promote.
 /// `exe` is the `blockrep` binary.
-pub fn spawn_announcer(exe: &Path, config: &Path) -> Result<(), Error> {
+pub fn spawn_announcer(exe: &Path, config: &Path, for_primary: Option<&str>) -> Result<(), Error> {
     use std::os::unix::process::CommandExt;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("--config").arg(config).arg("announce");
+    if let Some(p) = for_primary {
+        cmd.arg("--for").arg(p);
+    }
     cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
     cmd.process_group(0);
     cmd.spawn().map_err(RoleError::SpawnAnnouncer)?;

@@ -158,38 +158,94 @@ fn hold_shadow(volume: &str, shadow: &std::path::Path) -> Result<Option<Hold>, S
     Ok(None)
 }
 
-/// Opens every configured, existing shadow exclusively (see [`Hold`]), by volume name.
-fn hold_shadows(cfg: &Config) -> Result<HashMap<String, Hold>, Error> {
-    let mut holds = HashMap::new();
-    for v in &cfg.volumes {
+/// Opens every configured, existing shadow of `unit` exclusively (see [`Hold`]) into `holds`, by [`vol_key`].
+fn hold_shadows(unit: &Config, holds: &mut HashMap<String, Hold>) -> Result<(), Error> {
+    for v in &unit.volumes {
         let Some(shadow) = &v.shadow else { continue };
         if let Some(h) = hold_shadow(&v.name, shadow)? {
-            holds.insert(v.name.clone(), h);
+            holds.insert(vol_key(unit, &v.name), h);
         }
     }
-    Ok(holds)
+    Ok(())
+}
+
+/// What `serve` serves: the node's own configuration, or with `[[primary]]` blocks one configuration per
+/// protected primary ([`Config::for_primary`]).
+fn units(cfg: &Config) -> Vec<Config> {
+    if cfg.primaries.is_empty() {
+        vec![cfg.clone()]
+    } else {
+        cfg.primaries.clone()
+    }
+}
+
+/// A unit's name in logs and maps ("" for a two-node pair's configuration).
+fn unit_name(unit: &Config) -> &str {
+    crate::protect::node_of(unit).unwrap_or("")
+}
+
+/// The key of one volume of one unit in the daemon's maps (two primaries may use the same volume name).
+fn vol_key(unit: &Config, volume: &str) -> String {
+    match crate::protect::node_of(unit) {
+        Some(p) => format!("{p}/{volume}"),
+        None => volume.to_owned(),
+    }
+}
+
+/// The keys `serve` accepts: the node's key file, or with `[[primary]]` blocks each primary's own key file for
+/// that primary only (a primary authenticates with its key, so it can open only its own volumes). Read again at
+/// every handshake, so a next key copied in while `serve` runs is used at once.
+#[derive(Debug)]
+enum ServeKeys {
+    /// A two-node pair: one key file.
+    One(netproto::KeyFile),
+    /// One key file per protected primary.
+    ByPrimary {
+        /// This standby.
+        standby: String,
+        /// (primary node, its key file).
+        files: Vec<(String, std::path::PathBuf)>,
+    },
+}
+
+impl netproto::KeyStore for ServeKeys {
+    fn keys_for(&self, peer_node: &str) -> Result<netproto::KeySet, netproto::KeyError> {
+        match self {
+            ServeKeys::One(k) => k.keys_for(peer_node),
+            ServeKeys::ByPrimary { standby, files } => match files.iter().find(|(n, _)| n == peer_node) {
+                Some((_, path)) => netproto::KeySet::load(path),
+                None => Err(netproto::KeyError::UnknownPeer {
+                    peer: peer_node.to_owned(),
+                    standby: standby.clone(),
+                    known: files.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", "),
+                }),
+            },
+        }
+    }
 }
 
 /// Shared state of the daemon.
 #[derive(Debug)]
 struct Shared {
     cfg: Config,
-    /// `key_file`, read again at each handshake (a next key copied in while `serve` runs is used at once).
-    keys: netproto::KeyFile,
+    /// What it serves ([`units`]): the node's configuration, or one per protected primary.
+    units: Vec<Config>,
+    /// The key files, read again at each handshake ([`ServeKeys`]).
+    keys: ServeKeys,
     io: engine::volume::IoOptions,
     busy: Arc<Mutex<HashSet<String>>>,
     /// A clone of every open connection's socket, so that a stop can cut its read side.
     streams: Mutex<HashMap<u64, TcpStream>>,
     stopping: AtomicBool,
     stop: Notify,
-    /// The shadows held exclusively while this node is a standby ([`hold_shadows`]), by volume; released when it
-    /// becomes primary, so that a promote can mount them, and taken again when it is a standby again or a shadow
-    /// appears ([`Shared::hold_missing`]).
+    /// The shadows held exclusively while this node is a standby ([`hold_shadows`]), by [`vol_key`]; released
+    /// when it becomes primary (for that primary), so that a promote can mount them, and taken again when it is a
+    /// standby again or a shadow appears ([`Shared::hold_missing`]).
     holds: Mutex<HashMap<String, Hold>>,
     /// The volumes whose shadow could not be held, so that this is logged once until it changes.
     hold_failed: Mutex<HashSet<String>>,
-    /// Whether this node accepted syncs at the last hold check (the periodic verify runs only then).
-    standby: AtomicBool,
+    /// The units ([`unit_name`]) that accepted syncs at the last hold check (the periodic verify runs only then).
+    standby: Mutex<HashSet<String>>,
     /// The volume whose periodic verify runs now, and the flag that stops it (a sync of it preempts it).
     verifying: Mutex<Option<(String, Arc<AtomicBool>)>>,
     next_id: AtomicU64,
@@ -201,20 +257,21 @@ impl Shared {
     /// Holds the shadow of `volume` if it exists and is not held yet. A shadow in use by another process is
     /// logged (once until that changes) and tried again at the next check: the evidence recorded at each commit
     /// still shows writes made meanwhile.
-    fn hold(&self, volume: &str, shadow: &std::path::Path) {
-        if self.holds.lock().expect("lock").get(volume).is_some_and(|h| h.is(shadow)) {
+    fn hold(&self, unit: &Config, volume: &str, shadow: &std::path::Path) {
+        let key = vol_key(unit, volume);
+        if self.holds.lock().expect("lock").get(&key).is_some_and(|h| h.is(shadow)) {
             return;
         }
-        self.holds.lock().expect("lock").remove(volume); // gone or replaced: release the old file
+        self.holds.lock().expect("lock").remove(&key); // gone or replaced: release the old file
         match hold_shadow(volume, shadow) {
             Ok(Some(h)) => {
-                info!(volume, shadow = %shadow.display(), "holding the shadow exclusively");
-                self.holds.lock().expect("lock").insert(volume.to_owned(), h);
-                self.hold_failed.lock().expect("lock").remove(volume);
+                info!(volume = %key, shadow = %shadow.display(), "holding the shadow exclusively");
+                self.holds.lock().expect("lock").insert(key.clone(), h);
+                self.hold_failed.lock().expect("lock").remove(&key);
             }
             Ok(None) => {}
             Err(e) => {
-                if self.hold_failed.lock().expect("lock").insert(volume.to_owned()) {
+                if self.hold_failed.lock().expect("lock").insert(key) {
                     warn!("{e}; trying again every {} ms", HOLD_CHECK.as_millis());
                 }
             }
@@ -223,35 +280,58 @@ impl Shared {
 
     /// Holds every configured shadow that exists and is not held yet (after a demote, or a shadow created after
     /// the start).
-    fn hold_missing(&self) {
-        for v in &self.cfg.volumes {
+    fn hold_missing(&self, unit: &Config) {
+        for v in &unit.volumes {
             if let Some(shadow) = &v.shadow {
-                self.hold(&v.name, shadow);
+                self.hold(unit, &v.name, shadow);
             }
         }
     }
 
-    /// The periodic hold check: a standby holds every shadow, a primary none (and stops a verify).
+    /// The periodic hold check, per unit: a standby holds every shadow, a primary (or a standby acting for that
+    /// primary) none of that unit's (and stops a verify of them).
     fn check_holds(&self) {
-        if roles::refuses_syncs(&self.cfg).is_some() {
-            self.standby.store(false, Ordering::SeqCst);
-            if let Some((_, stop)) = &*self.verifying.lock().expect("lock") {
-                stop.store(true, Ordering::SeqCst);
+        for unit in &self.units {
+            let name = unit_name(unit);
+            let keys: Vec<String> = unit.volumes.iter().map(|v| vol_key(unit, &v.name)).collect();
+            if roles::refuses_syncs(unit).is_some() {
+                self.standby.lock().expect("lock").remove(name);
+                if let Some((v, stop)) = &*self.verifying.lock().expect("lock") {
+                    if keys.contains(v) {
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                }
+                let mut h = self.holds.lock().expect("lock");
+                if keys.iter().any(|k| h.contains_key(k)) {
+                    match crate::protect::node_of(unit) {
+                        Some(p) => info!("this standby acts for primary {p}: releasing the shadows it held for it"),
+                        None => info!("this node is no longer a standby: releasing the shadows it held"),
+                    }
+                    for k in &keys {
+                        h.remove(k);
+                    }
+                }
+                let mut failed = self.hold_failed.lock().expect("lock");
+                for k in &keys {
+                    failed.remove(k);
+                }
+            } else {
+                self.standby.lock().expect("lock").insert(name.to_owned());
+                self.hold_missing(unit);
             }
-            let mut h = self.holds.lock().expect("lock");
-            if !h.is_empty() {
-                info!("this node is no longer a standby: releasing the shadows it held");
-                h.clear();
-            }
-            self.hold_failed.lock().expect("lock").clear();
-        } else {
-            self.standby.store(true, Ordering::SeqCst);
-            self.hold_missing();
+        }
+        if !self.cfg.primaries.is_empty() {
+            crate::alarms::update(&self.cfg, &crate::protect::judge_unprotected(&self.cfg));
         }
     }
 
-    /// Marks `volume` busy for a sync. A periodic verify of it is stopped first (it has the lowest priority);
-    /// `false`: another sync holds it.
+    /// Whether `unit` accepted syncs at the last hold check.
+    fn is_standby(&self, unit: &Config) -> bool {
+        self.standby.lock().expect("lock").contains(unit_name(unit))
+    }
+
+    /// Marks `volume` (a [`vol_key`]) busy for a sync. A periodic verify of it is stopped first (it has the lowest
+    /// priority); `false`: another sync holds it.
     fn mark_busy(&self, volume: &str) -> bool {
         if self.busy.lock().expect("lock").insert(volume.to_owned()) {
             return true;
@@ -278,16 +358,20 @@ fn scrub(shared: &Shared, every: Duration) {
     info!(every = %crate::schedule::format_duration(every), "periodic verify of the held shadows enabled");
     while !shared.stopping.load(Ordering::SeqCst) {
         std::thread::sleep(HOLD_CHECK);
-        for v in &shared.cfg.volumes {
-            if shared.stopping.load(Ordering::SeqCst) || !shared.standby.load(Ordering::SeqCst) {
+        for (unit, v) in shared.units.iter().flat_map(|u| u.volumes.iter().map(move |v| (u, v))) {
+            if shared.stopping.load(Ordering::SeqCst) {
                 break;
             }
-            if !shared.holds.lock().expect("lock").contains_key(&v.name)
-                || !shared.cfg.layout().side_dir(Side::Standby, &v.name).is_dir()
+            if !shared.is_standby(unit) {
+                continue;
+            }
+            let key = vol_key(unit, &v.name);
+            if !shared.holds.lock().expect("lock").contains_key(&key)
+                || !unit.layout().side_dir(Side::Standby, &v.name).is_dir()
             {
                 continue;
             }
-            if !crate::verify::due(&shared.cfg, &v.name, every) {
+            if !crate::verify::due(unit, &v.name, every) {
                 continue;
             }
             // The busy mark and the registration of the verify are taken together, and released in the other
@@ -295,25 +379,22 @@ fn scrub(shared: &Shared, every: Duration) {
             let stop = Arc::new(AtomicBool::new(false));
             let guard = {
                 let mut verifying = shared.verifying.lock().expect("lock");
-                if !shared.busy.lock().expect("lock").insert(v.name.clone()) {
+                if !shared.busy.lock().expect("lock").insert(key.clone()) {
                     continue; // a sync runs: later
                 }
-                *verifying = Some((v.name.clone(), stop.clone()));
-                BusyGuard { busy: shared.busy.clone(), name: v.name.clone() }
+                *verifying = Some((key.clone(), stop.clone()));
+                BusyGuard { busy: shared.busy.clone(), name: key.clone(), volume: v.name.clone() }
             };
-            let stopped = || {
-                stop.load(Ordering::SeqCst)
-                    || shared.stopping.load(Ordering::SeqCst)
-                    || !shared.standby.load(Ordering::SeqCst)
-            };
-            match crate::verify::verify_shadow(&shared.cfg, v, shared.io, &stopped, true) {
+            let stopped =
+                || stop.load(Ordering::SeqCst) || shared.stopping.load(Ordering::SeqCst) || !shared.is_standby(unit);
+            match crate::verify::verify_shadow(unit, v, shared.io, &stopped, true) {
                 Ok(Some(_)) => {}
-                Ok(None) => debug!(volume = %v.name, "periodic verify stopped; it runs again later"),
+                Ok(None) => debug!(volume = %key, "periodic verify stopped; it runs again later"),
                 Err(e) => {
                     if !matches!(e, crate::verify::VerifyError::Incomplete { .. }) {
-                        warn!(volume = %v.name, "periodic verify failed: {}; trying again after the interval", link::error_chain(&e));
+                        warn!(volume = %key, "periodic verify failed: {}; trying again after the interval", link::error_chain(&e));
                     }
-                    crate::verify::postpone(&shared.cfg, &v.name);
+                    crate::verify::postpone(unit, &v.name);
                 }
             }
             drop(guard);
@@ -348,9 +429,19 @@ impl Stopper {
 impl Server {
     /// Loads the key and binds `listen` (or the configured `[standby] listen`).
     pub fn bind(cfg: Config, listen: Option<SocketAddr>, io: engine::volume::IoOptions) -> Result<Server, Error> {
-        cfg.keys()?; // refuse to start with a missing or unsafe key file
-        let keys = netproto::KeyFile(cfg.key_file.clone());
-        crate::retain::check_config(&cfg)?;
+        let units = units(&cfg);
+        for u in &units {
+            u.keys()?; // refuse to start with a missing or unsafe key file
+            crate::retain::check_config(u)?;
+        }
+        let keys = if cfg.primaries.is_empty() {
+            ServeKeys::One(netproto::KeyFile(cfg.key_file.clone()))
+        } else {
+            ServeKeys::ByPrimary {
+                standby: cfg.node.clone(),
+                files: units.iter().map(|u| (unit_name(u).to_owned(), u.key_file.clone())).collect(),
+            }
+        };
         let addr = listen.or(cfg.listen).ok_or_else(|| ConfigError::Missing {
             path: cfg.path.clone(),
             what: "[standby] listen address (or pass --listen)",
@@ -359,6 +450,7 @@ impl Server {
         listener.set_nonblocking(true).map_err(ServeError::Listener)?;
         let shared = Arc::new(Shared {
             cfg,
+            units,
             keys,
             io,
             busy: Arc::new(Mutex::new(HashSet::new())),
@@ -367,7 +459,7 @@ impl Server {
             stop: Notify::new(),
             holds: Mutex::new(HashMap::new()),
             hold_failed: Mutex::new(HashSet::new()),
-            standby: AtomicBool::new(false),
+            standby: Mutex::new(HashSet::new()),
             verifying: Mutex::new(None),
             next_id: AtomicU64::new(0),
             handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
@@ -441,7 +533,11 @@ impl Server {
         let shared = self.shared;
         let listener = tokio::net::TcpListener::from_std(self.listener).map_err(ServeError::Listener)?;
         let local = listener.local_addr().map_err(ServeError::Listener)?;
-        info!(%local, node = %shared.cfg.node, volumes = shared.cfg.volumes.len(), "serving");
+        let volumes: usize = shared.units.iter().map(|u| u.volumes.len()).sum();
+        match shared.cfg.primary_names() {
+            p if p.is_empty() => info!(%local, node = %shared.cfg.node, volumes, "serving"),
+            p => info!(%local, node = %shared.cfg.node, volumes, primaries = %p.join(","), "serving several primaries"),
+        }
         let metrics = crate::metrics::spawn_periodic(&shared.cfg);
         let mut tasks = tokio::task::JoinSet::new();
         let mut refusals = RefusalLog::default();
@@ -527,16 +623,22 @@ pub fn run(
     io: engine::volume::IoOptions,
     bound: impl FnOnce(SocketAddr),
 ) -> Result<(), Error> {
-    for f in crate::shadow::roll_forward(&cfg, io) {
-        warn!(volume = %f.volume, "cannot bring the shadow to a complete generation: {}; syncs of it will fail", f.error);
+    let mut holds = HashMap::new();
+    let mut standby = HashSet::new();
+    for unit in units(&cfg) {
+        for f in crate::shadow::roll_forward(&unit, io) {
+            warn!(volume = %vol_key(&unit, &f.volume), "cannot bring the shadow to a complete generation: {}; syncs of it will fail", f.error);
+        }
+        // Hold every shadow before accepting anything, for as long as this node is a standby (for that primary:
+        // a primary's shadows are its production volumes, never held).
+        if roles::refuses_syncs(&unit).is_none() {
+            hold_shadows(&unit, &mut holds)?;
+            standby.insert(unit_name(&unit).to_owned());
+        }
     }
-    // Hold every shadow before accepting anything, for as long as this node is a standby (a primary's shadows
-    // are its production volumes: never held).
-    let standby = roles::refuses_syncs(&cfg).is_none();
-    let holds = if standby { hold_shadows(&cfg)? } else { HashMap::new() };
     let server = Server::bind(cfg, listen, io)?;
     *server.shared.holds.lock().expect("lock") = holds;
-    server.shared.standby.store(standby, Ordering::SeqCst);
+    *server.shared.standby.lock().expect("lock") = standby;
     bound(server.local_addr()?);
     server.run_with(true)
 }
@@ -591,11 +693,16 @@ fn session(
     };
     let node = conn.peer_node().to_owned();
     info!(%peer, %node, "peer authenticated");
+    // With [[primary]] blocks the key that authenticated the peer was its own: it gets its own unit only.
+    let unit = match shared.units.iter().find(|u| shared.cfg.primaries.is_empty() || unit_name(u) == node) {
+        Some(u) => u,
+        None => return warn!(%peer, %node, "no configuration for this primary"),
+    };
     let idle = shared.cfg.idle_timeout;
     if let Err(e) = conn.set_timeout(Some(idle)).and_then(|()| conn.set_tcp_keepalive(idle)) {
         warn!(%peer, "cannot set the session's timeouts: {}", link::error_chain(&e));
     }
-    match netproto::serve_session(&mut conn, shared) {
+    match netproto::serve_session(&mut conn, &ForUnit { shared, unit }) {
         Ok(()) => debug!(%peer, %node, "session ended"),
         Err(SessionError::Conn(ConnError::Timeout { .. })) => warn!(
             %peer, %node,
@@ -619,7 +726,10 @@ fn session(
 #[derive(Debug)]
 struct BusyGuard {
     busy: Arc<Mutex<HashSet<String>>>,
+    /// The busy mark ([`vol_key`]).
     name: String,
+    /// The volume's name.
+    volume: String,
 }
 
 impl Drop for BusyGuard {
@@ -660,25 +770,31 @@ impl TargetLink for OpenShadow {
         }
         let ack = self.target.commit(root)?;
         // The target logs "generation committed" with the root hash.
-        note_first_full_sync(&self.cfg, self.io, &self.guard.name);
+        note_first_full_sync(&self.cfg, self.io, &self.guard.volume);
         Ok(ack)
     }
 }
 
-impl netproto::Standby for Shared {
+/// One session's view of the daemon: the unit of the authenticated peer.
+struct ForUnit<'a> {
+    shared: &'a Shared,
+    unit: &'a Config,
+}
+
+impl netproto::Standby for ForUnit<'_> {
     type Target = OpenShadow;
 
     fn open_volume(&self, peer: &str, o: &m::OpenVolume) -> Result<OpenShadow, Refusal> {
-        open_volume(self, peer, o).map_err(|(c, message)| {
-            warn!(volume = %o.name, "{message}");
+        open_volume(self.shared, self.unit, peer, o).map_err(|(c, message)| {
+            warn!(volume = %vol_key(self.unit, &o.name), "{message}");
             Refusal::new(c, message)
         })
     }
 
     fn role(&self) -> Result<m::RoleInfo, Refusal> {
-        let role = role::status(self.cfg.layout().role_dir()).map(|s| s.role);
+        let role = role::status(self.unit.layout().role_dir()).map(|s| s.role);
         match role {
-            Ok(r) => Ok(m::RoleInfo { role: roles::role_to_wire(r), node: self.cfg.node.clone() }),
+            Ok(r) => Ok(m::RoleInfo { role: roles::role_to_wire(r), node: self.unit.node.clone() }),
             Err(e) => Err(Refusal::new(code::FAILED, format!("cannot read the role state: {e}"))),
         }
     }
@@ -690,19 +806,29 @@ impl netproto::Standby for Shared {
         confirm: &mut dyn FnMut(Vec<m::Committed>) -> Result<(), Refusal>,
     ) -> Result<(), Refusal> {
         info!(%reason, peer, "the peer asks this node to demote (switchover)");
-        let report = roles::demote_for_switchover(&self.cfg, peer, reason, self.io, confirm)?;
+        let report = roles::demote_for_switchover(self.unit, peer, reason, self.shared.io, confirm)?;
         info!("demoted on the peer's request:\n{report}");
         Ok(())
     }
 }
 
-fn open_volume(shared: &Shared, peer: &str, o: &m::OpenVolume) -> Result<OpenShadow, (u16, String)> {
-    let cfg = &shared.cfg;
-    let vol = cfg.volumes.iter().find(|v| v.name == o.name).ok_or_else(|| {
-        (
+fn open_volume(shared: &Shared, cfg: &Config, peer: &str, o: &m::OpenVolume) -> Result<OpenShadow, (u16, String)> {
+    let vol = cfg.volumes.iter().find(|v| v.name == o.name).ok_or_else(|| match crate::protect::node_of(cfg) {
+        Some(p) => (
+            code::UNKNOWN_VOLUME,
+            format!(
+                "volume {:?} is not configured for primary {p} on standby {} ({}: its [[primary]] block for {p} \
+                 names {}); a primary opens only its own volumes",
+                o.name,
+                cfg.node,
+                cfg.path.display(),
+                cfg.volumes.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        ),
+        None => (
             code::UNKNOWN_VOLUME,
             format!("volume {:?} is not configured on standby {} ({})", o.name, cfg.node, cfg.path.display()),
-        )
+        ),
     })?;
     let shadow = vol
         .shadow
@@ -711,13 +837,17 @@ fn open_volume(shared: &Shared, peer: &str, o: &m::OpenVolume) -> Result<OpenSha
     if let Some(why) = roles::refuses_syncs(cfg) {
         return Err((code::REFUSED, why));
     }
-    if !shared.mark_busy(&o.name) {
+    if let Some(why) = crate::protect::refuses_while_acting(&shared.cfg, cfg) {
+        return Err((code::REFUSED, why));
+    }
+    let key = vol_key(cfg, &o.name);
+    if !shared.mark_busy(&key) {
         return Err((
             code::BUSY,
             format!("another sync of volume {} is running on standby {}; try again later", o.name, cfg.node),
         ));
     }
-    let guard = BusyGuard { busy: shared.busy.clone(), name: o.name.clone() };
+    let guard = BusyGuard { busy: shared.busy.clone(), name: key, volume: o.name.clone() };
     if !shadow.exists() {
         cfg.layout().record_source_size(&o.name, o.source_size);
         return Err((
@@ -733,7 +863,7 @@ fn open_volume(shared: &Shared, peer: &str, o: &m::OpenVolume) -> Result<OpenSha
             ),
         ));
     }
-    shared.hold(&o.name, shadow); // a shadow created since the last hold check
+    shared.hold(cfg, &o.name, shadow); // a shadow created since the last hold check
     let dir = cfg.layout().side_dir(Side::Standby, &o.name);
     let opts = crate::retain::target_options(cfg, vol, shared.io, true)
         .map_err(|e| (code::REFUSED, format!("cannot keep generations: {}", link::error_chain(&e))))?;

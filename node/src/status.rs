@@ -322,6 +322,26 @@ pub struct NodeStatus {
     /// Why the maintenance lock file cannot be read: promote and switchover are refused until it is repaired.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub maintenance_lock_error: Option<String>,
+    /// On a standby protecting several primaries (`[[primary]]`): each primary's status.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub primaries: Vec<ProtectedStatus>,
+}
+
+/// One primary a standby protects (`[[primary]]` block), as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProtectedStatus {
+    /// The primary's node name.
+    pub node: String,
+    /// Its takeover priority (higher wins).
+    pub priority: u32,
+    /// Its fallback policy.
+    pub fallback: crate::config::Fallback,
+    /// Whether this standby acts for it now (promoted for it, or a plan in progress).
+    pub acting: bool,
+    /// Why its syncs are refused now (`None`: accepted).
+    pub refused: Option<String>,
+    /// The status of its volumes, role and key on this standby.
+    pub status: Box<NodeStatus>,
 }
 
 /// What to do besides reading local state.
@@ -344,6 +364,9 @@ pub fn status(cfg: &Config, io: engine::volume::IoOptions) -> Result<NodeStatus,
 
 /// Reads this node's status with options; the standing alarms are judged and recorded (edges notify).
 pub fn status_with(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error> {
+    if !cfg.primaries.is_empty() {
+        return protected_status(cfg, o);
+    }
     let rc = match cfg.role {
         Some(_) => Some(crate::roles::role_config(cfg)?), // an invalid [role] section is a configuration error here too
         None => None,
@@ -477,6 +500,61 @@ pub fn status_with(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error> 
         alarms,
         maintenance_locks,
         maintenance_lock_error,
+        primaries: Vec::new(),
+    })
+}
+
+/// The status of a standby protecting several primaries: each primary's own status (its volumes, role and key
+/// on this standby), whether it is protected now, and the alarms of all of them (prefixed with the primary).
+fn protected_status(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error> {
+    let st = role::status(cfg.layout().role_dir()).map_err(StatusError::Role)?;
+    let mut primaries = Vec::new();
+    let mut alarms = alarms::update(cfg, &crate::protect::judge_unprotected(cfg));
+    let mut state = ReplicationState::Ok;
+    for c in &cfg.primaries {
+        let Some(p) = &c.protects else { continue };
+        let s = status_with(c, o)?;
+        alarms.extend(s.alarms.iter().cloned().map(|mut a| {
+            a.message = format!("primary {}: {}", p.node, a.message);
+            a
+        }));
+        if s.state != ReplicationState::Ok && state == ReplicationState::Ok {
+            state = s.state;
+        }
+        let refused = crate::roles::refuses_syncs(c).or_else(|| crate::protect::refuses_while_acting(cfg, c));
+        primaries.push(ProtectedStatus {
+            node: p.node.clone(),
+            priority: p.priority,
+            fallback: p.fallback,
+            acting: crate::protect::is_acting(c),
+            refused,
+            status: Box::new(s),
+        });
+    }
+    let (maintenance_locks, maintenance_lock_error) = match crate::maint_lock::locks(cfg) {
+        Ok(l) => (l, None),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
+    Ok(NodeStatus {
+        node: cfg.node.clone(),
+        role: st,
+        replication_enabled: crate::schedule::replication_enabled(cfg),
+        state,
+        running: None,
+        volumes: Vec::new(),
+        peer: None,
+        key: KeyStatus {
+            file: std::path::PathBuf::new(),
+            id: None,
+            next_id: None,
+            rotation: Rotation::None,
+            detail: "each primary has its own key (see primaries)".into(),
+        },
+        services: Vec::new(),
+        alarms,
+        maintenance_locks,
+        maintenance_lock_error,
+        primaries,
     })
 }
 

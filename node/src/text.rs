@@ -34,6 +34,9 @@ pub fn ago(t: u64) -> String {
 impl fmt::Display for NodeStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = self;
+        if !s.primaries.is_empty() {
+            return protected(s, f);
+        }
         let accepts = if s.role.accepts_syncs { " (accepts syncs)" } else { "" };
         writeln!(f, "node {}: {}{accepts}", s.node, s.role.role)?;
         let enabled = if s.replication_enabled { "enabled" } else { "DISABLED (blockrep replication enable)" };
@@ -138,6 +141,64 @@ impl fmt::Display for NodeStatus {
         }
         Ok(())
     }
+}
+
+/// The status screen of a standby protecting several primaries: a line per primary, then its own status
+/// indented.
+fn protected(s: &NodeStatus, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    let acting: Vec<&str> = s.primaries.iter().filter(|p| p.acting).map(|p| p.node.as_str()).collect();
+    let names: Vec<&str> = s.primaries.iter().map(|p| p.node.as_str()).collect();
+    match acting.is_empty() {
+        true => writeln!(f, "node {}: standby protecting {} primaries ({})", s.node, names.len(), names.join(", "))?,
+        false => writeln!(
+            f,
+            "node {}: standby protecting {} primaries ({}); ACTING for {}",
+            s.node,
+            names.len(),
+            names.join(", "),
+            acting.join(", ")
+        )?,
+    }
+    let enabled = if s.replication_enabled { "enabled" } else { "DISABLED (blockrep replication enable)" };
+    writeln!(f, "replication: {enabled}; state: {}", s.state.as_str())?;
+    for l in &s.maintenance_locks {
+        writeln!(
+            f,
+            "LOCKED for maintenance: {}, set by {} {}, reason: {}; promote and switchover refused until `blockrep \
+             unlock {}`",
+            l.node,
+            l.entry.by,
+            ago(l.entry.since),
+            l.entry.reason,
+            l.node
+        )?;
+    }
+    if let Some(e) = &s.maintenance_lock_error {
+        writeln!(f, "MAINTENANCE LOCK UNREADABLE: {e}")?;
+    }
+    for p in &s.primaries {
+        let state = match (&p.refused, p.acting) {
+            (_, true) => "ACTING for it (its shadows are production here)".to_owned(),
+            (None, false) => "protected (accepts its syncs)".to_owned(),
+            (Some(why), false) => format!("UNPROTECTED: {why}"),
+        };
+        let fallback = match p.fallback {
+            crate::config::Fallback::Manual => "manual",
+            crate::config::Fallback::Automatic => "automatic",
+        };
+        writeln!(f, "primary {} (priority {}, fallback {fallback}): {state}", p.node, p.priority)?;
+        // The primary's own screen without its alarms (listed once below) and without its first line.
+        let mut inner = (*p.status).clone();
+        inner.alarms.clear();
+        inner.maintenance_locks.clear();
+        for line in inner.to_string().lines().skip(1) {
+            writeln!(f, "  {line}")?;
+        }
+    }
+    for a in &s.alarms {
+        writeln!(f, "ALARM {} since {}: {}", a.key(), ago(a.since), a.message)?;
+    }
+    Ok(())
 }
 
 /// One line of `blockrep deconfigure`.

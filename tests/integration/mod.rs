@@ -7,6 +7,7 @@ mod local_sync;
 mod maint_lock;
 mod network;
 mod operations;
+mod protect;
 mod retain;
 mod role_cli;
 mod trust;
