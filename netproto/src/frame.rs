@@ -165,6 +165,11 @@ frame_types! {
     FinalSynced = 23,
     /// Switchover: the asking node holds what the other committed; the demote may proceed.
     DemoteConfirm = 24,
+    /// Automatic fallback: the standby acting for this node asks it to take its service back by a planned
+    /// switchover (this node then asks the standby to demote, as `blockrep switchover` does).
+    HandbackReq = 25,
+    /// The switchover asked for by `HandbackReq` finished: this node is primary again.
+    HandbackDone = 26,
 }
 
 impl std::fmt::Display for FrameType {

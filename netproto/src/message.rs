@@ -222,6 +222,10 @@ pub enum Message {
     FinalSynced(Vec<Committed>),
     /// Switchover, from the asking node: its shadows hold every generation of [`Message::FinalSynced`].
     DemoteConfirm,
+    /// Automatic fallback: asks the node to take its service back by a planned switchover; the reason.
+    HandbackReq(String),
+    /// The switchover asked for finished.
+    HandbackDone,
 }
 
 /// One volume's generation committed by a switchover's final sync.
@@ -568,6 +572,8 @@ impl Message {
             Message::DemoteDone => FrameType::DemoteDone,
             Message::FinalSynced(_) => FrameType::FinalSynced,
             Message::DemoteConfirm => FrameType::DemoteConfirm,
+            Message::HandbackReq(_) => FrameType::HandbackReq,
+            Message::HandbackDone => FrameType::HandbackDone,
             Message::Keepalive => FrameType::Keepalive,
         }
     }
@@ -708,12 +714,17 @@ impl Message {
                 w.u64(c.generation);
                 w.hash(&c.root);
             }
-            Message::Bye | Message::RoleReq | Message::DemoteDone | Message::Keepalive | Message::DemoteConfirm => {}
+            Message::Bye
+            | Message::RoleReq
+            | Message::DemoteDone
+            | Message::Keepalive
+            | Message::DemoteConfirm
+            | Message::HandbackDone => {}
             Message::RoleInfo(r) => {
                 w.u8(r.role);
                 w.str(ty, "node", &r.node, MAX_NAME_LEN)?;
             }
-            Message::DemoteReq(reason) => w.str(ty, "reason", reason, MAX_ERROR_LEN)?,
+            Message::DemoteReq(reason) | Message::HandbackReq(reason) => w.str(ty, "reason", reason, MAX_ERROR_LEN)?,
             Message::FinalSynced(list) => {
                 limit(ty, "count", list.len() as u64, MAX_FINAL_VOLUMES as u64)?;
                 w.u32(list.len() as u32);
@@ -901,6 +912,8 @@ impl Message {
                 Message::FinalSynced(list)
             }
             FrameType::DemoteConfirm => Message::DemoteConfirm,
+            FrameType::HandbackReq => Message::HandbackReq(r.str("reason", MAX_ERROR_LEN)?),
+            FrameType::HandbackDone => Message::HandbackDone,
         };
         r.finish()?;
         Ok(msg)
@@ -1013,6 +1026,8 @@ pub(crate) mod tests {
             Just(Message::DemoteDone),
             Just(Message::Keepalive),
             Just(Message::DemoteConfirm),
+            Just(Message::HandbackDone),
+            "[ -~]{0,40}".prop_map(Message::HandbackReq),
             proptest::collection::vec(
                 ("[a-z]{1,12}", any::<u64>(), any::<[u8; 16]>()).prop_map(|(volume, generation, id)| Committed {
                     volume,

@@ -47,6 +47,12 @@ pub trait Standby {
         reason: &str,
         confirm: &mut dyn FnMut(Vec<Committed>) -> Result<(), Refusal>,
     ) -> Result<(), Refusal>;
+    /// Takes the service back at the request of the standby acting for this node (automatic fallback): runs a
+    /// planned switchover towards this node and returns when it is primary again. Refused by default.
+    fn handback(&self, peer: &str, reason: &str) -> Result<(), Refusal> {
+        let _ = reason;
+        Err(Refusal::new(code::REFUSED, format!("this node does not take a service back at the request of {peer}")))
+    }
 }
 
 /// Why a session ended other than by the peer's `Bye` or a clean close.
@@ -125,6 +131,11 @@ pub fn serve_session<S: Read + Write, N: Standby>(conn: &mut Connection<S>, node
                 let done = node.demote(&peer, &reason, &mut confirm);
                 done.map_err(|r| refuse(conn, r))?;
                 Message::DemoteDone
+            }
+            (Message::HandbackReq(reason), _) => {
+                let peer = conn.peer_node().to_string();
+                node.handback(&peer, &reason).map_err(|r| refuse(conn, r))?;
+                Message::HandbackDone
             }
             (Message::Begin(b), Some(t)) => Message::BeginAck(t.begin(&b).map_err(|e| fail(conn, e, code::REFUSED))?),
             (Message::BlockHashesReq { first, count }, Some(t)) => {

@@ -664,6 +664,13 @@ impl Config {
             }
             v.source = v.shadow.clone();
         }
+        if fallback == Fallback::Automatic && b.address.is_none() {
+            return Err(at(
+                "primary.fallback",
+                b.fallback.as_ref().expect("automatic was written"),
+                format!("fallback = \"automatic\" needs the primary's `address` (its blockrep serve, host:port) to hand the service back to {node}"),
+            ));
+        }
         let address = b.address.map(|a| a.into_inner());
         Ok(Config {
             path: self.path.clone(),
@@ -1064,8 +1071,12 @@ mod tests {
             )
         };
         let parse = |t: &str| Config::parse(t, Path::new("c.toml"));
-        let c = parse(&format!("{base}{}{}", block("a", "priority = 7\nfallback = \"automatic\"\n"), block("b", "")))
-            .unwrap();
+        let c = parse(&format!(
+            "{base}{}{}",
+            block("a", "priority = 7\nfallback = \"automatic\"\naddress = \"a:7788\"\n"),
+            block("b", "")
+        ))
+        .unwrap();
         assert_eq!(c.primary_names(), ["a", "b"]);
         let a = c.for_primary(Some("a")).unwrap();
         let p = a.protects.as_ref().unwrap();
@@ -1090,6 +1101,7 @@ mod tests {
             (format!("{base}{}source = \"/dev/vg/x\"\n", block("a", "")), "has only a `shadow` here"),
             (format!("node = \"s\"\n{}", block("a", "")), "[standby] listen"),
             (format!("{base}{}", block("a", "colour = 1\n")), "colour"),
+            (format!("{base}{}", block("a", "fallback = \"automatic\"\n")), "needs the primary's `address`"),
         ] {
             let e = link::error_chain(&parse(&text).unwrap_err());
             assert!(e.contains(needle), "{needle}: {e}");

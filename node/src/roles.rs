@@ -66,6 +66,14 @@ pub enum RoleError {
         /// Why.
         error: String,
     },
+    /// The automatic fallback's request to the primary failed (it stays with this standby; tried again later).
+    #[error("automatic fallback to {primary}: {message}; this standby keeps acting for it and tries again later")]
+    Fallback {
+        /// The primary.
+        primary: String,
+        /// What failed.
+        message: String,
+    },
     /// The background re-announcement could not be started.
     #[error("cannot start the background re-announcement (blockrep announce)")]
     SpawnAnnouncer(#[source] std::io::Error),
@@ -511,6 +519,72 @@ struct Quiet;
 impl crate::primary::SyncObserver for Quiet {
     fn progress(&mut self, _: &str, _: u64, _: u64) {}
     fn finished(&mut self, _: &crate::primary::VolumeOutcome, _: usize) {}
+}
+
+/// How long the standby waits for the primary it hands a service back to (its whole switchover).
+const HANDBACK_TIMEOUT: Duration = DEMOTE_TIMEOUT;
+
+/// What one look at an automatic fallback found ([`fallback_if_due`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FallbackStep {
+    /// Not now, and why (not acting, held too briefly, locked, the primary not back as a standby).
+    NotYet(String),
+    /// The primary took its service back.
+    HandedBack,
+}
+
+/// Automatic fallback (`fallback = "automatic"` of a `[[primary]]` block), run by the standby's `serve`: when
+/// this standby acts for the primary of `cfg` (primary, no plan in progress) for at least `min_hold`, no
+/// maintenance lock involves it, and the primary answers at its `address` as a standby, the standby syncs its
+/// volumes back to it (services running: reverse replication) and then asks it to take the service back
+/// ([`netproto::Message::HandbackReq`]); the primary runs a planned switchover ([`run`] with
+/// [`Plan::Switchover`]), which asks this standby to demote after a final sync
+/// ([`demote_for_switchover`]).
+pub fn fallback_if_due(cfg: &Config, io: engine::volume::IoOptions) -> Result<FallbackStep, Error> {
+    let Some(p) = &cfg.protects else { return Ok(FallbackStep::NotYet("not a protected primary".into())) };
+    let st = role::status(cfg.layout().role_dir()).map_err(RoleError::StateDir)?;
+    if st.role != role::Role::Primary || st.plan.is_some() {
+        return Ok(FallbackStep::NotYet(format!("this standby does not act for {}", p.node)));
+    }
+    let since = st.last_switchover.as_ref().map_or(0, |s| s.time);
+    let held = crate::history::now().saturating_sub(since);
+    if held < p.min_hold.as_secs() {
+        return Ok(FallbackStep::NotYet(format!(
+            "acting for {} for {held} s of the {} s min_hold",
+            p.node,
+            p.min_hold.as_secs()
+        )));
+    }
+    match crate::maint_lock::locks(cfg) {
+        Ok(l) => {
+            if let Some(l) = l.iter().find(|l| l.node == p.node || l.node == cfg.node) {
+                return Ok(FallbackStep::NotYet(format!("{} is locked for maintenance ({})", l.node, l.entry.reason)));
+            }
+        }
+        Err(e) => return Ok(FallbackStep::NotYet(format!("the maintenance lock file cannot be read: {e}"))),
+    }
+    match peer_role(cfg) {
+        Ok(Some(role::Role::Standby)) => {}
+        Ok(Some(r)) => return Ok(FallbackStep::NotYet(format!("primary {} answers as {r}, not as a standby", p.node))),
+        Ok(None) => return Ok(FallbackStep::NotYet(format!("no address configured for primary {}", p.node))),
+        Err(e) => return Ok(FallbackStep::NotYet(format!("primary {} is not back: {e}", p.node))),
+    }
+    // Resynchronise first, services running, so that the final sync of the switchover is short.
+    tracing::info!(primary = %p.node, "automatic fallback: {} is back as a standby; syncing its volumes back", p.node);
+    let o = crate::primary::NetSyncOptions { io, ..Default::default() };
+    crate::primary::sync_volumes_with(cfg, &[], &o, &mut Quiet, None)?.into_result()?;
+    let reason =
+        format!("automatic fallback: standby {} acted for {} for {held} s and resynchronised it", cfg.node, p.node);
+    crate::history::append(cfg, crate::history::Event::Switchover { plan: "fallback".into(), reason: reason.clone() });
+    tracing::info!(primary = %p.node, "{reason}; asking it to take its service back");
+    let failed = |message: String| -> Error { RoleError::Fallback { primary: p.node.clone(), message }.into() };
+    let t = Duration::from_secs(cfg.connect_timeout_s);
+    let mut conn = peer_conn(cfg, t, HANDBACK_TIMEOUT).map_err(failed)?;
+    conn.send(&netproto::Message::HandbackReq(reason)).map_err(|e| failed(e.to_string()))?;
+    match conn.recv_expect("the primary's switchover").map_err(|e| failed(link::error_chain(&e)))? {
+        netproto::Message::HandbackDone => Ok(FallbackStep::HandedBack),
+        other => Err(failed(format!("unexpected answer {}", other.frame_type()))),
+    }
 }
 
 /// The demoting side of a planned switchover, run by `serve` when the peer asks (`peer`: its node name). A

@@ -403,6 +403,47 @@ fn scrub(shared: &Shared, every: Duration) {
     }
 }
 
+/// How often the automatic fallback looks at each primary this standby acts for; after a failed attempt it
+/// waits [`FALLBACK_RETRY`].
+const FALLBACK_CHECK: Duration = Duration::from_secs(5);
+/// Pause after a failed automatic fallback before the next attempt.
+const FALLBACK_RETRY: Duration = Duration::from_secs(60);
+
+/// Automatic fallback (`fallback = "automatic"`), on its own thread: for each such primary this standby acts for,
+/// [`roles::fallback_if_due`] every [`FALLBACK_CHECK`]; the reason it is not due is logged when it changes.
+fn fallback(shared: &Shared) {
+    let mut next: HashMap<String, Instant> = HashMap::new();
+    let mut said: HashMap<String, String> = HashMap::new();
+    while !shared.stopping.load(Ordering::SeqCst) {
+        std::thread::sleep(HOLD_CHECK);
+        for unit in &shared.units {
+            let Some(p) = unit.protects.as_ref().filter(|p| p.fallback == crate::config::Fallback::Automatic) else {
+                continue;
+            };
+            if next.get(&p.node).is_some_and(|t| Instant::now() < *t) || shared.stopping.load(Ordering::SeqCst) {
+                continue;
+            }
+            next.insert(p.node.clone(), Instant::now() + FALLBACK_CHECK);
+            match roles::fallback_if_due(unit, shared.io) {
+                Ok(roles::FallbackStep::NotYet(why)) => {
+                    if said.get(&p.node) != Some(&why) {
+                        debug!(primary = %p.node, "automatic fallback not due: {why}");
+                        said.insert(p.node.clone(), why);
+                    }
+                }
+                Ok(roles::FallbackStep::HandedBack) => {
+                    info!(primary = %p.node, "automatic fallback: {} took its service back", p.node);
+                    said.remove(&p.node);
+                }
+                Err(e) => {
+                    warn!(primary = %p.node, "{}", link::error_chain(&e));
+                    next.insert(p.node.clone(), Instant::now() + FALLBACK_RETRY);
+                }
+            }
+        }
+    }
+}
+
 /// A bound standby daemon, not yet accepting.
 #[derive(Debug)]
 pub struct Server {
@@ -521,8 +562,21 @@ impl Server {
                 Ok(s) => s,
                 Err(e) => return Err(ServeError::Runtime(e).into()),
             };
+            let automatic = self
+                .shared
+                .units
+                .iter()
+                .any(|u| u.protects.as_ref().is_some_and(|p| p.fallback == crate::config::Fallback::Automatic));
+            let fallbacker = automatic.then(|| {
+                let shared = self.shared.clone();
+                std::thread::Builder::new().name("fallback".into()).spawn(move || fallback(&shared))
+            });
+            let fallbacker = match fallbacker.transpose() {
+                Ok(s) => s,
+                Err(e) => return Err(ServeError::Runtime(e).into()),
+            };
             let r = self.accept_loop().await;
-            if let Some(t) = scrubber {
+            for t in [scrubber, fallbacker].into_iter().flatten() {
                 let _ = tokio::task::spawn_blocking(move || t.join()).await;
             }
             r
@@ -809,6 +863,43 @@ impl netproto::Standby for ForUnit<'_> {
         let report = roles::demote_for_switchover(self.unit, peer, reason, self.shared.io, confirm)?;
         info!("demoted on the peer's request:\n{report}");
         Ok(())
+    }
+
+    fn handback(&self, peer: &str, reason: &str) -> Result<(), Refusal> {
+        let cfg = self.unit;
+        if !self.shared.cfg.primaries.is_empty() {
+            return Err(Refusal::new(
+                code::REFUSED,
+                format!("{} is a standby protecting several primaries: it takes no service back", cfg.node),
+            ));
+        }
+        info!(peer, %reason, "the standby acting for this node asks it to take its service back (automatic fallback)");
+        let opts = roles::PlanOptions {
+            reason: format!("automatic fallback requested by {peer}: {reason}"),
+            ..Default::default()
+        };
+        match roles::run(cfg, roles::Plan::Switchover, &opts, self.shared.io) {
+            Ok(report) => {
+                crate::history::append(
+                    cfg,
+                    crate::history::Event::Switchover { plan: "switchover".into(), reason: opts.reason },
+                );
+                info!("took the service back from {peer}:\n{report}");
+                if let Err(e) = std::env::current_exe()
+                    .map_err(|e| e.to_string())
+                    .and_then(|exe| roles::spawn_announcer(&exe, &cfg.path, None).map_err(|e| e.to_string()))
+                {
+                    warn!("cannot start the background re-announcement of the virtual IP: {e}");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let c = if e.kind() == ErrorKind::Unsafe { code::REFUSED } else { code::FAILED };
+                let message = format!("{} did not take its service back: {}", cfg.node, link::error_chain(&e));
+                warn!("{message}");
+                Err(Refusal::new(c, message))
+            }
+        }
     }
 }
 

@@ -435,3 +435,197 @@ fn takeover_of_one_primary_moves_only_its_virtual_ip() {
     let _ = serve.kill();
     let _ = serve.wait();
 }
+
+/// Primary `pa` (namespace b, 10.77.8.2) and standby `s` protecting it and `pb` (namespace a, 10.77.8.1); pa's
+/// service address 10.77.8.70 moves between them.
+struct Fallback {
+    lan: Lan,
+    dir: tempfile::TempDir,
+    serves: Vec<Child>,
+}
+
+impl Fallback {
+    fn new() -> Fallback {
+        let f = Fallback { lan: Lan::named("fb"), dir: tempfile::tempdir().unwrap(), serves: Vec::new() };
+        for p in ["pa", "pb"] {
+            assert!(run(blockrep().arg("keygen").arg(f.path(&format!("{p}.key")))).status.success());
+            write_volume(&f.path(&format!("vol-{p}.img")), SIZE, 21);
+            std::fs::write(f.path(&format!("shadow-{p}.img")), vec![0u8; SIZE]).unwrap();
+        }
+        let role = |log: &str| {
+            format!(
+                "interface = \"eth0\"\nvip = \"10.77.8.70/24\"\n[ROLE.garp]\ncount = 1\ninterval_ms = 10\n\
+                 [ROLE.services]\nprimary_only = [{{ hook = \"echo $BLOCKREP_ACTION >> {}\" }}]\n",
+                f.path(log).display()
+            )
+        };
+        let pa = format!(
+            "node = \"pa\"\nkey_file = {:?}\nstate_dir = {:?}\n[standby]\nlisten = \"10.77.8.2:7788\"\n\
+             peer = \"10.77.8.1:7788\"\n[primary]\npeer = \"10.77.8.1:7788\"\n[[volume]]\nname = \"data\"\n\
+             source = {:?}\nshadow = {:?}\n[role]\n{}",
+            f.path("pa.key"),
+            f.path("state-pa"),
+            f.path("vol-pa.img"),
+            f.path("vol-pa.img"),
+            role("app-pa.log").replace("ROLE", "role")
+        );
+        std::fs::write(f.path("pa.toml"), pa).unwrap();
+        let pb = format!(
+            "node = \"pb\"\nkey_file = {:?}\nstate_dir = {:?}\n[primary]\npeer = \"10.77.8.1:7788\"\n[[volume]]\n\
+             name = \"data\"\nsource = {:?}\n",
+            f.path("pb.key"),
+            f.path("state-pb"),
+            f.path("vol-pb.img"),
+        );
+        std::fs::write(f.path("pb.toml"), pb).unwrap();
+        f.standby("fallback = \"manual\"");
+        f
+    }
+
+    fn path(&self, n: &str) -> PathBuf {
+        self.dir.path().join(n)
+    }
+
+    fn standby(&self, fallback: &str) {
+        let role = format!(
+            "interface = \"eth0\"\nvip = \"10.77.8.70/24\"\n[primary.role.garp]\ncount = 1\ninterval_ms = 10\n\
+             [primary.role.services]\nprimary_only = [{{ hook = \"echo $BLOCKREP_ACTION >> {}\" }}]\n",
+            self.path("app-s.log").display()
+        );
+        let text = format!(
+            "node = \"s\"\nstate_dir = {:?}\n[standby]\nlisten = \"10.77.8.1:7788\"\n\
+             [[primary]]\nnode = \"pa\"\nkey_file = {:?}\naddress = \"10.77.8.2:7788\"\n{fallback}\nmin_hold = \"1s\"\n\
+             [[primary.volume]]\nname = \"data\"\nshadow = {:?}\n[primary.role]\n{}\
+             [[primary]]\nnode = \"pb\"\nkey_file = {:?}\n[[primary.volume]]\nname = \"data\"\nshadow = {:?}\n",
+            self.path("state-s"),
+            self.path("pa.key"),
+            self.path("shadow-pa.img"),
+            role,
+            self.path("pb.key"),
+            self.path("shadow-pb.img"),
+        );
+        std::fs::write(self.path("s.toml"), text).unwrap();
+    }
+
+    /// `blockrep ARGS --config <node>.toml` in the node's namespace (s: a, pa and pb: b).
+    fn br(&self, node: &str, args: &[&str]) -> std::process::Output {
+        let ns = if node == "s" { "a" } else { "b" };
+        run(self.lan.blockrep(ns).args(args).arg("--config").arg(self.path(&format!("{node}.toml"))))
+    }
+
+    fn ok(&self, node: &str, args: &[&str]) -> String {
+        let o = self.br(node, args);
+        assert!(o.status.success(), "{node} {args:?}: {}", stderr(&o));
+        stdout(&o)
+    }
+
+    fn serve(&mut self, node: &str) {
+        let ns = if node == "s" { "a" } else { "b" };
+        let mut c = self
+            .lan
+            .blockrep(ns)
+            .args(["serve", "--announce", "--config"])
+            .arg(self.path(&format!("{node}.toml")))
+            .env("BLOCKREP_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(self.path(&format!("serve-{node}.log"))).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(c.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert!(line.starts_with("listening on"), "{line}");
+        self.serves.push(c);
+    }
+
+    fn vip(&self, ns: &str) -> bool {
+        let ns = self.lan.ns(ns);
+        let o = std::process::Command::new("ip").args(["-n", &ns, "-4", "addr", "show", "dev", "eth0"]).output();
+        String::from_utf8_lossy(&o.unwrap().stdout).contains("10.77.8.70/")
+    }
+
+    fn same(&self, a: &str, b: &str) -> bool {
+        std::fs::read(self.path(a)).unwrap() == std::fs::read(self.path(b)).unwrap()
+    }
+
+    fn role(&self, node: &str, for_: Option<&str>) -> String {
+        let mut args = vec!["status", "--json"];
+        if let Some(p) = for_ {
+            args.extend(["--for", p]);
+        }
+        let o = self.br(node, &args);
+        let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap_or_else(|e| panic!("{e}: {o:?}"));
+        v["role"].as_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for Fallback {
+    fn drop(&mut self) {
+        for c in &mut self.serves {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn a_repaired_primary_takes_its_service_back_by_hand_and_automatically() {
+    if !is_root() {
+        eprintln!("skipping: network namespaces need root (CI runs as root)");
+        return;
+    }
+    let mut f = Fallback::new();
+    f.ok("pa", &["promote", "--force", "--reason", "initial"]);
+    assert!(f.vip("b"));
+    f.serve("s");
+    f.ok("pa", &["sync"]);
+    f.ok("pb", &["sync"]);
+    assert!(f.same("vol-pa.img", "shadow-pa.img"));
+
+    // pa fails (its service stops, its address goes); s takes over pa only and writes in production.
+    f.ok("pa", &["demote", "--reason", "pa fails"]);
+    f.ok("s", &["promote", "--for", "pa", "--reason", "pa died"]);
+    assert!(f.vip("a") && !f.vip("b"));
+    scribble(&f.path("shadow-pa.img"), &[2, 40, 300], 9);
+
+    // pa is repaired and back as s's standby; by hand: s syncs pa's volume back, then pa switches over.
+    f.serve("pa");
+    let out = f.ok("s", &["sync", "--for", "pa", "--json"]);
+    assert!(f.same("vol-pa.img", "shadow-pa.img"), "reverse sync: {out}");
+    scribble(&f.path("shadow-pa.img"), &[7], 10); // the last write on s before the switchover
+    f.ok("pa", &["switchover", "--reason", "pa repaired"]);
+    assert!(f.vip("b") && !f.vip("a"), "the service address is back on pa");
+    assert!(f.same("vol-pa.img", "shadow-pa.img"), "the last write made on s is on pa");
+    assert_eq!(std::fs::read_to_string(f.path("app-s.log")).unwrap().split_whitespace().last(), Some("stop"));
+    assert_eq!(f.role("s", Some("pa")), "standby");
+    // s protects pa again: pa's next sync is accepted, and pb's too.
+    scribble(&f.path("vol-pa.img"), &[11], 11);
+    f.ok("pa", &["sync"]);
+    assert!(f.same("vol-pa.img", "shadow-pa.img"));
+    f.ok("pb", &["sync"]);
+
+    // Automatic: pa fails again, s takes over; once pa's serve answers as a standby and min_hold (1 s) passed,
+    // s syncs pa back and asks it to take its service back, with nobody typing anything.
+    f.standby("fallback = \"automatic\"");
+    let mut old = f.serves.remove(0);
+    let _ = old.kill();
+    let _ = old.wait();
+    f.serve("s");
+    f.ok("pa", &["demote", "--reason", "pa fails again"]);
+    f.ok("s", &["promote", "--for", "pa", "--reason", "pa died again"]);
+    scribble(&f.path("shadow-pa.img"), &[5, 77], 12);
+    let written = std::fs::read(f.path("shadow-pa.img")).unwrap();
+    let t = std::time::Instant::now();
+    while f.role("pa", None) != "primary" {
+        assert!(t.elapsed() < std::time::Duration::from_secs(90), "no automatic fallback within 90 s");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert_eq!(std::fs::read(f.path("vol-pa.img")).unwrap(), written, "s's writes are on pa");
+    let t = std::time::Instant::now();
+    while f.role("s", Some("pa")) != "standby" {
+        assert!(t.elapsed() < std::time::Duration::from_secs(10));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(f.vip("b") && !f.vip("a"));
+    let log = f.ok("s", &["log"]);
+    assert!(log.contains("[for pa] fallback: automatic fallback"), "{log}");
+}
