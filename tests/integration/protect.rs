@@ -629,3 +629,107 @@ fn a_repaired_primary_takes_its_service_back_by_hand_and_automatically() {
     let log = f.ok("s", &["log"]);
     assert!(log.contains("[for pa] fallback: automatic fallback"), "{log}");
 }
+
+/// keepalived on the standby with one VRRP instance per primary, each calling the contrib notify script with
+/// `--for NODE`; the primaries' keepalived (one process in namespace b, two instances) dies at once: both
+/// instances on the standby become MASTER together, and the priority rule takes over p3 (priority 200), not p2
+/// (50), whose notify is refused (exit 4) and leaves p2's address alone.
+#[test]
+fn keepalived_promotes_by_priority_when_two_primaries_fail_together() {
+    const KEEPALIVED: &str = "/usr/sbin/keepalived";
+    if !is_root() {
+        eprintln!("skipping: network namespaces need root (CI runs as root)");
+        return;
+    }
+    assert!(Path::new(KEEPALIVED).exists(), "{KEEPALIVED} is missing: scripts/deps.sh installs keepalived");
+    let mut site = Site::new(Some(Lan::named("ka")));
+    site.standby_config("keep_protecting = false");
+    site.start_serve();
+    for p in ["p2", "p3"] {
+        let o = site.sync(&site.own(p));
+        assert!(o.status.success(), "{p}: {}", stderr(&o));
+    }
+    let notify = site.path("blockrep-keepalived-notify");
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/../contrib/keepalived/blockrep-keepalived-notify"), &notify)
+        .unwrap();
+    std::fs::set_permissions(&notify, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let conf = |node: &str, prio: u32, with_notify: bool| {
+        let mut text = format!("global_defs {{\n router_id {node}\n script_user root\n enable_script_security\n}}\n");
+        for (p, vrid) in [("p2", 82), ("p3", 83)] {
+            let n = if with_notify {
+                format!(
+                    " notify \"{} --blockrep {} --config {} --for {p}\"\n",
+                    notify.display(),
+                    env!("CARGO_BIN_EXE_blockrep"),
+                    site.path("s.toml").display()
+                )
+            } else {
+                String::new()
+            };
+            text += &format!(
+                "vrrp_instance {p} {{\n state BACKUP\n nopreempt\n interface eth0\n virtual_router_id {vrid}\n \
+                 priority {prio}\n advert_int 1\n{n}}}\n"
+            );
+        }
+        let path = site.path(&format!("keepalived-{node}.conf"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let lan = site.lan.as_ref().unwrap();
+    let start = |ns: &str, conf: &Path| -> Child {
+        let d = site.path(&format!("ka-{ns}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let log = std::fs::File::create(d.join("keepalived.log")).unwrap();
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &lan.ns(ns), KEEPALIVED, "--dont-fork", "--log-console", "-f"])
+            .arg(conf)
+            .arg("-p")
+            .arg(d.join("k.pid"))
+            .arg("-r")
+            .arg(d.join("k.vrrp.pid"))
+            .arg("-c")
+            .arg(d.join("k.chk.pid"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start keepalived")
+    };
+    // The primaries' VRRP (higher priority) first, so they are MASTER; then the standby's, BACKUP.
+    let mut primaries = start("b", &conf("prim", 150, false));
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let mut standby = start("a", &conf("s", 100, true));
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let vips = || {
+        let ns = lan.ns("a");
+        let o = std::process::Command::new("ip").args(["-n", &ns, "-4", "addr", "show", "dev", "eth0"]).output();
+        String::from_utf8_lossy(&o.unwrap().stdout).into_owned()
+    };
+    assert!(!vips().contains("10.77.8.62/") && !vips().contains("10.77.8.63/"), "{}", vips());
+    // Both primaries fail at once.
+    let _ = primaries.kill();
+    let _ = primaries.wait();
+    let t = std::time::Instant::now();
+    let mut ok = false;
+    while t.elapsed() < std::time::Duration::from_secs(30) {
+        let st = site.status();
+        if primary_entry(&st, "p3")["acting"] == true && primary_entry(&st, "p3")["status"]["role"] == "primary" {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    // Let p2's refused takeover finish too.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let _ = standby.kill();
+    let _ = standby.wait();
+    let log = std::fs::read_to_string(site.path("ka-a/keepalived.log")).unwrap_or_default();
+    assert!(ok, "p3 was not taken over: {}\n{log}", site.status());
+    let shown = vips();
+    assert!(shown.contains("10.77.8.63/"), "p3's address taken over: {shown}");
+    assert!(!shown.contains("10.77.8.62/"), "p2's address must not be: {shown}");
+    let st = site.status();
+    assert_eq!(primary_entry(&st, "p2")["acting"], false, "{st}");
+    let history = stdout(&site.s(&["log"]));
+    assert!(history.contains("[for p2] takeover refused") && history.contains("outranks p2"), "{history}\n{log}");
+}
