@@ -31,6 +31,8 @@ impl Site {
         for (i, p) in ["p1", "p2", "p3"].iter().enumerate() {
             let o = run(blockrep().arg("keygen").arg(s.path(&format!("{p}.key"))));
             assert!(o.status.success(), "keygen: {}", stderr(&o));
+            // The standby's copy of the primary's key, as an operator copies it over.
+            std::fs::copy(s.path(&format!("{p}.key")), s.path(&format!("s-{p}.key"))).unwrap();
             write_volume(&s.path(&format!("src-{p}.img")), SIZE, 5 + i as u64);
             std::fs::write(s.path(&format!("shadow-{p}.img")), vec![0u8; SIZE]).unwrap();
         }
@@ -54,7 +56,7 @@ impl Site {
             text += &format!(
                 "[[primary]]\nnode = \"{p}\"\nkey_file = {:?}\npriority = {prio}\n\
                  [[primary.volume]]\nname = \"data\"\nshadow = {:?}\n",
-                self.path(&format!("{p}.key")),
+                self.path(&format!("s-{p}.key")),
                 self.path(&format!("shadow-{p}.img"))
             );
             if p == "p1" {
@@ -267,6 +269,32 @@ fn one_standby_protects_three_primaries_each_with_its_own_key_and_volumes() {
     assert!(site.same("src-p2.img", "shadow-p2.img"));
     assert!(long.wait().unwrap().success());
     assert!(site.same("src-p1.img", "shadow-p1.img"));
+
+    // Key rotation of one primary's key, with syncs before, during and after: the standby starts it, accepts
+    // either key meanwhile, and both sides finish it in the first session under the new key; the others' keys
+    // are untouched.
+    let key_id =
+        |st: &serde_json::Value, p: &str| primary_entry(st, p)["status"]["key"]["id"].as_str().unwrap().to_owned();
+    let before = site.status();
+    let o = run(blockrep().args(["keygen", "--rotate"]).arg(site.path("s-p3.key")));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(primary_entry(&site.status(), "p3")["status"]["key"]["rotation"], "pending");
+    scribble(&site.path("src-p3.img"), &[1], 1);
+    let o = site.sync(&c3); // p3 still has only the old key: accepted during the rotation
+    assert!(o.status.success(), "during: {}", stderr(&o));
+    std::fs::copy(site.path("s-p3.key.next"), site.path("p3.key.next")).unwrap();
+    scribble(&site.path("src-p3.img"), &[2], 2);
+    let o = site.sync(&c3); // both hold the next key: it becomes current on both
+    assert!(o.status.success(), "switching: {}", stderr(&o));
+    assert!(!site.path("s-p3.key.next").exists() && !site.path("p3.key.next").exists(), "rotation finished");
+    let after = site.status();
+    assert_eq!(primary_entry(&after, "p3")["status"]["key"]["rotation"], "none", "{after}");
+    assert_ne!(key_id(&after, "p3"), key_id(&before, "p3"));
+    assert_eq!(key_id(&after, "p1"), key_id(&before, "p1"), "another primary's key is not touched");
+    assert_eq!(std::fs::read(site.path("p3.key")).unwrap(), std::fs::read(site.path("s-p3.key")).unwrap());
+    scribble(&site.path("src-p3.img"), &[3], 3);
+    assert!(site.sync(&c3).status.success(), "after the rotation");
+    assert!(site.same("src-p3.img", "shadow-p3.img"));
 }
 
 #[test]
