@@ -125,6 +125,17 @@ impl Step {
 
 /// Runs `deconfigure`; `report` is called for every step as it is done.
 pub fn run(cfg: &Config, opts: DeconfigureOptions, report: &mut dyn FnMut(&Step)) -> Result<(), Error> {
+    // A standby protecting several primaries: each primary's part first (its shadows, its state), then the
+    // node's own state and the directory that held theirs.
+    if opts.delete_shadows {
+        if let Some(p) = cfg.primaries.iter().find(|c| crate::protect::is_acting(c)) {
+            let why = format!("this standby acts for primary {}", crate::protect::node_of(p).unwrap_or_default());
+            return Err(DeconfigureError::NotStandby { why }.into());
+        }
+    }
+    for c in &cfg.primaries {
+        run(c, opts, report)?;
+    }
     let layout = cfg.layout();
     if opts.delete_shadows {
         match role::accepts_syncs(layout.role_dir()) {
@@ -208,6 +219,9 @@ pub fn run(cfg: &Config, opts: DeconfigureOptions, report: &mut dyn FnMut(&Step)
     let mut state = vec![cfg.state_dir.join("primary"), cfg.state_dir.join("standby"), layout.role_dir().to_owned()];
     state.extend(STATE_FILES.iter().map(|f| cfg.state_dir.join(f)));
     state.extend(cfg.monitoring.metrics_file.clone());
+    if !cfg.primaries.is_empty() {
+        state.extend([cfg.state_dir.join(crate::config::PRIMARIES_DIR), cfg.state_dir.join("takeover")]);
+    }
     for path in state {
         let outcome = remove(&path);
         if outcome != Outcome::Absent {

@@ -246,6 +246,8 @@ struct Shared {
     hold_failed: Mutex<HashSet<String>>,
     /// The units ([`unit_name`]) that accepted syncs at the last hold check (the periodic verify runs only then).
     standby: Mutex<HashSet<String>>,
+    /// The primaries this standby acted for at the last hold check (`None`: not looked yet).
+    acting: Mutex<Option<Vec<String>>>,
     /// The volume whose periodic verify runs now, and the flag that stops it (a sync of it preempts it).
     verifying: Mutex<Option<(String, Arc<AtomicBool>)>>,
     next_id: AtomicU64,
@@ -321,7 +323,13 @@ impl Shared {
             }
         }
         if !self.cfg.primaries.is_empty() {
-            crate::alarms::update(&self.cfg, &crate::protect::judge_unprotected(&self.cfg));
+            // The unprotected alarms follow which primaries this standby acts for: judged when that changes.
+            let acting = crate::protect::acting(&self.cfg);
+            let mut last = self.acting.lock().expect("lock");
+            if last.as_ref() != Some(&acting) {
+                crate::alarms::update(&self.cfg, &crate::protect::judge_unprotected(&self.cfg));
+                *last = Some(acting);
+            }
         }
     }
 
@@ -501,6 +509,7 @@ impl Server {
             holds: Mutex::new(HashMap::new()),
             hold_failed: Mutex::new(HashSet::new()),
             standby: Mutex::new(HashSet::new()),
+            acting: Mutex::new(None),
             verifying: Mutex::new(None),
             next_id: AtomicU64::new(0),
             handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),

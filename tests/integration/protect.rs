@@ -258,14 +258,14 @@ fn one_standby_protects_three_primaries_each_with_its_own_key_and_volumes() {
     assert!(text.contains("primary p3 (priority 200, fallback manual): protected"), "{text}");
 
     // One primary's full sync running does not stop another primary's incremental sync from completing.
-    write_volume(&site.path("src-p1.img"), SIZE, 77); // everything changed: a long transfer at 1 MiB/s
-    let slow = site.primary_config("p1", "p1", "p1.key", &[("data", "src-p1.img")], Some("1M"));
+    write_volume(&site.path("src-p1.img"), SIZE, 77); // half the volume changed: about 4 s at 256 KiB/s
+    let slow = site.primary_config("p1", "p1", "p1.key", &[("data", "src-p1.img")], Some("256K"));
     let mut long = blockrep().args(["sync", "--config"]).arg(&slow).stderr(Stdio::null()).spawn().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300));
     scribble(&site.path("src-p2.img"), &[3, 100], 7);
     let o = site.sync(&c2);
     assert!(o.status.success(), "p2 incremental during p1's sync: {}", stderr(&o));
-    assert!(long.try_wait().unwrap().is_none(), "p1's sync should still be running (1 MiB/s for 2 MiB)");
+    assert!(long.try_wait().unwrap().is_none(), "p1's sync should still be running (256 KiB/s for 1 MiB)");
     assert!(site.same("src-p2.img", "shadow-p2.img"));
     assert!(long.wait().unwrap().success());
     assert!(site.same("src-p1.img", "shadow-p1.img"));
@@ -294,6 +294,16 @@ fn one_standby_protects_three_primaries_each_with_its_own_key_and_volumes() {
     assert_eq!(std::fs::read(site.path("p3.key")).unwrap(), std::fs::read(site.path("s-p3.key")).unwrap());
     scribble(&site.path("src-p3.img"), &[3], 3);
     assert!(site.sync(&c3).status.success(), "after the rotation");
+    assert!(site.same("src-p3.img", "shadow-p3.img"));
+
+    // deconfigure removes every primary's state with the node's own; the shadows stay.
+    if let Some(mut c) = site.serve.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let o = site.s(&["deconfigure"]);
+    assert!(o.status.success(), "deconfigure: {}{}", stdout(&o), stderr(&o));
+    assert!(!site.path("state-s/primaries").exists(), "{}", stdout(&o));
     assert!(site.same("src-p3.img", "shadow-p3.img"));
 }
 
