@@ -402,12 +402,18 @@ fn report_one(case: &str, fraction: f64, tool: Tool, rep: usize, r: &Result<tool
     let what = format!("{case} {:>7.3}% {:<9} rep {rep}", fraction * 100.0, tool.name());
     match r {
         Ok(o) if ok => say(&format!(
-            "{what}: {:.3} s, {} bytes on the wire, {:.2} CPU s{}, {} MiB peak RSS",
+            "{what}: {:.3} s, {} bytes on the wire, {:.2} CPU s (sender {:.2} + receiver {:.2}), peak RSS {} MiB; \
+             anonymous / mapped files MiB: sender {:.1} / {:.1}, receiver {:.1} / {:.1}",
             o.wall_s,
             o.wire_bytes,
             o.usage.cpu_s,
-            o.cpu_sides.map(|(p, s)| format!(" (primary {p:.2} + standby {s:.2})")).unwrap_or_default(),
-            o.usage.max_rss_kb / 1024
+            o.sides.0.cpu_s,
+            o.sides.1.cpu_s,
+            o.usage.max_rss_kb / 1024,
+            o.sides.0.peak_anon_kb as f64 / 1024.0,
+            o.sides.0.peak_file_kb as f64 / 1024.0,
+            o.sides.1.peak_anon_kb as f64 / 1024.0,
+            o.sides.1.peak_file_kb as f64 / 1024.0,
         )),
         Ok(o) => say(&format!("{what}: {:.3} s but TARGET MISMATCH: the target differs from the source!", o.wall_s)),
         Err(e) => say(&format!("{what}: FAILED: {e}")),

@@ -27,6 +27,10 @@ pub struct Row {
     pub cpu_s: f64,
     /// Max peak RSS in KiB.
     pub max_rss_kb: u64,
+    /// Max peak anonymous memory in KiB of the sending and of the receiving side.
+    pub anon_kb: (u64, u64),
+    /// Max peak resident mapped-file pages in KiB of the sending and of the receiving side.
+    pub file_kb: (u64, u64),
     /// `ok`, `MISMATCH` or `FAILED: ...`.
     pub status: String,
 }
@@ -87,6 +91,14 @@ pub fn rows(r: &Results) -> Vec<Row> {
                 wire_bytes: median(&mut wires) as u64,
                 cpu_s: median(&mut cpus),
                 max_rss_kb: ok.iter().map(|o| o.usage.max_rss_kb).max().unwrap_or(0),
+                anon_kb: (
+                    ok.iter().map(|o| o.sides.0.peak_anon_kb).max().unwrap_or(0),
+                    ok.iter().map(|o| o.sides.1.peak_anon_kb).max().unwrap_or(0),
+                ),
+                file_kb: (
+                    ok.iter().map(|o| o.sides.0.peak_file_kb).max().unwrap_or(0),
+                    ok.iter().map(|o| o.sides.1.peak_file_kb).max().unwrap_or(0),
+                ),
                 status,
             }
         })
@@ -191,6 +203,14 @@ pub fn ratios(r: &Results, rows: &[Row]) -> Vec<Ratio> {
         "<= 1.2",
         |v| v <= 1.2,
     );
+    if let Some(v) = inc(Tool::BlockrepRttBase).zip(inc(Tool::BlockrepBase)).map(|(d, b)| d.wall.0 / b.wall.0) {
+        push(
+            "the same with the --blockrep-base binary (blockrep-rtt20@base / blockrep@base)",
+            Some(v),
+            "<= 1.2",
+            |v| v <= 1.2,
+        );
+    }
     push(
         "incremental 1% scattered 4 KiB: blockrep time / b3sum time (hashing the volume once)",
         inc(Tool::Blockrep).zip(b3).map(|(b, h)| b.wall.0 / h),
@@ -222,14 +242,15 @@ pub fn markdown(r: &Results) -> String {
     );
     let _ = writeln!(
         s,
-        "| case | changed | tool | median s | min-max s | MiB/s of volume | wire MiB | wire / changed | CPU s | peak RSS MiB | check |"
+        "| case | changed | tool | median s | min-max s | MiB/s of volume | wire MiB | wire / changed | CPU s | peak RSS MiB \
+         | anon MiB send / recv | mapped MiB send / recv | check |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for row in &rows {
         let rate = o.size as f64 / (1 << 20) as f64 / row.wall.0;
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.3} | {:.3}-{:.3} | {:.0} | {} | {} | {:.2} | {} | {} |",
+            "| {} | {} | {} | {:.3} | {:.3}-{:.3} | {:.0} | {} | {} | {:.2} | {} | {} / {} | {} / {} | {} |",
             row.case,
             if row.case == "full" { "all (empty target)".to_string() } else { pct(row.fraction) },
             row.tool.name(),
@@ -245,6 +266,10 @@ pub fn markdown(r: &Results) -> String {
             },
             row.cpu_s,
             row.max_rss_kb / 1024,
+            mib(row.anon_kb.0 << 10),
+            mib(row.anon_kb.1 << 10),
+            mib(row.file_kb.0 << 10),
+            mib(row.file_kb.1 << 10),
             row.status
         );
     }
@@ -288,16 +313,21 @@ pub fn markdown(r: &Results) -> String {
 /// Writes `samples.csv` (every repetition) and `summary.csv` (one row per case and tool).
 pub fn write_csv(r: &Results, dir: &Path) -> std::io::Result<()> {
     let mut s = String::from(
-        "case,fraction,tool,rep,changed_bytes,wall_s,wire_bytes,cpu_s,max_rss_kb,verified,error,cpu_model,cores\n",
+        "case,fraction,tool,rep,changed_bytes,wall_s,wire_bytes,cpu_s,max_rss_kb,send_anon_kb,send_file_kb,\
+         recv_anon_kb,recv_file_kb,verified,error,cpu_model,cores\n",
     );
     for x in &r.samples {
         let (w, b, c, m, e) = match &x.result {
             Ok(o) => (o.wall_s, o.wire_bytes, o.usage.cpu_s, o.usage.max_rss_kb, String::new()),
             Err(e) => (f64::NAN, 0, f64::NAN, 0, e.replace([',', '\n'], " ")),
         };
+        let (sa, sf, ra, rf) = match &x.result {
+            Ok(o) => (o.sides.0.peak_anon_kb, o.sides.0.peak_file_kb, o.sides.1.peak_anon_kb, o.sides.1.peak_file_kb),
+            Err(_) => (0, 0, 0, 0),
+        };
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{w:.6},{b},{c:.3},{m},{},{e},{},{}",
+            "{},{},{},{},{},{w:.6},{b},{c:.3},{m},{sa},{sf},{ra},{rf},{},{e},{},{}",
             x.case,
             x.fraction,
             x.tool.name(),
@@ -309,12 +339,14 @@ pub fn write_csv(r: &Results, dir: &Path) -> std::io::Result<()> {
         );
     }
     std::fs::write(dir.join("samples.csv"), s)?;
-    let mut s =
-        String::from("case,fraction,tool,changed_bytes,n,median_s,min_s,max_s,wire_bytes,cpu_s,max_rss_kb,status\n");
+    let mut s = String::from(
+        "case,fraction,tool,changed_bytes,n,median_s,min_s,max_s,wire_bytes,cpu_s,max_rss_kb,send_anon_kb,\
+                      send_file_kb,recv_anon_kb,recv_file_kb,status\n",
+    );
     for row in rows(r) {
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{:.6},{:.6},{:.6},{},{:.3},{},{}",
+            "{},{},{},{},{},{:.6},{:.6},{:.6},{},{:.3},{},{},{},{},{},{}",
             row.case,
             row.fraction,
             row.tool.name(),
@@ -326,6 +358,10 @@ pub fn write_csv(r: &Results, dir: &Path) -> std::io::Result<()> {
             row.wire_bytes,
             row.cpu_s,
             row.max_rss_kb,
+            row.anon_kb.0,
+            row.file_kb.0,
+            row.anon_kb.1,
+            row.file_kb.1,
             row.status.replace([',', '\n'], " ")
         );
     }

@@ -37,6 +37,8 @@ pub enum Tool {
     BlockrepBase,
     /// [`Tool::BlockrepCompare`] with the binary of `--blockrep-base` (`blockrep-compare@base`).
     BlockrepCompareBase,
+    /// [`Tool::BlockrepRtt`] with the binary of `--blockrep-base` (`blockrep-rtt20@base`).
+    BlockrepRttBase,
 }
 
 /// One-way delay of the relay of [`Tool::BlockrepRtt`], in milliseconds (20 ms round trip).
@@ -60,6 +62,7 @@ impl Tool {
             Tool::BlockrepAead => "blockrep-aead".into(),
             Tool::BlockrepBase => "blockrep@base".into(),
             Tool::BlockrepCompareBase => "blockrep-compare@base".into(),
+            Tool::BlockrepRttBase => "blockrep-rtt20@base".into(),
         }
     }
 
@@ -73,15 +76,18 @@ impl Tool {
         if s == "blockrep-aead" {
             return Ok(Tool::BlockrepAead);
         }
-        Tool::ALL.into_iter().chain([Tool::BlockrepBase, Tool::BlockrepCompareBase]).find(|t| t.name() == s).ok_or_else(
-            || {
+        Tool::ALL
+            .into_iter()
+            .chain([Tool::BlockrepBase, Tool::BlockrepCompareBase, Tool::BlockrepRttBase])
+            .find(|t| t.name() == s)
+            .ok_or_else(|| {
                 format!(
                     "tool {s:?} is unknown: use blockrep, blockrep-compare, blockrep-rtt20, blockrep-zN (compression \
                      level N, 0 = off, up to 19), blockrep-aead (encrypted session), blockrep@base, \
-                     blockrep-compare@base (the --blockrep-base binary), rsync, tcp-copy or socat"
+                     blockrep-compare@base, blockrep-rtt20@base (the --blockrep-base binary), rsync, tcp-copy or \
+                     socat"
                 )
-            },
-        )
+            })
     }
 
     /// Whether the tool transfers only differences (and so runs in the incremental cases).
@@ -96,6 +102,7 @@ impl Tool {
                 | Tool::BlockrepAead
                 | Tool::BlockrepBase
                 | Tool::BlockrepCompareBase
+                | Tool::BlockrepRttBase
         )
     }
 
@@ -110,12 +117,20 @@ impl Tool {
                 | Tool::BlockrepAead
                 | Tool::BlockrepBase
                 | Tool::BlockrepCompareBase
+                | Tool::BlockrepRttBase
         )
     }
 
     /// Whether it runs in the initial full sync (the blockrep variants only differ in incremental syncs).
     pub fn full(self) -> bool {
-        !matches!(self, Tool::BlockrepCompare | Tool::BlockrepRtt | Tool::BlockrepBase | Tool::BlockrepCompareBase)
+        !matches!(
+            self,
+            Tool::BlockrepCompare
+                | Tool::BlockrepRtt
+                | Tool::BlockrepBase
+                | Tool::BlockrepCompareBase
+                | Tool::BlockrepRttBase
+        )
     }
 
     /// The external program it needs, if any.
@@ -137,8 +152,9 @@ pub struct Outcome {
     pub wire_bytes: u64,
     /// CPU and peak RSS of the tool's processes (both sides).
     pub usage: Usage,
-    /// blockrep: CPU seconds of the sending side (`sync`) and of the receiving side (`serve`).
-    pub cpu_sides: Option<(f64, f64)>,
+    /// The same of the sending side (blockrep: `sync`, the primary) and of the receiving side (`serve`, the
+    /// standby).
+    pub sides: (Usage, Usage),
 }
 
 /// Files and processes shared by all runs.
@@ -228,9 +244,9 @@ impl Env {
             Tool::BlockrepRtt => self.run_blockrep(&self.blockrep, false, true, None, false),
             Tool::BlockrepLevel(l) => self.run_blockrep(&self.blockrep, false, false, Some(l), false),
             Tool::BlockrepAead => self.run_blockrep(&self.blockrep, false, false, None, true),
-            Tool::BlockrepBase | Tool::BlockrepCompareBase => {
+            Tool::BlockrepBase | Tool::BlockrepCompareBase | Tool::BlockrepRttBase => {
                 let base = self.blockrep_base.as_ref().ok_or("the @base rows need --blockrep-base PATH")?;
-                self.run_blockrep(base, tool == Tool::BlockrepCompareBase, false, None, false)
+                self.run_blockrep(base, tool == Tool::BlockrepCompareBase, tool == Tool::BlockrepRttBase, None, false)
             }
             Tool::Rsync => self.run_rsync(),
             Tool::TcpCopy => self.run_tcp_copy(),
@@ -351,7 +367,7 @@ impl Env {
             Some(m) if m == want => {}
             Some(m) => return Err(format!("blockrep ran a {m} sync where this row measures {want}: {}", v["reason"])),
         }
-        Ok(Outcome { wall_s, wire_bytes, usage: u_sync.plus(u_serve), cpu_sides: Some((u_sync.cpu_s, u_serve.cpu_s)) })
+        Ok(Outcome { wall_s, wire_bytes, usage: u_sync.plus(u_serve), sides: (u_sync, u_serve) })
     }
 
     fn run_rsync(&self) -> Result<Outcome, String> {
@@ -398,7 +414,7 @@ impl Env {
         };
         let sent = stat("Total bytes sent:").ok_or_else(|| format!("no 'Total bytes sent' in rsync --stats: {out}"))?;
         let recv = stat("Total bytes received:").unwrap_or(0);
-        Ok(Outcome { wall_s, wire_bytes: sent + recv, usage: u_client.plus(u_daemon), cpu_sides: None })
+        Ok(Outcome { wall_s, wire_bytes: sent + recv, usage: u_client.plus(u_daemon), sides: (u_client, u_daemon) })
     }
 
     fn run_tcp_copy(&self) -> Result<Outcome, String> {
@@ -440,7 +456,7 @@ impl Env {
             ));
         }
         let wire_bytes = std::fs::metadata(self.src()).map(|m| m.len()).unwrap_or(0);
-        Ok(Outcome { wall_s, wire_bytes, usage: u_s.plus(u_r), cpu_sides: None })
+        Ok(Outcome { wall_s, wire_bytes, usage: u_s.plus(u_r), sides: (u_s, u_r) })
     }
 
     fn run_socat(&self) -> Result<Outcome, String> {
@@ -476,7 +492,7 @@ impl Env {
             return Err(format!("socat failed: send {st_s} / recv {st_r} {}", self.read_log("socat-recv.err").trim()));
         }
         let wire_bytes = std::fs::metadata(self.src()).map(|m| m.len()).unwrap_or(0);
-        Ok(Outcome { wall_s, wire_bytes, usage: u_s.plus(u_r), cpu_sides: None })
+        Ok(Outcome { wall_s, wire_bytes, usage: u_s.plus(u_r), sides: (u_s, u_r) })
     }
 }
 
