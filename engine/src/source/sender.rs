@@ -26,10 +26,13 @@ pub(super) const HASH_AHEAD: usize = 8;
 /// Refinable blocks in one `sub_hashes` request.
 const REFINE_BATCH: usize = 128;
 /// Bytes of changed blocks in one batch (a batch is closed, and its request sent, at this size).
-const BATCH_BYTES: usize = 4 << 20;
-/// Bytes of changed blocks held while their batches wait for the target's answers (the pipeline's depth: at
-/// 20 ms round trip and 1 % scattered changes it covers more than 100 MiB of scan).
-const MAX_HELD_BYTES: usize = 32 << 20;
+pub(super) const BATCH_BYTES: usize = 2 << 20;
+/// Bytes of changed blocks held while their batches wait for the target's answers: the pipeline's depth, and
+/// most of the primary's memory (issue 15: at most 64 MiB per side). At 1 % scattered 4 KiB changes 15 % of the
+/// 64 KiB blocks are refined, so 16 MiB covers about 100 MiB of scan, 25 ms at 4 GB/s: a 20 ms round trip. Was
+/// 32 MiB; halving it changed no time beyond noise (2 GiB, 1 %, with and without 20 ms round trip:
+/// docs/performance.md, "Memory").
+pub(super) const MAX_HELD_BYTES: usize = 16 << 20;
 /// Batches waiting for their answers (fewer than a network link's `MAX_OUTSTANDING` requests).
 pub(super) const MAX_QUEUED: usize = 16;
 

@@ -194,8 +194,12 @@ struct Deferred<'a> {
     inner: &'a mut Target,
     blocks: std::collections::VecDeque<Vec<link::BlockHash>>,
     subs: std::collections::VecDeque<Vec<link::BlockHash>>,
+    /// Blocks of each outstanding `sub_hashes` request.
+    sub_blocks: std::collections::VecDeque<usize>,
     most_blocks: usize,
     most_subs: usize,
+    /// Most blocks waiting for their fingerprints at once (the source holds a copy of each).
+    most_refining: usize,
     requests: usize,
 }
 
@@ -224,11 +228,14 @@ impl TargetLink for Deferred<'_> {
     }
     fn sub_hashes_request(&mut self, blocks: &[u64]) -> Result<Option<Vec<link::BlockHash>>, LinkError> {
         self.subs.push_back(self.inner.sub_hashes(blocks)?);
+        self.sub_blocks.push_back(blocks.len());
         self.most_subs = self.most_subs.max(self.subs.len());
+        self.most_refining = self.most_refining.max(self.sub_blocks.iter().sum());
         self.requests += 1;
         Ok(None)
     }
     fn sub_hashes_wait(&mut self) -> Result<Vec<link::BlockHash>, LinkError> {
+        self.sub_blocks.pop_front();
         Ok(self.subs.pop_front().expect("a sub_hashes request is outstanding"))
     }
     fn extent(&mut self, e: link::Extent) -> Result<(), LinkError> {
@@ -264,12 +271,14 @@ fn pipelined_requests_stay_bounded_and_the_shadow_equals_the_source() {
             inner: target,
             blocks: Default::default(),
             subs: Default::default(),
+            sub_blocks: Default::default(),
             most_blocks: 0,
             most_subs: 0,
+            most_refining: 0,
             requests: 0,
         };
         let r = sync_volume("v", &vol, &manifest, &mut link, &opts, &mut |_, _| {}).unwrap();
-        (r, link.most_blocks, link.most_subs, link.requests)
+        (r, link.most_blocks, link.most_subs, link.most_refining * PBS as usize, link.requests)
     };
     sync(&v0, &mut target, false);
     // One 4 KiB piece changed in nine of every ten blocks: about 2700 refinable blocks, many batches.
@@ -281,13 +290,19 @@ fn pipelined_requests_stay_bounded_and_the_shadow_equals_the_source() {
         changed += 4096;
     }
     for compare in [false, true] {
-        let (r, most_blocks, most_subs, requests) = sync(&v1, &mut target, compare);
+        let (r, most_blocks, most_subs, most_held, requests) = sync(&v1, &mut target, compare);
         assert_eq!(r.mode, if compare { SyncMode::Compare } else { SyncMode::Incremental });
         // The compare sync after the incremental one finds nothing left to send.
         assert_eq!(r.bytes_sent, if compare { 0 } else { changed }, "only the changed pieces are sent");
         assert!(requests > if compare { 2 } else { 20 }, "{requests} requests: the test must fill the pipeline");
         assert!(most_subs <= sender::MAX_QUEUED + 1, "{most_subs} sub_hashes requests in flight");
         assert!(most_blocks <= sender::HASH_AHEAD, "{most_blocks} block_hashes requests in flight");
+        // The copies the source holds while they wait stay bounded (the primary's memory, issue 15).
+        assert!(
+            most_held <= sender::MAX_HELD_BYTES + sender::BATCH_BYTES,
+            "{most_held} bytes of changed blocks held while waiting for their fingerprints"
+        );
+        assert!(compare || most_held >= sender::MAX_HELD_BYTES / 2, "{most_held} bytes held: fill the pipeline");
         assert_eq!(std::fs::read(&shadow).unwrap(), v1);
     }
     // A compare sync after a change: only the changed pieces again.
