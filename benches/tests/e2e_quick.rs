@@ -37,10 +37,17 @@ fn quick_run_syncs_with_every_tool_and_every_target_is_identical() {
         println!("peer tool skipped: {line}");
     }
     let samples = std::fs::read_to_string(out.path().join("samples.csv")).unwrap();
-    let blockrep_rows: Vec<&str> = samples.lines().filter(|l| l.split(',').nth(2) == Some("blockrep")).collect();
+    let header: Vec<&str> = samples.lines().next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|&h| h == name).unwrap_or_else(|| panic!("no {name} column"));
+    let blockrep_rows: Vec<Vec<&str>> =
+        samples.lines().map(|l| l.split(',').collect::<Vec<_>>()).filter(|f| f[2] == "blockrep").collect();
     // full + 5 fractions, one repetition each.
     assert_eq!(blockrep_rows.len(), 6, "{samples}");
-    assert!(blockrep_rows.iter().all(|l| l.split(',').nth(9) == Some("true")), "{samples}");
+    assert!(blockrep_rows.iter().all(|f| f[col("verified")] == "true"), "{samples}");
+    // Each side's memory is reported apart from its mapped files (the issue 15 target is per side).
+    for name in ["send_anon_kb", "send_file_kb", "recv_anon_kb", "recv_file_kb"] {
+        assert!(blockrep_rows.iter().all(|f| f[col(name)].parse::<u64>().unwrap() > 0), "{name}: {samples}");
+    }
     let summary = std::fs::read_to_string(out.path().join("summary.csv")).unwrap();
     assert!(summary.lines().skip(1).all(|l| l.ends_with(",ok")), "{summary}");
     assert!(stdout.contains("| ratio |"), "{stdout}");
