@@ -2,7 +2,8 @@
 //! ends of the network link), so that an extent travels from the source's scan to the standby's spool as one type.
 //!
 //! A sync talks to its target only through [`TargetLink`]. Order of calls in one session: [`TargetLink::info`],
-//! [`TargetLink::begin`], then any mix of [`TargetLink::block_hashes`] / [`TargetLink::sub_hashes`] (for blocks
+//! [`TargetLink::begin`] (or [`TargetLink::begin_request`], whose answer a network link does not wait for), then
+//! any mix of [`TargetLink::block_hashes`] / [`TargetLink::sub_hashes`] (for blocks
 //! not yet sent in this session; also as requests whose answers are collected later, so that a network link does
 //! not wait a round trip per batch) and [`TargetLink::extent`] (in increasing offset order), then
 //! [`TargetLink::commit`].
@@ -233,6 +234,15 @@ pub trait TargetLink {
     fn info(&mut self) -> Result<TargetInfo, LinkError>;
     /// Starts (or resumes) a transfer.
     fn begin(&mut self, plan: &BeginPlan) -> Result<BeginAck, LinkError>;
+    /// Starts a transfer whose answer the source can do without: `Ok(Some(ack))` when the link answered (the
+    /// default, which calls [`TargetLink::begin`]); `Ok(None)` when the link sent the request and goes on without
+    /// waiting for it (a network link: the source's first requests and extents follow at once). Then the transfer
+    /// is new (`resumed` false, which a plan that does not resume always gets), and a refusal fails a later call
+    /// of the session with the target's reason; nothing sent after a refused `begin` is applied. A link waits
+    /// anyway for a plan that resumes.
+    fn begin_request(&mut self, plan: &BeginPlan) -> Result<Option<BeginAck>, LinkError> {
+        self.begin(plan).map(Some)
+    }
     /// Hashes of blocks `first..first + count` of the shadow's current content, in blocks of the plan's block size.
     fn block_hashes(&mut self, first: u64, count: u32) -> Result<Vec<BlockHash>, LinkError>;
     /// For each listed block, the fingerprints of its [`SUB_BLOCK_SIZE`] pieces, back to back (a partial last

@@ -85,6 +85,8 @@ impl Duplex for TcpStream {
 /// What an outstanding request waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Answer {
+    /// `Begin` of a transfer that does not resume, sent without waiting ([`TargetLink::begin_request`]).
+    Begin,
     BlockHashes,
     SubHashes,
 }
@@ -103,10 +105,11 @@ struct Pipeline<S> {
 
 /// The standby's shadow of one volume, reached over an authenticated connection.
 ///
-/// Once the source asks for hashes without waiting ([`TargetLink::sub_hashes_request`],
-/// [`TargetLink::block_hashes_request`]), a second thread receives the standby's answers while this one goes on
-/// sending extents and requests, so the source never waits a round trip per batch and neither side can block the
-/// other (the standby always finds its answers read). The connection is whole again after the commit.
+/// Once the source begins a transfer or asks for hashes without waiting ([`TargetLink::begin_request`],
+/// [`TargetLink::sub_hashes_request`], [`TargetLink::block_hashes_request`]), a second thread receives the
+/// standby's answers while this one goes on sending extents and requests, so the source never waits a round trip
+/// per batch (nor for `Begin`) and neither side can block the other (the standby always finds its answers read).
+/// The connection is whole again after the commit.
 #[derive(Debug)]
 pub struct RemoteTarget<S: Duplex = TcpStream> {
     conn: Option<Connection<S>>,
@@ -128,11 +131,21 @@ fn receive_answers<S: Duplex>(mut conn: Connection<S>, tx: Sender<Result<Message
     }
 }
 
+/// The request that opens volume `name`: send it with [`crate::connect_then`] (behind the handshake's `Auth`, a
+/// round trip earlier) and receive its answer with [`RemoteTarget::opened`].
+pub fn open_request(name: &str, source_size: u64, block_size: u32) -> Message {
+    Message::OpenVolume(OpenVolume { name: name.into(), source_size, block_size })
+}
+
 impl<S: Duplex> RemoteTarget<S> {
     /// Opens volume `name` on the standby; the answer is the shadow's state.
     pub fn open(mut conn: Connection<S>, name: &str, source_size: u64, block_size: u32) -> Result<Self, LinkError> {
-        conn.send(&Message::OpenVolume(OpenVolume { name: name.into(), source_size, block_size }))
-            .map_err(link_error)?;
+        conn.send(&open_request(name, source_size, block_size)).map_err(link_error)?;
+        Self::opened(conn)
+    }
+
+    /// The session of a connection whose [`open_request`] was sent: receives the shadow's state.
+    pub fn opened(mut conn: Connection<S>) -> Result<Self, LinkError> {
         match conn.recv_expect("the volume's state").map_err(link_error)? {
             Message::VolumeInfo(info) => {
                 Ok(RemoteTarget { info, conn: Some(conn), pipe: None, last_send: Instant::now() })
@@ -220,6 +233,7 @@ impl<S: Duplex> RemoteTarget<S> {
             .pipe
             .as_mut()
             .ok_or(LinkError::Unexpected { expected: "an outstanding request", got: "none".into() })?;
+        Self::settle_begin(p)?;
         let Some(pos) = p.outstanding.iter().position(|&k| k == kind) else {
             return Err(LinkError::Unexpected { expected: "an outstanding request", got: "none".into() });
         };
@@ -232,11 +246,34 @@ impl<S: Duplex> RemoteTarget<S> {
         Ok(p.early.remove(pos).expect("received above"))
     }
 
+    /// Checks the answer to a `Begin` sent without waiting, if it is still unclaimed (it is the first answer of the
+    /// session, so any later answer waits for it anyway): a refusal fails the session here, with the standby's
+    /// reason.
+    fn settle_begin(p: &mut Pipeline<S>) -> Result<(), LinkError> {
+        if p.outstanding.front() != Some(&Answer::Begin) {
+            return Ok(());
+        }
+        let m = match p.early.pop_front() {
+            Some(m) => m,
+            None => Self::next_answer(p)?,
+        };
+        p.outstanding.pop_front();
+        match m {
+            Message::BeginAck(a) if !a.resumed => Ok(()),
+            Message::BeginAck(_) => Err(LinkError::Unexpected {
+                expected: "BeginAck of a new transfer",
+                got: "BeginAck of a resumed transfer".into(),
+            }),
+            other => Err(unexpected("BeginAck", &other)),
+        }
+    }
+
     /// Waits for the answer to a request sent with [`RemoteTarget::send`] while pipelined (nothing else may be
     /// outstanding).
     fn wait_direct(&mut self, what: &'static str) -> Result<Message, LinkError> {
         match &mut self.pipe {
             Some(p) => {
+                Self::settle_begin(p)?;
                 if !p.outstanding.is_empty() || !p.early.is_empty() {
                     return Err(LinkError::Unexpected {
                         expected: what,
@@ -298,6 +335,18 @@ impl<S: Duplex> TargetLink for RemoteTarget<S> {
             Message::BeginAck(a) => Ok(a),
             other => Err(unexpected("BeginAck", &other)),
         }
+    }
+
+    /// Sends `Begin` and returns at once: the source goes on with its requests and extents while the standby
+    /// begins, and the answer is checked before the first answer the source waits for (a refusal fails that
+    /// call with the standby's reason; a standby that refused closes the session, so nothing sent after
+    /// `Begin` is ever applied). A plan that resumes waits, as the source needs to know whether it did.
+    fn begin_request(&mut self, p: &BeginPlan) -> Result<Option<BeginAck>, LinkError> {
+        if p.resume {
+            return self.begin(p).map(Some);
+        }
+        self.request(&Message::Begin(p.clone()), Answer::Begin)?;
+        Ok(None)
     }
 
     fn block_hashes(&mut self, first: u64, count: u32) -> Result<Vec<BlockHash>, LinkError> {

@@ -350,6 +350,28 @@ impl<S: Read + Write> Connection<S> {
         self.key_slot = key_slot;
     }
 
+    /// Switches the sending half alone to the session key (a client that sends its first request behind `Auth`,
+    /// before the standby's proof arrived: [`client_handshake_then`]); [`Connection::establish`] follows once the
+    /// standby proved the key.
+    pub(crate) fn establish_send(&mut self, version: u16, session: [u8; 32], encryption: Encryption) {
+        let dir = match self.role {
+            Role::Client => Direction::ToServer,
+            Role::Server => Direction::ToClient,
+        };
+        self.version = version;
+        if let Some(tx) = &mut self.tx {
+            tx.key = Some(FrameKey::new(session, dir, encryption));
+        }
+    }
+
+    /// Sends one message and returns a failed write as it is, without reading the peer's reason or marking the
+    /// connection unusable (the handshake's pipelined request: the peer may have closed after refusing `Auth`,
+    /// and its refusal is read next).
+    pub(crate) fn send_unchecked(&mut self, msg: &Message) -> Result<(), ConnError> {
+        let Some(tx) = &mut self.tx else { return Err(ConnError::Broken) };
+        tx.send(&mut self.stream, self.version, &mut self.stats, msg)
+    }
+
     /// Whether the session is encrypted.
     pub fn encryption(&self) -> Encryption {
         self.encryption
@@ -600,6 +622,15 @@ pub fn connect_with(
     opts: &HandshakeOptions,
     timeout: Duration,
 ) -> Result<Connection, ConnError> {
+    let stream = connect_stream(addr, timeout)?;
+    let conn = client_handshake(stream, keys, opts)?;
+    conn.set_timeout(None)?;
+    Ok(conn)
+}
+
+/// A TCP connection to `addr` with Nagle off (every frame leaves at once) and `timeout` on reads and writes
+/// until the handshake is done.
+fn connect_stream(addr: &str, timeout: Duration) -> Result<TcpStream, ConnError> {
     let unreachable = |source| ConnError::Unreachable { addr: addr.to_owned(), source };
     let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "the address resolves to nothing");
     let mut stream = None;
@@ -616,9 +647,7 @@ pub fn connect_with(
     stream.set_nodelay(true).map_err(ConnError::Socket)?;
     stream.set_read_timeout(Some(timeout)).map_err(ConnError::Socket)?;
     stream.set_write_timeout(Some(timeout)).map_err(ConnError::Socket)?;
-    let conn = client_handshake(stream, keys, opts)?;
-    conn.set_timeout(None)?;
-    Ok(conn)
+    Ok(stream)
 }
 
 /// Runs the server side of the handshake on an accepted socket (within [`HANDSHAKE_TIMEOUT`]). On a wrong key
@@ -649,7 +678,38 @@ pub fn client_handshake<S: Read + Write>(
     opts: &HandshakeOptions,
 ) -> Result<Connection<S>, ConnError> {
     let mut conn = Connection::new_unauthenticated(stream, Role::Client);
-    handshake::run_client(&mut conn, &keys.into(), opts)?;
+    handshake::run_client_then(&mut conn, &keys.into(), opts, None)?;
+    Ok(conn)
+}
+
+/// [`client_handshake`], then sends `first`, the session's first request, without waiting for the standby's
+/// proof when it can (this node holds one key, so the session key is known once `HelloAck` is in): `first`
+/// travels behind `Auth`, and its answer comes right behind `AuthOk`, one round trip earlier. During a key
+/// rotation (two keys) it is sent after `AuthOk`. Its answer is left for the caller to receive. The standby
+/// reads it only after it verified `Auth`, so nothing changes on the wire but the timing.
+pub fn client_handshake_then<S: Read + Write>(
+    stream: S,
+    keys: impl Into<KeySet>,
+    opts: &HandshakeOptions,
+    first: &Message,
+) -> Result<Connection<S>, ConnError> {
+    let mut conn = Connection::new_unauthenticated(stream, Role::Client);
+    handshake::run_client_then(&mut conn, &keys.into(), opts, Some(first))?;
+    Ok(conn)
+}
+
+/// [`connect_with`], then sends `first` as [`client_handshake_then`] does (behind `Auth` when this node holds
+/// one key); the caller receives its answer.
+pub fn connect_then(
+    addr: &str,
+    keys: impl Into<KeySet>,
+    opts: &HandshakeOptions,
+    timeout: Duration,
+    first: &Message,
+) -> Result<Connection, ConnError> {
+    let stream = connect_stream(addr, timeout)?;
+    let conn = client_handshake_then(stream, keys, opts, first)?;
+    conn.set_timeout(None)?;
     Ok(conn)
 }
 

@@ -11,6 +11,12 @@
 //!   finds the key proof_s verifies under
 //! ```
 //!
+//! A client that holds one key knows the session key as soon as `HelloAck` is in, so it sends its first request
+//! (a sync's `OpenVolume`) right behind `Auth`, under the session key, without waiting for `AuthOk`
+//! ([`crate::conn::connect_then`]); the server reads it only after it verified `Auth`, and the client trusts its
+//! answer only after `AuthOk`. A sync so waits two round trips for the volume's state, not three. During a key
+//! rotation the client does not know which key the server will choose and waits for `AuthOk` first.
+//!
 //! `transcript = BLAKE3(payload(Hello) || payload(HelloAck))` binds the proofs to the negotiation (a man in the
 //! middle cannot downgrade the version or swap names);
 //! `proof = keyed_BLAKE3(key, "client" || nonce_c || nonce_s || transcript || encryption_c)` for each key the client
@@ -205,10 +211,13 @@ fn finish_rotation(keys: &KeySet, peer: &str) -> Option<Result<bool, String>> {
     Some(r.map_err(|e| link::error_chain(&e)))
 }
 
-pub(crate) fn run_client<S: Read + Write>(
+/// The client's side; with `first`, also sends the session's first request: right behind `Auth` when this node
+/// holds one key (the session key is then known before the standby's proof arrives), else after `AuthOk`.
+pub(crate) fn run_client_then<S: Read + Write>(
     conn: &mut Connection<S>,
     keys: &KeySet,
     opts: &HandshakeOptions,
+    first: Option<&Message>,
 ) -> Result<(), ConnError> {
     let ours = (opts.min_version, opts.max_version);
     let hello = Hello { min_version: ours.0, max_version: ours.1, node: opts.node.clone(), nonce: opts.nonce()? };
@@ -240,6 +249,15 @@ pub(crate) fn run_client<S: Read + Write>(
     let proofs =
         keys.slots().map(|(_, k)| *proof(k, b"client", &hello.nonce, &ack.nonce, &t, enc).as_bytes()).collect();
     conn.send(&Message::Auth(Auth { encryption: enc, proofs }))?;
+    // One key: the session key is known now, so the first request goes behind Auth (the standby reads it only
+    // after verifying Auth). A failed write is kept: the standby may have refused Auth and closed, and its
+    // refusal, read next, says more.
+    let mut pipelined = None;
+    if let (Some(m), 1) = (first, keys.slots().count()) {
+        let key = keys.get(KeySlot::Current);
+        conn.establish_send(ack.version, session_key(key, &hello.nonce, &ack.nonce, &t, enc), enc);
+        pipelined = Some(conn.send_unchecked(m));
+    }
     let slot = match conn.recv() {
         Ok(Some(Message::AuthOk(p))) => {
             // blake3::Hash compares in constant time.
@@ -266,7 +284,11 @@ pub(crate) fn run_client<S: Read + Write>(
     if slot == KeySlot::Next {
         conn.rotation = finish_rotation(keys, &ack.node);
     }
-    Ok(())
+    match (pipelined, first) {
+        (Some(sent), _) => sent,
+        (None, Some(m)) => conn.send(m),
+        (None, None) => Ok(()),
+    }
 }
 
 pub(crate) fn run_server<S: Read + Write>(

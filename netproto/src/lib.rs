@@ -12,8 +12,10 @@
 //!   ChaCha20-Poly1305.
 //! * [`conn`]: a blocking [`Connection`] over a `TcpStream` (or any byte stream): vectored, copy-free sends,
 //!   buffered two-phase receives, send-rate cap, byte counters; [`connect`] and [`accept_handshake`].
-//! * [`client`]: [`RemoteTarget`], the primary's `TargetLink` over a connection; hash requests are pipelined (a
-//!   second thread receives the answers while the source sends).
+//! * [`client`]: [`RemoteTarget`], the primary's `TargetLink` over a connection; `Begin` and hash requests are
+//!   pipelined (a second thread receives the answers while the source sends), and [`connect_then`] sends the
+//!   volume's `OpenVolume` behind the handshake's `Auth`: an incremental sync waits for four round trips (Hello,
+//!   Auth with OpenVolume, the last refinement answers, the commit), whatever the volume's size.
 //! * [`server`]: [`serve_session`], the standby's per-connection dispatch loop over any `TargetLink`.
 //! * [`key`]: loading and generating the shared key file; [`KeySet`] (current and next key) and key rotation.
 //! * `fuzzing` (cargo feature `fuzzing`, on for `fuzz/` and this crate's tests): the entry points of the fuzz
@@ -44,8 +46,8 @@ pub mod server;
 pub use bytes::Bytes;
 pub use client::{Duplex, RemoteTarget};
 pub use conn::{
-    accept_handshake, accept_handshake_with, client_handshake, connect, connect_with, server_handshake, ConnError,
-    Connection, FrameSender, Stats,
+    accept_handshake, accept_handshake_with, client_handshake, client_handshake_then, connect, connect_then,
+    connect_with, server_handshake, ConnError, Connection, FrameSender, Stats,
 };
 pub use handshake::{HandshakeError, HandshakeOptions};
 pub use key::{

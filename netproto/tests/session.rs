@@ -226,3 +226,85 @@ fn pipelined_requests_never_block_either_side_and_answers_keep_their_order() {
     server.join().unwrap().unwrap();
     assert_eq!(*target.bytes.lock().unwrap(), vec![(rounds - 1) as u8; SIZE as usize]);
 }
+
+/// Issue 15 item 4: `OpenVolume` travels behind the handshake's `Auth` (one round trip fewer), and a session whose
+/// keys differ is still refused with the authentication message, not with a broken pipe or a volume error.
+#[test]
+fn the_volume_opened_behind_auth_answers_after_the_proof_and_a_wrong_key_is_still_named() {
+    let target = MemTarget { bytes: Arc::new(Mutex::new(vec![0; SIZE as usize])), generation: 0 };
+    let opts = netproto::HandshakeOptions::new("primary");
+    let open = netproto::client::open_request("data", SIZE, 4096);
+    let (addr, server) = serve(target.clone());
+    let conn = netproto::connect_then(&addr, &KEY, &opts, TIMEOUT, &open).unwrap();
+    let mut remote = RemoteTarget::opened(conn).unwrap();
+    assert_eq!(remote.info().unwrap().volume_size, SIZE);
+    drop(remote.close());
+    server.join().unwrap().unwrap();
+
+    // During a key rotation the client holds two keys and waits for the standby's proof before sending.
+    let (addr, server) = serve(target.clone());
+    let keys = netproto::KeySet::with_next(KEY, Key([0x44; 32]));
+    let conn = netproto::connect_then(&addr, keys, &opts, TIMEOUT, &open).unwrap();
+    assert_eq!(RemoteTarget::opened(conn).unwrap().info_now().volume_size, SIZE);
+    server.join().unwrap().unwrap();
+
+    let (addr, server) = serve(target.clone());
+    let e = netproto::connect_then(&addr, Key([0x99; 32]), &opts, TIMEOUT, &open).unwrap_err();
+    assert_eq!(e.to_string(), netproto::handshake::AUTH_FAILED_MESSAGE);
+    assert!(server.join().unwrap().is_err());
+
+    // A volume the standby does not know: refused after authentication, as when it is asked after AuthOk.
+    let (addr, server) = serve(target);
+    let nope = netproto::client::open_request("nope", SIZE, 4096);
+    let conn = netproto::connect_then(&addr, &KEY, &opts, TIMEOUT, &nope).unwrap();
+    match RemoteTarget::opened(conn).unwrap_err() {
+        LinkError::Remote { kind: RemoteKind::UnknownVolume, message } => assert!(message.contains("\"nope\"")),
+        other => panic!("{other:?}"),
+    }
+    assert!(server.join().unwrap().is_err());
+}
+
+/// `begin_request` does not wait for `BeginAck`: requests and extents follow at once, and a standby that refuses
+/// the plan fails the first call that waits for an answer, with its own reason; nothing after the refused
+/// `Begin` is applied.
+#[test]
+fn a_pipelined_begin_is_checked_at_the_first_answer_and_its_refusal_keeps_its_reason() {
+    let target = MemTarget { bytes: Arc::new(Mutex::new(vec![0; SIZE as usize])), generation: 0 };
+    let plan = BeginPlan { generation: 1, volume_size: SIZE, block_size: 4096, ..Default::default() };
+
+    let (addr, server) = serve(target.clone());
+    let conn = netproto::connect(&addr, &KEY, "primary", TIMEOUT).unwrap();
+    let mut remote = RemoteTarget::open(conn, "data", SIZE, 4096).unwrap();
+    assert_eq!(remote.begin_request(&plan).unwrap(), None, "not waited for");
+    remote.extent(Extent { offset: 0, len: 4096, data: ExtentData::Data(Bytes::from(vec![3u8; 4096])) }).unwrap();
+    assert_eq!(remote.sub_hashes(&[2]).unwrap(), vec![[2u8; 32]]);
+    assert_eq!(remote.commit([1; 32]).unwrap().generation, 1);
+    drop(remote.close());
+    server.join().unwrap().unwrap();
+    assert_eq!(&target.bytes.lock().unwrap()[..4096], &[3u8; 4096][..]);
+
+    // Nothing outstanding but the Begin: the commit checks it.
+    let (addr, server) = serve(target.clone());
+    let conn = netproto::connect(&addr, &KEY, "primary", TIMEOUT).unwrap();
+    let mut remote = RemoteTarget::open(conn, "data", SIZE, 4096).unwrap();
+    assert_eq!(remote.begin_request(&plan).unwrap(), None);
+    assert_eq!(remote.commit([2; 32]).unwrap().root, [2; 32]);
+    drop(remote.close());
+    server.join().unwrap().unwrap();
+
+    let (addr, server) = serve(target.clone());
+    let conn = netproto::connect(&addr, &KEY, "primary", TIMEOUT).unwrap();
+    let mut remote = RemoteTarget::open(conn, "data", SIZE, 4096).unwrap();
+    let bad = BeginPlan { volume_size: SIZE + 1, ..plan };
+    assert_eq!(remote.begin_request(&bad).unwrap(), None);
+    // Sent behind the refused Begin: the standby must not apply it.
+    let _ = remote.extent(Extent { offset: 0, len: 4096, data: ExtentData::Data(Bytes::from(vec![9u8; 4096])) });
+    match remote.sub_hashes(&[0]).unwrap_err() {
+        LinkError::Remote { kind: RemoteKind::Refused, message } => {
+            assert!(message.contains("is not 65536"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(server.join().unwrap().is_err());
+    assert_eq!(&target.bytes.lock().unwrap()[..4096], &[3u8; 4096][..], "nothing after the refusal was applied");
+}

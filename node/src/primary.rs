@@ -204,15 +204,23 @@ pub(crate) fn engine_options(block_size: u32, io: &IoOptions, no_refine: bool) -
 
 /// Connects to the configured standby.
 pub fn connect(cfg: &Config) -> Result<netproto::Connection, Error> {
+    connect_sending(cfg, None)
+}
+
+/// Connects to the configured standby; with `first`, sends that request behind the handshake
+/// ([`netproto::connect_then`]: a round trip earlier), whose answer the caller receives.
+fn connect_sending(cfg: &Config, first: Option<&netproto::Message>) -> Result<netproto::Connection, Error> {
     let peer = cfg.peer.as_deref().ok_or_else(|| ConfigError::Missing {
         path: cfg.path.clone(),
         what: "[primary] peer address of the standby",
     })?;
     let keys = cfg.keys()?;
-    let conn =
-        netproto::connect_with(peer, &keys, &cfg.handshake_options(), Duration::from_secs(cfg.connect_timeout_s))
-            .map_err(PrimaryError::from)?;
-    Ok(conn)
+    let (opts, timeout) = (cfg.handshake_options(), Duration::from_secs(cfg.connect_timeout_s));
+    let conn = match first {
+        Some(m) => netproto::connect_then(peer, &keys, &opts, timeout, m),
+        None => netproto::connect_with(peer, &keys, &opts, timeout),
+    };
+    Ok(conn.map_err(PrimaryError::from)?)
 }
 
 /// Syncs one volume whose source is already frozen at `source` with a full scan; `progress` gets (bytes scanned,
@@ -239,11 +247,13 @@ pub fn sync_one_planned(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(NetReport, bool), Error> {
     let src = Volume::open(source, Access::Read, &o.io).map_err(PrimaryError::OpenSource)?;
-    let mut conn = connect(cfg)?;
+    // The volume is opened in the handshake's last flight: its state arrives right behind the standby's proof.
+    let open = netproto::client::open_request(&vol.name, src.size(), vol.block_size);
+    let mut conn = connect_sending(cfg, Some(&open))?;
     conn.set_compression((cfg.compression_level > 0).then_some(cfg.compression_level)).map_err(PrimaryError::from)?;
     conn.set_bwlimit(o.bwlimit.or(cfg.bwlimit));
-    let mut remote = RemoteTarget::open(conn, &vol.name, src.size(), vol.block_size)
-        .map_err(|source| PrimaryError::OpenRemote { volume: vol.name.clone(), source })?;
+    let mut remote =
+        RemoteTarget::opened(conn).map_err(|source| PrimaryError::OpenRemote { volume: vol.name.clone(), source })?;
     let layout = cfg.layout();
     let manifest = layout.source_manifest(&vol.name);
     let dir = manifest.parent().expect("a manifest lives in a directory");

@@ -10,6 +10,7 @@ mod operations;
 mod protect;
 mod retain;
 mod role_cli;
+mod round_trips;
 mod trust;
 mod uml_lifecycle;
 mod uml_lvm;

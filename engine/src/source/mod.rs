@@ -388,8 +388,12 @@ pub fn sync_changes(
         },
         id: proposed.id,
     };
-    let ack = link.begin(&plan)?;
-    let resumed_end = match (&info.pending, ack.resumed) {
+    // Without a resume there is nothing to learn from the answer: a network link does not wait for it.
+    let resumed = match link.begin_request(&plan)? {
+        Some(ack) => ack.resumed,
+        None => false,
+    };
+    let resumed_end = match (&info.pending, resumed) {
         (Some(p), true) => p.end_offset,
         _ => 0,
     };
@@ -398,7 +402,7 @@ pub fn sync_changes(
         ?mode,
         %reason,
         generation = plan.generation,
-        resumed = ack.resumed,
+        resumed,
         source = changes.name(),
         "sync started"
     );
@@ -419,7 +423,7 @@ pub fn sync_changes(
         bytes_changed: 0,
         bytes_sent: 0,
         zero_bytes: 0,
-        resumed_bytes: info.pending.as_ref().filter(|_| ack.resumed).map_or(0, |p| p.bytes),
+        resumed_bytes: info.pending.as_ref().filter(|_| resumed).map_or(0, |p| p.bytes),
         root: String::new(),
         duration_s: 0.0,
     };
