@@ -18,7 +18,8 @@ USAGE: e2e [OPTIONS]
   --reps N             repetitions per case and tool [default 3; --quick: 1]
   --tools LIST         blockrep,blockrep-compare,blockrep-rtt20,rsync,tcp-copy,socat [default all];
                        also blockrep-zN: blockrep with compression_level = N (0 = off), e.g. blockrep-z0,blockrep-z1;
-                       blockrep@base, blockrep-compare@base, blockrep-rtt20@base: those rows with the
+                       blockrep-rtt0: through the same relay without delay (the control of blockrep-rtt20);
+                       blockrep@base, blockrep-compare@base, blockrep-rtt20@base, blockrep-rtt0@base: those rows with the
                        --blockrep-base binary
   --out DIR            CSV, report.md and incremental.png go here [default target/bench]
   --work DIR           where the images live [default a new directory in /var/tmp, deleted at the end]

@@ -203,13 +203,27 @@ pub fn ratios(r: &Results, rows: &[Row]) -> Vec<Ratio> {
         "<= 1.2",
         |v| v <= 1.2,
     );
-    if let Some(v) = inc(Tool::BlockrepRttBase).zip(inc(Tool::BlockrepBase)).map(|(d, b)| d.wall.0 / b.wall.0) {
-        push(
+    let ratios = [
+        (
+            Tool::BlockrepRttBase,
+            Tool::BlockrepBase,
             "the same with the --blockrep-base binary (blockrep-rtt20@base / blockrep@base)",
-            Some(v),
-            "<= 1.2",
-            |v| v <= 1.2,
-        );
+        ),
+        (
+            Tool::BlockrepRtt,
+            Tool::BlockrepRtt0,
+            "the same through the relay both ways: 20 ms / 0 ms (blockrep-rtt20 / blockrep-rtt0)",
+        ),
+        (
+            Tool::BlockrepRttBase,
+            Tool::BlockrepRtt0Base,
+            "the same with the --blockrep-base binary (blockrep-rtt20@base / blockrep-rtt0@base)",
+        ),
+    ];
+    for (delayed, zero, what) in ratios {
+        if let Some(v) = inc(delayed).zip(inc(zero)).map(|(d, b)| d.wall.0 / b.wall.0) {
+            push(what, Some(v), "<= 1.2", |v| v <= 1.2);
+        }
     }
     push(
         "incremental 1% scattered 4 KiB: blockrep time / b3sum time (hashing the volume once)",

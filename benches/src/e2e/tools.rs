@@ -39,6 +39,12 @@ pub enum Tool {
     BlockrepCompareBase,
     /// [`Tool::BlockrepRtt`] with the binary of `--blockrep-base` (`blockrep-rtt20@base`).
     BlockrepRttBase,
+    /// blockrep through the same relay without delay (`blockrep-rtt0`): the control of [`Tool::BlockrepRtt`],
+    /// which separates the delay's cost from the relay's own effect (it buffers without limit, so the primary
+    /// never waits for the standby's socket). Not in [`Tool::ALL`].
+    BlockrepRtt0,
+    /// [`Tool::BlockrepRtt0`] with the binary of `--blockrep-base` (`blockrep-rtt0@base`).
+    BlockrepRtt0Base,
 }
 
 /// One-way delay of the relay of [`Tool::BlockrepRtt`], in milliseconds (20 ms round trip).
@@ -63,6 +69,8 @@ impl Tool {
             Tool::BlockrepBase => "blockrep@base".into(),
             Tool::BlockrepCompareBase => "blockrep-compare@base".into(),
             Tool::BlockrepRttBase => "blockrep-rtt20@base".into(),
+            Tool::BlockrepRtt0 => "blockrep-rtt0".into(),
+            Tool::BlockrepRtt0Base => "blockrep-rtt0@base".into(),
         }
     }
 
@@ -78,14 +86,20 @@ impl Tool {
         }
         Tool::ALL
             .into_iter()
-            .chain([Tool::BlockrepBase, Tool::BlockrepCompareBase, Tool::BlockrepRttBase])
+            .chain([
+                Tool::BlockrepBase,
+                Tool::BlockrepCompareBase,
+                Tool::BlockrepRttBase,
+                Tool::BlockrepRtt0,
+                Tool::BlockrepRtt0Base,
+            ])
             .find(|t| t.name() == s)
             .ok_or_else(|| {
                 format!(
                     "tool {s:?} is unknown: use blockrep, blockrep-compare, blockrep-rtt20, blockrep-zN (compression \
                      level N, 0 = off, up to 19), blockrep-aead (encrypted session), blockrep@base, \
-                     blockrep-compare@base, blockrep-rtt20@base (the --blockrep-base binary), rsync, tcp-copy or \
-                     socat"
+                     blockrep-compare@base, blockrep-rtt20@base (the --blockrep-base binary), blockrep-rtt0 \
+                     (the relay without delay), blockrep-rtt0@base, rsync, tcp-copy or socat"
                 )
             })
     }
@@ -103,6 +117,8 @@ impl Tool {
                 | Tool::BlockrepBase
                 | Tool::BlockrepCompareBase
                 | Tool::BlockrepRttBase
+                | Tool::BlockrepRtt0
+                | Tool::BlockrepRtt0Base
         )
     }
 
@@ -118,6 +134,8 @@ impl Tool {
                 | Tool::BlockrepBase
                 | Tool::BlockrepCompareBase
                 | Tool::BlockrepRttBase
+                | Tool::BlockrepRtt0
+                | Tool::BlockrepRtt0Base
         )
     }
 
@@ -130,6 +148,8 @@ impl Tool {
                 | Tool::BlockrepBase
                 | Tool::BlockrepCompareBase
                 | Tool::BlockrepRttBase
+                | Tool::BlockrepRtt0
+                | Tool::BlockrepRtt0Base
         )
     }
 
@@ -239,14 +259,20 @@ impl Env {
     pub fn run(&self, tool: Tool) -> Result<Outcome, String> {
         let before = self.link.as_ref().map(|l| l.tx_bytes());
         let mut o = match tool {
-            Tool::Blockrep => self.run_blockrep(&self.blockrep, false, false, None, false),
-            Tool::BlockrepCompare => self.run_blockrep(&self.blockrep, true, false, None, false),
-            Tool::BlockrepRtt => self.run_blockrep(&self.blockrep, false, true, None, false),
-            Tool::BlockrepLevel(l) => self.run_blockrep(&self.blockrep, false, false, Some(l), false),
-            Tool::BlockrepAead => self.run_blockrep(&self.blockrep, false, false, None, true),
-            Tool::BlockrepBase | Tool::BlockrepCompareBase | Tool::BlockrepRttBase => {
+            Tool::Blockrep => self.run_blockrep(&self.blockrep, false, None, None, false),
+            Tool::BlockrepCompare => self.run_blockrep(&self.blockrep, true, None, None, false),
+            Tool::BlockrepRtt => self.run_blockrep(&self.blockrep, false, Some(RTT_DELAY_MS), None, false),
+            Tool::BlockrepRtt0 => self.run_blockrep(&self.blockrep, false, Some(0), None, false),
+            Tool::BlockrepLevel(l) => self.run_blockrep(&self.blockrep, false, None, Some(l), false),
+            Tool::BlockrepAead => self.run_blockrep(&self.blockrep, false, None, None, true),
+            Tool::BlockrepBase | Tool::BlockrepCompareBase | Tool::BlockrepRttBase | Tool::BlockrepRtt0Base => {
                 let base = self.blockrep_base.as_ref().ok_or("the @base rows need --blockrep-base PATH")?;
-                self.run_blockrep(base, tool == Tool::BlockrepCompareBase, tool == Tool::BlockrepRttBase, None, false)
+                let relay = match tool {
+                    Tool::BlockrepRttBase => Some(RTT_DELAY_MS),
+                    Tool::BlockrepRtt0Base => Some(0),
+                    _ => None,
+                };
+                self.run_blockrep(base, tool == Tool::BlockrepCompareBase, relay, None, false)
             }
             Tool::Rsync => self.run_rsync(),
             Tool::TcpCopy => self.run_tcp_copy(),
@@ -278,13 +304,14 @@ impl Env {
         std::fs::read_to_string(self.work.join(name)).unwrap_or_default()
     }
 
-    /// `binary`: the blockrep to run (both sides); `compare`: `sync --verify`; `delayed`: through the delaying
-    /// relay; `level`: `compression_level` (None: blockrep's default); `aead`: `encryption = "aead"` on both sides.
+    /// `binary`: the blockrep to run (both sides); `compare`: `sync --verify`; `delay`: through the delaying
+    /// relay, with this one-way delay in ms; `level`: `compression_level` (None: blockrep's default); `aead`:
+    /// `encryption = "aead"` on both sides.
     fn run_blockrep(
         &self,
         binary: &Path,
         compare: bool,
-        delayed: bool,
+        delay: Option<u64>,
         level: Option<i32>,
         aead: bool,
     ) -> Result<Outcome, String> {
@@ -308,11 +335,11 @@ impl Env {
             .ok_or_else(|| format!("blockrep serve did not announce its address: {}", self.read_log("serve.log")))?
             .to_owned();
         let mut relay = None;
-        let addr = if delayed {
+        let addr = if let Some(delay_ms) = delay {
             let mut r = self
                 .sides
                 .send(&self.self_exe.to_string_lossy(), &self.usage_file("relay"))
-                .args(["delay-proxy", "127.0.0.1:0", &addr, &RTT_DELAY_MS.to_string()])
+                .args(["delay-proxy", "127.0.0.1:0", &addr, &delay_ms.to_string()])
                 .stdout(Stdio::piped())
                 .stderr(self.log("relay.err")?)
                 .spawn()
