@@ -29,10 +29,11 @@ const REFINE_BATCH: usize = 128;
 pub(super) const BATCH_BYTES: usize = 2 << 20;
 /// Bytes of changed blocks held while their batches wait for the target's answers: the pipeline's depth, and
 /// most of the primary's memory (issue 15: at most 64 MiB per side). At 1 % scattered 4 KiB changes 15 % of the
-/// 64 KiB blocks are refined, so 16 MiB covers about 100 MiB of scan, 25 ms at 4 GB/s: a 20 ms round trip. Was
-/// 32 MiB; halving it changed no time beyond noise (2 GiB, 1 %, with and without 20 ms round trip:
-/// docs/performance.md, "Memory").
-pub(super) const MAX_HELD_BYTES: usize = 16 << 20;
+/// 64 KiB blocks are refined, so 32 MiB covers about 200 MiB of scan, 50 ms at 4 GB/s: a 20 ms round trip plus
+/// the standby's time to read and hash the blocks asked for. 16 MiB (25 ms of scan) left no margin for the
+/// latter: the 20 ms round trip cost 1.20x instead of 1.05x (2 GiB, 1 %, one interleaved run:
+/// docs/performance.md, "Round trips per sync"); the primary's anonymous peak is 34 MiB instead of 18 MiB.
+pub(super) const MAX_HELD_BYTES: usize = 32 << 20;
 /// Batches waiting for their answers (fewer than a network link's `MAX_OUTSTANDING` requests).
 pub(super) const MAX_QUEUED: usize = 16;
 
