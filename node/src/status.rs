@@ -483,10 +483,7 @@ pub fn status_with(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error> 
         _ => Vec::new(),
     };
     let alarms = alarms::update(cfg, &judged);
-    let (maintenance_locks, maintenance_lock_error) = match crate::maint_lock::locks(cfg) {
-        Ok(l) => (l, None),
-        Err(e) => (Vec::new(), Some(e.to_string())),
-    };
+    let (maintenance_locks, maintenance_lock_error) = maintenance_locks(cfg);
     Ok(NodeStatus {
         node: cfg.node.clone(),
         role: st,
@@ -502,6 +499,14 @@ pub fn status_with(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error> 
         maintenance_lock_error,
         primaries: Vec::new(),
     })
+}
+
+/// The maintenance locks set on this node, or why the lock file cannot be read.
+fn maintenance_locks(cfg: &Config) -> (Vec<crate::maint_lock::MaintLock>, Option<String>) {
+    match crate::maint_lock::locks(cfg) {
+        Ok(l) => (l, None),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    }
 }
 
 /// The status of a standby protecting several primaries: each primary's own status (its volumes, role and key
@@ -531,10 +536,7 @@ fn protected_status(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error>
             status: Box::new(s),
         });
     }
-    let (maintenance_locks, maintenance_lock_error) = match crate::maint_lock::locks(cfg) {
-        Ok(l) => (l, None),
-        Err(e) => (Vec::new(), Some(e.to_string())),
-    };
+    let (maintenance_locks, maintenance_lock_error) = maintenance_locks(cfg);
     Ok(NodeStatus {
         node: cfg.node.clone(),
         role: st,

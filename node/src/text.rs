@@ -51,21 +51,7 @@ impl fmt::Display for NodeStatus {
         if let Some(p) = &s.role.plan {
             writeln!(f, "plan in progress: {}", serde_json::to_string(p).map_err(|_| fmt::Error)?)?;
         }
-        for l in &s.maintenance_locks {
-            writeln!(
-                f,
-                "LOCKED for maintenance: {}, set by {} {}, reason: {}; promote and switchover refused until \
-                 `blockrep unlock {}`",
-                l.node,
-                l.entry.by,
-                ago(l.entry.since),
-                l.entry.reason,
-                l.node
-            )?;
-        }
-        if let Some(e) = &s.maintenance_lock_error {
-            writeln!(f, "MAINTENANCE LOCK UNREADABLE: {e}")?;
-        }
+        maintenance(s, f)?;
         if let Some(p) = &s.peer {
             match (&p.role, &p.error) {
                 (Some(r), _) => writeln!(f, "peer {}: reachable, {r}", p.address)?,
@@ -143,6 +129,26 @@ impl fmt::Display for NodeStatus {
     }
 }
 
+/// The maintenance-lock lines of the status screen.
+fn maintenance(s: &NodeStatus, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    for l in &s.maintenance_locks {
+        writeln!(
+            f,
+            "LOCKED for maintenance: {}, set by {} {}, reason: {}; promote and switchover refused until `blockrep \
+             unlock {}`",
+            l.node,
+            l.entry.by,
+            ago(l.entry.since),
+            l.entry.reason,
+            l.node
+        )?;
+    }
+    if let Some(e) = &s.maintenance_lock_error {
+        writeln!(f, "MAINTENANCE LOCK UNREADABLE: {e}")?;
+    }
+    Ok(())
+}
+
 /// The status screen of a standby protecting several primaries: a line per primary, then its own status
 /// indented.
 fn protected(s: &NodeStatus, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -161,21 +167,7 @@ fn protected(s: &NodeStatus, f: &mut fmt::Formatter<'_>) -> fmt::Result {
     }
     let enabled = if s.replication_enabled { "enabled" } else { "DISABLED (blockrep replication enable)" };
     writeln!(f, "replication: {enabled}; state: {}", s.state.as_str())?;
-    for l in &s.maintenance_locks {
-        writeln!(
-            f,
-            "LOCKED for maintenance: {}, set by {} {}, reason: {}; promote and switchover refused until `blockrep \
-             unlock {}`",
-            l.node,
-            l.entry.by,
-            ago(l.entry.since),
-            l.entry.reason,
-            l.node
-        )?;
-    }
-    if let Some(e) = &s.maintenance_lock_error {
-        writeln!(f, "MAINTENANCE LOCK UNREADABLE: {e}")?;
-    }
+    maintenance(s, f)?;
     for p in &s.primaries {
         let state = match (&p.refused, p.acting) {
             (_, true) => "ACTING for it (its shadows are production here)".to_owned(),
