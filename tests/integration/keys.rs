@@ -3,7 +3,7 @@
 //! proxy sees none of a known plaintext pattern of the volume (and does see it without), and a ciphertext byte
 //! altered on the way fails the sync and leaves the shadow at its last generation.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -74,17 +74,14 @@ impl Nodes {
 
     fn start_serve(&mut self, encryption: &str) {
         let cfg = self.config("standby", &self.path("standby.key"), encryption, "127.0.0.1:1");
-        let mut child = blockrep()
-            .args(["serve", "--announce", "--config"])
-            .arg(cfg)
-            .env("BLOCKREP_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        self.addr = line.trim().strip_prefix("listening on ").expect("announce line").to_owned();
+        let (child, addr) = spawn_serve(
+            blockrep()
+                .args(["serve", "--announce", "--config"])
+                .arg(cfg)
+                .env("BLOCKREP_LOG", "info")
+                .stderr(Stdio::piped()),
+        );
+        self.addr = addr;
         self.serve = Some(child);
     }
 

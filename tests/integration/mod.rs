@@ -30,6 +30,17 @@ pub fn blockrep() -> Command {
     c
 }
 
+/// Spawns a `blockrep serve --announce ...` command (stdout is taken for its announcement) and waits until it
+/// listens; returns the daemon and the address it announced.
+pub fn spawn_serve(cmd: &mut Command) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().expect("blockrep serve starts");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line).expect("reads the announcement");
+    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("announce line: {line:?}"));
+    (child, addr.to_owned())
+}
+
 /// Runs and returns output (never panics on non-zero exit).
 pub fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("blockrep runs")

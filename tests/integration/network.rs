@@ -2,7 +2,7 @@
 //! network issue lists: wrong key, unreachable peer, size mismatch, cut connection (resume), corrupted frames,
 //! concurrent syncs of one volume, SIGTERM.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -69,17 +69,14 @@ impl Pair {
     /// Starts the standby daemon on `listen` and waits until it listens.
     pub(super) fn start_serve_on(&mut self, listen: &str) {
         let cfg = self.config("standby", &self.path("key"), "127.0.0.1:1");
-        let mut child = blockrep()
-            .args(["serve", "--announce", "--listen", listen, "--config"])
-            .arg(cfg)
-            .env("BLOCKREP_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        self.addr = line.trim().strip_prefix("listening on ").expect("announce line").to_owned();
+        let (child, addr) = spawn_serve(
+            blockrep()
+                .args(["serve", "--announce", "--listen", listen, "--config"])
+                .arg(cfg)
+                .env("BLOCKREP_LOG", "info")
+                .stderr(Stdio::piped()),
+        );
+        self.addr = addr;
         self.serve = Some(child);
     }
 

@@ -6,7 +6,6 @@
 //! by priority when two start together; a maintenance lock refuses `promote --for`. The virtual-IP part runs in
 //! network namespaces (root).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 
@@ -128,18 +127,14 @@ impl Site {
     }
 
     fn start_serve(&mut self) {
-        let mut child = self
-            .blockrep()
-            .args(["serve", "--announce", "--config"])
-            .arg(self.path("s.toml"))
-            .env("BLOCKREP_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        self.addr = line.trim().strip_prefix("listening on ").expect("announce line").to_owned();
+        let (child, addr) = spawn_serve(
+            self.blockrep()
+                .args(["serve", "--announce", "--config"])
+                .arg(self.path("s.toml"))
+                .env("BLOCKREP_LOG", "info")
+                .stderr(Stdio::null()),
+        );
+        self.addr = addr;
         self.serve = Some(child);
     }
 
@@ -427,17 +422,8 @@ fn takeover_of_one_primary_moves_only_its_virtual_ip() {
     }
     let cfg = path("s.toml");
     std::fs::write(&cfg, &text).unwrap();
-    let mut serve = lan
-        .blockrep("a")
-        .args(["serve", "--announce", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(serve.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening on ").unwrap().to_owned();
+    let (mut serve, addr) =
+        spawn_serve(lan.blockrep("a").args(["serve", "--announce", "--config"]).arg(&cfg).stderr(Stdio::null()));
     for p in ["p1", "p2"] {
         let pc = path(&format!("{p}.toml"));
         std::fs::write(
@@ -559,19 +545,14 @@ impl Fallback {
 
     fn serve(&mut self, node: &str) {
         let ns = if node == "s" { "a" } else { "b" };
-        let mut c = self
-            .lan
-            .blockrep(ns)
-            .args(["serve", "--announce", "--config"])
-            .arg(self.path(&format!("{node}.toml")))
-            .env("BLOCKREP_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(self.path(&format!("serve-{node}.log"))).unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(c.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        assert!(line.starts_with("listening on"), "{line}");
+        let (c, _) = spawn_serve(
+            self.lan
+                .blockrep(ns)
+                .args(["serve", "--announce", "--config"])
+                .arg(self.path(&format!("{node}.toml")))
+                .env("BLOCKREP_LOG", "info")
+                .stderr(std::fs::File::create(self.path(&format!("serve-{node}.log"))).unwrap()),
+        );
         self.serves.push(c);
     }
 

@@ -106,20 +106,7 @@ impl Tool {
 
     /// Whether the tool transfers only differences (and so runs in the incremental cases).
     pub fn incremental(self) -> bool {
-        matches!(
-            self,
-            Tool::Blockrep
-                | Tool::Rsync
-                | Tool::BlockrepCompare
-                | Tool::BlockrepRtt
-                | Tool::BlockrepLevel(_)
-                | Tool::BlockrepAead
-                | Tool::BlockrepBase
-                | Tool::BlockrepCompareBase
-                | Tool::BlockrepRttBase
-                | Tool::BlockrepRtt0
-                | Tool::BlockrepRtt0Base
-        )
+        matches!(self, Tool::Rsync) || self.is_blockrep()
     }
 
     /// Whether it runs the blockrep binary (and needs blockrep's state of the initial sync).
