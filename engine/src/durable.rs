@@ -92,6 +92,26 @@ pub fn is_injected_crash(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// Bytes written to a file between two [`start_writeback`] calls of the spool and of the shadow's writers.
+pub const WRITEBACK_EVERY: u64 = 8 << 20;
+
+/// Starts writing `len` bytes of `file` at `offset` to the disk without waiting for them
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, as RocksDB's `bytes_per_sync` does), so that the `fdatasync` which
+/// later makes them durable finds most of them written and the disk works while the transfer goes on. Only a
+/// hint: durability still comes from that `fdatasync` alone (the crash journal of a test handle keeps these writes
+/// as unsynced), and an error (a file system or device that does not support it) is ignored. A no-op for a file
+/// opened with `O_DIRECT`, which has no dirty pages.
+pub fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else { return };
+    // SAFETY: the descriptor is valid for the duration of the call (borrowed from `file`); the call reads no
+    // memory of ours and changes nothing but when the kernel writes the file's dirty pages.
+    let r = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
+    if r != 0 {
+        tracing::trace!(error = %std::io::Error::last_os_error(), "sync_file_range: ignored (only a hint)");
+    }
+}
+
 /// What a gated operation may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gate {

@@ -126,13 +126,13 @@ impl Tool {
         )
     }
 
-    /// Whether it runs in the initial full sync (the blockrep variants only differ in incremental syncs).
+    /// Whether it runs in the initial full sync (the blockrep variants only differ in incremental syncs; the
+    /// `--blockrep-base` binary may differ in both).
     pub fn full(self) -> bool {
         !matches!(
             self,
             Tool::BlockrepCompare
                 | Tool::BlockrepRtt
-                | Tool::BlockrepBase
                 | Tool::BlockrepCompareBase
                 | Tool::BlockrepRttBase
                 | Tool::BlockrepRtt0
