@@ -92,16 +92,44 @@ pub fn is_injected_crash(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Bytes written to a file between two [`start_writeback`] calls of the spool and of the shadow's writers.
-pub const WRITEBACK_EVERY: u64 = 8 << 20;
+/// Bytes a [`Writeback`] lets accumulate before it starts their writeback.
+const WRITEBACK_EVERY: u64 = 8 << 20;
 
-/// Starts writing `len` bytes of `file` at `offset` to the disk without waiting for them
-/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, as RocksDB's `bytes_per_sync` does), so that the `fdatasync` which
-/// later makes them durable finds most of them written and the disk works while the transfer goes on. Only a
-/// hint: durability still comes from that `fdatasync` alone (the crash journal of a test handle keeps these writes
-/// as unsynced), and an error (a file system or device that does not support it) is ignored. A no-op for a file
-/// opened with `O_DIRECT`, which has no dirty pages.
-pub fn start_writeback(file: &File, offset: u64, len: u64) {
+/// The range of a file written since its writeback was last started. Every [`WRITEBACK_EVERY`] bytes written,
+/// [`Writeback::wrote`] starts writing that range to the disk without waiting for it ([`start_writeback`]), so
+/// that the `fdatasync` which later makes it durable finds most of it written and the disk works while the
+/// transfer goes on. Used by the spool writer and both of the shadow's writers.
+#[derive(Debug, Default)]
+pub struct Writeback {
+    lo: u64,
+    hi: u64,
+    bytes: u64,
+}
+
+impl Writeback {
+    /// Records a write of `len` bytes at `offset` of `file`.
+    pub fn wrote(&mut self, file: &File, offset: u64, len: u64) {
+        if self.bytes == 0 {
+            (self.lo, self.hi) = (offset, offset);
+        }
+        (self.lo, self.hi, self.bytes) = (self.lo.min(offset), self.hi.max(offset + len), self.bytes + len);
+        if self.bytes >= WRITEBACK_EVERY {
+            start_writeback(file, self.lo, self.hi - self.lo);
+            self.synced();
+        }
+    }
+
+    /// Forgets the range (an fsync made it durable, or its writeback was started).
+    pub fn synced(&mut self) {
+        self.bytes = 0;
+    }
+}
+
+/// Starts writing `len` bytes of `file` at `offset` to the disk (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, as
+/// RocksDB's `bytes_per_sync` does). Only a hint: durability still comes from the `fdatasync` alone (the crash
+/// journal of a test handle keeps these writes as unsynced), and an error (a file system or device that does not
+/// support it) is ignored. A no-op for a file opened with `O_DIRECT`, which has no dirty pages.
+fn start_writeback(file: &File, offset: u64, len: u64) {
     use std::os::fd::AsRawFd;
     let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else { return };
     // SAFETY: the descriptor is valid for the duration of the call (borrowed from `file`); the call reads no

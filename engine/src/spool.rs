@@ -51,7 +51,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::durable::{start_writeback, Durable, Op, WRITEBACK_EVERY};
+use crate::durable::{Durable, Op, Writeback};
 use crate::hash::BlockHash;
 use crate::layout::{Get, PrefixError, Put};
 
@@ -566,8 +566,8 @@ pub struct SpoolWriter {
     /// File position of `buf[0]`.
     buf_pos: u64,
     unsynced: u64,
-    /// File position up to which writeback was started ([`start_writeback`]) or fsynced.
-    writeback_from: u64,
+    /// What was written since the last fsync and whose writeback is not started yet.
+    writeback: Writeback,
     records: Vec<Record>,
     segments: Vec<usize>,
     /// End of the last record appended in this session (extents of a session come in increasing order).
@@ -594,7 +594,7 @@ impl SpoolWriter {
             buf: Vec::with_capacity(WRITE_BUFFER),
             buf_pos: 0,
             unsynced: 0,
-            writeback_from: 0,
+            writeback: Writeback::default(),
             records: Vec::new(),
             segments: Vec::new(),
             session_end: 0,
@@ -624,7 +624,7 @@ impl SpoolWriter {
             buf: Vec::with_capacity(WRITE_BUFFER),
             buf_pos: scan.valid_len,
             unsynced: 0,
-            writeback_from: scan.valid_len,
+            writeback: Writeback::default(),
             records: scan.records,
             segments: scan.segments,
             session_end: 0,
@@ -735,13 +735,9 @@ impl SpoolWriter {
         match self.durable.write_all_at(Op::SpoolAppend, &self.file, &self.buf, self.buf_pos) {
             Ok(()) => {
                 let len = self.buf.len() as u64;
+                // The disk writes the spool while the transfer goes on: the fsyncs wait for the last few writes.
+                self.writeback.wrote(&self.file, self.buf_pos, len);
                 self.buf_pos += len;
-                // Let the disk write the spool while the transfer goes on, so the periodic and the commit's
-                // fsyncs wait only for the last few writes.
-                if self.buf_pos - self.writeback_from >= WRITEBACK_EVERY {
-                    start_writeback(&self.file, self.writeback_from, self.buf_pos - self.writeback_from);
-                    self.writeback_from = self.buf_pos;
-                }
                 self.unsynced += len;
                 self.buf.clear();
                 Ok(())
@@ -768,7 +764,7 @@ impl SpoolWriter {
             source,
         })?;
         self.unsynced = 0;
-        self.writeback_from = self.buf_pos;
+        self.writeback.synced();
         Ok(())
     }
 

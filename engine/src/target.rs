@@ -37,7 +37,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::durable::{start_writeback, Durable, Gate, Op, WRITEBACK_EVERY};
+use crate::durable::{Durable, Gate, Op, Writeback};
 use crate::generations::{self, Evidence};
 use crate::hash::{self, BlockHash, HashError, ZeroHashes, SUB_BLOCK_SIZE};
 use crate::io::{AlignedBuf, BufPool, EngineKind};
@@ -444,8 +444,8 @@ struct Session {
     dirty: BitSet,
     /// End offset of the last extent received.
     end: u64,
-    /// In place: offset up to which the shadow's writeback was started ([`start_writeback`]).
-    writeback_from: u64,
+    /// In place: what was written to the shadow and whose writeback is not started yet.
+    writeback: Writeback,
     zeros: ZeroHashes,
     /// Blocks whose piece fingerprints ([`hash::piece_cv`]) of the effective content are known: read for a
     /// `sub_hashes` answer, then updated for every whole piece an extent writes. A block's new hash is merged
@@ -776,8 +776,7 @@ impl Target {
         let pool = BufPool::new(APPLY_DEPTH + 2, chunk);
         let mut w = self.shadow.writer(APPLY_DEPTH, pool).map_err(shadow_err)?;
         let mut prev_end = 0u64;
-        // The range written since writeback was last started, and its byte count.
-        let (mut lo, mut hi, mut unkicked) = (u64::MAX, 0u64, 0u64);
+        let mut writeback = Writeback::default();
         for r in records {
             if r.offset < prev_end {
                 w.flush().map_err(engine_err)?; // a new segment: earlier writes must land first
@@ -802,12 +801,8 @@ impl Target {
                 match gate {
                     Gate::Proceed => {
                         w.write(offset, buf).map_err(engine_err)?;
-                        (lo, hi, unkicked) = (lo.min(offset), hi.max(offset + n as u64), unkicked + n as u64);
-                        if unkicked >= WRITEBACK_EVERY {
-                            // Writes still in flight are left to the fdatasync after the apply.
-                            start_writeback(self.shadow.file(), lo, hi - lo);
-                            (lo, hi, unkicked) = (u64::MAX, 0, 0);
-                        }
+                        // Writes still in flight when it starts are left to the fdatasync after the apply.
+                        writeback.wrote(self.shadow.file(), offset, n as u64);
                     }
                     Gate::Torn(i) => {
                         buf.set_len(n / 2);
@@ -1197,7 +1192,7 @@ impl Target {
             next,
             dirty,
             end: 0,
-            writeback_from: 0,
+            writeback: Writeback::default(),
             zeros: ZeroHashes::new(plan.block_size),
             pieces: Default::default(),
             prepared: if in_place { None } else { self.prepare() },
@@ -1259,10 +1254,9 @@ impl Target {
             return Err(self.spool_err(err));
         }
         s.end = e.offset + e.len;
-        if in_place && s.end - s.writeback_from.min(s.end) >= WRITEBACK_EVERY {
+        if in_place {
             // The disk writes the shadow while the transfer goes on; the commit's fdatasync waits for the rest.
-            start_writeback(self.shadow.file(), s.writeback_from, s.end - s.writeback_from);
-            s.writeback_from = s.end;
+            s.writeback.wrote(self.shadow.file(), e.offset, e.len);
         }
         update_hashes(&mut s, &e);
         self.session = Some(s);
