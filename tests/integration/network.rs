@@ -125,19 +125,32 @@ fn unsafe_free_kill(pid: u32) {
 
 /// A TCP proxy on 127.0.0.1 for one connection at a time: forwards both ways, and in the client→server direction
 /// either cuts the connection after `cut_after` bytes or flips one byte at offset `flip_at`.
-fn proxy(target: String, cut_after: Option<u64>, flip_at: Option<u64>) -> (String, Arc<AtomicU64>) {
+///
+/// A cut closes the primary's side at once but only half-closes the standby's: the standby reads everything
+/// forwarded before the cut, its answers are drained, and it sees the end of the stream, not a reset that could
+/// discard what it had not read yet. The returned counters: connections accepted, and connections whose standby
+/// side has ended (the standby closed it: its session is over).
+fn proxy(target: String, cut_after: Option<u64>, flip_at: Option<u64>) -> (String, Arc<[AtomicU64; 2]>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
-    let forwarded = Arc::new(AtomicU64::new(0));
-    let fwd = forwarded.clone();
+    let counts = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let done = counts.clone();
     std::thread::spawn(move || {
         for client in l.incoming() {
             let Ok(client) = client else { return };
+            done[0].fetch_add(1, Ordering::SeqCst);
             let server = TcpStream::connect(&target).unwrap();
             let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let done = done.clone();
             std::thread::spawn(move || {
-                let _ = std::io::copy(&mut s2, &mut c2);
+                // Keep reading the standby's answers after the primary's side is gone, until the standby closes.
+                let mut buf = vec![0u8; 16384];
+                let mut to_client = true;
+                while let Ok(n @ 1..) = s2.read(&mut buf) {
+                    to_client = to_client && c2.write_all(&buf[..n]).is_ok();
+                }
                 let _ = c2.shutdown(std::net::Shutdown::Both);
+                done[1].fetch_add(1, Ordering::SeqCst);
             });
             let (mut client, mut server) = (client, server);
             let mut buf = vec![0u8; 16384];
@@ -152,7 +165,7 @@ fn proxy(target: String, cut_after: Option<u64>, flip_at: Option<u64>) -> (Strin
                     if total + n as u64 >= cut {
                         n = (cut - total) as usize;
                         let _ = server.write_all(&buf[..n]);
-                        total += n as u64;
+                        let _ = client.shutdown(std::net::Shutdown::Both);
                         break;
                     }
                 }
@@ -166,12 +179,10 @@ fn proxy(target: String, cut_after: Option<u64>, flip_at: Option<u64>) -> (Strin
                 }
                 total += n as u64;
             }
-            fwd.store(total, Ordering::SeqCst);
-            let _ = server.shutdown(std::net::Shutdown::Both);
-            let _ = client.shutdown(std::net::Shutdown::Both);
+            let _ = server.shutdown(std::net::Shutdown::Write);
         }
     });
-    (addr, forwarded)
+    (addr, counts)
 }
 
 #[test]
@@ -265,9 +276,17 @@ fn cut_connection_leaves_shadow_at_last_generation_and_next_sync_resumes() {
     // Change a lot (every 4th 4 KiB block) so the transfer is long, then cut it in the middle.
     let blocks: Vec<u64> = (0..(24 << 20) / 4096).step_by(4).collect();
     scribble(&p.path("src.img"), &blocks, 31);
-    let (via, _) = proxy(p.addr.clone(), Some(3 << 20), None);
+    let (via, ended) = proxy(p.addr.clone(), Some(3 << 20), None);
     let o = p.sync_via(&via, &p.path("key"));
     assert_ne!(o.status.code(), Some(0), "the cut sync must fail");
+    // The standby keeps what it spooled before the cut once its session is over; wait for every connection
+    // through the proxy to end (the failed sync also asks the standby what it holds).
+    let t = std::time::Instant::now();
+    while ended[1].load(Ordering::SeqCst) < ended[0].load(Ordering::SeqCst)
+        && t.elapsed() < std::time::Duration::from_secs(30)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert!(stderr(&o).contains("the standby keeps its last complete generation 1"), "{}", stderr(&o));
     assert_eq!(std::fs::read(p.path("shadow.img")).unwrap(), gen1, "shadow must still be generation 1");
     let r = p.sync_ok();
