@@ -373,9 +373,10 @@ pub struct SyncArgs {
     /// Volume name (default: the source's file name).
     #[arg(long)]
     pub name: Option<String>,
-    /// With --local: block size for hashing (power of two, 4K..1M).
-    #[arg(long, default_value = "64K", value_parser = parse_size)]
-    pub block_size: u64,
+    /// With --local: block size for hashing (power of two, 4K..1M), or auto: the block size of the volume's
+    /// manifest, else 32K up to 256 GiB and 64K above.
+    #[arg(long, default_value = "auto", value_parser = node::config::parse_block_size)]
+    pub block_size: node::config::BlockSize,
     /// Do not narrow changed blocks down to changed 4 KiB pieces.
     #[arg(long)]
     pub no_refine: bool,

@@ -54,7 +54,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         target: shadow.clone(),
         state_dir: state.clone(),
         io,
-        block_size: engine::hash::DEFAULT_BLOCK_SIZE,
+        block_size: node::config::BlockSize::Auto,
         no_refine: false,
     };
     // Without --local, the standby daemon runs in this process, on a thread, and the sync goes through TCP.

@@ -215,7 +215,7 @@ fn sync_local(a: &args::SyncArgs) -> Result<()> {
         target: target.clone(),
         state_dir: a.state_dir.clone(),
         io: a.io.options(),
-        block_size: node::config::block_size(a.block_size).map_err(node::Error::from)?,
+        block_size: a.block_size,
         no_refine: a.no_refine,
     };
     let bar = report::progress_bar(&s.name);

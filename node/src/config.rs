@@ -66,9 +66,6 @@ pub enum ConfigError {
         /// What is missing, and where to read about it.
         what: &'static str,
     },
-    /// A block size given on the command line is not usable.
-    #[error("{0}")]
-    BlockSize(String),
 }
 
 /// Default configuration path.
@@ -256,8 +253,8 @@ pub struct Volume {
     pub shadow: Option<PathBuf>,
     /// Snapshot driver.
     pub snapshot: SnapshotDriver,
-    /// Block size.
-    pub block_size: u32,
+    /// Block size (`block_size`).
+    pub block_size: BlockSize,
     /// The source's size (`size`), for `blockrep shadow create` when the primary has not reported it.
     pub size: Option<u64>,
     /// How changes are found (`track`).
@@ -808,12 +805,10 @@ fn parse_volumes(raws: Vec<RawVolume>, text: &str, path: &Path) -> Result<Vec<Vo
             Some(s) => key_at("block_size", s.span()),
             None => "block_size".into(),
         };
-        let bs = match &v.block_size {
-            Some(s) => parse_size(s.get_ref()).map_err(|e| bad(format!("volume {}: {block_key}: {e}", name)))?,
-            None => engine::hash::DEFAULT_BLOCK_SIZE as u64,
+        let block_size = match &v.block_size {
+            Some(s) => parse_block_size(s.get_ref()).map_err(|e| bad(format!("volume {}: {block_key}: {e}", name)))?,
+            None => BlockSize::Auto,
         };
-        let block_size =
-            engine::hash::validate_block_size(bs).map_err(|e| bad(format!("volume {}: {block_key}: {e}", name)))?;
         let size = match &v.size {
             Some(s) => Some(
                 parse_size(s.get_ref())
@@ -923,9 +918,50 @@ fn warn_small_snapshot(volume: &str, key: &str, size: SnapshotSize) {
     }
 }
 
-/// A block size from the command line (power of two, 4 KiB to 1 MiB).
-pub fn block_size(bs: u64) -> Result<u32, ConfigError> {
-    engine::hash::validate_block_size(bs).map_err(|e| ConfigError::BlockSize(e.to_string()))
+/// A volume's hashing block size (`[[volume]] block_size`, `sync --local --block-size`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BlockSize {
+    /// `"auto"` (the default): chosen by [`BlockSize::resolve`].
+    #[default]
+    Auto,
+    /// A power of two from 4 KiB to 1 MiB.
+    Fixed(u32),
+}
+
+impl BlockSize {
+    /// The block size of a sync of a source of `volume_size` bytes whose manifest is `manifest`. A fixed size is
+    /// used as configured. `auto` keeps the block size of the manifest while it describes a volume of this size
+    /// (another block size would make the next sync compare every block), and otherwise takes
+    /// [`engine::hash::auto_block_size`], which depends on the size alone: both nodes of a pair choose the same,
+    /// and so does the other node when it becomes the primary (its manifest, made from the standby's, keeps it).
+    pub fn resolve(self, volume_size: u64, manifest: &Path) -> u32 {
+        match self {
+            BlockSize::Fixed(bs) => bs,
+            BlockSize::Auto => match engine::manifest::Manifest::open(manifest) {
+                Ok(m) if m.volume_size() == volume_size => m.block_size(),
+                _ => engine::hash::auto_block_size(volume_size),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for BlockSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BlockSize::Auto => f.write_str("auto"),
+            BlockSize::Fixed(bs) => write!(f, "{}K", bs / 1024),
+        }
+    }
+}
+
+/// Parses a block size: `auto`, or a power of two from 4 KiB to 1 MiB (`32K`, `65536`).
+pub fn parse_block_size(s: &str) -> Result<BlockSize, String> {
+    if s.trim().eq_ignore_ascii_case("auto") {
+        return Ok(BlockSize::Auto);
+    }
+    let or_auto = |e: String| format!("{e}; or \"auto\" (the default)");
+    let bs = parse_size(s).map_err(or_auto)?;
+    engine::hash::validate_block_size(bs).map(BlockSize::Fixed).map_err(|e| or_auto(e.to_string()))
 }
 
 /// Parses sizes like `4096`, `64K`, `256M`, `2G` (binary units).
@@ -993,6 +1029,22 @@ mod tests {
         assert!(e.contains("track (line 6)") && e.contains("needs snapshot = \"lvm\""), "{e}");
         let e = link::error_chain(&parse("snapshot = \"lvm\"\ntrack = \"zfs\"\n").unwrap_err());
         assert!(e.contains("track (line 7)") && e.contains("\"auto\", \"thin\""), "{e}");
+    }
+
+    #[test]
+    fn block_size_is_auto_by_default_and_auto_depends_on_the_size_alone_without_a_manifest() {
+        let vol = "node = \"a\"\nkey_file = \"/k\"\n[primary]\npeer = \"b:7788\"\n[[volume]]\nname = \"v\"\nsource = \"/s\"\n";
+        let parse = |extra: &str| Config::parse(&format!("{vol}{extra}"), Path::new("c.toml"));
+        assert_eq!(parse("").unwrap().volumes[0].block_size, BlockSize::Auto);
+        assert_eq!(parse("block_size = \"Auto\"\n").unwrap().volumes[0].block_size, BlockSize::Auto);
+        assert_eq!(parse("block_size = \"128K\"\n").unwrap().volumes[0].block_size, BlockSize::Fixed(128 << 10));
+        let e = link::error_chain(&parse("block_size = \"automatic\"\n").unwrap_err());
+        assert!(e.contains("block_size (line 8)") && e.contains("\"auto\""), "{e}");
+        let none = Path::new("/nonexistent/manifest");
+        assert_eq!(BlockSize::Auto.resolve(20 << 30, none), 32 << 10);
+        assert_eq!(BlockSize::Auto.resolve(256 << 30, none), 32 << 10);
+        assert_eq!(BlockSize::Auto.resolve((256 << 30) + 4096, none), 64 << 10);
+        assert_eq!(BlockSize::Fixed(16 << 10).resolve(1 << 40, none), 16 << 10);
     }
 
     #[test]

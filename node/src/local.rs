@@ -119,7 +119,7 @@ pub struct LocalSync {
     /// I/O options for both.
     pub io: IoOptions,
     /// Block size for hashing.
-    pub block_size: u32,
+    pub block_size: crate::config::BlockSize,
     /// Do not narrow changed blocks down to changed 4 KiB pieces.
     pub no_refine: bool,
 }
@@ -149,13 +149,14 @@ impl LocalSync {
 
     /// [`LocalSync::run`] with the operator's choice of mode.
     pub fn run_with(&self, choice: ModeChoice, progress: &mut dyn FnMut(u64, u64)) -> Result<SyncReport, Error> {
-        let mut opts = crate::primary::engine_options(self.block_size, &self.io, self.no_refine);
-        choice.apply(&mut opts);
         let name = &self.name;
         refuse_same(&self.source, &self.target)?;
         let src = Volume::open(&self.source, Access::Read, &self.io).map_err(LocalError::OpenSource)?;
         let layout = Layout::new(&self.state_dir, None);
         let manifest = layout.source_manifest(name);
+        let block_size = self.block_size.resolve(src.size(), &manifest);
+        let mut opts = crate::primary::engine_options(block_size, &self.io, self.no_refine);
+        choice.apply(&mut opts);
         let dir = manifest.parent().expect("a manifest lives in a directory");
         std::fs::create_dir_all(dir).map_err(|source| LocalError::StateDir { path: dir.into(), source })?;
         let mut tgt =

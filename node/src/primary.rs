@@ -142,8 +142,13 @@ fn ask_standby(cfg: &Config, vol: &config::Volume, size: u64, before: u64) -> St
             std::thread::sleep(Duration::from_millis(200));
         }
         let remote = connect(cfg).and_then(|conn| {
-            RemoteTarget::open(conn, &vol.name, size, vol.block_size)
-                .map_err(|source| PrimaryError::OpenRemote { volume: vol.name.clone(), source }.into())
+            RemoteTarget::open(
+                conn,
+                &vol.name,
+                size,
+                vol.block_size.resolve(size, &cfg.layout().source_manifest(&vol.name)),
+            )
+            .map_err(|source| PrimaryError::OpenRemote { volume: vol.name.clone(), source }.into())
         });
         match remote {
             Ok(r) => {
@@ -247,18 +252,19 @@ pub fn sync_one_planned(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(NetReport, bool), Error> {
     let src = Volume::open(source, Access::Read, &o.io).map_err(PrimaryError::OpenSource)?;
+    let layout = cfg.layout();
+    let manifest = layout.source_manifest(&vol.name);
+    let block_size = vol.block_size.resolve(src.size(), &manifest);
     // The volume is opened in the handshake's last flight: its state arrives right behind the standby's proof.
-    let open = netproto::client::open_request(&vol.name, src.size(), vol.block_size);
+    let open = netproto::client::open_request(&vol.name, src.size(), block_size);
     let mut conn = connect_sending(cfg, Some(&open))?;
     conn.set_compression((cfg.compression_level > 0).then_some(cfg.compression_level)).map_err(PrimaryError::from)?;
     conn.set_bwlimit(o.bwlimit.or(cfg.bwlimit));
     let mut remote =
         RemoteTarget::opened(conn).map_err(|source| PrimaryError::OpenRemote { volume: vol.name.clone(), source })?;
-    let layout = cfg.layout();
-    let manifest = layout.source_manifest(&vol.name);
     let dir = manifest.parent().expect("a manifest lives in a directory");
     std::fs::create_dir_all(dir).map_err(|source| PrimaryError::StateDir { path: dir.into(), source })?;
-    let mut opts = engine_options(vol.block_size, &o.io, o.no_refine);
+    let mut opts = engine_options(block_size, &o.io, o.no_refine);
     opts.cancel = o.cancel.clone();
     opts.node = cfg.node.clone();
     o.choice.apply(&mut opts);
@@ -276,7 +282,7 @@ pub fn sync_one_planned(
             None
         }
         TrackPlan::Changes { tracker, base_generation, ranges } => {
-            let mut t = Tracked::new(&src, vol.block_size, base_generation, tracker, &ranges);
+            let mut t = Tracked::new(&src, block_size, base_generation, tracker, &ranges);
             match sync_changes(&vol.name, &mut t, &manifest, &mut remote, &opts, progress) {
                 // Refused before anything was sent: the standby or this node's manifest is not at the base.
                 Err(SyncError::NoBaseForChanges { why, .. }) => {

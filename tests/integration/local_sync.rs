@@ -50,6 +50,37 @@ fn full_then_incremental_sync_makes_identical_shadow_and_ships_only_changes() {
 }
 
 #[test]
+fn the_default_block_size_is_32k_for_a_new_volume_and_an_existing_manifest_keeps_its_own() {
+    let d = tempfile::tempdir().unwrap();
+    let state = d.path().join("state");
+    // Two 4 KiB writes 32 KiB apart: two blocks of 32 KiB, one of 64 KiB.
+    let two_writes = |src: &Path| scribble(src, &[0, 8], 5);
+    let (src, dst) = (d.path().join("new"), d.path().join("new.shadow"));
+    write_volume(&src, 4 << 20, 1);
+    std::fs::write(&dst, vec![0u8; 4 << 20]).unwrap();
+    sync_json(&src, &dst, &state);
+    two_writes(&src);
+    let r = sync_json(&src, &dst, &state);
+    assert_eq!((r["mode"].as_str(), r["blocks_changed"].as_u64()), (Some("incremental"), Some(2)), "{r}");
+
+    // A volume first synced with 64 KiB blocks (as before `auto`) stays incremental in 64 KiB blocks.
+    let (src, dst) = (d.path().join("old"), d.path().join("old.shadow"));
+    write_volume(&src, 4 << 20, 2);
+    std::fs::write(&dst, vec![0u8; 4 << 20]).unwrap();
+    let o = run(blockrep()
+        .args(["sync", "--json", "--block-size", "64K", "--state-dir"])
+        .arg(&state)
+        .arg("--local")
+        .arg(&src)
+        .arg(&dst));
+    assert!(o.status.success(), "{}", stderr(&o));
+    two_writes(&src);
+    let r = sync_json(&src, &dst, &state);
+    assert_eq!((r["mode"].as_str(), r["blocks_changed"].as_u64()), (Some("incremental"), Some(1)), "{r}");
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+}
+
+#[test]
 fn lost_source_manifest_falls_back_to_comparing_with_the_target() {
     let d = tempfile::tempdir().unwrap();
     let (src, dst, state) = (d.path().join("v"), d.path().join("s"), d.path().join("state"));

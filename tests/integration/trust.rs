@@ -238,7 +238,7 @@ fn the_periodic_verify_in_serve_finds_a_silent_write_and_the_next_sync_repairs_i
 
     let shadow = p.path("shadow.img");
     let mtime = std::fs::metadata(&shadow).unwrap().modified().unwrap();
-    poke(&shadow, 3 * 65536 + 100, b"bit rot, no evidence");
+    poke(&shadow, 3 * 32768 + 100, b"bit rot, no evidence"); // block 3 of 32 KiB (auto for a small volume)
     std::fs::File::options().write(true).open(&shadow).unwrap().set_modified(mtime).unwrap();
     let found = eventually(60, || {
         st = status(&standby);
@@ -302,14 +302,14 @@ fn verify_on_the_standby_checks_the_configured_shadow() {
     );
     let shadow = p.path("shadow.img");
     let mtime = std::fs::metadata(&shadow).unwrap().modified().unwrap();
-    poke(&shadow, 100_000, b"bit rot");
+    poke(&shadow, 100_000, b"bit rot"); // block 3 of 32 KiB (auto for a small volume)
     std::fs::File::options().write(true).open(&shadow).unwrap().set_modified(mtime).unwrap();
     let o = run(blockrep().args(["verify", "--config"]).arg(&standby));
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("marked untrusted") && stderr(&o).contains("next sync"), "{}", stderr(&o));
     assert!(status(&standby)["volumes"][0]["untrusted"].as_str().is_some_and(|w| w.contains("verify")));
     let text = stdout(&run(blockrep().args(["status", "--config"]).arg(&standby)));
-    assert!(text.contains("last verify") && text.contains("generation 1, MISMATCH at block 1"), "{text}");
+    assert!(text.contains("last verify") && text.contains("generation 1, MISMATCH at block 3"), "{text}");
     let r = p.sync_ok();
     assert_eq!(r["mode"], "compare", "{r}");
     assert!(p.identical());

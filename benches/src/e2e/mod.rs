@@ -140,10 +140,10 @@ pub struct Results {
 
 /// Times the differ alone and `b3sum --num-threads 2` on `path` (page-cached).
 pub fn differ_vs_b3sum(path: &Path, reps: usize, skipped: &mut Vec<String>) -> Result<DifferFigures, String> {
-    let bs = engine::hash::DEFAULT_BLOCK_SIZE;
     image::warm(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let vol = Volume::open(path, Access::Read, &IoOptions { direct: Some(false), ..Default::default() })
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let bs = engine::hash::auto_block_size(vol.size()); // what a sync of it uses by default
     let opts = ScanOptions::new(bs);
     // A reference that differs in every 100th block, so the compare step does real work.
     let mut reference = Vec::new();
