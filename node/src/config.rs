@@ -945,15 +945,6 @@ impl BlockSize {
     }
 }
 
-impl std::fmt::Display for BlockSize {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            BlockSize::Auto => f.write_str("auto"),
-            BlockSize::Fixed(bs) => write!(f, "{}K", bs / 1024),
-        }
-    }
-}
-
 /// Parses a block size: `auto`, or a power of two from 4 KiB to 1 MiB (`32K`, `65536`).
 pub fn parse_block_size(s: &str) -> Result<BlockSize, String> {
     if s.trim().eq_ignore_ascii_case("auto") {
