@@ -7,7 +7,7 @@ pub const MIN_BLOCK_SIZE: u32 = 4096;
 /// Largest block size.
 pub const MAX_BLOCK_SIZE: u32 = 1 << 20;
 /// Block size of a volume larger than [`AUTO_SMALL_VOLUME`] when none is configured (`block_size = "auto"`).
-pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
+pub const LARGE_VOLUME_BLOCK_SIZE: u32 = 64 * 1024;
 /// Block size of a volume of at most [`AUTO_SMALL_VOLUME`] bytes when none is configured: an incremental sync of
 /// scattered small writes costs both nodes a fifth less CPU than with 64 KiB blocks (docs/performance.md, "Block
 /// size and the 1 % incremental sync"), at a manifest of 1/1024 of the volume.
@@ -21,7 +21,7 @@ pub fn auto_block_size(volume_size: u64) -> u32 {
     if volume_size <= AUTO_SMALL_VOLUME {
         SMALL_VOLUME_BLOCK_SIZE
     } else {
-        DEFAULT_BLOCK_SIZE
+        LARGE_VOLUME_BLOCK_SIZE
     }
 }
 

@@ -62,6 +62,7 @@ fn the_default_block_size_is_32k_for_a_new_volume_and_an_existing_manifest_keeps
     two_writes(&src);
     let r = sync_json(&src, &dst, &state);
     assert_eq!((r["mode"].as_str(), r["blocks_changed"].as_u64()), (Some("incremental"), Some(2)), "{r}");
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
 
     // A volume first synced with 64 KiB blocks (as before `auto`) stays incremental in 64 KiB blocks.
     let (src, dst) = (d.path().join("old"), d.path().join("old.shadow"));
