@@ -79,6 +79,9 @@ pub struct Alarm {
     pub message: String,
     /// Unix seconds it was raised.
     pub since: u64,
+    /// On a standby protecting several primaries: the primary it is about (set by `status`, not recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
 }
 
 impl Alarm {
@@ -146,8 +149,13 @@ pub fn update(cfg: &Config, judged: &[Judgement]) -> Vec<Alarm> {
         let pos = alarms.iter().position(|a| a.key() == k);
         match (&j.raised, pos) {
             (Some(message), None) => {
-                let a =
-                    Alarm { kind: j.kind, volume: j.volume.clone(), message: message.clone(), since: history::now() };
+                let a = Alarm {
+                    kind: j.kind,
+                    volume: j.volume.clone(),
+                    message: message.clone(),
+                    since: history::now(),
+                    primary: None,
+                };
                 match j.kind {
                     // Raised by a failed sync, whose error the command prints once: not repeated here.
                     AlarmKind::SyncFailed | AlarmKind::StandbyUnreachable | AlarmKind::SnapshotFull => {

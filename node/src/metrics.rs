@@ -2,7 +2,8 @@
 //! example `/var/lib/prometheus/node-exporter/blockrep.prom`), written atomically (temporary file in the same
 //! directory, then rename) after each sync run and every `metrics_interval` by `serve`.
 //!
-//! Metrics (labels `node`, `volume`, `alarm`):
+//! Metrics (labels `node`, `volume`, `alarm`; on a standby protecting several primaries also `primary`, since two
+//! primaries may both have a volume called `data`):
 //! `blockrep_sync_duration_seconds`, `blockrep_sync_bytes_scanned`, `blockrep_sync_bytes_changed`,
 //! `blockrep_sync_bytes_sent` (of the last successful sync), `blockrep_generation`,
 //! `blockrep_last_success_timestamp_seconds`, `blockrep_data_age_seconds`, `blockrep_last_sync_failed`,
@@ -29,8 +30,18 @@ pub fn render(s: &NodeStatus) -> String {
             let _ = writeln!(out, "{name}{{node=\"{node}\"{labels}}} {v}");
         }
     };
+    // Every volume with the labels that name it: a standby protecting several primaries has no volumes of its
+    // own, each primary's are labelled with it.
+    let primary = |p: Option<&str>| p.map(|p| format!(",primary=\"{}\"", label(p))).unwrap_or_default();
+    let volumes: Vec<(String, &crate::status::VolumeStatus)> = s
+        .volumes
+        .iter()
+        .map(|v| (String::new(), v))
+        .chain(s.primaries.iter().flat_map(|p| p.status.volumes.iter().map(move |v| (primary(Some(&p.node)), v))))
+        .map(|(p, v)| (format!("{p},volume=\"{}\"", label(&v.name)), v))
+        .collect();
     let per_volume = |f: &dyn Fn(&crate::status::VolumeStatus) -> Option<f64>| -> Vec<(String, f64)> {
-        s.volumes.iter().filter_map(|v| f(v).map(|x| (format!(",volume=\"{}\"", label(&v.name)), x))).collect()
+        volumes.iter().filter_map(|(labels, v)| f(v).map(|x| (labels.clone(), x))).collect()
     };
     let last = |f: fn(&crate::status::LastSuccess) -> f64| {
         per_volume(&|v: &crate::status::VolumeStatus| v.record.last_success.as_ref().map(f))
@@ -93,7 +104,7 @@ pub fn render(s: &NodeStatus) -> String {
         }
         for a in raised {
             let vol = a.volume.as_deref().map(|v| format!(",volume=\"{}\"", label(v))).unwrap_or_default();
-            alarms.push((format!(",alarm=\"{}\"{vol}", kind.as_str()), 1.0));
+            alarms.push((format!(",alarm=\"{}\"{}{vol}", kind.as_str(), primary(a.primary.as_deref())), 1.0));
         }
     }
     family("blockrep_alarm", "gauge", "1 while an alarm is raised.", alarms);
@@ -135,9 +146,11 @@ pub fn spawn_periodic(cfg: &Config) -> Option<tokio::task::JoinHandle<()>> {
 }
 
 /// Checks that `text` is Prometheus text exposition format (for tests): every sample line is
-/// `name{label="value",...} number`, every family has `# HELP` and `# TYPE` before its samples.
+/// `name{label="value",...} number`, every family has `# HELP` and `# TYPE` before its samples, and no series
+/// (name and labels) appears twice (a scraper refuses the whole file then).
 pub fn check_text_format(text: &str) -> Result<usize, String> {
     let mut typed = std::collections::HashSet::new();
+    let mut series = std::collections::HashSet::new();
     let mut samples = 0;
     let is_name = |n: &str| {
         !n.is_empty()
@@ -183,6 +196,9 @@ pub fn check_text_format(text: &str) -> Result<usize, String> {
         } else {
             rest
         };
+        if !series.insert(&line[..line.len() - value.len()]) {
+            return err("a series that appeared before");
+        }
         let v = value.trim();
         if v.parse::<f64>().is_err() && !["NaN", "+Inf", "-Inf"].contains(&v) {
             return err("value is not a number");
@@ -224,5 +240,6 @@ mod tests {
         assert!(check_text_format("m 1\n").is_err());
         assert!(check_text_format("# TYPE m gauge\nm{a=1} 1\n").is_err());
         assert!(check_text_format("# TYPE m gauge\nm{a=\"1\"} x\n").is_err());
+        assert!(check_text_format("# TYPE m gauge\nm{a=\"1\"} 1\nm{a=\"2\"} 1\nm{a=\"1\"} 2\n").is_err());
     }
 }

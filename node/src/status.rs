@@ -521,6 +521,7 @@ fn protected_status(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error>
         let s = status_with(c, o)?;
         alarms.extend(s.alarms.iter().cloned().map(|mut a| {
             a.message = format!("primary {}: {}", p.node, a.message);
+            a.primary = Some(p.node.clone());
             a
         }));
         if s.state != ReplicationState::Ok && state == ReplicationState::Ok {

@@ -48,8 +48,10 @@ impl Site {
     /// The standby's configuration; `extra` goes into `[standby]`.
     fn standby_config(&self, extra: &str) -> PathBuf {
         let mut text = format!(
-            "node = \"s\"\nstate_dir = {:?}\n[standby]\nlisten = \"127.0.0.1:0\"\ntakeover_settle = \"3s\"\n{extra}\n",
-            self.path("state-s")
+            "node = \"s\"\nstate_dir = {:?}\n[standby]\nlisten = \"127.0.0.1:0\"\ntakeover_settle = \"3s\"\n{extra}\n\
+             [monitoring]\nmetrics_file = {:?}\nmetrics_interval = \"1s\"\n",
+            self.path("state-s"),
+            self.path("s.prom")
         );
         for (p, prio) in [("p1", 100), ("p2", 50), ("p3", 200)] {
             text += &format!(
@@ -250,6 +252,22 @@ fn one_standby_protects_three_primaries_each_with_its_own_key_and_volumes() {
     }
     let text = stdout(&site.s(&["status"]));
     assert!(text.contains("standby protecting 3 primaries (p1, p2, p3)"), "{text}");
+    // serve's metrics file has every primary's volumes, told apart by a `primary` label (all are called "data").
+    let prom = site.path("s.prom");
+    let want = |p: &str| format!("blockrep_generation{{node=\"s\",primary=\"{p}\",volume=\"data\"}} 1\n");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let metrics = loop {
+        let m = std::fs::read_to_string(&prom).unwrap_or_default();
+        if ["p1", "p2", "p3"].iter().all(|p| m.contains(&want(p))) || std::time::Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    for p in ["p1", "p2", "p3"] {
+        assert!(metrics.contains(&want(p)), "{p}: {metrics}");
+    }
+    assert!(metrics.contains("blockrep_generation{node=\"s\",primary=\"p1\",volume=\"extra\"} 1\n"), "{metrics}");
+    node::metrics::check_text_format(&metrics).unwrap_or_else(|e| panic!("{e}\n{metrics}"));
     assert!(text.contains("primary p3 (priority 200, fallback manual): protected"), "{text}");
 
     // One primary's full sync running does not stop another primary's incremental sync from completing.
