@@ -264,3 +264,155 @@ fn tracked_thin_and_classic_syncs_read_only_the_changes_and_fall_back_with_the_r
     assert_eq!(r.result("trackers"), Some("2"), "one tracker per volume");
     assert_eq!(r.result("snaps_left"), Some("0"));
 }
+
+/// Measurement, not a test (`cargo test -p blockrep --test integration tracked_thin_against -- --ignored
+/// --nocapture`): the issue-15 targets of the tracked path, in one guest. Two thin LVs of 256 MiB with the same
+/// content and the same changes, one synced with `track = "thin"`, the other with `track = "none"` (full scan),
+/// interleaved; per round 1 % of the volume changed, in scattered 4 KiB writes or in 1 MiB writes. Prints, per
+/// pattern, the median time of each (the whole `blockrep sync`, snapshot and `thin_delta` included), their ratio
+/// (target at most 0.10) and the tracked sync's bytes read from the source against the bytes written (target at
+/// most 1.2). With `BLOCKREP_UML_KEEP=1` the guest's directory keeps each volume's debug log (`tr.log`, `fs.log`),
+/// with every LVM command and its time.
+#[test]
+#[ignore]
+fn tracked_thin_against_full_scan_time_and_bytes_read() {
+    if let Some(reason) = uml::unavailable() {
+        eprintln!("skipping: {reason}");
+        return;
+    }
+    const ROUNDS: usize = 5;
+    let scenario = format!(
+        r#"
+W=$UML_DIR
+check modprobe -d "$UML_MODS" dm-thin-pool
+mkdir -p /mnt/brstate
+check mkfs.ext4 -q -F /dev/ubdc
+check mount -t ext4 /dev/ubdc /mnt/brstate
+check $BR keygen $W/key
+make_vg vg0 /dev/ubda
+make_vg vg1 /dev/ubdb
+check lvcreate -q --yes -L 720M -T vg0/pool
+check lvcreate -q --yes -V 256M -T vg0/pool -n tr
+check lvcreate -q --yes -V 256M -T vg0/pool -n fs
+make_lv vg1 tr 256M
+make_lv vg1 fs 256M
+check dd if=/dev/urandom of=$W/seed bs=1M count=256 status=none
+check dd if=$W/seed of=/dev/vg0/tr bs=1M oflag=direct status=none
+check dd if=$W/seed of=/dev/vg0/fs bs=1M oflag=direct status=none
+rm $W/seed
+cat > $W/p.toml <<CONF
+node = "p"
+key_file = "$W/key"
+state_dir = "/mnt/brstate/p"
+[primary]
+peer = "127.0.0.1:7712"
+[[volume]]
+name = "tr"
+source = "/dev/vg0/tr"
+snapshot = "lvm"
+track = "thin"
+full_scan_every = 0
+[[volume]]
+name = "fs"
+source = "/dev/vg0/fs"
+snapshot = "lvm"
+track = "none"
+CONF
+cat > $W/s.toml <<CONF
+node = "s"
+key_file = "$W/key"
+state_dir = "/mnt/brstate/s"
+[standby]
+listen = "127.0.0.1:7712"
+[[volume]]
+name = "tr"
+shadow = "/dev/vg1/tr"
+[[volume]]
+name = "fs"
+shadow = "/dev/vg1/fs"
+CONF
+$BR --config $W/s.toml serve > $W/serve.log 2>&1 &
+for _i in $(seq 1 50); do grep -q serving $W/serve.log && break; sleep 0.2; done
+check $BR --config $W/p.toml sync > /dev/null 2>&1
+check $BR --config $W/p.toml sync > /dev/null 2>&1
+# t VOLUME: "seconds json" of one sync of VOLUME
+t() {{
+  _s=$(date +%s.%N)
+  echo "=== $p $r" >> $W/$1.log
+  BLOCKREP_LOG=debug $BR --config $W/p.toml sync --json $1 > $W/t.json 2>> $W/$1.log || fail "sync $1: $(tail -3 $W/$1.log)"
+  echo "$(date +%s.%N) $_s" | awk '{{printf "%.3f", $1 - $2}}'
+  echo " $(cat $W/t.json)"
+}}
+# change PATTERN ROUND: the same 1 % of both volumes rewritten (2.56 MiB), then synced to disk.
+change() {{
+  if [ $1 = scattered ]; then n=655 bs=4K span=65536; else n=3 bs=1M span=256; fi
+  i=0
+  while [ $i -lt $n ]; do
+    b=$(( (i * 9973 + $2 * 131) % span ))
+    dd if=/dev/urandom of=$W/blk bs=$bs count=1 status=none
+    dd if=$W/blk of=/dev/vg0/tr bs=$bs seek=$b count=1 conv=notrunc oflag=direct status=none
+    dd if=$W/blk of=/dev/vg0/fs bs=$bs seek=$b count=1 conv=notrunc oflag=direct status=none
+    i=$((i + 1))
+  done
+  result written_$1_$2 "$(( n * $(echo $bs | sed 's/K/*1024/; s/M/*1048576/') ))"
+}}
+for p in scattered clustered; do
+  r=1
+  while [ $r -le {ROUNDS} ]; do
+    change $p $r
+    if [ $((r % 2)) -eq 0 ]; then a=$(t tr); b=$(t fs); else b=$(t fs); a=$(t tr); fi
+    result tr_${{p}}_$r "$a"
+    result fs_${{p}}_$r "$b"
+    r=$((r + 1))
+  done
+done
+result tr_shadow "$(hash_dev /dev/vg1/tr)"
+result fs_shadow "$(hash_dev /dev/vg1/fs)"
+result tr_source "$(hash_dev /dev/vg0/tr)"
+"#
+    );
+    let boot = uml::Boot::new(&scenario)
+        .disk("vg0", 800 << 20)
+        .disk("vg1", 560 << 20)
+        .disk("state", 64 << 20)
+        .env("BR", env!("CARGO_BIN_EXE_blockrep"))
+        .timeout(Duration::from_secs(1500));
+    let r = uml::Uml::new("trackedbench").run(&boot);
+    r.assert_success();
+    // Both shadows equal the source (no writer runs after the last sync).
+    assert_eq!(r.result("tr_shadow"), r.result("tr_source"));
+    assert_eq!(r.result("fs_shadow"), r.result("tr_source"));
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for p in ["scattered", "clustered"] {
+        let (mut tr, mut fs, mut read) = (Vec::new(), Vec::new(), Vec::new());
+        for n in 1..=ROUNDS {
+            let row = |side: &str| -> (f64, serde_json::Value) {
+                let v =
+                    r.result(&format!("{side}_{p}_{n}")).unwrap_or_else(|| panic!("{side} {p} {n}: {:?}", r.results));
+                let (secs, json) = v.split_once(' ').unwrap();
+                (secs.parse().unwrap(), serde_json::from_str(json).unwrap())
+            };
+            let written: f64 = r.result(&format!("written_{p}_{n}")).unwrap().parse().unwrap();
+            let ((a, ja), (b, jb)) = (row("tr"), row("fs"));
+            assert_eq!(ja["tracker"], "thin_delta", "{ja}");
+            assert_eq!(jb["tracker"], "full scan", "{jb}");
+            let scanned = ja["bytes_scanned"].as_f64().unwrap();
+            eprintln!(
+                "{p} round {n}: tracked {a:.3} s (sync {:.3} s), read {scanned} B of {written} B written ({:.2}x); \
+                 full scan {b:.3} s (sync {:.3} s), read {}",
+                ja["duration_s"].as_f64().unwrap(),
+                scanned / written,
+                jb["duration_s"].as_f64().unwrap(),
+                jb["bytes_scanned"]
+            );
+            tr.push(a);
+            fs.push(b);
+            read.push(scanned / written);
+        }
+        let (a, b, x) = (median(tr), median(fs), median(read));
+        eprintln!("{p}: median tracked {a:.3} s, full scan {b:.3} s, ratio {:.3}; bytes read / written {x:.2}", a / b);
+    }
+}
