@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -360,11 +360,30 @@ pub(crate) struct Output {
 /// Every call runs `<tool> <command> ...` as a child process in its own process group (so a Ctrl-C aimed at the
 /// caller does not interrupt lvm halfway through a metadata update), with stdin closed, stdout and stderr
 /// captured, `LC_ALL=C` and `LVM_SUPPRESS_FD_WARNINGS=1`, and kills it when it runs longer than the timeout.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Lvm {
     tool: PathBuf,
     timeout: Duration,
     config: Option<String>,
+    /// LV reports kept while [`Lvm::cache_reports`] is on.
+    reports: Mutex<Reports>,
+}
+
+impl Clone for Lvm {
+    /// A handle on the same tool with the same settings; its report cache starts off and empty.
+    fn clone(&self) -> Self {
+        Lvm { tool: self.tool.clone(), timeout: self.timeout, config: self.config.clone(), reports: Mutex::default() }
+    }
+}
+
+/// The report cache of [`Lvm::cache_reports`].
+#[derive(Debug, Default)]
+struct Reports {
+    on: bool,
+    /// Every VG's LVs (`lvs` without a VG).
+    all: Option<Vec<Lv>>,
+    /// One VG's LVs.
+    vgs: std::collections::HashMap<String, Vec<Lv>>,
 }
 
 impl Lvm {
@@ -375,7 +394,7 @@ impl Lvm {
             .iter()
             .map(Path::new)
             .find(|p| p.is_file())
-            .map(|p| Lvm { tool: p.to_owned(), timeout: DEFAULT_TIMEOUT, config: None })
+            .map(|p| Lvm { tool: p.to_owned(), timeout: DEFAULT_TIMEOUT, config: None, reports: Mutex::default() })
             .ok_or_else(|| LvmError::ToolMissing { tried: DEFAULT_TOOL_PATHS.iter().map(|s| s.to_string()).collect() })
     }
 
@@ -388,7 +407,7 @@ impl Lvm {
         if !tool.is_file() {
             return Err(LvmError::ToolMissing { tried: vec![tool.display().to_string()] });
         }
-        Ok(Lvm { tool, timeout: DEFAULT_TIMEOUT, config: None })
+        Ok(Lvm { tool, timeout: DEFAULT_TIMEOUT, config: None, reports: Mutex::default() })
     }
 
     /// Sets the per-command timeout (default [`DEFAULT_TIMEOUT`]).
@@ -408,8 +427,29 @@ impl Lvm {
         &self.tool
     }
 
+    /// Turns the report cache on or off (off by default). While it is on, [`Lvm::lvs`], [`Lvm::find_lv`] and
+    /// [`Lvm::lv`] answer from the last listing of the VG (or of every VG) instead of running `lvs` again, and a
+    /// listing of one VG is taken for [`Lvm::lv`] so that the next questions about that VG need no command.
+    /// Every command that is not a report (`lvcreate`, `lvremove`, `lvrename`, `lvchange`, ...) empties the cache,
+    /// so what this handle changed itself is always seen; turning it off empties it too. For a short sequence of
+    /// steps only (the preparation of a sync, its cleanup): while it is on, a change made by another process is not
+    /// seen, so it must be off across anything long, such as the sync itself.
+    pub fn cache_reports(&self, on: bool) {
+        let mut r = self.reports();
+        *r = Reports { on, ..Reports::default() };
+    }
+
+    fn reports(&self) -> MutexGuard<'_, Reports> {
+        self.reports.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Runs `lvm <args> [--config ...]`; Ok only on exit status 0.
     pub(crate) fn run(&self, args: &[&str]) -> Result<Output, LvmError> {
+        if !matches!(args.first(), Some(&("lvs" | "vgs"))) {
+            let mut r = self.reports();
+            r.all = None;
+            r.vgs.clear();
+        }
         let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         if let Some(c) = &self.config {
             args.push("--config".into());
@@ -476,12 +516,42 @@ impl Lvm {
 
     /// All logical volumes (hidden ones excluded), or those of `vg`.
     pub fn lvs(&self, vg: Option<&str>) -> Result<Vec<Lv>, LvmError> {
+        {
+            let r = self.reports();
+            if r.on {
+                match (vg, &r.all) {
+                    (None, Some(all)) => return Ok(all.clone()),
+                    (Some(vg), Some(all)) => return Ok(all.iter().filter(|l| l.vg == vg).cloned().collect()),
+                    (Some(vg), None) if r.vgs.contains_key(vg) => return Ok(r.vgs[vg].clone()),
+                    _ => {}
+                }
+            }
+        }
         let out = self.lvs_report(vg, None)?;
-        parse_lvs(&out.stdout).map_err(|source| LvmError::Report { command: out.command, source })
+        let lvs = parse_lvs(&out.stdout).map_err(|source| LvmError::Report { command: out.command, source })?;
+        let mut r = self.reports();
+        if r.on {
+            match vg {
+                None => r.all = Some(lvs.clone()),
+                Some(vg) => {
+                    r.vgs.insert(vg.to_owned(), lvs.clone());
+                }
+            }
+        }
+        Ok(lvs)
     }
 
     /// One logical volume; [`LvmError::LvNotFound`] (with lvm's stderr) when it does not exist.
     pub fn lv(&self, vg: &str, name: &str) -> Result<Lv, LvmError> {
+        if self.reports().on {
+            validate_lv_name(name)?;
+            return self.lvs(Some(vg))?.into_iter().find(|l| l.name == name).ok_or_else(|| LvmError::LvNotFound {
+                vg: vg.to_owned(),
+                name: name.to_owned(),
+                command: format!("lvm lvs {vg}"),
+                stderr: String::new(),
+            });
+        }
         let out = self.lvs_report(Some(vg), Some(name))?;
         let lvs = parse_lvs(&out.stdout).map_err(|source| LvmError::Report { command: out.command.clone(), source })?;
         lvs.into_iter().find(|l| l.vg == vg && l.name == name).ok_or_else(|| LvmError::LvNotFound {
@@ -931,6 +1001,40 @@ mod tests {
         std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         Lvm::with_tool(&p).unwrap()
+    }
+
+    /// The report cache saves commands (what it answers is checked against real LVM in tests/uml.rs): the
+    /// stand-in logs each run and prints a report captured from lvm.
+    #[test]
+    fn the_report_cache_answers_repeated_questions_until_a_change() {
+        let d = tempfile::tempdir().unwrap();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lvs_tagged.json");
+        let log = d.path().join("log");
+        let lvm = script(d.path(), &format!("echo \"$1\" >> {log:?}; [ \"$1\" = lvs ] && cat {fixture:?}; exit 0"));
+        let runs = || std::fs::read_to_string(&log).unwrap_or_default().lines().map(str::to_owned).collect::<Vec<_>>();
+        // Off (the default): every question runs lvs.
+        lvm.find_lv("vg0", "data").unwrap();
+        lvm.find_lv("vg0", "data").unwrap();
+        assert_eq!(runs(), ["lvs", "lvs"]);
+        // On: one listing of the VG answers find_lv, lv and lvs, also about an LV that is not there.
+        lvm.cache_reports(true);
+        assert!(lvm.find_lv("vg0", "data").unwrap().is_some());
+        assert_eq!(lvm.lv("vg0", "shadow_data").unwrap().tags, ["blockrep_shadow", "blockrep_vol=data"]);
+        assert!(matches!(lvm.lv("vg0", "nope"), Err(LvmError::LvNotFound { .. })));
+        assert_eq!(lvm.lvs(Some("vg0")).unwrap().len(), 2);
+        assert_eq!(runs().len(), 3);
+        // A change empties it: the next question runs lvs again.
+        lvm.rename_lv("vg0", "data", "data2").unwrap();
+        lvm.find_lv("vg0", "data").unwrap();
+        assert_eq!(runs()[3..], ["lvrename", "lvs"]);
+        // Every VG's listing answers questions about one VG.
+        lvm.lvs(None).unwrap();
+        lvm.find_lv("vg0", "shadow_data").unwrap();
+        assert_eq!(runs().len(), 6);
+        // Off again: nothing is answered from before.
+        lvm.cache_reports(false);
+        lvm.find_lv("vg0", "data").unwrap();
+        assert_eq!(runs().len(), 7);
     }
 
     #[test]

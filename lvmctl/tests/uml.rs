@@ -307,6 +307,25 @@ mod in_guest {
         assert_eq!(names(&lvm), ["data", "data_left"]);
         lvm.remove_lv(VG, "data_left").unwrap();
 
+        // The report cache: what this handle changes is seen at once (each change empties it); a change made by
+        // another process is not, until the cache is turned off.
+        lvm.cache_reports(true);
+        let before = names(&lvm);
+        lvm.create_lv(VG, "cached_a", 4 * MIB, &[]).unwrap();
+        assert!(lvm.find_lv(VG, "cached_a").unwrap().is_some(), "a created LV is seen");
+        lvm.rename_lv(VG, "cached_a", "cached_b").unwrap();
+        assert!(lvm.find_lv(VG, "cached_a").unwrap().is_none(), "a renamed LV is gone under its old name");
+        assert!(lvm.lv(VG, "cached_b").is_ok());
+        lvm.remove_lv(VG, "cached_b").unwrap();
+        assert!(matches!(lvm.lv(VG, "cached_b"), Err(LvmError::LvNotFound { .. })), "a removed LV is gone");
+        assert_eq!(names(&lvm), before);
+        let (ok, stderr) = raw_lvm(&["lvcreate", "-q", "--yes", "-L", "4M", "-n", "elsewhere", "vg0"]);
+        assert!(ok, "{stderr}");
+        assert!(lvm.find_lv(VG, "elsewhere").unwrap().is_none(), "while on, another process's change is not seen");
+        lvm.cache_reports(false);
+        assert!(lvm.find_lv(VG, "elsewhere").unwrap().is_some());
+        lvm.remove_lv(VG, "elsewhere").unwrap();
+
         // Clean up to nothing.
         for lv in names(&lvm) {
             lvm.remove_lv(VG, &lv).unwrap();

@@ -295,6 +295,9 @@ fn with_lvm_snapshot<T>(
     f: impl FnOnce(&Path, TrackPlan) -> Result<(T, bool), Error>,
 ) -> Result<T, Error> {
     let volume = vol.name.as_str();
+    // The steps before and after the sync ask about the same few LVs: one listing answers them (each lvm command
+    // costs 0.1-0.5 s), and every change this node makes empties it. Off during the sync itself, which is long.
+    lvm.cache_reports(true);
     let lv = lvm.lv_for_device(source).map_err(|e| FreezeError::NotAnLv {
         volume: volume.into(),
         source_path: source.into(),
@@ -358,7 +361,9 @@ fn with_lvm_snapshot<T>(
         TrackPlan::FullScan { reason } => info!(volume, %reason, "tracked volume: full scan"),
         TrackPlan::Off => {}
     }
+    lvm.cache_reports(false);
     let result = f(&path, plan);
+    lvm.cache_reports(true);
     let overflowed = match &kind {
         Kind::Thin(_) => false,
         _ => match lvm.snapshot_status(&lv.vg, &snap) {
