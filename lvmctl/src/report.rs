@@ -23,8 +23,8 @@ pub const MAX_REPORT_BYTES: usize = 16 << 20;
 pub const VG_FIELDS: &str = "vg_name,vg_size,vg_free,vg_extent_size";
 
 /// The fields lvmctl asks `lvs` for, in `-o` syntax.
-pub const LV_FIELDS: &str =
-    "vg_name,lv_name,lv_size,lv_attr,origin,data_percent,lv_tags,lv_path,lv_kernel_major,lv_kernel_minor";
+pub const LV_FIELDS: &str = "vg_name,lv_name,lv_size,lv_attr,origin,data_percent,lv_tags,lv_path,lv_kernel_major,\
+                             lv_kernel_minor,segtype,thin_id,pool_lv";
 
 /// A JSON report that is not what lvmctl asked lvm for.
 #[derive(Debug, Error)]
@@ -104,6 +104,12 @@ pub struct Lv {
     pub path: Option<PathBuf>,
     /// Kernel device number `(major, minor)` of the active LV; `None` when it is not active.
     pub kernel_device: Option<(u32, u32)>,
+    /// The segment type of its first segment (`linear`, `thin`, `thin-pool`, ...).
+    pub segtype: String,
+    /// A thin LV's device id in its pool (`thin_id`); `None` for any other LV.
+    pub thin_id: Option<u32>,
+    /// A thin LV's pool (`pool_lv`); `None` for any other LV.
+    pub pool: Option<String>,
 }
 
 /// Fill state of a classic (copy-on-write) snapshot.
@@ -235,6 +241,21 @@ fn device_part(row: &Map<String, Value>, i: usize, field: &'static str) -> Resul
     })
 }
 
+/// `thin_id`: empty for an LV that is not thin.
+fn thin_id(row: &Map<String, Value>, i: usize) -> Result<Option<u32>, ReportError> {
+    let s = text(row, i, "thin_id")?;
+    let t = s.trim();
+    if t.is_empty() {
+        return Ok(None);
+    }
+    t.parse::<u32>().map(Some).map_err(|_| ReportError::BadValue {
+        row: i,
+        field: "thin_id",
+        value: s,
+        expected: "a thin device id",
+    })
+}
+
 fn non_empty(s: String) -> Option<String> {
     if s.is_empty() {
         None
@@ -297,6 +318,9 @@ pub fn parse_lvs(json: &str) -> Result<Vec<Lv>, ReportError> {
                     (Some(major), Some(minor)) => Some((major, minor)),
                     _ => None,
                 },
+                segtype: text(r, i, "segtype")?,
+                thin_id: thin_id(r, i)?,
+                pool: non_empty(text(r, i, "pool_lv")?),
             })
         })
         .collect()
@@ -311,6 +335,7 @@ mod tests {
     const LVS_INVALID: &str = include_str!("../tests/fixtures/lvs_snapshot_invalid.json");
     const LVS_TAGGED: &str = include_str!("../tests/fixtures/lvs_tagged.json");
     const LVS_INACTIVE: &str = include_str!("../tests/fixtures/lvs_inactive.json");
+    const LVS_THIN: &str = include_str!("../tests/fixtures/lvs_thin.json");
 
     #[test]
     fn vgs_from_real_output() {
@@ -357,6 +382,20 @@ mod tests {
     }
 
     #[test]
+    fn thin_lvs_from_real_output() {
+        let lvs = parse_lvs(LVS_THIN).unwrap();
+        let get = |n: &str| lvs.iter().find(|l| l.name == n).unwrap();
+        let (thin, snap, pool, linear) = (get("thin1"), get("thin1_snap"), get("tpool"), get("data"));
+        assert_eq!((thin.segtype.as_str(), thin.thin_id, thin.pool.as_deref()), ("thin", Some(1), Some("tpool")));
+        assert_eq!((snap.thin_id, snap.origin.as_deref()), (Some(2), Some("thin1")));
+        assert!(!snap.is_snapshot(), "a thin snapshot is not a classic one");
+        assert_eq!((pool.segtype.as_str(), pool.thin_id, pool.pool.as_deref()), ("thin-pool", None, None));
+        assert_eq!((linear.segtype.as_str(), linear.thin_id), ("linear", None));
+        let bad = LVS_THIN.replacen("\"thin_id\":\"1\"", "\"thin_id\":\"one\"", 1);
+        assert!(matches!(parse_lvs(&bad), Err(ReportError::BadValue { field: "thin_id", .. })));
+    }
+
+    #[test]
     fn inactive_lv_from_real_output() {
         let lvs = parse_lvs(LVS_INACTIVE).unwrap();
         let (active, inactive): (Vec<&Lv>, Vec<&Lv>) = lvs.iter().partition(|l| l.is_active());
@@ -369,7 +408,8 @@ mod tests {
     #[test]
     fn json_std_numbers_and_nulls() {
         let j = r#"{"report":[{"lv":[{"vg_name":"v","lv_name":"s","lv_size":4194304,"lv_attr":"swi-a-s---",
-            "origin":"o","data_percent":12.5,"lv_tags":"","lv_path":null,"lv_kernel_major":254,"lv_kernel_minor":3}]}]}"#;
+            "origin":"o","data_percent":12.5,"lv_tags":"","lv_path":null,"lv_kernel_major":254,"lv_kernel_minor":3,
+            "segtype":"snapshot","thin_id":null,"pool_lv":null}]}]}"#;
         let lv = &parse_lvs(j).unwrap()[0];
         assert_eq!(lv.size, 4194304);
         assert_eq!(lv.path, None);
@@ -380,7 +420,8 @@ mod tests {
     #[test]
     fn inactive_snapshot_has_no_status() {
         let j = r#"{"report":[{"lv":[{"vg_name":"v","lv_name":"s","lv_size":"4194304","lv_attr":"swi---s---",
-            "origin":"o","data_percent":"","lv_tags":"","lv_path":"/dev/v/s","lv_kernel_major":"-1","lv_kernel_minor":"-1"}]}]}"#;
+            "origin":"o","data_percent":"","lv_tags":"","lv_path":"/dev/v/s","lv_kernel_major":"-1","lv_kernel_minor":"-1",
+            "segtype":"linear","thin_id":"","pool_lv":""}]}]}"#;
         let lv = &parse_lvs(j).unwrap()[0];
         assert_eq!(lv.snapshot_status(), None);
         assert_eq!(lv.kernel_device, None);

@@ -33,7 +33,7 @@ use thiserror::Error;
 
 use crate::lvm::{run_tool, Lvm, LvmError, DEFAULT_TIMEOUT};
 use crate::name::{validate_lv_name, validate_tag, validate_vg_name};
-use crate::report::{rows, Lv, ReportError};
+use crate::report::{Lv, ReportError};
 
 /// Where [`ThinTools::new`] looks for `dmsetup` (Debian package dmsetup, installed with lvm2).
 pub const DMSETUP_PATHS: &[&str] = &["/usr/sbin/dmsetup", "/sbin/dmsetup"];
@@ -458,36 +458,22 @@ impl ThinLv {
 impl Lvm {
     /// Whether `vg/name` is a thin LV, with its device id and pool (`Ok(None)` for any other LV).
     pub fn thin_lv(&self, vg: &str, name: &str) -> Result<Option<ThinLv>, ThinError> {
-        validate_vg_name(vg).map_err(LvmError::from)?;
-        validate_lv_name(name).map_err(LvmError::from)?;
-        let target = format!("{vg}/{name}");
-        let out =
-            self.run(&["lvs", "--reportformat", "json", "-o", "vg_name,lv_name,segtype,thin_id,pool_lv", &target])?;
-        let rows =
-            rows(&out.stdout, "lv").map_err(|source| ThinError::Report { command: out.command.clone(), source })?;
-        let field = |row: &serde_json::Map<String, serde_json::Value>, key: &str| match row.get(key) {
-            Some(serde_json::Value::String(s)) => s.trim().to_owned(),
-            Some(serde_json::Value::Number(n)) => n.to_string(),
-            _ => String::new(),
-        };
-        let Some(row) = rows.iter().find(|r| field(r, "lv_name") == name) else {
-            return Err(LvmError::LvNotFound {
-                vg: vg.into(),
-                name: name.into(),
-                command: out.command,
-                stderr: String::new(),
-            }
-            .into());
-        };
-        if field(row, "segtype") != "thin" {
+        let lv = self.lv(vg, name)?;
+        if lv.segtype != "thin" {
             return Ok(None);
         }
-        let id = field(row, "thin_id");
-        let thin_id = id.parse().map_err(|_| ThinError::Report {
-            command: out.command.clone(),
-            source: ReportError::BadValue { row: 0, field: "thin_id", value: id, expected: "a thin device id" },
-        })?;
-        Ok(Some(ThinLv { vg: vg.into(), name: name.into(), thin_id, pool: field(row, "pool_lv") }))
+        match (lv.thin_id, lv.pool) {
+            (Some(thin_id), Some(pool)) => Ok(Some(ThinLv { vg: lv.vg, name: lv.name, thin_id, pool })),
+            (id, pool) => Err(ThinError::Report {
+                command: format!("lvm lvs {vg}/{name}"),
+                source: ReportError::BadValue {
+                    row: 0,
+                    field: "thin_id",
+                    value: format!("{id:?} in pool {pool:?}"),
+                    expected: "a thin LV's device id and pool",
+                },
+            }),
+        }
     }
 
     /// Creates the thin snapshot `vg/snap` of the thin LV `vg/origin` with `tags`, active (no activation skip

@@ -28,6 +28,7 @@ fn run_in_guest(test: &str) {
     let exe = std::env::current_exe().unwrap();
     let scenario = format!(
         "set -e\n\
+         modprobe -d \"$UML_MODS\" dm-thin-pool\n\
          pvcreate -q /dev/ubda\n\
          vgcreate -q vg0 /dev/ubda\n\
          {IN_UML}=1 {exe} --exact {test} --nocapture --test-threads=1\n",
@@ -306,6 +307,24 @@ mod in_guest {
         assert!(e.to_string().contains("is not a blockrep snapshot"), "{e}");
         assert_eq!(names(&lvm), ["data", "data_left"]);
         lvm.remove_lv(VG, "data_left").unwrap();
+
+        // Thin LVs: the report gives each its pool and device id.
+        let (ok, stderr) = raw_lvm(&["lvcreate", "-q", "--yes", "-L", "16M", "-T", "vg0/tpool"]);
+        assert!(ok, "{stderr}");
+        let (ok, stderr) = raw_lvm(&["lvcreate", "-q", "--yes", "-V", "8M", "-T", "vg0/tpool", "-n", "thin1"]);
+        assert!(ok, "{stderr}");
+        lvm.create_thin_snapshot(VG, "thin1", "thin1_snap", &[SNAPSHOT_TAG]).unwrap();
+        capture("lvs_thin.json", &lvm.lvs_json(Some(VG), None).unwrap());
+        let t1 = lvm.thin_lv(VG, "thin1").unwrap().expect("thin1 is thin");
+        let t2 = lvm.thin_lv(VG, "thin1_snap").unwrap().expect("its snapshot is thin");
+        assert_eq!((t1.pool.as_str(), t2.pool.as_str()), ("tpool", "tpool"));
+        assert!(t1.thin_id != t2.thin_id, "{t1:?} {t2:?}");
+        assert_eq!(lvm.thin_lv(VG, "data").unwrap(), None, "a linear LV is not thin");
+        assert_eq!(lvm.thin_lv(VG, "tpool").unwrap(), None, "nor is the pool");
+        for lv in ["thin1_snap", "thin1", "tpool"] {
+            let (ok, stderr) = raw_lvm(&["lvremove", "-q", "--yes", &format!("vg0/{lv}")]);
+            assert!(ok, "{lv}: {stderr}");
+        }
 
         // The report cache: what this handle changes is seen at once (each change empties it); a change made by
         // another process is not, until the cache is turned off.
