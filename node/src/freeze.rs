@@ -162,11 +162,15 @@ impl FreezeError {
 
 /// Runs `f` with the path of a frozen image of the volume's source and what a tracker found, and cleans up
 /// afterwards. `f` returns its value and whether it used the tracker's changes (`false`: it scanned in full).
+/// `fill` gets a classic snapshot's fill level (percent) as it was when `f` returned: it only fills up, so that
+/// is its peak (`None`: no snapshot, a thin one, or it could not be read).
 pub fn with_frozen_source<T>(
     cfg: &Config,
     vol: &Volume,
+    fill: &mut Option<f64>,
     f: impl FnOnce(&Path, TrackPlan) -> Result<(T, bool), Error>,
 ) -> Result<T, Error> {
+    *fill = None;
     let source = cfg.source_of(vol)?;
     match &vol.snapshot {
         SnapshotDriver::None => f(source, TrackPlan::Off).map(|(t, _)| t),
@@ -176,7 +180,7 @@ pub fn with_frozen_source<T>(
                 SnapshotSize::Bytes(b) => LvmSize::Bytes(b),
                 SnapshotSize::Percent(p) => LvmSize::Percent(p),
             };
-            with_lvm_snapshot(cfg, &lvm, vol, source, name.as_deref(), size, f)
+            with_lvm_snapshot(cfg, &lvm, vol, source, (name.as_deref(), size), fill, f)
         }
     }
 }
@@ -290,8 +294,8 @@ fn with_lvm_snapshot<T>(
     lvm: &Lvm,
     vol: &Volume,
     source: &Path,
-    name: Option<&str>,
-    size: LvmSize,
+    (name, size): (Option<&str>, LvmSize),
+    fill: &mut Option<f64>,
     f: impl FnOnce(&Path, TrackPlan) -> Result<(T, bool), Error>,
 ) -> Result<T, Error> {
     let volume = vol.name.as_str();
@@ -367,7 +371,10 @@ fn with_lvm_snapshot<T>(
     let overflowed = match &kind {
         Kind::Thin(_) => false,
         _ => match lvm.snapshot_status(&lv.vg, &snap) {
-            Ok(s) => s.invalid,
+            Ok(s) => {
+                *fill = Some(s.fill_percent);
+                s.invalid
+            }
             Err(e) => {
                 warn!("cannot read the fill state of {}/{snap}: {e}", lv.vg);
                 false

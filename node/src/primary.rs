@@ -425,11 +425,8 @@ pub fn sync_volumes_with(
         let (mut attempt, mut fill) = (0, None);
         let result = loop {
             attempt += 1;
-            let result = with_frozen_source(cfg, vol, |source, plan| {
-                let r = sync_one_planned(cfg, vol, source, plan, &o, &mut |d, t| observer.progress(&vol.name, d, t));
-                // A classic snapshot only fills up, so its fill level at the end of the sync is its peak.
-                fill = crate::schedule::snapshot_fill(vol, source);
-                r
+            let result = with_frozen_source(cfg, vol, &mut fill, |source, plan| {
+                sync_one_planned(cfg, vol, source, plan, &o, &mut |d, t| observer.progress(&vol.name, d, t))
             });
             match &result {
                 Err(e)

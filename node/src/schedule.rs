@@ -321,19 +321,6 @@ pub fn after_run(cfg: &Config, outcomes: &[crate::primary::VolumeOutcome], cance
     crate::metrics::refresh(cfg);
 }
 
-/// The fill level (percent) of a volume's LVM snapshot, read while it still exists (`None`: no snapshot, or lvm
-/// could not tell).
-pub fn snapshot_fill(vol: &crate::config::Volume, frozen: &Path) -> Option<f64> {
-    if !matches!(vol.snapshot, crate::config::SnapshotDriver::Lvm { .. }) {
-        return None;
-    }
-    // The frozen image is /dev/<vg>/<snapshot>.
-    let lv = frozen.file_name()?.to_str()?;
-    let vg = frozen.parent()?.file_name()?.to_str()?;
-    let lvm = lvmctl::Lvm::new().ok()?;
-    lvm.snapshot_status(vg, lv).ok().map(|s| s.fill_percent)
-}
-
 /// A snapshot filled to this percent during a sync raises [`crate::alarms::AlarmKind::SnapshotFull`].
 pub const SNAPSHOT_ALARM_PERCENT: f64 = 80.0;
 
