@@ -336,9 +336,17 @@ fn with_lvm_snapshot<T>(
             warn!(volume, "{}", crate::error_chain(&e));
         }
     }
-    let created = match &kind {
-        Kind::Thin(_) => lvm.create_thin_snapshot(&lv.vg, &lv.name, &snap, &[SNAPSHOT_TAG]),
-        _ => lvm.create_snapshot(&lv.vg, &lv.name, &snap, size),
+    // A thin LV gets a thin snapshot (no size, no copy-on-write into the VG's free space, which a VG given whole to
+    // its pool does not have), also with tracking off; only the classic tracker needs a classic snapshot.
+    let thin_snapshot = match &kind {
+        Kind::Thin(_) => true,
+        Kind::Classic => false,
+        Kind::None => matches!(lvm.thin_lv(&lv.vg, &lv.name), Ok(Some(_))),
+    };
+    let created = if thin_snapshot {
+        lvm.create_thin_snapshot(&lv.vg, &lv.name, &snap, &[SNAPSHOT_TAG])
+    } else {
+        lvm.create_snapshot(&lv.vg, &lv.name, &snap, size)
     }
     .map_err(|e| FreezeError::Create {
         volume: volume.into(),
@@ -368,9 +376,9 @@ fn with_lvm_snapshot<T>(
     lvm.cache_reports(false);
     let result = f(&path, plan);
     lvm.cache_reports(true);
-    let overflowed = match &kind {
-        Kind::Thin(_) => false,
-        _ => match lvm.snapshot_status(&lv.vg, &snap) {
+    let overflowed = match thin_snapshot {
+        true => false,
+        false => match lvm.snapshot_status(&lv.vg, &snap) {
             Ok(s) => {
                 *fill = Some(s.fill_percent);
                 s.invalid

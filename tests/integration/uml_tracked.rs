@@ -182,6 +182,18 @@ scatter /dev/vg0/cdata
 sync_step classic classic_after_full
 result trackers "$(lvs --noheadings -o lv_name,lv_tags vg0 | grep -c blockrep_tracker)"
 result snaps_left "$(lvs --noheadings -o lv_name vg0 | grep -c blockrep_snap)"
+# track = "none" on a thin LV: its snapshot is a thin one, so a VG whose free space is all taken still syncs
+# (a classic snapshot needs snapshot_size of free space), and the tracker it no longer uses is removed.
+sed -i 's/track = "thin"/track = "none"/' $W/blockrep.toml
+check lvcreate -q --yes -l 100%FREE -n filler vg0
+result vg_free "$(vgs --noheadings --units b --nosuffix -o vg_free vg0 | tr -d ' ')"
+scatter /dev/vg0/tdata
+BLOCKREP_LOG=info $BR sync --json --config $W/blockrep.toml thin > $W/thin_untracked.json 2>> $W/sync.log \
+  || fail "sync thin_untracked: $(tail -5 $W/sync.log)"
+result thin_untracked "$(cat $W/thin_untracked.json)"
+result thin_untracked_hash "$(hash_dev /dev/vg1/thin_shadow)"
+result thin_untracked_source "$(hash_dev /dev/vg0/tdata)"
+result thin_untracked_left "$(lvs --noheadings -o lv_name vg0 | grep -c tdata_blockrep)"
 kill $SERVE; wait $SERVE
 "#,
         br = env!("CARGO_BIN_EXE_blockrep")
@@ -263,6 +275,11 @@ fn tracked_thin_and_classic_syncs_read_only_the_changes_and_fall_back_with_the_r
     assert_eq!(json("classic_after_full")["tracker"], "exception store", "the replaced tracker tracks again");
     assert_eq!(r.result("trackers"), Some("2"), "one tracker per volume");
     assert_eq!(r.result("snaps_left"), Some("0"));
+    assert_eq!(r.result("vg_free"), Some("0"), "the VG had no room for a classic snapshot");
+    let s = json("thin_untracked");
+    assert_eq!((s["tracker"].as_str(), s["mode"].as_str()), (Some("full scan"), Some("incremental")), "{s}");
+    assert_eq!(r.result("thin_untracked_hash"), r.result("thin_untracked_source"), "shadow != source");
+    assert_eq!(r.result("thin_untracked_left"), Some("0"), "no snapshot and no tracker are left");
 }
 
 /// Measurement, not a test (`cargo test -p blockrep --test integration tracked_thin_against -- --ignored
