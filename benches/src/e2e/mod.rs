@@ -84,6 +84,9 @@ pub struct DifferFigures {
     pub scan_s: Vec<f64>,
     /// Seconds per `b3sum --num-threads 2`.
     pub b3sum_s: Vec<f64>,
+    /// With `--pin-sides`: seconds per `b3sum --num-threads 1` on CPU 0 only, the sending side's core (its
+    /// share of two machines: the primary hashes its volume with the cores it has, the standby works elsewhere).
+    pub b3sum_one_core_s: Vec<f64>,
 }
 
 /// What the machine is.
@@ -138,8 +141,14 @@ pub struct Results {
     pub skipped: Vec<String>,
 }
 
-/// Times the differ alone and `b3sum --num-threads 2` on `path` (page-cached).
-pub fn differ_vs_b3sum(path: &Path, reps: usize, skipped: &mut Vec<String>) -> Result<DifferFigures, String> {
+/// Times the differ alone and `b3sum --num-threads 2` on `path` (page-cached); with `pin`, also `b3sum
+/// --num-threads 1` on CPU 0 (`taskset`, as `--pin-sides` runs the sending side).
+pub fn differ_vs_b3sum(
+    path: &Path,
+    reps: usize,
+    pin: bool,
+    skipped: &mut Vec<String>,
+) -> Result<DifferFigures, String> {
     image::warm(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let vol = Volume::open(path, Access::Read, &IoOptions { direct: Some(false), ..Default::default() })
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
@@ -171,18 +180,24 @@ pub fn differ_vs_b3sum(path: &Path, reps: usize, skipped: &mut Vec<String>) -> R
         std::hint::black_box(changed);
     }
     if procs::installed("b3sum") {
-        for _ in 0..reps {
+        let b3sum = |args: &[&str]| -> Result<f64, String> {
             let t = Instant::now();
-            let st = std::process::Command::new("b3sum")
-                .args(["--num-threads", "2"])
+            let st = std::process::Command::new(args[0])
+                .args(&args[1..])
                 .arg(path)
                 .stdout(std::process::Stdio::null())
                 .status()
-                .map_err(|e| format!("cannot run b3sum: {e}"))?;
+                .map_err(|e| format!("cannot run {}: {e}", args.join(" ")))?;
             if !st.success() {
-                return Err(format!("b3sum failed: {st}"));
+                return Err(format!("{} failed: {st}", args.join(" ")));
             }
-            f.b3sum_s.push(t.elapsed().as_secs_f64());
+            Ok(t.elapsed().as_secs_f64())
+        };
+        for _ in 0..reps {
+            f.b3sum_s.push(b3sum(&["b3sum", "--num-threads", "2"])?);
+            if pin {
+                f.b3sum_one_core_s.push(b3sum(&["taskset", "-c", "0", "b3sum", "--num-threads", "1"])?);
+            }
         }
     } else {
         skipped.push("b3sum: not installed (Debian package b3sum); differ figure has no reference".into());
@@ -287,7 +302,7 @@ pub fn run(opts: Options) -> Result<Results, String> {
         None
     } else {
         say("differ scan vs b3sum --num-threads 2 on the page-cached image");
-        Some(differ_vs_b3sum(&env.base(), opts.reps.max(3), &mut skipped)?)
+        Some(differ_vs_b3sum(&env.base(), opts.reps.max(3), opts.pin_sides, &mut skipped)?)
     };
 
     let mut samples = Vec::new();

@@ -231,6 +231,16 @@ pub fn ratios(r: &Results, rows: &[Row]) -> Vec<Ratio> {
         "<= 1.3",
         |v| v <= 1.3,
     );
+    if let Some(one) = r.differ.as_ref().filter(|d| !d.b3sum_one_core_s.is_empty()) {
+        // Not the issue's ratio: its analogue on two machines, each side with a core of its own (--pin-sides).
+        push(
+            "incremental 1% scattered 4 KiB, a core per side (--pin-sides): blockrep time / b3sum --num-threads 1 \
+             on the sender's core",
+            inc(Tool::Blockrep).map(|b| b.wall.0 / median_of(&one.b3sum_one_core_s)),
+            "<= 1.3 (two-machine analogue)",
+            |v| v <= 1.3,
+        );
+    }
     out
 }
 
@@ -300,6 +310,10 @@ pub fn markdown(r: &Results) -> String {
         if !d.b3sum_s.is_empty() {
             let bm = median_of(&d.b3sum_s);
             let _ = write!(s, "; b3sum --num-threads 2: median {:.3} s = {:.2} GB/s", bm, gb / bm);
+        }
+        if !d.b3sum_one_core_s.is_empty() {
+            let bm = median_of(&d.b3sum_one_core_s);
+            let _ = write!(s, "; b3sum --num-threads 1 on CPU 0: median {:.3} s = {:.2} GB/s", bm, gb / bm);
         }
         let _ = writeln!(s);
     }
