@@ -376,9 +376,9 @@ fn with_lvm_snapshot<T>(
     lvm.cache_reports(false);
     let result = f(&path, plan);
     lvm.cache_reports(true);
-    let overflowed = match thin_snapshot {
-        true => false,
-        false => match lvm.snapshot_status(&lv.vg, &snap) {
+    // A thin snapshot has no fill level of its own (the pool's is the pool's).
+    let overflowed = !thin_snapshot
+        && match lvm.snapshot_status(&lv.vg, &snap) {
             Ok(s) => {
                 *fill = Some(s.fill_percent);
                 s.invalid
@@ -387,8 +387,7 @@ fn with_lvm_snapshot<T>(
                 warn!("cannot read the fill state of {}/{snap}: {e}", lv.vg);
                 false
             }
-        },
-    };
+        };
     if let (Ok((_, tracked)), false, false) = (&result, matches!(kind, Kind::None), overflowed) {
         let since_full = if *tracked { base.as_ref().map_or(0, |b| b.since_full) + 1 } else { 0 };
         guard.kept = keep_as_tracker(cfg, lvm, vol, &lv.vg, &snap, &base_name, since_full);
