@@ -522,8 +522,12 @@ impl Lvm {
                 match (vg, &r.all) {
                     (None, Some(all)) => return Ok(all.clone()),
                     (Some(vg), Some(all)) => return Ok(all.iter().filter(|l| l.vg == vg).cloned().collect()),
-                    (Some(vg), None) if r.vgs.contains_key(vg) => return Ok(r.vgs[vg].clone()),
-                    _ => {}
+                    (Some(vg), None) => {
+                        if let Some(lvs) = r.vgs.get(vg) {
+                            return Ok(lvs.clone());
+                        }
+                    }
+                    (None, None) => {}
                 }
             }
         }

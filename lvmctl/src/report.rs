@@ -228,32 +228,23 @@ fn percent(row: &Map<String, Value>, i: usize, field: &'static str) -> Result<Op
 
 /// A kernel device number part: lvm prints -1 (or nothing) for an inactive LV.
 fn device_part(row: &Map<String, Value>, i: usize, field: &'static str) -> Result<Option<u32>, ReportError> {
-    let s = text(row, i, field)?;
-    let t = s.trim();
-    if t.is_empty() || t == "-1" {
-        return Ok(None);
-    }
-    t.parse::<u32>().map(Some).map_err(|_| ReportError::BadValue {
-        row: i,
-        field,
-        value: s,
-        expected: "a device number or -1",
-    })
+    optional_u32(row, i, field, &["-1"], "a device number or -1")
 }
 
-/// `thin_id`: empty for an LV that is not thin.
-fn thin_id(row: &Map<String, Value>, i: usize) -> Result<Option<u32>, ReportError> {
-    let s = text(row, i, "thin_id")?;
+/// A whole number, `None` when the field is empty or one of `none` (lvm's ways of saying "not applicable").
+fn optional_u32(
+    row: &Map<String, Value>,
+    i: usize,
+    field: &'static str,
+    none: &[&str],
+    expected: &'static str,
+) -> Result<Option<u32>, ReportError> {
+    let s = text(row, i, field)?;
     let t = s.trim();
-    if t.is_empty() {
+    if t.is_empty() || none.contains(&t) {
         return Ok(None);
     }
-    t.parse::<u32>().map(Some).map_err(|_| ReportError::BadValue {
-        row: i,
-        field: "thin_id",
-        value: s,
-        expected: "a thin device id",
-    })
+    t.parse::<u32>().map(Some).map_err(|_| ReportError::BadValue { row: i, field, value: s, expected })
 }
 
 fn non_empty(s: String) -> Option<String> {
@@ -319,7 +310,7 @@ pub fn parse_lvs(json: &str) -> Result<Vec<Lv>, ReportError> {
                     _ => None,
                 },
                 segtype: text(r, i, "segtype")?,
-                thin_id: thin_id(r, i)?,
+                thin_id: optional_u32(r, i, "thin_id", &[], "a thin device id")?,
                 pool: non_empty(text(r, i, "pool_lv")?),
             })
         })
