@@ -77,13 +77,22 @@ pub enum RoleError {
     /// The background re-announcement could not be started.
     #[error("cannot start the background re-announcement (blockrep announce)")]
     SpawnAnnouncer(#[source] std::io::Error),
+    /// `promote --generation` on a node that already is primary (it serves its own volumes, not a shadow).
+    #[error(
+        "this node already is primary: --generation picks the shadow generation a standby promotes; a promote here \
+         only re-asserts the virtual IP (demote first to serve a retained generation)"
+    )]
+    GenerationWhilePrimary,
 }
 
 impl RoleError {
     /// The kind of this error: a guard's refusal is [`ErrorKind::Unsafe`].
     pub fn kind(&self) -> ErrorKind {
         match self {
-            RoleError::Section { .. } | RoleError::Invalid { .. } | RoleError::StateDir(_) => ErrorKind::Usage,
+            RoleError::Section { .. }
+            | RoleError::Invalid { .. }
+            | RoleError::StateDir(_)
+            | RoleError::GenerationWhilePrimary => ErrorKind::Usage,
             RoleError::Plan(e) if e.refused_as_unsafe() => ErrorKind::Unsafe,
             RoleError::NotRolledForward { .. } => ErrorKind::Unsafe,
             RoleError::Switchover(e) if e.refused_as_unsafe() => ErrorKind::Unsafe,
@@ -703,7 +712,14 @@ impl role::LvRenamer for LvmRenamer {
 pub fn run(cfg: &Config, plan: Plan, a: &PlanOptions, io: engine::volume::IoOptions) -> Result<Report, Error> {
     let rc = role_config(cfg)?;
     role::check_state_dir(&rc.state_dir, &replicated(cfg)).map_err(RoleError::StateDir)?;
-    refuse_if_maintenance(cfg, plan)?;
+    // A promote of a node that already is primary, with no plan in progress, only re-asserts the virtual IP (a
+    // reboot loses it): its shadows do not become production, so nothing below that prepares them applies.
+    let reassert = plan == Plan::Promote
+        && role::status(cfg.layout().role_dir()).is_ok_and(|s| s.role == role::Role::Primary && s.plan.is_none());
+    if reassert && !a.generations.is_empty() {
+        return Err(RoleError::GenerationWhilePrimary.into());
+    }
+    refuse_if_maintenance(cfg, plan, reassert)?;
     let lvm = match &rc.boot_target {
         role::config::BootTarget::LvRename { .. } => Some(LvmRenamer(lvmctl::Lvm::new().map_err(RoleError::from)?)),
         _ => None,
@@ -723,7 +739,7 @@ pub fn run(cfg: &Config, plan: Plan, a: &PlanOptions, io: engine::volume::IoOpti
             return Err(RoleError::NotRolledForward { volume: f.volume, error: f.error }.into());
         }
     }
-    if plan == Plan::Promote && !a.dry_run {
+    if plan == Plan::Promote && !a.dry_run && !reassert {
         for (volume, generation) in &a.generations {
             let r = crate::retain::restore(cfg, volume, *generation, a.force, io)?;
             tracing::warn!(volume, generation, committed = r.committed, "promoting a retained generation");
@@ -760,7 +776,7 @@ pub fn run(cfg: &Config, plan: Plan, a: &PlanOptions, io: engine::volume::IoOpti
     // are (or may be) production: give their content a new identifier and mark them untrusted, so that a later
     // sync from the old primary is a split brain it refuses instead of silently discarding what this node wrote.
     let began = result.is_ok() || role::status(cfg.layout().role_dir()).is_ok_and(|s| s.role != role::Role::Standby);
-    if plan != Plan::Demote && !a.dry_run && began {
+    if plan != Plan::Demote && !a.dry_run && began && !reassert {
         mark_promoted(cfg, io);
     }
     Ok(result?)
@@ -769,14 +785,12 @@ pub fn run(cfg: &Config, plan: Plan, a: &PlanOptions, io: engine::volume::IoOpti
 /// A maintenance lock ([`crate::maint_lock`]) refuses a promote or switchover of this node, `--force` and
 /// `--dry-run` included, before anything is touched. Not refused: a demote (how maintenance of a primary starts),
 /// and a promote of a node that already is primary with no plan in progress (it only re-asserts the virtual IP).
-fn refuse_if_maintenance(cfg: &Config, plan: Plan) -> Result<(), Error> {
+fn refuse_if_maintenance(cfg: &Config, plan: Plan, reassert: bool) -> Result<(), Error> {
     let action = match plan {
         Plan::Demote => return Ok(()),
         Plan::Promote => "promote",
         Plan::Switchover => "switch over",
     };
-    let reassert = plan == Plan::Promote
-        && role::status(cfg.layout().role_dir()).is_ok_and(|s| s.role == role::Role::Primary && s.plan.is_none());
     if reassert {
         if crate::maint_lock::locks(cfg).is_ok_and(|l| !l.is_empty()) {
             tracing::info!("already primary: re-asserting the virtual IP under the maintenance lock (no role change)");

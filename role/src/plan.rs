@@ -433,9 +433,19 @@ fn vip_plan(cfg: &Config) -> String {
     s
 }
 
-/// Runs the guards: the caller's data and peer checks, then for each VIP an ARP probe (IPv4) or duplicate address
-/// detection (IPv6).
-fn guards(run: &mut Run<'_>, g: &dyn Guards) -> Result<(), PlanError> {
+/// Which data the guards judge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Data {
+    /// The shadows this promote is about to serve: they must hold a committed generation.
+    Shadows,
+    /// None: the node already is primary and serves its own volumes; its shadows (empty on a node that was never
+    /// a standby, untrusted after a reboot) say nothing about them.
+    AlreadyPrimary,
+}
+
+/// Runs the guards: the caller's data check (unless `data` says there is nothing to judge) and peer check, then
+/// for each VIP an ARP probe (IPv4) or duplicate address detection (IPv6).
+fn guards(run: &mut Run<'_>, g: &dyn Guards, data: Data) -> Result<(), PlanError> {
     let t = Instant::now();
     if run.opts.force {
         run.push("guards", Outcome::Skipped, "--force given: guards not checked".into(), t);
@@ -445,16 +455,21 @@ fn guards(run: &mut Run<'_>, g: &dyn Guards) -> Result<(), PlanError> {
         run.push(
             "guards",
             Outcome::Planned,
-            "check data committed, peer not primary, ARP probe / IPv6 duplicate address detection for each VIP".into(),
+            format!(
+                "check {}peer not primary, ARP probe / IPv6 duplicate address detection for each VIP",
+                if data == Data::Shadows { "data committed, " } else { "" }
+            ),
             t,
         );
         return Ok(());
     }
-    let last_sync = g.data_committed().map_err(|reason| PlanError::Refused { guard: "data", reason })?;
-    run.report.last_sync = last_sync;
-    run.report.data_age_s = last_sync.map(|t| unix_now().saturating_sub(t));
-    if let Some(age) = run.report.data_age_s {
-        tracing::info!(data_age_s = age, "promoting data from the sync completed {age} s ago");
+    if data == Data::Shadows {
+        let last_sync = g.data_committed().map_err(|reason| PlanError::Refused { guard: "data", reason })?;
+        run.report.last_sync = last_sync;
+        run.report.data_age_s = last_sync.map(|t| unix_now().saturating_sub(t));
+        if let Some(age) = run.report.data_age_s {
+            tracing::info!(data_age_s = age, "promoting data from the sync completed {age} s ago");
+        }
     }
     let peer = g.peer_not_primary().map_err(|reason| PlanError::Refused { guard: "peer", reason })?;
     let c = run.cfg;
@@ -542,12 +557,12 @@ pub fn promote(cfg: &Config, g: &dyn Guards, opts: &Options<'_>) -> Result<Repor
         // announce it, after the guards, without journaling or touching services.
         run.push("role-primary", Outcome::AlreadyDone, "already primary; re-asserting the virtual IP".into(), t);
         run.state.plan = None;
-        guards(&mut run, g)?;
+        guards(&mut run, g, Data::AlreadyPrimary)?;
         vip_up(&mut run)?;
         garp(&mut run)?;
         return Ok(run.finish(t));
     }
-    guards(&mut run, g)?;
+    guards(&mut run, g, Data::Shadows)?;
     let from = run.state.role;
     run.step("role-promoting", "record role promoting".into(), |r| {
         r.state.role = Role::Promoting;

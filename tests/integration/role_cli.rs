@@ -373,6 +373,49 @@ fn a_failed_final_sync_leaves_the_primary_primary_with_its_services() {
     stop(&mut [&mut serve_a, &mut serve_b]);
 }
 
+/// A primary that was never a standby (promoted with --force at installation: its shadow never received a
+/// generation) loses its address in a reboot; `blockrep promote`, as an operator or keepalived runs it, re-asserts
+/// the address without --force: the data guard judges the shadows a promote would serve, and a node that already
+/// is primary serves its own volumes. The peer and ARP guards still apply, services are not touched.
+#[test]
+fn promote_reasserts_the_address_of_a_primary_that_never_was_a_standby() {
+    if !is_root() {
+        eprintln!("skipping: network namespaces need root (CI runs as root)");
+        return;
+    }
+    let lan = Lan::named("r");
+    let d = tempfile::tempdir().unwrap();
+    let (ca, cb, mut serve_b) = primary_a_synced_to_b(&lan, d.path());
+    let shadow_a = std::fs::read(d.path().join("shadow-a.img")).unwrap();
+    ip(&["-n", &lan.ns("a"), "addr", "del", "10.77.8.50/24", "dev", "eth0"]);
+    assert!(!lan.has_vip("a"));
+
+    let o = run(lan.blockrep("a").args(["promote", "--reason", "after reboot", "--config"]).arg(&ca));
+    assert!(o.status.success(), "re-assert: {}\n{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("already primary"), "{}", stdout(&o));
+    assert!(lan.has_vip("a"), "the address is back");
+    let app_a = std::fs::read_to_string(d.path().join("app-a.log")).unwrap();
+    assert_eq!(app_a.lines().collect::<Vec<_>>(), ["start"], "services untouched by a re-assert");
+    assert_eq!(status(&lan, "a", &ca)["role"], "primary");
+    assert_eq!(std::fs::read(d.path().join("shadow-a.img")).unwrap(), shadow_a, "A's shadow untouched");
+
+    // --generation names a shadow generation to serve: meaningless on a primary, refused as a usage error.
+    let o = run(lan.blockrep("a").args(["promote", "--generation", "1", "--config"]).arg(&ca));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("already is primary") && stderr(&o).contains("demote first"), "{}", stderr(&o));
+
+    // Another host holding the address still refuses the re-assert (exit 4): B takes it by force while A's
+    // address is gone, and A's promote then finds it in use.
+    ip(&["-n", &lan.ns("a"), "addr", "del", "10.77.8.50/24", "dev", "eth0"]);
+    stop(&mut [&mut serve_b]);
+    let o = run(lan.blockrep("b").args(["promote", "--force", "--config"]).arg(&cb));
+    assert!(o.status.success(), "forced promote of b: {}", stderr(&o));
+    let o = run(lan.blockrep("a").args(["promote", "--config"]).arg(&ca));
+    assert_eq!(o.status.code(), Some(4), "{}\n{}", stdout(&o), stderr(&o));
+    assert!(stderr(&o).contains("in use"), "{}", stderr(&o));
+    assert!(!lan.has_vip("a") && lan.has_vip("b"));
+}
+
 /// A's configuration for a pair that switches back: each node's volume is both its source and its shadow.
 fn switchback_config(dir: &Path, me: &str, peer_addr: &str) -> PathBuf {
     let p = node_config(dir, me, peer_addr);
