@@ -194,6 +194,10 @@ pub struct StatusArgs {
     /// One JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Print only this node's role (standby, promoting, primary, demoting) from its state directory, asking
+    /// nothing else (cheap enough for a cluster engine's check every few seconds).
+    #[arg(long, conflicts_with = "json")]
+    pub role: bool,
 }
 
 /// `blockrep promote`, `demote`, `switchover`.

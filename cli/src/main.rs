@@ -95,7 +95,7 @@ fn run(cli: &args::Cli) -> Result<()> {
             println!("wrote a new key to {} (mode 0600); copy it to the other node's key_file", a.path.display());
             Ok(())
         }
-        args::Command::Status(a) => status(&cli.config, cli.for_primary.as_deref(), a.json),
+        args::Command::Status(a) => status(&cli.config, cli.for_primary.as_deref(), a),
         args::Command::Promote(a) => plan(cli, Plan::Promote, a),
         args::Command::Demote(a) => plan(cli, Plan::Demote, a),
         args::Command::Switchover(a) => plan(cli, Plan::Switchover, a),
@@ -162,14 +162,17 @@ fn init_logging(verbose: u8, format: args::LogFormat) {
 
 /// `blockrep status`: exit 0 without alarm, 1 with an alarm raised, 2 when the configuration cannot be used
 /// (with --json, still one object saying so).
-fn status(config: &Path, for_primary: Option<&str>, as_json: bool) -> Result<()> {
-    let s = Config::load(config)
-        .and_then(|c| match for_primary {
-            Some(_) => c.for_primary(for_primary),
-            None => Ok(c),
-        })
-        .map_err(node::Error::from)
-        .and_then(|c| node::status::status(&c, Default::default()));
+fn status(config: &Path, for_primary: Option<&str>, a: &args::StatusArgs) -> Result<()> {
+    let as_json = a.json;
+    let cfg = Config::load(config).and_then(|c| match for_primary {
+        Some(_) => c.for_primary(for_primary),
+        None => Ok(c),
+    });
+    if a.role {
+        println!("{}", node::status::role_only(&cfg.map_err(node::Error::from)?)?);
+        return Ok(());
+    }
+    let s = cfg.map_err(node::Error::from).and_then(|c| node::status::status(&c, Default::default()));
     let s = match s {
         Ok(s) => s,
         Err(e) if as_json && e.kind() == node::ErrorKind::Usage => {

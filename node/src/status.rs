@@ -501,6 +501,12 @@ pub fn status_with(cfg: &Config, o: StatusOptions) -> Result<NodeStatus, Error> 
     })
 }
 
+/// This node's role alone (for `--for NODE`, its role for that primary), read from the role state: no peer,
+/// services or shadows are asked, so a cluster engine can check it every few seconds (`status --role`).
+pub fn role_only(cfg: &Config) -> Result<role::Role, Error> {
+    Ok(role::status(cfg.layout().role_dir()).map_err(StatusError::Role)?.role)
+}
+
 /// The maintenance locks set on this node, or why the lock file cannot be read.
 fn maintenance_locks(cfg: &Config) -> (Vec<crate::maint_lock::MaintLock>, Option<String>) {
     match crate::maint_lock::locks(cfg) {

@@ -2,6 +2,7 @@
 
 mod hardening;
 mod install;
+mod keepalived;
 mod keys;
 mod local_sync;
 mod maint_lock;

@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 
+use super::keepalived::{install_notify, start_keepalived, KEEPALIVED};
 use super::role_cli::{is_root, Lan};
 use super::*;
 
@@ -673,7 +674,6 @@ fn a_repaired_primary_takes_its_service_back_by_hand_and_automatically() {
 /// (50), whose notify is refused (exit 4) and leaves p2's address alone.
 #[test]
 fn keepalived_promotes_by_priority_when_two_primaries_fail_together() {
-    const KEEPALIVED: &str = "/usr/sbin/keepalived";
     if !is_root() {
         eprintln!("skipping: network namespaces need root (CI runs as root)");
         return;
@@ -686,10 +686,7 @@ fn keepalived_promotes_by_priority_when_two_primaries_fail_together() {
         let o = site.sync(&site.own(p));
         assert!(o.status.success(), "{p}: {}", stderr(&o));
     }
-    let notify = site.path("blockrep-keepalived-notify");
-    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/../contrib/keepalived/blockrep-keepalived-notify"), &notify)
-        .unwrap();
-    std::fs::set_permissions(&notify, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let notify = install_notify(site.dir.path());
     let conf = |node: &str, prio: u32, with_notify: bool| {
         let mut text = format!("global_defs {{\n router_id {node}\n script_user root\n enable_script_security\n}}\n");
         for (p, vrid) in [("p2", 82), ("p3", 83)] {
@@ -713,25 +710,7 @@ fn keepalived_promotes_by_priority_when_two_primaries_fail_together() {
         path
     };
     let lan = site.lan.as_ref().unwrap();
-    let start = |ns: &str, conf: &Path| -> Child {
-        let d = site.path(&format!("ka-{ns}"));
-        std::fs::create_dir_all(&d).unwrap();
-        let log = std::fs::File::create(d.join("keepalived.log")).unwrap();
-        std::process::Command::new("ip")
-            .args(["netns", "exec", &lan.ns(ns), KEEPALIVED, "--dont-fork", "--log-console", "-f"])
-            .arg(conf)
-            .arg("-p")
-            .arg(d.join("k.pid"))
-            .arg("-r")
-            .arg(d.join("k.vrrp.pid"))
-            .arg("-c")
-            .arg(d.join("k.chk.pid"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start keepalived")
-    };
+    let start = |ns: &str, conf: &Path| start_keepalived(&lan.ns(ns), conf, &site.path(&format!("ka-{ns}")));
     // The primaries' VRRP (higher priority) first, so they are MASTER; then the standby's, BACKUP.
     let mut primaries = start("b", &conf("prim", 150, false));
     std::thread::sleep(std::time::Duration::from_secs(4));

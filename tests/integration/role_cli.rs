@@ -132,6 +132,12 @@ impl std::ops::DerefMut for Daemon {
     }
 }
 
+impl From<Child> for Daemon {
+    fn from(c: Child) -> Daemon {
+        Daemon(c)
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -397,6 +403,8 @@ fn promote_reasserts_the_address_of_a_primary_that_never_was_a_standby() {
     let app_a = std::fs::read_to_string(d.path().join("app-a.log")).unwrap();
     assert_eq!(app_a.lines().collect::<Vec<_>>(), ["start"], "services untouched by a re-assert");
     assert_eq!(status(&lan, "a", &ca)["role"], "primary");
+    let o = run(lan.blockrep("a").args(["status", "--role", "--config"]).arg(&ca));
+    assert!(o.status.success() && stdout(&o) == "primary\n", "status --role: {:?} {}", stdout(&o), stderr(&o));
     assert_eq!(std::fs::read(d.path().join("shadow-a.img")).unwrap(), shadow_a, "A's shadow untouched");
 
     // --generation names a shadow generation to serve: meaningless on a primary, refused as a usage error.
