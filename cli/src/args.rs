@@ -68,6 +68,10 @@ pub enum Command {
     Demote(PlanArgs),
     /// With both nodes reachable: demote the peer, then promote this node.
     Switchover(PlanArgs),
+    /// After a reboot (contrib/systemd/blockrep-reconcile.service) or a cluster engine's restart: a primary that
+    /// nobody replaced re-asserts its virtual IP; a primary another node replaced (it holds the address or says
+    /// it is primary) demotes; a standby does nothing.
+    Reconcile(ReconcileArgs),
     /// Set a maintenance lock for NODE (this node or its peer) on this node: every promote and switchover
     /// involving it is refused here (exit 4; --force does not override it) until `blockrep unlock NODE`. Set it
     /// on the standby (the node that would take over): a lock is not sent to the peer.
@@ -219,6 +223,17 @@ pub struct PlanArgs {
     /// a shadow here, else `VOLUME=N`; repeatable). `blockrep generations` lists them.
     #[arg(long = "generation", value_name = "[VOLUME=]N")]
     pub generations: Vec<String>,
+    /// One JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `blockrep reconcile`.
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    /// Reason, recorded in the history and passed to notify hooks.
+    #[arg(long, default_value = "reconcile")]
+    pub reason: String,
     /// One JSON object.
     #[arg(long)]
     pub json: bool,

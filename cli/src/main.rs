@@ -17,7 +17,7 @@ use anyhow::Result;
 use clap::Parser;
 use exit::ExitCode;
 use node::config::Config;
-use node::roles::{Plan, PlanOptions};
+use node::roles::{Plan, PlanOptions, Reconciled};
 
 fn main() -> std::process::ExitCode {
     let cli = args::Cli::parse();
@@ -99,6 +99,7 @@ fn run(cli: &args::Cli) -> Result<()> {
         args::Command::Promote(a) => plan(cli, Plan::Promote, a),
         args::Command::Demote(a) => plan(cli, Plan::Demote, a),
         args::Command::Switchover(a) => plan(cli, Plan::Switchover, a),
+        args::Command::Reconcile(a) => reconcile(cli, a),
         args::Command::Lock(a) => {
             report::print_locked(&node::maint_lock::lock(&load()?, &a.node, &a.reason)?, a.json);
             Ok(())
@@ -237,6 +238,27 @@ fn verify_local(a: &args::VerifyArgs) -> Result<()> {
     node::history::append_at(state_dir, node::history::Event::Verify { volume: name, ok: v.ok });
     report::print_verify(&v, a.json);
     Ok(v.into_result()?)
+}
+
+/// `blockrep reconcile`: re-assert a primary nobody replaced, demote one that was replaced.
+fn reconcile(cli: &args::Cli, a: &args::ReconcileArgs) -> Result<()> {
+    let top = Config::load(&cli.config).map_err(node::Error::from)?;
+    let cfg = top.for_primary(cli.for_primary.as_deref()).map_err(node::Error::from)?;
+    let r = node::roles::reconcile(&cfg, &a.reason, Default::default())?;
+    let (plan, reason) = match &r {
+        Reconciled::NotPrimary(_) => (None, String::new()),
+        Reconciled::Reasserted(_) => (Some("re-assert"), a.reason.clone()),
+        Reconciled::Demoted { why, .. } => (Some("demote"), format!("{}: another node serves ({why})", a.reason)),
+    };
+    if let Some(plan) = plan {
+        node::history::append(&cfg, node::history::Event::Switchover { plan: plan.into(), reason });
+    }
+    report::print_reconciled(&r, a.json);
+    if matches!(r, Reconciled::Reasserted(_)) {
+        let exe = std::env::current_exe().map_err(|e| anyhow::anyhow!("cannot find the blockrep executable: {e}"))?;
+        node::roles::spawn_announcer(&exe, &cli.config, cli.for_primary.as_deref())?;
+    }
+    Ok(())
 }
 
 /// `blockrep promote | demote | switchover`; after a promote, re-announce the virtual IP in the background.

@@ -150,6 +150,29 @@ pub fn print_plan(r: &node::roles::Report, as_json: bool) {
     }
 }
 
+/// Prints what `blockrep reconcile` found and did.
+pub fn print_reconciled(r: &node::roles::Reconciled, as_json: bool) {
+    use node::roles::Reconciled;
+    if as_json {
+        let v = match r {
+            Reconciled::NotPrimary(role) => serde_json::json!({ "action": "none", "role": role }),
+            Reconciled::Reasserted(p) => serde_json::json!({ "action": "reasserted", "role": p.role, "plan": p }),
+            Reconciled::Demoted { why, report } => {
+                serde_json::json!({ "action": "demoted", "role": report.role, "why": why, "plan": report })
+            }
+        };
+        println!("{}", json(&v));
+        return;
+    }
+    match r {
+        Reconciled::NotPrimary(role) => println!("this node is {role}: nothing to re-assert"),
+        Reconciled::Reasserted(p) => println!("primary, and nobody else serves: virtual IP re-asserted\n{p}"),
+        Reconciled::Demoted { why, report } => {
+            println!("this node was primary, but another node serves ({why}): demoted\n{report}")
+        }
+    }
+}
+
 /// Prints what `blockrep lock` did (a warning, if any, on stderr).
 pub fn print_locked(l: &node::maint_lock::Locked, as_json: bool) {
     if as_json {

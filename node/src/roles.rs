@@ -77,6 +77,17 @@ pub enum RoleError {
     /// The background re-announcement could not be started.
     #[error("cannot start the background re-announcement (blockrep announce)")]
     SpawnAnnouncer(#[source] std::io::Error),
+    /// `reconcile` found a promote or demote that did not finish.
+    #[error(
+        "a {kind} plan was interrupted (role {role}): run `blockrep promote` or `blockrep demote` to finish it in the \
+         role this node should have"
+    )]
+    Interrupted {
+        /// Which plan.
+        kind: String,
+        /// The role recorded.
+        role: role::Role,
+    },
     /// `promote --generation` on a node that already is primary (it serves its own volumes, not a shadow).
     #[error(
         "this node already is primary: --generation picks the shadow generation a standby promotes; a promote here \
@@ -734,7 +745,7 @@ pub fn run(cfg: &Config, plan: Plan, a: &PlanOptions, io: engine::volume::IoOpti
     };
     // Before anything touches the boot target: finish every interrupted commit (with or without --force, which
     // only skips the guards), and never promote a shadow that cannot be finished.
-    if plan != Plan::Demote && !a.dry_run {
+    if plan != Plan::Demote && !a.dry_run && !reassert {
         if let Some(f) = crate::shadow::roll_forward(cfg, io).into_iter().next() {
             return Err(RoleError::NotRolledForward { volume: f.volume, error: f.error }.into());
         }
@@ -780,6 +791,48 @@ pub fn run(cfg: &Config, plan: Plan, a: &PlanOptions, io: engine::volume::IoOpti
         mark_promoted(cfg, io);
     }
     Ok(result?)
+}
+
+/// What [`reconcile`] found and did.
+#[derive(Debug)]
+pub enum Reconciled {
+    /// This node is not primary: nothing to re-assert (the role found).
+    NotPrimary(role::Role),
+    /// This node is primary and nobody else serves: its virtual IP was re-asserted.
+    Reasserted(Report),
+    /// This node was primary, but another node serves (it holds the address or says it is primary, so it took
+    /// over while this one was away): this node demoted.
+    Demoted {
+        /// The refusal that showed it.
+        why: String,
+        /// The demote.
+        report: Report,
+    },
+}
+
+/// After a reboot, or a cluster engine's restart (keepalived starts every instance in BACKUP): a primary that
+/// nobody replaced re-asserts its virtual IP (a promote of a primary: peer guard, ARP probe / DAD, the address,
+/// the announcements; services untouched); a primary another node replaced demotes (its services stop, so the
+/// two do not both write); a standby does nothing. A promote or demote that did not finish is an error: which
+/// way to finish it is the operator's (or the cluster engine's) decision.
+pub fn reconcile(cfg: &Config, reason: &str, io: engine::volume::IoOptions) -> Result<Reconciled, Error> {
+    let st = role::status(cfg.layout().role_dir()).map_err(RoleError::StateDir)?;
+    if let Some(p) = &st.plan {
+        return Err(RoleError::Interrupted { kind: format!("{:?}", p.kind).to_lowercase(), role: st.role }.into());
+    }
+    if st.role != role::Role::Primary {
+        return Ok(Reconciled::NotPrimary(st.role));
+    }
+    let opts = PlanOptions { reason: reason.to_owned(), ..Default::default() };
+    let why = match run(cfg, Plan::Promote, &opts, io) {
+        Ok(report) => return Ok(Reconciled::Reasserted(report)),
+        Err(Error::Roles(e)) if matches!(&*e, RoleError::Plan(p) if p.refused_as_unsafe()) => link::error_chain(&*e),
+        Err(e) => return Err(e),
+    };
+    tracing::warn!(%why, "this node was primary, but another node serves: demoting");
+    let opts = PlanOptions { reason: format!("{reason}: another node serves ({why})"), ..Default::default() };
+    let report = run(cfg, Plan::Demote, &opts, io)?;
+    Ok(Reconciled::Demoted { why, report })
 }
 
 /// A maintenance lock ([`crate::maint_lock`]) refuses a promote or switchover of this node, `--force` and

@@ -67,7 +67,7 @@ fn install_is_idempotent_names_the_prefix_and_uninstall_reverses_it() {
 
     let inside = |p: &str| root.join(p.trim_start_matches('/'));
     let exe = prefix.join("bin/blockrep");
-    for unit in ["blockrep-serve.service", "blockrep-sync.service"] {
+    for unit in ["blockrep-serve.service", "blockrep-sync.service", "blockrep-reconcile.service"] {
         let text = std::fs::read_to_string(inside(&format!("/etc/systemd/system/{unit}"))).unwrap();
         assert!(text.contains(&format!("ExecStart={} ", exe.display())), "{unit}:\n{text}");
         assert!(!text.contains("/usr/local/bin"), "{unit} names /usr/local/bin:\n{text}");
@@ -135,7 +135,7 @@ fn verify_units(tmp: &Path, root: &Path, prefix: &Path) {
     let units = root.join("etc/systemd/system");
     let mut c = Command::new("systemd-analyze");
     c.arg("verify");
-    for u in ["blockrep-sync.timer", "blockrep-sync.service", "blockrep-serve.service"] {
+    for u in ["blockrep-sync.timer", "blockrep-sync.service", "blockrep-serve.service", "blockrep-reconcile.service"] {
         c.arg(units.join(u));
     }
     let o = c.output().unwrap();

@@ -424,6 +424,51 @@ fn promote_reasserts_the_address_of_a_primary_that_never_was_a_standby() {
     assert!(!lan.has_vip("a") && lan.has_vip("b"));
 }
 
+/// `blockrep reconcile`, as contrib/systemd/blockrep-reconcile.service runs it at boot: a standby does nothing,
+/// a primary nobody replaced gets its address back (services untouched), a primary another node replaced while
+/// it was away demotes (its service stops), and the history says which.
+#[test]
+fn reconcile_reasserts_an_unreplaced_primary_and_demotes_a_replaced_one() {
+    if !is_root() {
+        eprintln!("skipping: network namespaces need root (CI runs as root)");
+        return;
+    }
+    let lan = Lan::named("rc");
+    let d = tempfile::tempdir().unwrap();
+    let (ca, cb, mut serve_b) = primary_a_synced_to_b(&lan, d.path());
+    let reconcile = |n: &str, cfg: &Path| run(lan.blockrep(n).args(["reconcile", "--json", "--config"]).arg(cfg));
+    let json = |o: &std::process::Output| -> serde_json::Value {
+        assert!(o.status.success(), "reconcile: {}\n{}", stdout(o), stderr(o));
+        serde_json::from_str(stdout(o).trim()).unwrap()
+    };
+    let app_a = || std::fs::read_to_string(d.path().join("app-a.log")).unwrap();
+
+    let r = json(&reconcile("b", &cb));
+    assert_eq!((r["action"].as_str(), r["role"].as_str()), (Some("none"), Some("standby")), "{r}");
+
+    // A reboots: the address is gone; nobody else serves, so reconcile brings it back.
+    ip(&["-n", &lan.ns("a"), "addr", "del", "10.77.8.50/24", "dev", "eth0"]);
+    let o = run(lan.blockrep("a").args(["reconcile", "--reason", "boot", "--config"]).arg(&ca));
+    assert!(o.status.success() && stdout(&o).contains("virtual IP re-asserted"), "{}\n{}", stdout(&o), stderr(&o));
+    assert!(lan.has_vip("a") && !lan.has_vip("b"));
+    assert_eq!(app_a(), "start\n", "services untouched");
+    assert_eq!(status(&lan, "a", &ca)["role"], "primary");
+
+    // A is away long enough for B to take over; when A comes back, B holds the address: A demotes.
+    ip(&["-n", &lan.ns("a"), "addr", "del", "10.77.8.50/24", "dev", "eth0"]);
+    stop(&mut [&mut serve_b]);
+    let o = run(lan.blockrep("b").args(["promote", "--reason", "a is gone", "--config"]).arg(&cb));
+    assert!(o.status.success(), "promote b: {}", stderr(&o));
+    let r = json(&reconcile("a", &ca));
+    assert_eq!((r["action"].as_str(), r["role"].as_str()), (Some("demoted"), Some("standby")), "{r}");
+    assert!(r["why"].as_str().unwrap().contains("in use"), "{r}");
+    assert!(lan.has_vip("b") && !lan.has_vip("a"));
+    assert_eq!(app_a(), "start\nstop\n", "A's service stopped");
+    assert_eq!(status(&lan, "a", &ca)["role"], "standby");
+    let log = stdout(&run(lan.blockrep("a").args(["log", "--config"]).arg(&ca)));
+    assert!(log.contains("re-assert: boot") && log.contains("demote: reconcile: another node serves"), "{log}");
+}
+
 /// A's configuration for a pair that switches back: each node's volume is both its source and its shadow.
 fn switchback_config(dir: &Path, me: &str, peer_addr: &str) -> PathBuf {
     let p = node_config(dir, me, peer_addr);
