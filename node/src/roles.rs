@@ -635,7 +635,7 @@ pub fn demote_for_switchover(
     let rc = role_config(cfg).map_err(|e| failed(&e))?;
     let primary = role::status(&rc.state_dir).is_ok_and(|s| s.role == role::Role::Primary && s.plan.is_none());
     if primary {
-        let committed = final_sync(cfg, &rc, io).and_then(|list| {
+        let committed = final_sync(cfg, &rc, &opts.reason, io).and_then(|list| {
             crate::history::append(
                 cfg,
                 crate::history::Event::Switchover { plan: "final-sync".into(), reason: opts.reason.clone() },
@@ -647,7 +647,10 @@ pub fn demote_for_switchover(
         if let Err(r) = committed {
             let restarted = match role::start_primary_services(&rc) {
                 Ok(_) => "restarted its primary-only services".to_string(),
-                Err(e) => format!("could not restart its primary-only services ({e}): start them by hand"),
+                Err(e) => format!(
+                    "could not restart its primary-only services ({}): start them by hand",
+                    link::error_chain(&e)
+                ),
             };
             let message = format!("{}; nothing was demoted: {} {restarted} and stays primary", r.message, cfg.node);
             tracing::error!("switchover: {message}");
@@ -658,8 +661,41 @@ pub fn demote_for_switchover(
         }
     }
     let report = run(cfg, Plan::Demote, &opts, io).map_err(|e| failed(&e))?;
+    if let Err(e) = role::quiesce_done(&rc) {
+        tracing::warn!("switchover: {e}; the next start of serve removes it");
+    }
     crate::history::append(cfg, crate::history::Event::Switchover { plan: "demote".into(), reason: opts.reason });
     Ok(report)
+}
+
+/// At the start of `serve` and of `reconcile`: a switchover whose final sync stopped this primary's services and
+/// that ended before the demote (the process was killed, or stopped during the final sync) left this node primary
+/// with its services stopped; they are started again, with a warning and a history entry. Nothing to do without a
+/// `[role]` section; failures are logged.
+pub fn resume_interrupted_switchover(cfg: &Config) {
+    let Ok(rc) = role_config(cfg) else { return };
+    match role::resume_interrupted_quiesce(&rc) {
+        Ok(None) => {}
+        Ok(Some((reason, started))) => {
+            tracing::warn!(
+                ?started,
+                "a switchover ({reason}) stopped before this node demoted: it is still primary, its primary-only \
+                 services were started again"
+            );
+            crate::history::append(
+                cfg,
+                crate::history::Event::Switchover {
+                    plan: "resume".into(),
+                    reason: format!("{reason}: interrupted before the demote; primary-only services started again"),
+                },
+            );
+        }
+        Err(e) => tracing::error!(
+            "a switchover stopped this primary's services and did not finish: {}; start them by hand \
+             (this node is still primary)",
+            link::error_chain(&e)
+        ),
+    }
 }
 
 /// A switchover's final sync: stops the primary-only services, waits for a running sync to end, syncs every
@@ -667,12 +703,16 @@ pub fn demote_for_switchover(
 fn final_sync(
     cfg: &Config,
     rc: &role::Config,
+    reason: &str,
     io: engine::volume::IoOptions,
 ) -> Result<Vec<netproto::message::Committed>, netproto::Refusal> {
     use netproto::message::code;
     use netproto::Refusal;
-    let stopped = role::stop_primary_services(rc).map_err(|e| {
-        Refusal::new(code::FAILED, format!("cannot stop the primary-only services for the final sync: {e}"))
+    let stopped = role::stop_primary_services(rc, reason).map_err(|e| {
+        Refusal::new(
+            code::FAILED,
+            format!("cannot stop the primary-only services for the final sync: {}", link::error_chain(&e)),
+        )
     })?;
     tracing::info!(?stopped, "switchover: primary-only services stopped, the volumes are quiescent; final sync");
     let t = std::time::Instant::now();
@@ -816,6 +856,7 @@ pub enum Reconciled {
 /// two do not both write); a standby does nothing. A promote or demote that did not finish is an error: which
 /// way to finish it is the operator's (or the cluster engine's) decision.
 pub fn reconcile(cfg: &Config, reason: &str, io: engine::volume::IoOptions) -> Result<Reconciled, Error> {
+    resume_interrupted_switchover(cfg);
     let st = role::status(cfg.layout().role_dir()).map_err(RoleError::StateDir)?;
     if let Some(p) = &st.plan {
         return Err(RoleError::Interrupted { kind: format!("{:?}", p.kind).to_lowercase(), role: st.role }.into());

@@ -689,6 +689,7 @@ pub fn run(
     let mut holds = HashMap::new();
     let mut standby = HashSet::new();
     for unit in units(&cfg) {
+        roles::resume_interrupted_switchover(&unit);
         for f in crate::shadow::roll_forward(&unit, io) {
             warn!(volume = %vol_key(&unit, &f.volume), "cannot bring the shadow to a complete generation: {}; syncs of it will fail", f.error);
         }

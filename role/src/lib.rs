@@ -36,4 +36,7 @@ pub use boot::LvRenamer;
 pub use config::Config;
 pub use plan::{demote, promote, Guards, NoGuards, Options, PlanError, Report};
 pub use state::{accepts_syncs, check_state_dir, mark_first_full_sync, status, Role, RoleState, Status};
-pub use switchover::{start_primary_services, stop_primary_services, switchover, Peer, PeerError, SwitchoverError};
+pub use switchover::{
+    quiesce_done, resume_interrupted_quiesce, start_primary_services, stop_primary_services, switchover, Peer,
+    PeerError, QuiesceError, SwitchoverError,
+};

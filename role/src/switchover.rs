@@ -9,7 +9,7 @@
 use crate::config::Service;
 use crate::exec::{self, Action, ExecError};
 use crate::plan::{self, Guards, Options, PlanError, Report};
-use crate::state::Role;
+use crate::state::{Role, StateError};
 use crate::Config;
 
 /// Remote control of the peer node, implemented by the CLI over blockrep's protocol.
@@ -42,16 +42,87 @@ impl From<&str> for PeerError {
     }
 }
 
-/// Stops the primary-only services in reverse order (the demote plan's order), so that the volumes are quiescent
-/// for a switchover's final sync; returns their labels. Hook services must be idempotent: the demote plan that
-/// follows stops them again.
-pub fn stop_primary_services(cfg: &Config) -> Result<Vec<String>, ExecError> {
-    run_services(cfg.services.primary_only.iter().rev(), Action::Stop)
+/// Marker file in the role state directory while the primary-only services are stopped for a switchover's final
+/// sync: [`stop_primary_services`] writes it (durably) before stopping them, [`start_primary_services`] and
+/// [`quiesce_done`] remove it. A process that dies in between (killed, or stopped during the final sync) leaves
+/// it, and [`resume_interrupted_quiesce`] finds it.
+pub const QUIESCED_FILE: &str = "switchover-quiesced";
+
+/// Errors of quiescing for a switchover, and of resuming after an interrupted one.
+#[derive(Debug, thiserror::Error)]
+pub enum QuiesceError {
+    /// The marker could not be written, read or removed.
+    #[error("cannot {action} {}", path.display())]
+    Marker {
+        /// What was attempted.
+        action: &'static str,
+        /// The marker.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A service did not stop or start.
+    #[error(transparent)]
+    Services(#[from] ExecError),
+    /// The role state cannot be read.
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
-/// Starts the primary-only services in order (after a switchover's final sync failed: this node stays primary).
-pub fn start_primary_services(cfg: &Config) -> Result<Vec<String>, ExecError> {
-    run_services(cfg.services.primary_only.iter(), Action::Start)
+fn marker(cfg: &Config) -> std::path::PathBuf {
+    cfg.state_dir.join(QUIESCED_FILE)
+}
+
+/// Stops the primary-only services in reverse order (the demote plan's order), so that the volumes are quiescent
+/// for a switchover's final sync; returns their labels. The marker ([`QUIESCED_FILE`]) is written first. Hook
+/// services must be idempotent: the demote plan that follows stops them again.
+pub fn stop_primary_services(cfg: &Config, reason: &str) -> Result<Vec<String>, QuiesceError> {
+    let path = marker(cfg);
+    std::fs::create_dir_all(&cfg.state_dir)
+        .and_then(|()| {
+            let tmp = cfg.state_dir.join(format!(".{QUIESCED_FILE}.tmp"));
+            crate::state::atomic_write(&tmp, &path, format!("{reason}\n").as_bytes())
+        })
+        .map_err(|source| QuiesceError::Marker { action: "write", path, source })?;
+    Ok(run_services(cfg.services.primary_only.iter().rev(), Action::Stop)?)
+}
+
+/// Starts the primary-only services in order (after a switchover's final sync failed: this node stays primary),
+/// then removes the marker.
+pub fn start_primary_services(cfg: &Config) -> Result<Vec<String>, QuiesceError> {
+    let started = run_services(cfg.services.primary_only.iter(), Action::Start)?;
+    quiesce_done(cfg)?;
+    Ok(started)
+}
+
+/// Removes the marker after the demote that followed the final sync.
+pub fn quiesce_done(cfg: &Config) -> Result<(), QuiesceError> {
+    let path = marker(cfg);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(QuiesceError::Marker { action: "remove", path, source }),
+    }
+}
+
+/// After a restart: when a switchover's final sync stopped the primary-only services and the process died before
+/// the demote, and this node still is primary with no plan in progress, starts them again and returns them with
+/// the reason the marker recorded (`None`: nothing was interrupted). A node no longer primary only loses the
+/// marker (its services are its demote's business).
+pub fn resume_interrupted_quiesce(cfg: &Config) -> Result<Option<(String, Vec<String>)>, QuiesceError> {
+    let path = marker(cfg);
+    let reason = match std::fs::read_to_string(&path) {
+        Ok(r) => r.trim().to_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(QuiesceError::Marker { action: "read", path, source }),
+    };
+    let st = crate::state::status(&cfg.state_dir)?;
+    if st.role != Role::Primary || st.plan.is_some() {
+        quiesce_done(cfg)?;
+        return Ok(None);
+    }
+    Ok(Some((reason, start_primary_services(cfg)?)))
 }
 
 fn run_services<'a>(services: impl Iterator<Item = &'a Service>, action: Action) -> Result<Vec<String>, ExecError> {

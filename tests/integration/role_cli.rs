@@ -424,6 +424,57 @@ fn promote_reasserts_the_address_of_a_primary_that_never_was_a_standby() {
     assert!(!lan.has_vip("a") && lan.has_vip("b"));
 }
 
+/// A switchover's final sync stops the primary's services first; when A's serve dies right then (killed by the
+/// service's own stop hook here, as an OOM kill or a stop during the final sync would), A stays primary and B
+/// standby, and the next start of A's serve starts A's services again instead of leaving the service down.
+#[test]
+fn a_switchover_interrupted_after_stopping_the_services_restarts_them_when_serve_starts() {
+    if !is_root() {
+        eprintln!("skipping: network namespaces need root (CI runs as root)");
+        return;
+    }
+    let lan = Lan::named("q");
+    let d = tempfile::tempdir().unwrap();
+    let dp = d.path();
+    let (ca, cb, mut serve_b) = primary_a_synced_to_b(&lan, dp);
+    let hook = format!("echo $BLOCKREP_ACTION >> {}/app-a.log", dp.display());
+    let killer = format!(
+        "{hook}; if [ $BLOCKREP_ACTION = stop ] && rm {}/kill-once 2>/dev/null; then kill -9 $PPID; fi",
+        dp.display()
+    );
+    let text = std::fs::read_to_string(&ca).unwrap();
+    assert!(text.contains(&hook));
+    std::fs::write(&ca, text.replace(&format!("hook = \"{hook}\""), &format!("hook = {killer:?}"))).unwrap();
+    std::fs::write(dp.join("kill-once"), "").unwrap();
+    let mut serve_a = serve(&lan, "a", &ca);
+
+    let o = run(lan.blockrep("b").args(["switchover", "--reason", "planned", "--config"]).arg(&cb));
+    assert_ne!(o.status.code(), Some(0), "{}\n{}", stdout(&o), stderr(&o));
+    let _ = serve_a.wait();
+    let app_a = || std::fs::read_to_string(dp.join("app-a.log")).unwrap();
+    assert_eq!(app_a(), "start\nstop\n", "the final sync stopped A's service, then serve died");
+    assert_eq!(status(&lan, "a", &ca)["role"], "primary");
+    assert_eq!(status(&lan, "b", &cb)["role"], "standby");
+    assert!(lan.has_vip("a") && !lan.has_vip("b"));
+
+    let mut serve_a = serve(&lan, "a", &ca);
+    assert_eq!(app_a(), "start\nstop\nstart\n", "serve started A's service again");
+    assert_eq!(status(&lan, "a", &ca)["role"], "primary");
+    let log = stdout(&run(lan.blockrep("a").args(["log", "--config"]).arg(&ca)));
+    assert!(log.contains("resume: switchover requested by b: planned: interrupted before the demote"), "{log}");
+    // Nothing left to resume: a second start changes nothing.
+    stop(&mut [&mut serve_a]);
+    let mut serve_a = serve(&lan, "a", &ca);
+    assert_eq!(app_a(), "start\nstop\nstart\n");
+
+    // The switchover, asked again, goes through.
+    let o = run(lan.blockrep("b").args(["switchover", "--reason", "planned", "--config"]).arg(&cb));
+    assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+    assert!(lan.has_vip("b") && !lan.has_vip("a"));
+    assert_eq!(status(&lan, "a", &ca)["role"], "standby");
+    stop(&mut [&mut serve_a, &mut serve_b]);
+}
+
 /// `blockrep reconcile`, as contrib/systemd/blockrep-reconcile.service runs it at boot: a standby does nothing,
 /// a primary nobody replaced gets its address back (services untouched), a primary another node replaced while
 /// it was away demotes (its service stops), and the history says which.
