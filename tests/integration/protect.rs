@@ -605,6 +605,44 @@ impl Drop for Fallback {
     }
 }
 
+/// `switchover --for pa` on the standby of two primaries while pa is alive: pa stops its service, syncs a last
+/// time (its last write reaches s), demotes, and s takes over pa only; pb's syncs are then refused (keep_protecting
+/// off) until s hands pa back.
+#[test]
+fn the_standby_of_two_primaries_takes_one_over_by_a_planned_switchover() {
+    if !is_root() {
+        eprintln!("skipping: network namespaces need root (CI runs as root)");
+        return;
+    }
+    let mut f = Fallback::new();
+    f.ok("pa", &["promote", "--force", "--reason", "initial"]);
+    f.serve("s");
+    f.ok("pa", &["sync"]);
+    f.ok("pb", &["sync"]);
+    f.serve("pa");
+    scribble(&f.path("vol-pa.img"), &[3, 90], 13); // written after the last sync: the final sync carries it
+
+    let out = f.ok("s", &["switchover", "--for", "pa", "--reason", "maintenance of pa"]);
+    assert!(f.vip("a") && !f.vip("b"), "pa's address moved to s: {out}");
+    assert!(f.same("vol-pa.img", "shadow-pa.img"), "pa's last write is on s");
+    assert_eq!(f.role("pa", None), "standby");
+    assert_eq!(f.role("s", Some("pa")), "primary");
+    assert_eq!(f.role("s", Some("pb")), "standby");
+    let app = |n: &str| std::fs::read_to_string(f.path(&format!("app-{n}.log"))).unwrap();
+    assert_eq!(app("pa").split_whitespace().last(), Some("stop"), "{}", app("pa"));
+    assert_eq!(app("s").split_whitespace().collect::<Vec<_>>(), ["start"]);
+    let o = f.br("pb", &["sync"]);
+    assert!(!o.status.success() && stderr(&o).contains("acts for primary pa"), "{}", stderr(&o));
+    let log = f.ok("pa", &["log"]);
+    assert!(log.contains("final-sync: switchover requested by s") && log.contains("demote:"), "{log}");
+
+    // Back: pa (now s's standby for its volume) switches over; pb is protected again.
+    f.ok("pa", &["switchover", "--reason", "maintenance done"]);
+    assert!(f.vip("b") && !f.vip("a"));
+    assert_eq!(f.role("s", Some("pa")), "standby");
+    f.ok("pb", &["sync"]);
+}
+
 #[test]
 fn a_repaired_primary_takes_its_service_back_by_hand_and_automatically() {
     if !is_root() {
