@@ -38,6 +38,9 @@ pub enum AlarmKind {
     /// A standby protecting several primaries acts for one and refuses the others' syncs (`keep_protecting`);
     /// the alarm's "volume" is the unprotected primary's node name.
     Unprotected,
+    /// This node is primary, but a virtual IP of its `[role]` is not on its interface (after a reboot nothing
+    /// else brings it back than `blockrep reconcile` or a promote).
+    VipMissing,
 }
 
 impl AlarmKind {
@@ -52,11 +55,12 @@ impl AlarmKind {
             AlarmKind::ShadowUntrusted => "shadow_untrusted",
             AlarmKind::RetainedDropped => "retained_dropped",
             AlarmKind::Unprotected => "unprotected",
+            AlarmKind::VipMissing => "vip_missing",
         }
     }
 
     /// Every kind, for metrics.
-    pub const ALL: [AlarmKind; 8] = [
+    pub const ALL: [AlarmKind; 9] = [
         AlarmKind::SyncFailed,
         AlarmKind::StandbyUnreachable,
         AlarmKind::PrimaryOnStandby,
@@ -65,6 +69,7 @@ impl AlarmKind {
         AlarmKind::ShadowUntrusted,
         AlarmKind::RetainedDropped,
         AlarmKind::Unprotected,
+        AlarmKind::VipMissing,
     ];
 }
 
@@ -215,8 +220,8 @@ fn notify(cfg: &Config, event: &str, a: &Alarm) {
     }
 }
 
-/// The standing conditions judged from this node's state: primary on the standby node, data too old, shadow
-/// untrusted.
+/// The standing conditions judged from this node's state: primary on the standby node, a primary without its
+/// virtual IP, data too old, shadow untrusted.
 pub fn judge_standing(
     cfg: &Config,
     role: Option<role::Role>,
@@ -233,6 +238,32 @@ pub fn judge_standing(
             Judgement::raise(AlarmKind::PrimaryOnStandby, None, m)
         } else {
             Judgement::clear(AlarmKind::PrimaryOnStandby, None)
+        });
+    }
+    // Only with a [role] section (it names the addresses), and only for a settled role: a plan in progress is
+    // moving them.
+    if let (Ok(rc), Some(r @ (role::Role::Primary | role::Role::Standby))) = (crate::roles::role_config(cfg), role) {
+        j.push(match (r, role::missing_vips(&rc)) {
+            (role::Role::Primary, Ok(missing)) if !missing.is_empty() => {
+                let list = missing.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(" and ");
+                let m = format!(
+                    "node {} is primary, but {list} is not on {}: clients cannot reach the service; run `blockrep \
+                     reconcile` (it re-asserts the address when no other node serves) and enable \
+                     blockrep-reconcile.service so that a reboot does it",
+                    cfg.node, rc.interface
+                );
+                Judgement::raise(AlarmKind::VipMissing, None, m)
+            }
+            (role::Role::Primary, Err(e)) => Judgement::raise(
+                AlarmKind::VipMissing,
+                None,
+                format!(
+                    "node {} is primary, but its virtual IP cannot be checked: {}",
+                    cfg.node,
+                    link::error_chain(&e)
+                ),
+            ),
+            _ => Judgement::clear(AlarmKind::VipMissing, None),
         });
     }
     for v in volumes {

@@ -34,7 +34,7 @@ pub mod switchover;
 
 pub use boot::LvRenamer;
 pub use config::Config;
-pub use plan::{demote, promote, Guards, NoGuards, Options, PlanError, Report};
+pub use plan::{demote, missing_vips, promote, Guards, NoGuards, Options, PlanError, Report};
 pub use state::{accepts_syncs, check_state_dir, mark_first_full_sync, status, Role, RoleState, Status};
 pub use switchover::{
     quiesce_done, resume_interrupted_quiesce, start_primary_services, stop_primary_services, switchover, Peer,

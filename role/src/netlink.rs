@@ -43,6 +43,9 @@ pub enum NetlinkError {
     /// The netlink socket could not be opened or used (needs CAP_NET_ADMIN for changes).
     #[error("could not {0} a NETLINK_ROUTE socket; blockrep must run as root to change addresses")]
     Socket(&'static str, #[source] io::Error),
+    /// The interfaces' addresses could not be listed.
+    #[error("cannot list the network interfaces' addresses (getifaddrs)")]
+    List(#[source] io::Error),
     /// The kernel's answer could not be decoded.
     #[error("the kernel's netlink answer to `{what}` could not be decoded: {problem}")]
     Reply {
@@ -60,6 +63,21 @@ pub enum NetlinkError {
         #[source]
         source: io::Error,
     },
+}
+
+/// The addresses assigned to `iface` (both families), read with getifaddrs(3), which needs no privilege.
+pub fn addresses(iface: &str) -> Result<Vec<IpAddr>, NetlinkError> {
+    ifindex(iface)?;
+    let all = nix::ifaddrs::getifaddrs().map_err(|e| NetlinkError::List(e.into()))?;
+    Ok(all
+        .filter(|a| a.interface_name == iface)
+        .filter_map(|a| a.address)
+        .filter_map(|s| {
+            s.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .collect())
 }
 
 /// Index of interface `name` in the current network namespace.

@@ -530,6 +530,12 @@ fn vip_up(run: &mut Run<'_>) -> Result<(), PlanError> {
     Ok(())
 }
 
+/// The virtual IPs of `cfg` that are not on its interface (a primary's after a reboot, or removed by hand).
+pub fn missing_vips(cfg: &Config) -> Result<Vec<crate::config::IpNet>, NetlinkError> {
+    let present = netlink::addresses(&cfg.interface)?;
+    Ok(cfg.vip.iter().filter(|v| !present.contains(&v.addr)).copied().collect())
+}
+
 /// The `garp` step: gratuitous ARP for IPv4 VIPs, unsolicited neighbour advertisements for IPv6 VIPs.
 fn garp(run: &mut Run<'_>) -> Result<(), PlanError> {
     let cfg = run.cfg;

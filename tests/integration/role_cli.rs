@@ -497,11 +497,19 @@ fn reconcile_reasserts_an_unreplaced_primary_and_demotes_a_replaced_one() {
     let r = json(&reconcile("b", &cb));
     assert_eq!((r["action"].as_str(), r["role"].as_str()), (Some("none"), Some("standby")), "{r}");
 
-    // A reboots: the address is gone; nobody else serves, so reconcile brings it back.
+    // A reboots: the address is gone, and status raises an alarm naming what to run; nobody else serves, so
+    // reconcile brings it back and the alarm clears.
+    let vip_alarm = |st: &serde_json::Value| {
+        st["alarms"].as_array().unwrap().iter().find(|a| a["kind"] == "vip_missing").map(|a| a.to_string())
+    };
+    assert_eq!(vip_alarm(&status(&lan, "a", &ca)), None);
     ip(&["-n", &lan.ns("a"), "addr", "del", "10.77.8.50/24", "dev", "eth0"]);
+    let alarm = vip_alarm(&status(&lan, "a", &ca)).expect("vip_missing raised");
+    assert!(alarm.contains("10.77.8.50/24 is not on eth0") && alarm.contains("blockrep reconcile"), "{alarm}");
     let o = run(lan.blockrep("a").args(["reconcile", "--reason", "boot", "--config"]).arg(&ca));
     assert!(o.status.success() && stdout(&o).contains("virtual IP re-asserted"), "{}\n{}", stdout(&o), stderr(&o));
     assert!(lan.has_vip("a") && !lan.has_vip("b"));
+    assert_eq!(vip_alarm(&status(&lan, "a", &ca)), None);
     assert_eq!(app_a(), "start\n", "services untouched");
     assert_eq!(status(&lan, "a", &ca)["role"], "primary");
 
