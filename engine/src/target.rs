@@ -1389,21 +1389,38 @@ impl Target {
 
     /// Fingerprints ([`hash::piece_cv`]) of the [`SUB_BLOCK_SIZE`] pieces of each listed block of the effective
     /// content, back to back. They are kept for the block's new hash at commit, so the block is read only here.
+    /// Consecutive listed blocks are read together, up to [`IO_CHUNK`] bytes at a time (a clustered change is one
+    /// read, not one per block: each read costs a device round trip).
     fn sub_hashes_impl(&mut self, blocks: &[u64]) -> Result<Vec<BlockHash>, TargetError> {
+        let s = self.session("hash")?;
+        let (size, bs) = (s.plan.volume_size, s.plan.block_size);
+        let per_read = (IO_CHUNK as u64 / bs as u64).max(1);
         let mut out = Vec::new();
-        for &b in blocks {
-            self.check_blocks(b, 1)?;
-            let data = self.block_content(b)?;
-            let cvs: Vec<BlockHash> = hash::piece_cvs(&data).collect();
-            self.recycle(data);
-            out.extend_from_slice(&cvs);
-            let s = self.session.as_mut().expect("checked by block_content");
-            let per_block = cvs.len();
-            s.pieces.insert(b, cvs);
-            if s.pieces.len() * per_block > MAX_PIECE_FINGERPRINTS {
-                let oldest = *s.pieces.keys().next().expect("not empty");
-                s.settle(oldest + 1);
+        let mut i = 0;
+        while i < blocks.len() {
+            let first = blocks[i];
+            let mut n = 1u64;
+            while n < per_read && blocks.get(i + n as usize).is_some_and(|&b| first.checked_add(n) == Some(b)) {
+                n += 1;
             }
+            self.check_blocks(first, n)?;
+            let offset = first * bs as u64;
+            let len = ((first + n) * bs as u64).min(size) - offset;
+            let data = self.read_effective(offset, len as usize)?;
+            for (k, chunk) in data.chunks(bs as usize).enumerate() {
+                debug_assert_eq!(chunk.len(), hash::block_len(size, bs, first + k as u64));
+                let cvs: Vec<BlockHash> = hash::piece_cvs(chunk).collect();
+                out.extend_from_slice(&cvs);
+                let s = self.session.as_mut().expect("checked above");
+                let per_block = cvs.len();
+                s.pieces.insert(first + k as u64, cvs);
+                if s.pieces.len() * per_block > MAX_PIECE_FINGERPRINTS {
+                    let oldest = *s.pieces.keys().next().expect("not empty");
+                    s.settle(oldest + 1);
+                }
+            }
+            self.recycle(data);
+            i += n as usize;
         }
         Ok(out)
     }

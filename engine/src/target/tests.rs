@@ -663,6 +663,33 @@ proptest! {
     }
 }
 
+/// Refinement fingerprints of listed blocks, runs of consecutive ones read together: the same values, in the same
+/// order, as block by block, over the effective content (the shadow, or what this session already received), the
+/// partial last block included.
+#[test]
+fn sub_hashes_of_runs_of_blocks_match_block_by_block() {
+    let bs = 8192u32;
+    let e = env(SIZE);
+    let shadow = shadow_bytes(&e, SIZE);
+    let mut t = open(&e, Durable::new()).unwrap();
+    let link: &mut dyn TargetLink = &mut t;
+    let plan = BeginPlan { generation: 1, volume_size: SIZE as u64, block_size: bs, ..Default::default() };
+    link.begin(&plan).unwrap();
+    let expect = |content: &[u8], blocks: &[u64]| -> Vec<BlockHash> {
+        let block = |b: u64| &content[(b * bs as u64) as usize..(((b + 1) * bs as u64) as usize).min(SIZE)];
+        blocks.iter().flat_map(|&b| hash::piece_cvs(block(b)).collect::<Vec<_>>()).collect()
+    };
+    let blocks = [0, 1, 2, 5, 7, 8];
+    assert_eq!(link.sub_hashes(&blocks).unwrap(), expect(&shadow, &blocks));
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(41);
+    let mut now = shadow.clone();
+    rng.fill(&mut now[3 * bs as usize..5 * bs as usize]);
+    let data = Bytes::copy_from_slice(&now[3 * bs as usize..5 * bs as usize]);
+    link.extent(Extent { offset: 3 * bs as u64, len: 2 * bs as u64, data: ExtentData::Data(data) }).unwrap();
+    assert_eq!(link.sub_hashes(&[2, 3, 4, 5, 6]).unwrap(), expect(&now, &[2, 3, 4, 5, 6]));
+    assert!(link.sub_hashes(&[8, 9]).is_err(), "a block past the end is refused");
+}
+
 #[test]
 fn target_link_trait_drives_a_sync_and_reports_target_errors() {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(18);
