@@ -25,11 +25,8 @@ for n in a b; do
   check ip link add vip$n type dummy
   check ip link set vip$n up
 done
-check mkfs.ext4 -q -F /dev/ubdc
-mkdir -p /mnt/brstate
-check mount -t ext4 /dev/ubdc /mnt/brstate
+state_fs
 mkdir -p /mnt/brstate/a /mnt/brstate/b
-check $BR keygen $W/key
 # conf NODE LISTEN_PORT PEER_PORT VG
 conf() {
   cat > $W/$1.toml <<CONF
@@ -73,14 +70,8 @@ VB=/dev/vg1/data
 SERVES=0
 start_serve() {
   SERVES=$((SERVES + 1))
-  _log=$W/serve-$1-$SERVES.log
-  BLOCKREP_LOG=info $BR --config $W/$1.toml serve > $_log 2>&1 &
-  eval "SERVE_$1=$!"
-  for _i in $(seq 1 50); do
-    grep -q serving $_log && return 0
-    sleep 0.2
-  done
-  fail "serve of $1 did not start: $(cat $_log)"
+  serve_bg $W/serve-$1-$SERVES.log --config $W/$1.toml
+  eval "SERVE_$1=$SERVE"
 }
 # wr DEV BLOCK...: one random 4 KiB block at each 4 KiB block number, written through (O_DIRECT).
 wr() {

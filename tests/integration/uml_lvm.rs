@@ -15,12 +15,7 @@ fn setup(snapshot_size: &str) -> String {
         r#"
 BR={br}
 W=$UML_DIR
-mkdir -p /mnt/brstate
-if ! mountpoint -q /mnt/brstate; then
-  blkid /dev/ubdc >/dev/null 2>&1 || check mkfs.ext4 -q -F /dev/ubdc
-  check mount -t ext4 /dev/ubdc /mnt/brstate
-fi
-[ -f $W/key ] || check $BR keygen $W/key
+state_fs
 cat > $W/blockrep.toml <<CONF
 node = "uml"
 key_file = "$W/key"
@@ -37,12 +32,7 @@ snapshot = "lvm"
 snapshot_size = "{snapshot_size}"
 CONF
 start_serve() {{
-  BLOCKREP_LOG=info $BR serve --config $W/blockrep.toml >> $W/serve.log 2>&1 &
-  SERVE=$!
-  for _i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
-    grep -q serving $W/serve.log 2>/dev/null && break
-    sleep 0.3
-  done
+  serve_bg $W/serve.log --config $W/blockrep.toml
 }}
 "#,
         br = env!("CARGO_BIN_EXE_blockrep")

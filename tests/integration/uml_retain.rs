@@ -22,12 +22,7 @@ fn setup(keep: u32, volumes: &[&str]) -> String {
     format!(
         r#"
 W=$UML_DIR
-mkdir -p /mnt/brstate
-if ! mountpoint -q /mnt/brstate; then
-  blkid /dev/ubdc >/dev/null 2>&1 || check mkfs.ext4 -q -F /dev/ubdc
-  check mount -t ext4 /dev/ubdc /mnt/brstate
-fi
-[ -f $W/key ] || check $BR keygen $W/key
+state_fs
 cat > $W/p.toml <<CONF
 node = "p"
 key_file = "$W/key"
@@ -59,13 +54,7 @@ P="--config $W/p.toml"
 S="--config $W/s.toml"
 start_serve() {{
   : > $W/serve.log
-  BLOCKREP_LOG=info $BR $S serve >> $W/serve.log 2>&1 &
-  SERVE=$!
-  for _i in $(seq 1 50); do
-    grep -q serving $W/serve.log && return 0
-    sleep 0.2
-  done
-  fail "serve did not start: $(cat $W/serve.log)"
+  serve_bg $W/serve.log $S
 }}
 # psync KEY [VOLUME...]: blockrep sync on the primary; exit status in KEY_rc, stderr in $W/KEY.err.
 psync() {{
@@ -412,10 +401,7 @@ fn keep2_thin_incremental_time_against_keep1() {
     let scenario = r#"
 W=$UML_DIR
 check modprobe -d "$UML_MODS" dm-thin-pool
-mkdir -p /mnt/brstate
-check mkfs.ext4 -q -F /dev/ubdc
-check mount -t ext4 /dev/ubdc /mnt/brstate
-check $BR keygen $W/key
+state_fs
 make_vg vg0 /dev/ubda
 make_vg vg1 /dev/ubdb
 make_lv vg0 k1 256M
@@ -423,10 +409,7 @@ make_lv vg0 k2 256M
 check lvcreate -q --yes -L 900M -T vg1/pool
 check lvcreate -q --yes -V 256M -T vg1/pool -n k1
 check lvcreate -q --yes -V 256M -T vg1/pool -n k2
-check dd if=/dev/urandom of=$W/seed bs=1M count=256 status=none
-check dd if=$W/seed of=/dev/vg0/k1 bs=1M oflag=direct status=none
-check dd if=$W/seed of=/dev/vg0/k2 bs=1M oflag=direct status=none
-rm $W/seed
+seed_same 256 /dev/vg0/k1 /dev/vg0/k2
 cat > $W/p.toml <<CONF
 node = "p"
 key_file = "$W/key"
@@ -454,8 +437,7 @@ name = "k2"
 shadow = "/dev/vg1/k2"
 keep_generations = 2
 CONF
-$BR --config $W/s.toml serve > $W/serve.log 2>&1 &
-for _i in $(seq 1 50); do grep -q serving $W/serve.log && break; sleep 0.2; done
+serve_bg $W/serve.log --config $W/s.toml
 check $BR --config $W/p.toml sync > /dev/null 2>&1
 check $BR --config $W/p.toml sync > /dev/null 2>&1
 # t VOLUME: seconds of one sync of VOLUME

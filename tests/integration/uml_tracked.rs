@@ -21,10 +21,7 @@ fn scenario() -> String {
 BR={br}
 W=$UML_DIR
 modprobe -d $UML_MODS dm-thin-pool || fail "cannot load dm-thin-pool"
-mkdir -p /mnt/brstate
-check mkfs.ext4 -q -F /dev/ubdc
-check mount -t ext4 /dev/ubdc /mnt/brstate
-check $BR keygen $W/key
+state_fs
 make_vg vg0 /dev/ubda
 make_vg vg1 /dev/ubdb
 check lvcreate -q --yes -L 80M -T vg0/pool
@@ -56,12 +53,7 @@ snapshot_size = "50%"
 track = "snapshot"
 full_scan_every = 0
 CONF
-BLOCKREP_LOG=info $BR serve --config $W/blockrep.toml >> $W/serve.log 2>&1 &
-SERVE=$!
-for _i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
-  grep -q serving $W/serve.log 2>/dev/null && break
-  sleep 0.3
-done
+serve_bg $W/serve.log --config $W/blockrep.toml
 $BR sync --config $W/blockrep.toml > /dev/null 2>&1
 check $BR shadow create --config $W/blockrep.toml thin
 check $BR shadow create --config $W/blockrep.toml classic
@@ -283,7 +275,8 @@ fn tracked_thin_and_classic_syncs_read_only_the_changes_and_fall_back_with_the_r
 }
 
 /// Measurement, not a test (`cargo test -p blockrep --test integration tracked_thin_against -- --ignored
-/// --nocapture`): the issue-15 targets of the tracked path, in one guest. Two thin LVs of 256 MiB with the same
+/// --nocapture`): the issue-15 targets of the tracked path, in one guest. Two thin LVs of 256 MiB (or
+/// `BLOCKREP_UML_TRACKED_MIB`; rounds `BLOCKREP_UML_TRACKED_ROUNDS`, patterns `BLOCKREP_UML_TRACKED_PATTERNS`) with the same
 /// content and the same changes, one synced with `track = "thin"`, the other with `track = "none"` (full scan),
 /// interleaved; per round 1 % of the volume changed, in scattered 4 KiB writes or in 1 MiB writes. Prints, per
 /// pattern, the median time of each (the whole `blockrep sync`, snapshot and `thin_delta` included), their ratio
@@ -297,26 +290,27 @@ fn tracked_thin_against_full_scan_time_and_bytes_read() {
         eprintln!("skipping: {reason}");
         return;
     }
-    const ROUNDS: usize = 5;
+    // The volume size, rounds and patterns can be changed to see how the ratio moves with the volume size (the
+    // full scan grows with it, the tracked sync's lvm commands do not).
+    let knob = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
+    let mib: u64 = knob("BLOCKREP_UML_TRACKED_MIB", "256").parse().expect("BLOCKREP_UML_TRACKED_MIB: MiB");
+    let rounds: usize = knob("BLOCKREP_UML_TRACKED_ROUNDS", "5").parse().expect("BLOCKREP_UML_TRACKED_ROUNDS");
+    let patterns = knob("BLOCKREP_UML_TRACKED_PATTERNS", "scattered clustered");
+    assert!(mib >= 256 && mib % 256 == 0, "BLOCKREP_UML_TRACKED_MIB: a multiple of 256");
+    let pool = 2 * mib + 208;
     let scenario = format!(
         r#"
 W=$UML_DIR
 check modprobe -d "$UML_MODS" dm-thin-pool
-mkdir -p /mnt/brstate
-check mkfs.ext4 -q -F /dev/ubdc
-check mount -t ext4 /dev/ubdc /mnt/brstate
-check $BR keygen $W/key
+state_fs
 make_vg vg0 /dev/ubda
 make_vg vg1 /dev/ubdb
-check lvcreate -q --yes -L 720M -T vg0/pool
-check lvcreate -q --yes -V 256M -T vg0/pool -n tr
-check lvcreate -q --yes -V 256M -T vg0/pool -n fs
-make_lv vg1 tr 256M
-make_lv vg1 fs 256M
-check dd if=/dev/urandom of=$W/seed bs=1M count=256 status=none
-check dd if=$W/seed of=/dev/vg0/tr bs=1M oflag=direct status=none
-check dd if=$W/seed of=/dev/vg0/fs bs=1M oflag=direct status=none
-rm $W/seed
+check lvcreate -q --yes -L {pool}M -T vg0/pool
+check lvcreate -q --yes -V {mib}M -T vg0/pool -n tr
+check lvcreate -q --yes -V {mib}M -T vg0/pool -n fs
+make_lv vg1 tr {mib}M
+make_lv vg1 fs {mib}M
+seed_same {mib} /dev/vg0/tr /dev/vg0/fs
 cat > $W/p.toml <<CONF
 node = "p"
 key_file = "$W/key"
@@ -348,8 +342,7 @@ shadow = "/dev/vg1/tr"
 name = "fs"
 shadow = "/dev/vg1/fs"
 CONF
-$BR --config $W/s.toml serve > $W/serve.log 2>&1 &
-for _i in $(seq 1 50); do grep -q serving $W/serve.log && break; sleep 0.2; done
+serve_bg $W/serve.log --config $W/s.toml
 check $BR --config $W/p.toml sync > /dev/null 2>&1
 check $BR --config $W/p.toml sync > /dev/null 2>&1
 # t VOLUME: "seconds json" of one sync of VOLUME
@@ -360,9 +353,9 @@ t() {{
   echo "$(date +%s.%N) $_s" | awk '{{printf "%.3f", $1 - $2}}'
   echo " $(cat $W/t.json)"
 }}
-# change PATTERN ROUND: the same 1 % of both volumes rewritten (2.56 MiB), then synced to disk.
+# change PATTERN ROUND: the same 1 % of both volumes rewritten, then synced to disk.
 change() {{
-  if [ $1 = scattered ]; then n=655 bs=4K span=65536; else n=3 bs=1M span=256; fi
+  if [ $1 = scattered ]; then n=$(( 655 * {mib} / 256 )) bs=4K span=$(( {mib} * 256 )); else n=$(( 3 * {mib} / 256 )) bs=1M span={mib}; fi
   i=0
   while [ $i -lt $n ]; do
     b=$(( (i * 9973 + $2 * 131) % span ))
@@ -373,9 +366,9 @@ change() {{
   done
   result written_$1_$2 "$(( n * $(echo $bs | sed 's/K/*1024/; s/M/*1048576/') ))"
 }}
-for p in scattered clustered; do
+for p in {patterns}; do
   r=1
-  while [ $r -le {ROUNDS} ]; do
+  while [ $r -le {rounds} ]; do
     change $p $r
     if [ $((r % 2)) -eq 0 ]; then a=$(t tr); b=$(t fs); else b=$(t fs); a=$(t tr); fi
     result tr_${{p}}_$r "$a"
@@ -389,8 +382,8 @@ result tr_source "$(hash_dev /dev/vg0/tr)"
 "#
     );
     let boot = uml::Boot::new(&scenario)
-        .disk("vg0", 800 << 20)
-        .disk("vg1", 560 << 20)
+        .disk("vg0", (pool + 80) << 20)
+        .disk("vg1", (2 * mib + 48) << 20)
         .disk("state", 64 << 20)
         .env("BR", env!("CARGO_BIN_EXE_blockrep"))
         .timeout(Duration::from_secs(1500));
@@ -403,9 +396,9 @@ result tr_source "$(hash_dev /dev/vg0/tr)"
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    for p in ["scattered", "clustered"] {
+    for p in patterns.split_whitespace() {
         let (mut tr, mut fs, mut read) = (Vec::new(), Vec::new(), Vec::new());
-        for n in 1..=ROUNDS {
+        for n in 1..=rounds {
             let row = |side: &str| -> (f64, serde_json::Value) {
                 let v =
                     r.result(&format!("{side}_{p}_{n}")).unwrap_or_else(|| panic!("{side} {p} {n}: {:?}", r.results));
@@ -430,6 +423,9 @@ result tr_source "$(hash_dev /dev/vg0/tr)"
             read.push(scanned / written);
         }
         let (a, b, x) = (median(tr), median(fs), median(read));
-        eprintln!("{p}: median tracked {a:.3} s, full scan {b:.3} s, ratio {:.3}; bytes read / written {x:.2}", a / b);
+        eprintln!(
+            "{p}, {mib} MiB: median tracked {a:.3} s, full scan {b:.3} s, ratio {:.3}; bytes read / written {x:.2}",
+            a / b
+        );
     }
 }

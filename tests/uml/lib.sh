@@ -18,6 +18,42 @@ result() {
   printf '%s=%s\n' "$1" "$2" >> "$UML_DIR/results"
 }
 
+# state_fs: blockrep's state directory /mnt/brstate on an ext4 file system of /dev/ubdc (made on the first boot of
+# the guest's disks, mounted on every boot), and the key $UML_DIR/key (made once). Needs $BR.
+state_fs() {
+  mkdir -p /mnt/brstate
+  if ! mountpoint -q /mnt/brstate; then
+    blkid /dev/ubdc >/dev/null 2>&1 || check mkfs.ext4 -q -F /dev/ubdc
+    check mount -t ext4 /dev/ubdc /mnt/brstate
+  fi
+  [ -f "$UML_DIR/key" ] || check "$BR" keygen "$UML_DIR/key"
+}
+
+# serve_bg LOG ARGS...: `$BR ARGS serve` in the background (its pid in SERVE), appending to LOG (BLOCKREP_LOG
+# defaults to info); returns once it serves, fails after 10 s.
+serve_bg() {
+  _log=$1
+  shift
+  BLOCKREP_LOG=${BLOCKREP_LOG:-info} "$BR" "$@" serve >> "$_log" 2>&1 &
+  SERVE=$!
+  for _i in $(seq 1 50); do
+    grep -q serving "$_log" 2>/dev/null && return 0
+    sleep 0.2
+  done
+  fail "serve did not start: $(tail -5 "$_log")"
+}
+
+# seed_same MIB DEVICE...: the same MIB MiB of random data on each DEVICE (written through, O_DIRECT).
+seed_same() {
+  _mib=$1
+  shift
+  check dd if=/dev/urandom of="$UML_DIR/seed" bs=1M count="$_mib" status=none
+  for _d in "$@"; do
+    check dd if="$UML_DIR/seed" of="$_d" bs=1M oflag=direct status=none
+  done
+  rm "$UML_DIR/seed"
+}
+
 # make_vg VG DEVICE...: a volume group on whole ubd disks.
 make_vg() {
   _vg=$1
