@@ -295,7 +295,8 @@ fn plan(cli: &args::Cli, plan: Plan, a: &args::PlanArgs) -> Result<()> {
     }
     let report = report?;
     if !a.dry_run {
-        let plan = format!("{plan:?}").to_lowercase();
+        // A promote of a node that already is primary changed no role: the history says what it did.
+        let plan = if report.reasserted() { "re-assert".to_owned() } else { format!("{plan:?}").to_lowercase() };
         node::history::append(&cfg, node::history::Event::Switchover { plan, reason: a.reason.clone() });
     }
     report::print_plan(&report, a.json);

@@ -195,6 +195,14 @@ pub struct Report {
     pub millis: u64,
 }
 
+impl Report {
+    /// Whether this was a promote of a node that already was primary (it only re-asserted the virtual IP).
+    pub fn reasserted(&self) -> bool {
+        self.kind == PlanKind::Promote
+            && self.steps.first().is_some_and(|s| s.step == "role-primary" && s.outcome == Outcome::AlreadyDone)
+    }
+}
+
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let verb = if self.dry_run { "plan for" } else { "ran" };

@@ -406,6 +406,8 @@ fn promote_reasserts_the_address_of_a_primary_that_never_was_a_standby() {
     let o = run(lan.blockrep("a").args(["status", "--role", "--config"]).arg(&ca));
     assert!(o.status.success() && stdout(&o) == "primary\n", "status --role: {:?} {}", stdout(&o), stderr(&o));
     assert_eq!(std::fs::read(d.path().join("shadow-a.img")).unwrap(), shadow_a, "A's shadow untouched");
+    let log = stdout(&run(lan.blockrep("a").args(["log", "--config"]).arg(&ca)));
+    assert!(log.contains("re-assert: after reboot") && !log.contains("promote: after reboot"), "{log}");
 
     // --generation names a shadow generation to serve: meaningless on a primary, refused as a usage error.
     let o = run(lan.blockrep("a").args(["promote", "--generation", "1", "--config"]).arg(&ca));
