@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::role_cli::{ip, is_root, primary_a_synced_to_b, serve, status, Daemon, Lan};
+use super::role_cli::{ip, primary_a_synced_to_b, serve, status, Daemon, Lan};
 
 pub(super) const KEEPALIVED: &str = "/usr/sbin/keepalived";
 
@@ -83,10 +83,7 @@ fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool, logs: i
 /// (the primary's priority bonus), B never becomes MASTER. Stopping A's keepalived then fails over to B.
 #[test]
 fn keepalived_keeps_the_primary_through_a_restart_of_both_and_fails_over_when_it_stops() {
-    if !is_root() {
-        eprintln!("skipping: network namespaces need root (CI runs as root)");
-        return;
-    }
+    skip_unless_root!();
     assert!(Path::new(KEEPALIVED).exists(), "{KEEPALIVED} is missing: scripts/deps.sh installs keepalived");
     let lan = Lan::named("kv");
     let d = tempfile::tempdir().unwrap();

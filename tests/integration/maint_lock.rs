@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use super::role_cli::{ip, is_root, primary_a_synced_to_b, serve, status, stop, Lan};
+use super::role_cli::{ip, primary_a_synced_to_b, serve, status, stop, Lan};
 use super::*;
 
 /// A primary-only hook's log: the `start`/`stop` lines A's service received.
@@ -31,10 +31,7 @@ fn events(lan: &Lan, n: &str, cfg: &Path, event: &str) -> Vec<serde_json::Value>
 
 #[test]
 fn a_maintenance_lock_refuses_promote_and_switchover_until_unlocked() {
-    if !is_root() {
-        eprintln!("skipping: network namespaces need root (CI runs as root)");
-        return;
-    }
+    skip_unless_root!();
     let lan = Lan::named("k");
     let d = tempfile::tempdir().unwrap();
     let dp = d.path();

@@ -1,5 +1,15 @@
 //! Shared helpers for the integration tests.
 
+/// Ends a test that needs network namespaces, saying so, unless it runs as root (CI does).
+macro_rules! skip_unless_root {
+    () => {
+        if !super::role_cli::is_root() {
+            eprintln!("skipping: network namespaces need root (CI runs as root)");
+            return;
+        }
+    };
+}
+
 mod hardening;
 mod install;
 mod keepalived;

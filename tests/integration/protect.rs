@@ -418,10 +418,7 @@ fn takeover_of_one_primary_by_priority_with_keep_protecting_and_lock() {
 
 #[test]
 fn takeover_of_one_primary_moves_only_its_virtual_ip() {
-    if !is_root() {
-        eprintln!("skipping: network namespaces need root (CI runs as root)");
-        return;
-    }
+    skip_unless_root!();
     let lan = Lan::named("n1");
     let d = tempfile::tempdir().unwrap();
     let path = |n: &str| d.path().join(n);
@@ -610,10 +607,7 @@ impl Drop for Fallback {
 /// off) until s hands pa back.
 #[test]
 fn the_standby_of_two_primaries_takes_one_over_by_a_planned_switchover() {
-    if !is_root() {
-        eprintln!("skipping: network namespaces need root (CI runs as root)");
-        return;
-    }
+    skip_unless_root!();
     let mut f = Fallback::new();
     f.ok("pa", &["promote", "--force", "--reason", "initial"]);
     f.serve("s");
@@ -645,10 +639,7 @@ fn the_standby_of_two_primaries_takes_one_over_by_a_planned_switchover() {
 
 #[test]
 fn a_repaired_primary_takes_its_service_back_by_hand_and_automatically() {
-    if !is_root() {
-        eprintln!("skipping: network namespaces need root (CI runs as root)");
-        return;
-    }
+    skip_unless_root!();
     let mut f = Fallback::new();
     f.ok("pa", &["promote", "--force", "--reason", "initial"]);
     assert!(f.vip("b"));
@@ -712,10 +703,7 @@ fn a_repaired_primary_takes_its_service_back_by_hand_and_automatically() {
 /// (50), whose notify is refused (exit 4) and leaves p2's address alone.
 #[test]
 fn keepalived_promotes_by_priority_when_two_primaries_fail_together() {
-    if !is_root() {
-        eprintln!("skipping: network namespaces need root (CI runs as root)");
-        return;
-    }
+    skip_unless_root!();
     assert!(Path::new(KEEPALIVED).exists(), "{KEEPALIVED} is missing: scripts/deps.sh installs keepalived");
     let mut site = Site::new(Some(Lan::named("ka")));
     site.standby_config("keep_protecting = false");

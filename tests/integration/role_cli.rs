@@ -169,10 +169,7 @@ pub(super) fn status(lan: &Lan, n: &str, cfg: &Path) -> serde_json::Value {
 
 #[test]
 fn promote_demote_and_switchover_move_the_virtual_ip_with_guards() {
-    if !is_root() {
-        eprintln!("skipping: network namespaces need root (CI runs as root)");
-        return;
-    }
+    skip_unless_root!();
     let lan = Lan::new();
     let d = tempfile::tempdir().unwrap();
     assert!(run(blockrep().arg("keygen").arg(d.path().join("key"))).status.success());
@@ -284,10 +281,7 @@ pub(super) fn stop(children: &mut [&mut Child]) {
 
 #[test]
 fn switchover_ships_the_last_write_before_demoting_the_primary() {
-    if !is_root() {
-        eprintln!("skipping: network namespaces need root (CI runs as root)");
-        return;
-    }
+    skip_unless_root!();
     let lan = Lan::named("s");
     let d = tempfile::tempdir().unwrap();
     let (ca, cb, mut serve_b) = primary_a_synced_to_b(&lan, d.path());
@@ -331,10 +325,7 @@ fn switchover_ships_the_last_write_before_demoting_the_primary() {
 
 #[test]
 fn a_failed_final_sync_leaves_the_primary_primary_with_its_services() {
-    if !is_root() {
-        eprintln!("skipping: network namespaces need root (CI runs as root)");
-        return;
-    }
+    skip_unless_root!();
     let lan = Lan::named("f");
     let d = tempfile::tempdir().unwrap();
     let (ca, cb, mut serve_b) = primary_a_synced_to_b(&lan, d.path());
@@ -385,10 +376,7 @@ fn a_failed_final_sync_leaves_the_primary_primary_with_its_services() {
 /// is primary serves its own volumes. The peer and ARP guards still apply, services are not touched.
 #[test]
 fn promote_reasserts_the_address_of_a_primary_that_never_was_a_standby() {
-    if !is_root() {
-        eprintln!("skipping: network namespaces need root (CI runs as root)");
-        return;
-    }
+    skip_unless_root!();
     let lan = Lan::named("r");
     let d = tempfile::tempdir().unwrap();
     let (ca, cb, mut serve_b) = primary_a_synced_to_b(&lan, d.path());
@@ -431,10 +419,7 @@ fn promote_reasserts_the_address_of_a_primary_that_never_was_a_standby() {
 /// standby, and the next start of A's serve starts A's services again instead of leaving the service down.
 #[test]
 fn a_switchover_interrupted_after_stopping_the_services_restarts_them_when_serve_starts() {
-    if !is_root() {
-        eprintln!("skipping: network namespaces need root (CI runs as root)");
-        return;
-    }
+    skip_unless_root!();
     let lan = Lan::named("q");
     let d = tempfile::tempdir().unwrap();
     let dp = d.path();
@@ -482,10 +467,7 @@ fn a_switchover_interrupted_after_stopping_the_services_restarts_them_when_serve
 /// it was away demotes (its service stops), and the history says which.
 #[test]
 fn reconcile_reasserts_an_unreplaced_primary_and_demotes_a_replaced_one() {
-    if !is_root() {
-        eprintln!("skipping: network namespaces need root (CI runs as root)");
-        return;
-    }
+    skip_unless_root!();
     let lan = Lan::named("rc");
     let d = tempfile::tempdir().unwrap();
     let (ca, cb, mut serve_b) = primary_a_synced_to_b(&lan, d.path());
@@ -566,10 +548,7 @@ fn switched_to_b(lan: &Lan, dp: &Path, size: usize) -> (PathBuf, PathBuf, Daemon
 
 #[test]
 fn switchback_syncs_incrementally_both_ways() {
-    if !is_root() {
-        eprintln!("skipping: network namespaces need root (CI runs as root)");
-        return;
-    }
+    skip_unless_root!();
     let lan = Lan::named("w");
     let d = tempfile::tempdir().unwrap();
     let dp = d.path();
@@ -631,10 +610,7 @@ fn adoptions(lan: &Lan, n: &str, cfg: &Path) -> Vec<serde_json::Value> {
 /// volume and why) unless forced.
 #[test]
 fn promote_refuses_an_untrusted_shadow_and_serve_holds_it_again_after_a_demote() {
-    if !is_root() {
-        eprintln!("skipping: network namespaces need root (CI runs as root)");
-        return;
-    }
+    skip_unless_root!();
     use super::trust::{eventually, flocked};
     let lan = Lan::named("h");
     let d = tempfile::tempdir().unwrap();
@@ -666,10 +642,7 @@ fn promote_refuses_an_untrusted_shadow_and_serve_holds_it_again_after_a_demote()
 
 #[test]
 fn switchback_compares_when_the_old_primary_was_written_after_its_demote() {
-    if !is_root() {
-        eprintln!("skipping: network namespaces need root (CI runs as root)");
-        return;
-    }
+    skip_unless_root!();
     let lan = Lan::named("x");
     let d = tempfile::tempdir().unwrap();
     let dp = d.path();
@@ -689,10 +662,7 @@ fn switchback_compares_when_the_old_primary_was_written_after_its_demote() {
 
 #[test]
 fn switchback_after_an_unplanned_promote_compares_instead_of_refusing() {
-    if !is_root() {
-        eprintln!("skipping: network namespaces need root (CI runs as root)");
-        return;
-    }
+    skip_unless_root!();
     let lan = Lan::named("u");
     let d = tempfile::tempdir().unwrap();
     let dp = d.path();
@@ -734,10 +704,7 @@ fn switchback_after_an_unplanned_promote_compares_instead_of_refusing() {
 
 #[test]
 fn switchback_after_a_primary_died_mid_sync_compares_instead_of_refusing() {
-    if !is_root() {
-        eprintln!("skipping: network namespaces need root (CI runs as root)");
-        return;
-    }
+    skip_unless_root!();
     let lan = Lan::named("m");
     let d = tempfile::tempdir().unwrap();
     let dp = d.path();
