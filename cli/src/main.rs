@@ -240,25 +240,45 @@ fn verify_local(a: &args::VerifyArgs) -> Result<()> {
     Ok(v.into_result()?)
 }
 
-/// `blockrep reconcile`: re-assert a primary nobody replaced, demote one that was replaced.
+/// `blockrep reconcile`: re-assert a primary nobody replaced, demote one that was replaced. On a standby of several
+/// primaries without `--for`: each of them (the boot unit runs it so).
 fn reconcile(cli: &args::Cli, a: &args::ReconcileArgs) -> Result<()> {
     let top = Config::load(&cli.config).map_err(node::Error::from)?;
-    let cfg = top.for_primary(cli.for_primary.as_deref()).map_err(node::Error::from)?;
-    let r = node::roles::reconcile(&cfg, &a.reason, Default::default())?;
-    let (plan, reason) = match &r {
-        Reconciled::NotPrimary(_) => (None, String::new()),
-        Reconciled::Reasserted(_) => (Some("re-assert"), a.reason.clone()),
-        Reconciled::Demoted { why, .. } => (Some("demote"), format!("{}: another node serves ({why})", a.reason)),
+    let units: Vec<Option<String>> = match (&cli.for_primary, top.primaries.is_empty()) {
+        (None, false) => top.primary_names().into_iter().map(|n| Some(n.to_owned())).collect(),
+        (p, _) => vec![p.clone()],
     };
-    if let Some(plan) = plan {
-        node::history::append(&cfg, node::history::Event::Switchover { plan: plan.into(), reason });
+    let mut first_error = None;
+    for p in units {
+        let cfg = top.for_primary(p.as_deref()).map_err(node::Error::from)?;
+        let r = match node::roles::reconcile(&cfg, &a.reason, Default::default()) {
+            Ok(r) => r,
+            Err(e) if p.is_some() && cli.for_primary.is_none() => {
+                eprintln!("blockrep: [for {}] {}", p.as_deref().unwrap_or_default(), node::error_chain(&e));
+                first_error.get_or_insert(e);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let (plan, reason) = match &r {
+            Reconciled::NoRole | Reconciled::NotPrimary(_) => (None, String::new()),
+            Reconciled::Reasserted(_) => (Some("re-assert"), a.reason.clone()),
+            Reconciled::Demoted { why, .. } => (Some("demote"), format!("{}: another node serves ({why})", a.reason)),
+        };
+        if let Some(plan) = plan {
+            node::history::append(&cfg, node::history::Event::Switchover { plan: plan.into(), reason });
+        }
+        report::print_reconciled(p.as_deref(), &r, a.json);
+        if matches!(r, Reconciled::Reasserted(_)) {
+            let exe =
+                std::env::current_exe().map_err(|e| anyhow::anyhow!("cannot find the blockrep executable: {e}"))?;
+            node::roles::spawn_announcer(&exe, &cli.config, p.as_deref())?;
+        }
     }
-    report::print_reconciled(&r, a.json);
-    if matches!(r, Reconciled::Reasserted(_)) {
-        let exe = std::env::current_exe().map_err(|e| anyhow::anyhow!("cannot find the blockrep executable: {e}"))?;
-        node::roles::spawn_announcer(&exe, &cli.config, cli.for_primary.as_deref())?;
+    match first_error {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// `blockrep promote | demote | switchover`; after a promote, re-announce the virtual IP in the background.

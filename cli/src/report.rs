@@ -150,25 +150,32 @@ pub fn print_plan(r: &node::roles::Report, as_json: bool) {
     }
 }
 
-/// Prints what `blockrep reconcile` found and did.
-pub fn print_reconciled(r: &node::roles::Reconciled, as_json: bool) {
+/// Prints what `blockrep reconcile` found and did (for one primary of a standby protecting several: prefixed with
+/// it, and `"primary"` in JSON).
+pub fn print_reconciled(primary: Option<&str>, r: &node::roles::Reconciled, as_json: bool) {
     use node::roles::Reconciled;
     if as_json {
-        let v = match r {
+        let mut v = match r {
+            Reconciled::NoRole => serde_json::json!({ "action": "none", "role": null }),
             Reconciled::NotPrimary(role) => serde_json::json!({ "action": "none", "role": role }),
             Reconciled::Reasserted(p) => serde_json::json!({ "action": "reasserted", "role": p.role, "plan": p }),
             Reconciled::Demoted { why, report } => {
                 serde_json::json!({ "action": "demoted", "role": report.role, "why": why, "plan": report })
             }
         };
+        if let Some(p) = primary {
+            v["primary"] = p.into();
+        }
         println!("{}", json(&v));
         return;
     }
+    let prefix = primary.map(|p| format!("[for {p}] ")).unwrap_or_default();
     match r {
-        Reconciled::NotPrimary(role) => println!("this node is {role}: nothing to re-assert"),
-        Reconciled::Reasserted(p) => println!("primary, and nobody else serves: virtual IP re-asserted\n{p}"),
+        Reconciled::NoRole => println!("{prefix}no [role] section: blockrep manages no address here, nothing to do"),
+        Reconciled::NotPrimary(role) => println!("{prefix}this node is {role}: nothing to re-assert"),
+        Reconciled::Reasserted(p) => println!("{prefix}primary, and nobody else serves: virtual IP re-asserted\n{p}"),
         Reconciled::Demoted { why, report } => {
-            println!("this node was primary, but another node serves ({why}): demoted\n{report}")
+            println!("{prefix}this node was primary, but another node serves ({why}): demoted\n{report}")
         }
     }
 }

@@ -836,6 +836,8 @@ pub fn run(cfg: &Config, plan: Plan, a: &PlanOptions, io: engine::volume::IoOpti
 /// What [`reconcile`] found and did.
 #[derive(Debug)]
 pub enum Reconciled {
+    /// No `[role]` section: blockrep manages no address or service on this node.
+    NoRole,
     /// This node is not primary: nothing to re-assert (the role found).
     NotPrimary(role::Role),
     /// This node is primary and nobody else serves: its virtual IP was re-asserted.
@@ -856,6 +858,9 @@ pub enum Reconciled {
 /// two do not both write); a standby does nothing. A promote or demote that did not finish is an error: which
 /// way to finish it is the operator's (or the cluster engine's) decision.
 pub fn reconcile(cfg: &Config, reason: &str, io: engine::volume::IoOptions) -> Result<Reconciled, Error> {
+    if cfg.role.is_none() {
+        return Ok(Reconciled::NoRole);
+    }
     resume_interrupted_switchover(cfg);
     let st = role::status(cfg.layout().role_dir()).map_err(RoleError::StateDir)?;
     if let Some(p) = &st.plan {

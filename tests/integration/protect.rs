@@ -466,6 +466,20 @@ fn takeover_of_one_primary_moves_only_its_virtual_ip() {
     let shown = vips("a");
     assert!(shown.contains("10.77.8.50/24"), "p1's VIP taken over: {shown}");
     assert!(!shown.contains("10.77.8.51/"), "p2's VIP must stay where it is: {shown}");
+    // A reboot of the standby loses p1's address; `reconcile` without --for (the boot unit) settles every
+    // primary: p1's address comes back, p2 (not taken over) is left alone. A node without [role] has nothing to do.
+    std::process::Command::new("ip")
+        .args(["-n", &lan.ns("a"), "addr", "del", "10.77.8.50/24", "dev", "eth0"])
+        .status()
+        .unwrap();
+    let o = run(lan.blockrep("a").args(["reconcile", "--json", "--config"]).arg(&cfg));
+    assert!(o.status.success(), "reconcile: {}", stderr(&o));
+    let lines: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let action = |p: &str| lines.iter().find(|v| v["primary"] == p).map(|v| v["action"].clone());
+    assert_eq!((action("p1"), action("p2")), (Some("reasserted".into()), Some("none".into())), "{lines:?}");
+    assert!(vips("a").contains("10.77.8.50/24") && !vips("a").contains("10.77.8.51/"), "{}", vips("a"));
+    let o = run(lan.blockrep("a").args(["reconcile", "--config"]).arg(path("p1.toml")));
+    assert!(o.status.success() && stdout(&o).contains("nothing to do"), "{}\n{}", stdout(&o), stderr(&o));
     // p2's shadow is not p1's: with keep_protecting = false its sync is refused while acting for p1.
     let o = run(lan.blockrep("a").args(["sync", "--config"]).arg(path("p2.toml")));
     assert!(stderr(&o).contains("acts for primary p1"), "{}", stderr(&o));
