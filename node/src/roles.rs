@@ -781,6 +781,7 @@ pub fn run(cfg: &Config, plan: Plan, a: &PlanOptions, io: engine::volume::IoOpti
         reason: a.reason.clone(),
         lvm: lvm.as_ref().map(|l| l as &dyn role::LvRenamer),
         poweroff: a.poweroff,
+        reassert_only: reassert,
         ..Default::default()
     };
     // Before anything touches the boot target: finish every interrupted commit (with or without --force, which

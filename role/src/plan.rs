@@ -63,6 +63,9 @@ pub struct Options<'a> {
     pub poweroff: bool,
     /// Called with the journal key after each step is recorded (fault injection in tests).
     pub after_step: Option<&'a dyn Fn(&str)>,
+    /// Promote only: the caller found this node primary and prepared nothing for its shadows; refuse, instead of
+    /// running the whole plan, when the role changed before the state lock was taken.
+    pub reassert_only: bool,
 }
 
 impl fmt::Debug for Options<'_> {
@@ -72,6 +75,7 @@ impl fmt::Debug for Options<'_> {
             .field("dry_run", &self.dry_run)
             .field("reason", &self.reason)
             .field("poweroff", &self.poweroff)
+            .field("reassert_only", &self.reassert_only)
             .finish_non_exhaustive()
     }
 }
@@ -103,6 +107,10 @@ pub enum PlanError {
     /// The role state could not be read or written.
     #[error("could not read or write the role state")]
     State(#[from] StateError),
+    /// A promote that was to re-assert the address of a primary found the node no longer primary (another plan
+    /// changed the role meanwhile).
+    #[error("this node is no longer primary (role {0}): another promote or demote ran meanwhile; run promote again")]
+    RoleChanged(Role),
     /// The ARP probe of an IPv4 virtual IP could not run.
     #[error("could not probe the virtual IP with ARP")]
     Probe(#[source] ArpError),
@@ -575,6 +583,9 @@ pub fn promote(cfg: &Config, g: &dyn Guards, opts: &Options<'_>) -> Result<Repor
         vip_up(&mut run)?;
         garp(&mut run)?;
         return Ok(run.finish(t));
+    }
+    if opts.reassert_only {
+        return Err(PlanError::RoleChanged(run.state.role));
     }
     guards(&mut run, g, Data::Shadows)?;
     let from = run.state.role;

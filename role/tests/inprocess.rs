@@ -106,6 +106,14 @@ fn guards_refuse_as_unsafe_without_changing_anything_and_force_skips_them() {
         assert_eq!(role::status(&cfg.state_dir).unwrap().role, Role::Standby);
         assert!(role::accepts_syncs(&cfg.state_dir).unwrap());
 
+        // A promote meant to re-assert a primary's address refuses on a node that is not primary (the role
+        // changed under its caller), changing nothing.
+        let reassert = Options { reason: "re-assert".into(), reassert_only: true, ..Default::default() };
+        let e = role::promote(&cfg, &TestGuards { data: Ok(Some(1)), peer: Ok("".into()) }, &reassert).unwrap_err();
+        assert!(matches!(e, PlanError::RoleChanged(Role::Standby)), "{e:?}");
+        assert!(!has_vip());
+        assert!(role::status(&cfg.state_dir).unwrap().plan.is_none());
+
         let forced = Options { force: true, reason: "forced".into(), ..Default::default() };
         let r = role::promote(&cfg, &primary_peer, &forced).unwrap();
         assert_eq!(r.role, Role::Primary);
