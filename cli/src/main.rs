@@ -270,9 +270,7 @@ fn reconcile(cli: &args::Cli, a: &args::ReconcileArgs) -> Result<()> {
         }
         report::print_reconciled(p.as_deref(), &r, a.json);
         if matches!(r, Reconciled::Reasserted(_)) {
-            let exe =
-                std::env::current_exe().map_err(|e| anyhow::anyhow!("cannot find the blockrep executable: {e}"))?;
-            node::roles::spawn_announcer(&exe, &cli.config, p.as_deref())?;
+            announce_in_background(&cli.config, p.as_deref())?;
         }
     }
     match first_error {
@@ -321,8 +319,13 @@ fn plan(cli: &args::Cli, plan: Plan, a: &args::PlanArgs) -> Result<()> {
     }
     report::print_plan(&report, a.json);
     if plan != Plan::Demote && !a.dry_run {
-        let exe = std::env::current_exe().map_err(|e| anyhow::anyhow!("cannot find the blockrep executable: {e}"))?;
-        node::roles::spawn_announcer(&exe, config, cli.for_primary.as_deref())?;
+        announce_in_background(config, cli.for_primary.as_deref())?;
     }
     Ok(())
+}
+
+/// Starts `blockrep announce` (the periodic re-announcement of the virtual IP) in the background, after a promote.
+fn announce_in_background(config: &Path, for_primary: Option<&str>) -> Result<()> {
+    let exe = std::env::current_exe().map_err(|e| anyhow::anyhow!("cannot find the blockrep executable: {e}"))?;
+    Ok(node::roles::spawn_announcer(&exe, config, for_primary)?)
 }

@@ -337,11 +337,12 @@ fn with_lvm_snapshot<T>(
         }
     }
     // A thin LV gets a thin snapshot (no size, no copy-on-write into the VG's free space, which a VG given whole to
-    // its pool does not have), also with tracking off; only the classic tracker needs a classic snapshot.
+    // its pool does not have), also with tracking off (the LV report says so); only the classic tracker needs a
+    // classic snapshot.
     let thin_snapshot = match &kind {
         Kind::Thin(_) => true,
         Kind::Classic => false,
-        Kind::None => matches!(lvm.thin_lv(&lv.vg, &lv.name), Ok(Some(_))),
+        Kind::None => lv.segtype == "thin",
     };
     let created = if thin_snapshot {
         lvm.create_thin_snapshot(&lv.vg, &lv.name, &snap, &[SNAPSHOT_TAG])
