@@ -217,17 +217,46 @@ pub fn remove_leftover_snapshots(cfg: &Config) -> Result<Vec<String>, Error> {
         }
         // The volume's tracker too: as a standby's volume it would keep (classic: copy) every block the new
         // primary's syncs write, and its generation will not be this node's current one when it syncs again.
-        let base = format!("{}_blockrep_base", lv.name);
-        if let Ok(Some(b)) = lvm.find_lv(&lv.vg, &base) {
-            if is_ours(&b) {
-                match lvm.remove_lv(&lv.vg, &base) {
-                    Ok(()) => removed.push(b.full_name()),
-                    Err(e) => warn!(volume = %vol.name, "cannot remove the tracker {}: {e}", b.full_name()),
-                }
-            }
+        match remove_tracker(&lvm, &lv) {
+            Ok(TrackerRemoval::Removed(name)) => removed.push(name),
+            Ok(_) => {}
+            Err(e) => warn!(volume = %vol.name, "{e}"),
         }
     }
     Ok(removed)
+}
+
+/// The name of the tracker LV of the origin LV `lv` (in the same VG).
+pub(crate) fn tracker_name(lv: &str) -> String {
+    format!("{lv}_blockrep_base")
+}
+
+/// What [`remove_tracker`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum TrackerRemoval {
+    /// There was none.
+    Absent,
+    /// Removed (`vg/name`).
+    Removed(String),
+    /// An LV of the tracker's name that is not blockrep's (`vg/name`): left alone.
+    NotOurs(String),
+}
+
+/// Removes the tracker of `origin` (tagged as blockrep's) when tracking ends for good: a demote (the volume becomes
+/// a standby's, whose writes a tracker would pin or copy) or a deconfigure (nothing would ever remove it, and it
+/// costs pool space, or with a classic snapshot a copy of every write to the origin, until it fills up).
+pub(crate) fn remove_tracker(lvm: &Lvm, origin: &Lv) -> Result<TrackerRemoval, String> {
+    let name = tracker_name(&origin.name);
+    let full = format!("{}/{name}", origin.vg);
+    match lvm.find_lv(&origin.vg, &name) {
+        Ok(None) => Ok(TrackerRemoval::Absent),
+        Ok(Some(b)) if !is_ours(&b) => Ok(TrackerRemoval::NotOurs(full)),
+        Ok(Some(_)) => match lvm.remove_lv(&origin.vg, &name) {
+            Ok(()) => Ok(TrackerRemoval::Removed(full)),
+            Err(e) => Err(format!("cannot remove the tracker {full}: {e}; remove it with `lvremove {full}`")),
+        },
+        Err(e) => Err(format!("cannot look for the tracker {full}: {e}")),
+    }
 }
 
 /// Removes the snapshot when dropped (also on error and after an interrupt), unless it became the tracker.
@@ -313,7 +342,7 @@ fn with_lvm_snapshot<T>(
         e => FreezeError::Leftover { volume: volume.into(), source: e },
     })?;
     let kind = kind_of(lvm, vol, &lv)?;
-    let base_name = format!("{}_blockrep_base", lv.name);
+    let base_name = tracker_name(&lv.name);
     let base = match lvm.find_lv(&lv.vg, &base_name) {
         Ok(b) => b,
         Err(e) => {
@@ -425,7 +454,7 @@ fn plan(
     snap: &str,
 ) -> (TrackPlan, Option<Base>) {
     let full = |reason: String| TrackPlan::FullScan { reason };
-    let base_name = format!("{}_blockrep_base", lv.name);
+    let base_name = tracker_name(&lv.name);
     let Some(base_lv) = base else {
         return (
             full(format!(

@@ -6,7 +6,8 @@
 //! shadow equal to the snapshot: tracker removed, tracker invalid (no generation tag) or full (an overflowed
 //! classic snapshot), base generation mismatch (an older tracker put back, or this node's manifest lost), a sync
 //! that compares (`--verify`), a sync killed while the pool's metadata snapshot is reserved (the next one
-//! releases it first and still tracks), and the periodic full scan.
+//! releases it first and still tracks), and the periodic full scan. At the end `blockrep deconfigure` must
+//! remove both trackers.
 
 use std::time::Duration;
 
@@ -186,7 +187,17 @@ result thin_untracked "$(cat $W/thin_untracked.json)"
 result thin_untracked_hash "$(hash_dev /dev/vg1/thin_shadow)"
 result thin_untracked_source "$(hash_dev /dev/vg0/tdata)"
 result thin_untracked_left "$(lvs --noheadings -o lv_name vg0 | grep -c tdata_blockrep)"
+# deconfigure removes both volumes' trackers (a thin one again, and the classic one), which nothing would remove
+# after it: the thin one pins pool chunks, the classic one copies every write to its origin until it fills up.
+sed -i 's/track = "none"/track = "thin"/' $W/blockrep.toml
+scatter /dev/vg0/tdata
+sync_step thin thin_retracked
+result trackers_before_deconfigure "$(lvs --noheadings -o lv_name,lv_tags vg0 | grep -c blockrep_tracker)"
 kill $SERVE; wait $SERVE
+$BR deconfigure --config $W/blockrep.toml > $W/deconfigure.out 2>&1
+result deconfigure_rc $?
+result deconfigure_out "$(tr '\n' '|' < $W/deconfigure.out)"
+result deconfigure_left "$(lvs --noheadings -o lv_name vg0 | grep -c blockrep)"
 "#,
         br = env!("CARGO_BIN_EXE_blockrep")
     )
@@ -272,6 +283,13 @@ fn tracked_thin_and_classic_syncs_read_only_the_changes_and_fall_back_with_the_r
     assert_eq!((s["tracker"].as_str(), s["mode"].as_str()), (Some("full scan"), Some("incremental")), "{s}");
     assert_eq!(r.result("thin_untracked_hash"), r.result("thin_untracked_source"), "shadow != source");
     assert_eq!(r.result("thin_untracked_left"), Some("0"), "no snapshot and no tracker are left");
+    assert_eq!(r.result("trackers_before_deconfigure"), Some("2"), "{:?}", r.results);
+    let out = r.result("deconfigure_out").unwrap_or_default();
+    assert_eq!(r.result("deconfigure_rc"), Some("0"), "{out}");
+    for tracker in ["vg0/tdata_blockrep_base removed", "vg0/cdata_blockrep_base removed"] {
+        assert!(out.contains(tracker), "deconfigure names the removed tracker {tracker}: {out}");
+    }
+    assert_eq!(r.result("deconfigure_left"), Some("0"), "deconfigure left a snapshot or a tracker: {out}");
 }
 
 /// Measurement, not a test (`cargo test -p blockrep --test integration tracked_thin_against -- --ignored
