@@ -609,7 +609,22 @@ impl Lvm {
         size: SnapshotSize,
         tag: &str,
     ) -> Result<Lv, LvmError> {
-        validate_tag(tag)?;
+        self.create_snapshot_with_tags(vg, origin, snap_name, size, &[tag])
+    }
+
+    /// [`Lvm::create_snapshot`] with the tags `tags` (a sync's snapshot that is to become the volume's tracker is
+    /// created with the tracker's tags, so that keeping it costs no `lvchange`).
+    pub fn create_snapshot_with_tags(
+        &self,
+        vg: &str,
+        origin: &str,
+        snap_name: &str,
+        size: SnapshotSize,
+        tags: &[&str],
+    ) -> Result<Lv, LvmError> {
+        for tag in tags {
+            validate_tag(tag)?;
+        }
         validate_vg_name(vg)?;
         validate_lv_name(origin)?;
         validate_lv_name(snap_name)?;
@@ -644,19 +659,12 @@ impl Lvm {
         let size_arg = format!("{needed}b");
         let origin_arg = format!("{vg}/{origin}");
         tracing::info!(vg, origin, snapshot = snap_name, bytes = needed, "creating LVM snapshot");
-        self.run(&[
-            "lvcreate",
-            "--yes",
-            "--snapshot",
-            "--size",
-            &size_arg,
-            "--name",
-            snap_name,
-            "--addtag",
-            tag,
-            &origin_arg,
-        ])
-        .map_err(|e| classify(e, Some(vg), Some(origin)))?;
+        let mut args = vec!["lvcreate", "--yes", "--snapshot", "--size", &size_arg, "--name", snap_name];
+        for tag in tags {
+            args.extend(["--addtag", tag]);
+        }
+        args.push(&origin_arg);
+        self.run(&args).map_err(|e| classify(e, Some(vg), Some(origin)))?;
         self.lv(vg, snap_name)
     }
 
@@ -711,6 +719,21 @@ impl Lvm {
         let full = format!("{vg}/{name}");
         tracing::info!(vg, lv = name, "removing LV");
         self.run(&["lvremove", "--yes", "--force", &full]).map_err(|e| classify(e, Some(vg), Some(name)))?;
+        Ok(())
+    }
+
+    /// [`Lvm::remove_lv`] of an LV the caller listed a moment ago, as that report describes it: one lvm command, no
+    /// report of its own. An origin of classic snapshots (which `lvremove` would remove with it) goes through
+    /// [`Lvm::remove_lv`]'s check.
+    pub fn remove_listed_lv(&self, lv: &Lv) -> Result<(), LvmError> {
+        validate_vg_name(&lv.vg)?;
+        validate_lv_name(&lv.name)?;
+        if lv.is_origin() {
+            return self.remove_lv(&lv.vg, &lv.name);
+        }
+        let full = lv.full_name();
+        tracing::info!(vg = %lv.vg, lv = %lv.name, "removing LV");
+        self.run(&["lvremove", "--yes", "--force", &full]).map_err(|e| classify(e, Some(&lv.vg), Some(&lv.name)))?;
         Ok(())
     }
 
@@ -1009,6 +1032,24 @@ mod tests {
 
     /// The report cache saves commands (what it answers is checked against real LVM in tests/uml.rs): the
     /// stand-in logs each run and prints a report captured from lvm.
+    #[test]
+    fn an_lv_listed_before_is_removed_with_one_command_unless_it_is_an_origin() {
+        let d = tempfile::tempdir().unwrap();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lvs_tagged.json");
+        let log = d.path().join("log");
+        let lvm = script(d.path(), &format!("echo \"$*\" >> {log:?}; [ \"$1\" = lvs ] && cat {fixture:?}; exit 0"));
+        let runs = || std::fs::read_to_string(&log).unwrap_or_default().lines().map(str::to_owned).collect::<Vec<_>>();
+        let data = lvm.find_lv("vg0", "data").unwrap().unwrap();
+        lvm.remove_listed_lv(&data).unwrap();
+        assert_eq!(runs().len(), 2);
+        assert!(runs()[1].starts_with("lvremove --yes --force vg0/data"), "{:?}", runs());
+        // Listed as an origin of classic snapshots: asked again, as remove_lv does, before lvremove.
+        let origin = Lv { attr: "owi-a-----".into(), ..data };
+        lvm.remove_listed_lv(&origin).unwrap();
+        let after: Vec<String> = runs()[2..].iter().map(|r| r.split(' ').next().unwrap().to_owned()).collect();
+        assert_eq!(after, ["lvs", "lvremove"]);
+    }
+
     #[test]
     fn the_report_cache_answers_repeated_questions_until_a_change() {
         let d = tempfile::tempdir().unwrap();

@@ -4,7 +4,7 @@
 //! gone, so a timer that still fires does nothing) and a running sync is cancelled (SIGTERM to the holder of the
 //! sync lock, as `blockrep cancel`) and waited for; blockrep's leftover snapshots of every `snapshot = "lvm"` volume
 //! are removed (only LVs tagged `blockrep_snapshot`, through [`lvmctl::Lvm::remove_leftover_snapshot`]), and their
-//! trackers `<lv>_blockrep_base` (`track`; only when tagged as blockrep's); the state
+//! trackers (`track`; only blockrep's, by their tags); the state
 //! is removed (`<state_dir>/primary` and `standby`, the role state directory, the lock, history and alarm files,
 //! the metrics file); with `delete_shadows` the shadows: a file shadow is deleted, an LV shadow removed only when
 //! it carries the `blockrep_shadow` tag. Anything else found in `state_dir` is named and left alone.
@@ -201,7 +201,20 @@ pub fn run(cfg: &Config, opts: DeconfigureOptions, report: &mut dyn FnMut(&Step)
                 continue;
             }
         };
-        let snap = name.clone().unwrap_or_else(|| format!("{}_blockrep_snap", lv.name));
+        let snap = crate::freeze::snapshot_name(&lv, name.as_deref());
+        // The volume's trackers (`track`) first: one may carry the snapshot's name. Nothing would remove them
+        // after this, and they pin pool space (thin) or copy every write to the origin (classic) until full.
+        for r in crate::freeze::remove_trackers(lvm, &lv, &snap) {
+            use crate::freeze::TrackerRemoval;
+            emit(match r {
+                TrackerRemoval::Removed(name) => step(name, Outcome::Removed),
+                TrackerRemoval::NotOurs(name) => step(
+                    name,
+                    Outcome::Kept(format!("is not blockrep's tracker (no {} tag)", crate::freeze::TRACKER_TAG)),
+                ),
+                TrackerRemoval::Failed(name, why) => step(name, Outcome::Failed(why)),
+            });
+        }
         let outcome = match lvm.remove_leftover_snapshot(&lv.vg, &lv.name, &snap) {
             Ok(true) => Outcome::Removed,
             Ok(false) => Outcome::Absent,
@@ -209,18 +222,6 @@ pub fn run(cfg: &Config, opts: DeconfigureOptions, report: &mut dyn FnMut(&Step)
             Err(e) => Outcome::Failed(link::error_chain(&e)),
         };
         emit(step(format!("{}/{snap}", lv.vg), outcome));
-        // The volume's tracker (`track`): nothing would remove it after this, and it pins pool space (thin) or
-        // copies every write to the origin (classic) until it fills up.
-        let tracker = crate::freeze::tracker_name(&lv.name);
-        match crate::freeze::remove_tracker(lvm, &lv) {
-            Ok(crate::freeze::TrackerRemoval::Absent) => {}
-            Ok(crate::freeze::TrackerRemoval::Removed(name)) => emit(step(name, Outcome::Removed)),
-            Ok(crate::freeze::TrackerRemoval::NotOurs(name)) => emit(step(
-                name,
-                Outcome::Kept(format!("is not blockrep's tracker (no {} tag)", crate::freeze::TRACKER_TAG)),
-            )),
-            Err(e) => emit(step(format!("{}/{tracker}", lv.vg), Outcome::Failed(e))),
-        }
     }
     if opts.delete_shadows {
         for vol in &cfg.volumes {

@@ -6,19 +6,27 @@
 //! which removes the volume's tracker too). A snapshot that overflowed during the sync fails the sync with a
 //! message suggesting a larger `snapshot_size`.
 //!
-//! Tracked changes (`track`, docs/config.md): the snapshot a sync read is kept afterwards as the volume's tracker
-//! `<lv>_blockrep_base`, tagged `blockrep_tracker`, `blockrep_gen_<id>` (the generation it holds, committed on the
-//! standby) and `blockrep_since_full_<n>` (tracked syncs since the last full scan). The next sync asks it what
-//! changed since: `thin_delta` between it and the new thin snapshot ([`lvmctl::thin`]), or the classic
-//! snapshot's exception store ([`lvmctl::exception_store`]), and reads only that ([`TrackPlan::Changes`]). When
-//! the tracker is missing, not ours, invalidated, unreadable, of another generation than this node's current
-//! one, or a periodic full scan is due, the plan is a full scan with the reason ([`TrackPlan::FullScan`]). After
-//! a successful sync the old tracker is removed and the new snapshot renamed and tagged in its place; a crash
-//! in between leaves no tracker or an untagged one, and the next sync scans in full.
+//! Tracked changes (`track`, docs/config.md): the snapshot a sync read is kept afterwards as the volume's tracker,
+//! tagged `blockrep_tracker`, `blockrep_gen_<id>` (the generation it holds, committed on the standby) and
+//! `blockrep_since_full_<n>` (tracked syncs since the last full scan). The next sync asks it what changed since:
+//! `thin_delta` between it and the new thin snapshot ([`lvmctl::thin`]), or the classic snapshot's exception store
+//! ([`lvmctl::exception_store`]), and reads only that ([`TrackPlan::Changes`]). When the tracker is missing, not
+//! ours, invalidated, unreadable, of another generation than this node's current one, or a periodic full scan is
+//! due, the plan is a full scan with the reason ([`TrackPlan::FullScan`]).
+//!
+//! A tracked volume's snapshots alternate between two names, the snapshot name and `<lv>_blockrep_base`: the
+//! tracker keeps the name it was created with and the new snapshot takes the other. The new snapshot is created
+//! with the tracker's tags already, naming the generation its sync is to commit (the identifier is chosen here and
+//! handed to the engine), so that after a successful sync keeping it costs one lvm command, the old tracker's
+//! removal (it cost four: a listing, lvremove, lvrename, lvchange). The tag is evidence only once this node's
+//! current generation has that identifier: a sync that dies before its commit leaves a snapshot whose tag names no
+//! committed generation, and the next sync removes it as left over; one that dies after its commit and before the
+//! old tracker's removal leaves two, and the next sync takes the one of the current generation.
 
 use std::path::{Path, PathBuf};
 
 use engine::generations;
+use link::{GenId, GenRecord};
 use lvmctl::{Lv, Lvm, LvmError, SnapshotSize as LvmSize, SNAPSHOT_TAG};
 use tracing::{info, warn};
 
@@ -160,20 +168,21 @@ impl FreezeError {
     }
 }
 
-/// Runs `f` with the path of a frozen image of the volume's source and what a tracker found, and cleans up
-/// afterwards. `f` returns its value and whether it used the tracker's changes (`false`: it scanned in full).
-/// `fill` gets a classic snapshot's fill level (percent) as it was when `f` returned: it only fills up, so that
-/// is its peak (`None`: no snapshot, a thin one, or it could not be read).
+/// Runs `f` with the path of a frozen image of the volume's source, what a tracker found and the identifier the
+/// sync's new generation is to have (`None`: the engine picks one), and cleans up afterwards. `f` returns its
+/// value and whether it used the tracker's changes (`false`: it scanned in full). `fill` gets a classic
+/// snapshot's fill level (percent) as it was when `f` returned: it only fills up, so that is its peak (`None`: no
+/// snapshot, a thin one, or it could not be read).
 pub fn with_frozen_source<T>(
     cfg: &Config,
     vol: &Volume,
     fill: &mut Option<f64>,
-    f: impl FnOnce(&Path, TrackPlan) -> Result<(T, bool), Error>,
+    f: impl FnOnce(&Path, TrackPlan, Option<GenId>) -> Result<(T, bool), Error>,
 ) -> Result<T, Error> {
     *fill = None;
     let source = cfg.source_of(vol)?;
     match &vol.snapshot {
-        SnapshotDriver::None => f(source, TrackPlan::Off).map(|(t, _)| t),
+        SnapshotDriver::None => f(source, TrackPlan::Off, None).map(|(t, _)| t),
         SnapshotDriver::Lvm { size, name } => {
             let lvm = Lvm::new().map_err(|source| FreezeError::NoLvm { volume: vol.name.clone(), source })?;
             let size = match *size {
@@ -186,10 +195,10 @@ pub fn with_frozen_source<T>(
 }
 
 /// Removes the snapshots of this node's `snapshot = "lvm"` sources that an interrupted sync left behind (the node
-/// died during a sync as primary) and their trackers (`track`), and returns their names (`vg/name`). Used when the node is demoted: a
-/// standby's volume must not keep a snapshot of itself, which would copy every write the new primary's syncs make
-/// to it until it fills up. Nothing is removed while a sync holds the sync lock (its snapshot is in use); a
-/// volume whose source is missing or not an LV is skipped.
+/// died during a sync as primary) and their trackers (`track`), and returns their names (`vg/name`). Used when the
+/// node is demoted: a standby's volume must not keep a snapshot of itself, which would copy every write the new
+/// primary's syncs make to it until it fills up. Nothing is removed while a sync holds the sync lock (its snapshot
+/// is in use); a volume whose source is missing or not an LV is skipped.
 pub fn remove_leftover_snapshots(cfg: &Config) -> Result<Vec<String>, Error> {
     let lvm_volumes: Vec<(&Volume, &Path, Option<&str>)> = cfg
         .volumes
@@ -207,7 +216,17 @@ pub fn remove_leftover_snapshots(cfg: &Config) -> Result<Vec<String>, Error> {
     for (vol, source, name) in lvm_volumes {
         let lvm = Lvm::new().map_err(|source| FreezeError::NoLvm { volume: vol.name.clone(), source })?;
         let Ok(lv) = lvm.lv_for_device(source) else { continue };
-        let snap = name.map(str::to_owned).unwrap_or_else(|| format!("{}_blockrep_snap", lv.name));
+        let snap = snapshot_name(&lv, name);
+        // The volume's trackers first (a tracker in the snapshot's slot is not a leftover of an interrupted sync):
+        // as a standby's volume it would keep (classic: copy) every block the new primary's syncs write, and its
+        // generation will not be this node's current one when it syncs again.
+        for r in remove_trackers(&lvm, &lv, &snap) {
+            match r {
+                TrackerRemoval::Removed(name) => removed.push(name),
+                TrackerRemoval::NotOurs(_) => {}
+                TrackerRemoval::Failed(_, why) => warn!(volume = %vol.name, "{why}"),
+            }
+        }
         let gone = lvm.remove_leftover_snapshot(&lv.vg, &lv.name, &snap).map_err(|e| match e {
             e @ LvmError::NotOurs { .. } => FreezeError::NotOurs { volume: vol.name.clone(), refusal: Box::new(e) },
             e => FreezeError::Leftover { volume: vol.name.clone(), source: e },
@@ -215,48 +234,59 @@ pub fn remove_leftover_snapshots(cfg: &Config) -> Result<Vec<String>, Error> {
         if gone {
             removed.push(format!("{}/{snap}", lv.vg));
         }
-        // The volume's tracker too: as a standby's volume it would keep (classic: copy) every block the new
-        // primary's syncs write, and its generation will not be this node's current one when it syncs again.
-        match remove_tracker(&lvm, &lv) {
-            Ok(TrackerRemoval::Removed(name)) => removed.push(name),
-            Ok(_) => {}
-            Err(e) => warn!(volume = %vol.name, "{e}"),
-        }
     }
     Ok(removed)
 }
 
-/// The name of the tracker LV of the origin LV `lv` (in the same VG).
+/// The name of the sync snapshot of the origin LV `lv`: `name` (`snapshot_name`) or `<lv>_blockrep_snap`.
+pub(crate) fn snapshot_name(lv: &Lv, name: Option<&str>) -> String {
+    name.map(str::to_owned).unwrap_or_else(|| format!("{}_blockrep_snap", lv.name))
+}
+
+/// The second name a tracked volume's snapshots take, `<lv>_blockrep_base`: the tracker keeps the name it was
+/// created with, and the next sync's snapshot takes the other one (no rename, no lvm command more).
 pub(crate) fn tracker_name(lv: &str) -> String {
     format!("{lv}_blockrep_base")
 }
 
-/// What [`remove_tracker`] found.
+/// What [`remove_trackers`] did with one LV.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum TrackerRemoval {
-    /// There was none.
-    Absent,
     /// Removed (`vg/name`).
     Removed(String),
-    /// An LV of the tracker's name that is not blockrep's (`vg/name`): left alone.
+    /// An LV named `<lv>_blockrep_base` that is not blockrep's (`vg/name`): left alone.
     NotOurs(String),
+    /// Could not be removed (`vg/name`, and what to do).
+    Failed(String, String),
 }
 
-/// Removes the tracker of `origin` (tagged as blockrep's) when tracking ends for good: a demote (the volume becomes
-/// a standby's, whose writes a tracker would pin or copy) or a deconfigure (nothing would ever remove it, and it
-/// costs pool space, or with a classic snapshot a copy of every write to the origin, until it fills up).
-pub(crate) fn remove_tracker(lvm: &Lvm, origin: &Lv) -> Result<TrackerRemoval, String> {
-    let name = tracker_name(&origin.name);
-    let full = format!("{}/{name}", origin.vg);
-    match lvm.find_lv(&origin.vg, &name) {
-        Ok(None) => Ok(TrackerRemoval::Absent),
-        Ok(Some(b)) if !is_ours(&b) => Ok(TrackerRemoval::NotOurs(full)),
-        Ok(Some(_)) => match lvm.remove_lv(&origin.vg, &name) {
-            Ok(()) => Ok(TrackerRemoval::Removed(full)),
-            Err(e) => Err(format!("cannot remove the tracker {full}: {e}; remove it with `lvremove {full}`")),
-        },
-        Err(e) => Err(format!("cannot look for the tracker {full}: {e}")),
+/// Removes the trackers of `origin` (blockrep's snapshots tagged `blockrep_tracker`, in either of the two names,
+/// and anything of blockrep's named `<lv>_blockrep_base`) when tracking ends for good: a demote (the volume
+/// becomes a standby's, whose writes a tracker would pin or copy) or a deconfigure (nothing would ever remove it,
+/// and it costs pool space, or with a classic snapshot a copy of every write to the origin, until it fills up).
+/// `snap` is the volume's snapshot name; a snapshot there that is not a tracker is left to
+/// [`Lvm::remove_leftover_snapshot`].
+pub(crate) fn remove_trackers(lvm: &Lvm, origin: &Lv, snap: &str) -> Vec<TrackerRemoval> {
+    let mut done = Vec::new();
+    for name in [tracker_name(&origin.name), snap.to_owned()] {
+        let full = format!("{}/{name}", origin.vg);
+        match lvm.find_lv(&origin.vg, &name) {
+            Ok(None) => {}
+            Ok(Some(l)) if name == snap && !(is_ours(&l) && l.has_tag(TRACKER_TAG)) => {}
+            Ok(Some(l)) if !is_ours(&l) => done.push(TrackerRemoval::NotOurs(full)),
+            Ok(Some(_)) => done.push(match lvm.remove_lv(&origin.vg, &name) {
+                Ok(()) => TrackerRemoval::Removed(full),
+                Err(e) => {
+                    let why = format!("cannot remove the tracker {full}: {e}; remove it with `lvremove {full}`");
+                    TrackerRemoval::Failed(full, why)
+                }
+            }),
+            Err(e) => {
+                done.push(TrackerRemoval::Failed(full.clone(), format!("cannot look for the tracker {full}: {e}")))
+            }
+        }
     }
+    done
 }
 
 /// Removes the snapshot when dropped (also on error and after an interrupt), unless it became the tracker.
@@ -325,7 +355,7 @@ fn with_lvm_snapshot<T>(
     source: &Path,
     (name, size): (Option<&str>, LvmSize),
     fill: &mut Option<f64>,
-    f: impl FnOnce(&Path, TrackPlan) -> Result<(T, bool), Error>,
+    f: impl FnOnce(&Path, TrackPlan, Option<GenId>) -> Result<(T, bool), Error>,
 ) -> Result<T, Error> {
     let volume = vol.name.as_str();
     // The steps before and after the sync ask about the same few LVs: one listing answers them (each lvm command
@@ -336,27 +366,58 @@ fn with_lvm_snapshot<T>(
         source_path: source.into(),
         source: e,
     })?;
-    let snap = name.map(str::to_owned).unwrap_or_else(|| format!("{}_blockrep_snap", lv.name));
-    lvm.remove_leftover_snapshot(&lv.vg, &lv.name, &snap).map_err(|e| match e {
-        e @ LvmError::NotOurs { .. } => FreezeError::NotOurs { volume: volume.into(), refusal: Box::new(e) },
-        e => FreezeError::Leftover { volume: volume.into(), source: e },
-    })?;
-    let kind = kind_of(lvm, vol, &lv)?;
-    let base_name = tracker_name(&lv.name);
-    let base = match lvm.find_lv(&lv.vg, &base_name) {
-        Ok(b) => b,
-        Err(e) => {
-            warn!(volume, "cannot look for the tracker {}/{base_name}: {e}", lv.vg);
-            None
+    let leftover = |e: LvmError| -> Error {
+        match e {
+            e @ LvmError::NotOurs { .. } => FreezeError::NotOurs { volume: volume.into(), refusal: Box::new(e) },
+            e => FreezeError::Leftover { volume: volume.into(), source: e },
         }
+        .into()
     };
-    if matches!(kind, Kind::None) {
-        // Tracking is off: a tracker left from when it was on only costs space (and, classic, origin writes).
-        if let Some(b) = base.as_ref().filter(|b| is_ours(b)) {
-            match lvm.remove_lv(&b.vg, &b.name) {
-                Ok(()) => info!(volume, tracker = %b.full_name(), "tracking is off: removed the volume's tracker"),
-                Err(e) => warn!(volume, "cannot remove the unused tracker {}: {e}", b.full_name()),
+    let kind = kind_of(lvm, vol, &lv)?;
+    let tracked = !matches!(kind, Kind::None);
+    // A volume's snapshots take one of two names: the snapshot name and the tracker name. The tracker keeps the
+    // name it was created with; the new snapshot takes the other one.
+    let snap_slot = snapshot_name(&lv, name);
+    let base_slot = tracker_name(&lv.name);
+    let at_snap = lvm.find_lv(&lv.vg, &snap_slot).map_err(leftover)?;
+    let at_base = lvm.find_lv(&lv.vg, &base_slot).map_err(leftover)?;
+    let current = generations::read_source(&generations_path(cfg, vol)).history.current;
+    let current_id = current.as_ref().map(|c| generations::id_hex(&c.id));
+    // Something else named like a tracker blocks tracking: it is left alone, and no tracker is kept.
+    let foreign = at_base.as_ref().filter(|b| !is_ours(b)).map(Lv::full_name).filter(|_| tracked);
+    // The tracker: blockrep's snapshot tagged as one in either name; the one holding this node's current
+    // generation when both are (a sync that committed and died before removing the old one).
+    let tracker = match tracked && foreign.is_none() {
+        true => {
+            let mut found: Vec<&Lv> = [at_base.as_ref(), at_snap.as_ref()]
+                .into_iter()
+                .flatten()
+                .filter(|l| is_ours(l) && l.has_tag(TRACKER_TAG))
+                .collect();
+            found.sort_by_key(|l| gen_tag(l) != current_id.as_deref());
+            found.first().map(|l| (*l).clone())
+        }
+        false => None,
+    };
+    let new_slot = match &tracker {
+        Some(t) if t.name == snap_slot => base_slot.clone(),
+        _ => snap_slot.clone(),
+    };
+    // Anything else of blockrep's under the two names is left over: a snapshot of an interrupted sync (removed with
+    // a log line; an LV of that name that is not ours is refused), a tracker of another generation, or one that
+    // tracking no longer uses.
+    if at_snap.is_some() && tracker.as_ref().is_none_or(|t| t.name != snap_slot) {
+        lvm.remove_leftover_snapshot(&lv.vg, &lv.name, &snap_slot).map_err(leftover)?;
+    }
+    if let Some(b) = at_base.as_ref().filter(|b| is_ours(b) && tracker.as_ref().is_none_or(|t| t.name != b.name)) {
+        let why = if tracked { "a tracker left over (not the one this sync uses)" } else { "tracking is off" };
+        match lvm.remove_lv(&b.vg, &b.name) {
+            Ok(()) => info!(volume, tracker = %b.full_name(), "{why}: removed"),
+            // The new snapshot is to take its name: the sync cannot go on.
+            Err(e) if new_slot == b.name => {
+                return Err(FreezeError::Leftover { volume: volume.into(), source: e }.into())
             }
+            Err(e) => warn!(volume, "cannot remove {} ({why}): {e}", b.full_name()),
         }
     }
     if let Kind::Thin(thin) = &kind {
@@ -365,6 +426,35 @@ fn with_lvm_snapshot<T>(
             warn!(volume, "{}", crate::error_chain(&e));
         }
     }
+    // What the tracker allows, as far as it can be known before the new snapshot exists (thin_delta needs it).
+    let base = tracker.map(|lv| Base { since_full: tag_value(&lv, SINCE_FULL_TAG_PREFIX).unwrap_or(0), lv });
+    let checked = match (&kind, &foreign) {
+        (Kind::None, _) => None,
+        (_, Some(name)) => Some(Err(format!(
+            "{name} is not blockrep's (no {TRACKER_TAG} tag): it is left alone; rename it to let blockrep track"
+        ))),
+        _ => Some(check_base(vol, &lv, base.as_ref(), current.as_ref())),
+    };
+    // The new snapshot is tagged as the tracker it becomes after a successful sync, with the generation that sync
+    // is to commit (its identifier chosen here) and the count it will have: keeping it then costs no lvm command
+    // but the old tracker's removal. Until that commit no node's current generation has its identifier, so a
+    // crash before leaves a snapshot no sync takes for a tracker.
+    let keep = tracked && foreign.is_none();
+    let id = keep.then(generations::new_id);
+    let since_full = match (&checked, &base) {
+        (Some(Ok(_)), Some(b)) => b.since_full + 1,
+        _ => 0,
+    };
+    let tags: Vec<String> = match id {
+        Some(id) => vec![
+            SNAPSHOT_TAG.into(),
+            TRACKER_TAG.into(),
+            format!("{GEN_TAG_PREFIX}{}", generations::id_hex(&id)),
+            format!("{SINCE_FULL_TAG_PREFIX}{since_full}"),
+        ],
+        None => vec![SNAPSHOT_TAG.into()],
+    };
+    let tag_refs: Vec<&str> = tags.iter().map(String::as_str).collect();
     // A thin LV gets a thin snapshot (no size, no copy-on-write into the VG's free space, which a VG given whole to
     // its pool does not have), also with tracking off (the LV report says so); only the classic tracker needs a
     // classic snapshot.
@@ -374,22 +464,42 @@ fn with_lvm_snapshot<T>(
         Kind::None => lv.segtype == "thin",
     };
     let created = if thin_snapshot {
-        lvm.create_thin_snapshot(&lv.vg, &lv.name, &snap, &[SNAPSHOT_TAG])
+        // One listing after lvcreate answers both this and thin_delta's question for the thin ids.
+        lvm.create_thin_snapshot_only(&lv.vg, &lv.name, &new_slot, &tag_refs).and_then(|()| {
+            lvm.find_lv(&lv.vg, &new_slot)?.ok_or_else(|| LvmError::LvNotFound {
+                vg: lv.vg.clone(),
+                name: new_slot.clone(),
+                command: format!("lvm lvs {}", lv.vg),
+                stderr: String::new(),
+            })
+        })
     } else {
-        lvm.create_snapshot(&lv.vg, &lv.name, &snap, size)
+        lvm.create_snapshot_with_tags(&lv.vg, &lv.name, &new_slot, size, &tag_refs)
     }
     .map_err(|e| FreezeError::Create {
         volume: volume.into(),
         vg: lv.vg.clone(),
-        snapshot: snap.clone(),
+        snapshot: new_slot.clone(),
         source: e,
     })?;
-    let mut guard = SnapGuard { lvm, vg: lv.vg.clone(), name: snap.clone(), kept: false };
+    let mut guard = SnapGuard { lvm, vg: lv.vg.clone(), name: new_slot.clone(), kept: false };
     info!(volume, snapshot = %created.full_name(), bytes = created.size, "snapshot created");
-    let path = created.path.clone().unwrap_or_else(|| Path::new("/dev").join(&lv.vg).join(&snap));
-    let (plan, base) = match &kind {
-        Kind::None => (TrackPlan::Off, None),
-        _ => plan(cfg, lvm, vol, &kind, &lv, base, &snap),
+    let path = created.path.clone().unwrap_or_else(|| Path::new("/dev").join(&lv.vg).join(&new_slot));
+    let plan = match (checked, &base) {
+        (None, _) => TrackPlan::Off,
+        (Some(Err(reason)), _) => TrackPlan::FullScan { reason },
+        (Some(Ok(base_generation)), Some(b)) => {
+            let ranges = match &kind {
+                Kind::Thin(thin) => thin_changes(lvm, thin, &b.lv, &new_slot),
+                Kind::Classic => classic_changes(&lv, &b.lv),
+                Kind::None => Err("tracking is off".into()),
+            };
+            match ranges {
+                Ok((tracker, ranges)) => TrackPlan::Changes { tracker, base_generation, ranges },
+                Err(reason) => TrackPlan::FullScan { reason },
+            }
+        }
+        (Some(Ok(_)), None) => TrackPlan::FullScan { reason: "no tracker".into() },
     };
     match &plan {
         TrackPlan::Changes { tracker, base_generation, ranges } => info!(
@@ -404,30 +514,31 @@ fn with_lvm_snapshot<T>(
         TrackPlan::Off => {}
     }
     lvm.cache_reports(false);
-    let result = f(&path, plan);
+    let result = f(&path, plan, id);
     lvm.cache_reports(true);
     // A thin snapshot has no fill level of its own (the pool's is the pool's).
     let overflowed = !thin_snapshot
-        && match lvm.snapshot_status(&lv.vg, &snap) {
+        && match lvm.snapshot_status(&lv.vg, &new_slot) {
             Ok(s) => {
                 *fill = Some(s.fill_percent);
                 s.invalid
             }
             Err(e) => {
-                warn!("cannot read the fill state of {}/{snap}: {e}", lv.vg);
+                warn!("cannot read the fill state of {}/{new_slot}: {e}", lv.vg);
                 false
             }
         };
-    if let (Ok((_, tracked)), false, false) = (&result, matches!(kind, Kind::None), overflowed) {
-        let since_full = if *tracked { base.as_ref().map_or(0, |b| b.since_full) + 1 } else { 0 };
-        guard.kept = keep_as_tracker(cfg, lvm, vol, &lv.vg, &snap, &base_name, since_full);
+    if let (Ok((_, used)), Some(id), false) = (&result, id, overflowed) {
+        let since = if *used { base.as_ref().map_or(0, |b| b.since_full) + 1 } else { 0 };
+        let new = Tagged { name: &new_slot, id, since_full };
+        guard.kept = keep_as_tracker(cfg, lvm, vol, &lv.vg, new, base.as_ref().map(|b| &b.lv), since);
     }
     drop(guard);
     match result {
         Err(e) if overflowed => Err(FreezeError::Overflowed {
             volume: volume.into(),
             vg: lv.vg,
-            snapshot: snap,
+            snapshot: new_slot,
             size: created.size,
             source: Box::new(e),
         }
@@ -442,84 +553,50 @@ fn generations_path(cfg: &Config, vol: &Volume) -> PathBuf {
     generations::source_path(&cfg.layout().source_manifest(&vol.name))
 }
 
-/// Decides what the sync may use: the tracker's changes, or a full scan with the reason. Returns the tracker as
-/// found (for its count of tracked syncs).
-fn plan(
-    cfg: &Config,
-    lvm: &Lvm,
-    vol: &Volume,
-    kind: &Kind,
-    lv: &Lv,
-    base: Option<Lv>,
-    snap: &str,
-) -> (TrackPlan, Option<Base>) {
-    let full = |reason: String| TrackPlan::FullScan { reason };
-    let base_name = tracker_name(&lv.name);
-    let Some(base_lv) = base else {
-        return (
-            full(format!(
-                "no tracker: {}/{base_name} does not exist (the first tracked sync, or it was removed)",
-                lv.vg
-            )),
-            None,
-        );
+/// The generation a tracker's tag names (32 hex digits).
+fn gen_tag(lv: &Lv) -> Option<&str> {
+    lv.tags.iter().find_map(|t| t.strip_prefix(GEN_TAG_PREFIX))
+}
+
+/// The number a tag with `prefix` carries.
+fn tag_value(lv: &Lv, prefix: &str) -> Option<u64> {
+    lv.tags.iter().find_map(|t| t.strip_prefix(prefix)).and_then(|n| n.parse().ok())
+}
+
+/// Whether the tracker may give this sync its changes: the generation every unlisted byte still has (its number
+/// in this node's history), or why the sync scans in full.
+fn check_base(vol: &Volume, lv: &Lv, base: Option<&Base>, current: Option<&GenRecord>) -> Result<u64, String> {
+    let Some(found) = base else {
+        return Err(format!(
+            "no tracker: no snapshot of {} is tagged {TRACKER_TAG} (the first tracked sync, or it was removed)",
+            lv.full_name()
+        ));
     };
-    if !is_ours(&base_lv) {
-        return (
-            full(format!(
-                "{} is not blockrep's (no {TRACKER_TAG} tag): it is left alone; rename it to let blockrep track",
-                base_lv.full_name()
-            )),
-            None,
-        );
-    }
-    let tag = |prefix: &str| base_lv.tags.iter().find_map(|t| t.strip_prefix(prefix).map(str::to_owned));
-    let since_full = tag(SINCE_FULL_TAG_PREFIX).and_then(|n| n.parse().ok()).unwrap_or(0);
-    let base_id = tag(GEN_TAG_PREFIX);
-    let found = Base { lv: base_lv, since_full };
-    let gens = generations::read_source(&generations_path(cfg, vol));
-    let current = gens.history.current.as_ref();
     let current_id = current.map(|c| generations::id_hex(&c.id));
-    let (Some(base_id), Some(current)) = (base_id.as_deref(), current) else {
-        let why = if base_id.is_none() {
-            format!("the tracker {} records no generation (a sync was interrupted)", found.lv.full_name())
+    let (Some(base_id), Some(current)) = (gen_tag(&found.lv), current) else {
+        return Err(if gen_tag(&found.lv).is_none() {
+            format!("the tracker {} records no generation (its tags were changed)", found.lv.full_name())
         } else {
             "this node has no current generation record".to_owned()
-        };
-        return (full(why), Some(found));
+        });
     };
     if Some(base_id) != current_id.as_deref() {
-        return (
-            full(format!(
-                "base generation mismatch: the tracker {} holds generation {base_id}, this node's current generation \
-                 {} is {}",
-                found.lv.full_name(),
-                current.generation,
-                current_id.unwrap_or_default()
-            )),
-            Some(found),
-        );
+        return Err(format!(
+            "base generation mismatch: the tracker {} holds generation {base_id}, this node's current generation {} \
+             is {}",
+            found.lv.full_name(),
+            current.generation,
+            current_id.unwrap_or_default()
+        ));
     }
+    let since_full = found.since_full;
     if vol.full_scan_every > 0 && since_full + 1 >= u64::from(vol.full_scan_every) {
-        return (
-            full(format!(
-                "periodic full scan (full_scan_every = {}, {since_full} tracked syncs since the last one)",
-                vol.full_scan_every
-            )),
-            Some(found),
-        );
+        return Err(format!(
+            "periodic full scan (full_scan_every = {}, {since_full} tracked syncs since the last one)",
+            vol.full_scan_every
+        ));
     }
-    let ranges = match kind {
-        Kind::Thin(thin) => thin_changes(lvm, thin, &found.lv, snap),
-        Kind::Classic => classic_changes(lv, &found.lv),
-        Kind::None => Err("tracking is off".into()),
-    };
-    match ranges {
-        Ok((tracker, ranges)) => {
-            (TrackPlan::Changes { tracker, base_generation: current.generation, ranges }, Some(found))
-        }
-        Err(why) => (full(why), Some(found)),
-    }
+    Ok(current.generation)
 }
 
 /// A tracker's name and the changed byte ranges it listed.
@@ -563,37 +640,41 @@ fn classic_changes(origin: &Lv, base: &Lv) -> Result<Changes, String> {
     Ok(("exception store", ranges))
 }
 
-/// After a successful sync: the snapshot it read becomes the tracker, tagged with the generation now current on
-/// this node. Returns whether the snapshot was kept. Failures are logged (the next sync then scans in full).
-fn keep_as_tracker(cfg: &Config, lvm: &Lvm, vol: &Volume, vg: &str, snap: &str, base: &str, since_full: u64) -> bool {
+/// The new snapshot and the tracker tags it was created with.
+struct Tagged<'a> {
+    name: &'a str,
+    id: GenId,
+    since_full: u64,
+}
+
+/// After a successful sync: the snapshot it read becomes the tracker, and the old one is removed. The snapshot was
+/// tagged before the sync with the generation it was to commit; the generation now current on this node is the
+/// evidence, and a tag that does not match it (or the count of tracked syncs) is corrected first. Returns whether
+/// the snapshot was kept. Failures are logged (the next sync then scans in full).
+fn keep_as_tracker(cfg: &Config, lvm: &Lvm, vol: &Volume, vg: &str, new: Tagged, old: Option<&Lv>, since: u64) -> bool {
     let volume = vol.name.as_str();
     let gens = generations::read_source(&generations_path(cfg, vol));
     let Some(current) = gens.history.current else {
         warn!(volume, "no generation was recorded: the snapshot is not kept as the tracker");
         return false;
     };
-    let step = || -> Result<(), String> {
-        if let Some(old) = lvm.find_lv(vg, base).map_err(|e| e.to_string())? {
-            if !is_ours(&old) {
-                return Err(format!("{} is not blockrep's (no {TRACKER_TAG} tag)", old.full_name()));
-            }
-            lvm.remove_lv(vg, base).map_err(|e| e.to_string())?;
+    let hex = |id: &GenId| format!("{GEN_TAG_PREFIX}{}", generations::id_hex(id));
+    let count = |n: u64| format!("{SINCE_FULL_TAG_PREFIX}{n}");
+    let pairs = [(hex(&new.id), hex(&current.id)), (count(new.since_full), count(since))];
+    let (del, add): (Vec<&str>, Vec<&str>) =
+        pairs.iter().filter(|(had, want)| had != want).map(|(had, want)| (had.as_str(), want.as_str())).unzip();
+    if !add.is_empty() {
+        if let Err(e) = lvm.change_tags(vg, new.name, &add, &del) {
+            warn!(volume, "cannot tag the tracker {vg}/{}: {e}; the next sync scans in full", new.name);
+            return false;
         }
-        Ok(())
-    };
-    if let Err(e) = step() {
-        warn!(volume, "cannot replace the tracker {vg}/{base}: {e}; the next sync scans in full");
-        return false;
     }
-    if let Err(e) = lvm.rename_lv(vg, snap, base) {
-        warn!(volume, "cannot keep {vg}/{snap} as the tracker: {e}; the next sync scans in full");
-        return false;
+    if let Some(old) = old {
+        // As listed before the sync: a snapshot (no classic snapshots of its own), whose report need not be asked again.
+        if let Err(e) = lvm.remove_listed_lv(old) {
+            warn!(volume, "cannot remove the previous tracker {}: {e}; the next sync removes it", old.full_name());
+        }
     }
-    let gen_tag = format!("{GEN_TAG_PREFIX}{}", generations::id_hex(&current.id));
-    let count_tag = format!("{SINCE_FULL_TAG_PREFIX}{since_full}");
-    match lvm.change_tags(vg, base, &[TRACKER_TAG, &gen_tag, &count_tag], &[SNAPSHOT_TAG]) {
-        Ok(()) => info!(volume, tracker = %format!("{vg}/{base}"), generation = current.generation, "tracker kept"),
-        Err(e) => warn!(volume, "cannot tag the tracker {vg}/{base}: {e}; the next sync scans in full"),
-    }
+    info!(volume, tracker = %format!("{vg}/{}", new.name), generation = current.generation, "tracker kept");
     true
 }

@@ -237,17 +237,18 @@ pub fn sync_one(
     o: &NetSyncOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<NetReport, Error> {
-    sync_one_planned(cfg, vol, source, TrackPlan::Off, o, progress).map(|(r, _)| r)
+    sync_one_planned(cfg, vol, source, (TrackPlan::Off, None), o, progress).map(|(r, _)| r)
 }
 
 /// [`sync_one`] with what the volume's tracker found ([`crate::freeze`]): reads only the tracked changes when
 /// the standby is at the tracker's base generation and the sync is incremental, else scans in full and reports
-/// why (`fallback_reason`). Also returns whether the tracker's changes were used.
+/// why (`fallback_reason`); the new generation gets the identifier given with the plan (the snapshot is tagged
+/// with it). Also returns whether the tracker's changes were used.
 pub fn sync_one_planned(
     cfg: &Config,
     vol: &config::Volume,
     source: &Path,
-    plan: TrackPlan,
+    (plan, generation_id): (TrackPlan, Option<link::GenId>),
     o: &NetSyncOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(NetReport, bool), Error> {
@@ -267,6 +268,7 @@ pub fn sync_one_planned(
     let mut opts = engine_options(block_size, &o.io, o.no_refine);
     opts.cancel = o.cancel.clone();
     opts.node = cfg.node.clone();
+    opts.generation_id = generation_id;
     o.choice.apply(&mut opts);
     let request = crate::verify::requested(cfg, &vol.name); // `blockrep verify` on this node
     opts.force_compare |= request.is_some();
@@ -425,8 +427,8 @@ pub fn sync_volumes_with(
         let (mut attempt, mut fill) = (0, None);
         let result = loop {
             attempt += 1;
-            let result = with_frozen_source(cfg, vol, &mut fill, |source, plan| {
-                sync_one_planned(cfg, vol, source, plan, &o, &mut |d, t| observer.progress(&vol.name, d, t))
+            let result = with_frozen_source(cfg, vol, &mut fill, |source, plan, id| {
+                sync_one_planned(cfg, vol, source, (plan, id), &o, &mut |d, t| observer.progress(&vol.name, d, t))
             });
             match &result {
                 Err(e)

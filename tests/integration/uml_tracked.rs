@@ -1,7 +1,8 @@
 //! Tracked changes against real LVM inside User-Mode Linux (one guest for every scenario): a thin LV tracked
 //! with `thin_delta`, and a classic LV tracked by its previous snapshot's exception store, each synced through
 //! `blockrep serve` on the guest's 127.0.0.1 while a writer changes the origin. After each sync the tracker
-//! `<lv>_blockrep_base` *is* the snapshot that sync read, so the guest hashes it and the shadow independently
+//! (the LV tagged `blockrep_tracker`, named `<lv>_blockrep_snap` or `<lv>_blockrep_base`: they alternate) *is* the
+//! snapshot that sync read, so the guest hashes it and the shadow independently
 //! (sha256, not blockrep's hashes). Then every fallback reason is provoked once and the sync must still give a
 //! shadow equal to the snapshot: tracker removed, tracker invalid (no generation tag) or full (an overflowed
 //! classic snapshot), base generation mismatch (an older tracker put back, or this node's manifest lost), a sync
@@ -60,15 +61,21 @@ check $BR shadow create --config $W/blockrep.toml thin
 check $BR shadow create --config $W/blockrep.toml classic
 
 EXTRA=""
+LOG=info
+# tracker_of LV: the name of LV's tracker (the snapshot the last successful sync read, tagged blockrep_tracker).
+tracker_of() {{
+  lvs --noheadings -o lv_name,lv_tags vg0 | awk -v p="$1_blockrep_" 'index($1, p) == 1 && $2 ~ /blockrep_tracker/ {{print $1}}'
+}}
 # sync VOLUME STEP: a JSON sync (with $EXTRA arguments) recorded as result STEP, then the shadow and the tracker (the snapshot the sync
 # read) hashed independently, recorded as STEP_shadow and STEP_snap.
 sync_step() {{
-  BLOCKREP_LOG=info $BR sync --json $EXTRA --config $W/blockrep.toml $1 > $W/$2.json 2>> $W/sync.log \
-    || fail "sync $2: $(tail -5 $W/sync.log)"
+  BLOCKREP_LOG=$LOG $BR sync --json $EXTRA --config $W/blockrep.toml $1 > $W/$2.json 2> $W/$2.err \
+    || fail "sync $2: $(tail -5 $W/$2.err)"
+  cat $W/$2.err >> $W/sync.log
   result $2 "$(cat $W/$2.json)"
   case $1 in thin) lv=tdata ;; classic) lv=cdata ;; esac
   result $2_shadow "$(hash_dev /dev/vg1/$1_shadow)"
-  result $2_snap "$(hash_dev /dev/vg0/${{lv}}_blockrep_base)"
+  result $2_snap "$(hash_dev /dev/vg0/$(tracker_of $lv))"
 }}
 
 # writer DEVICE BLOCKS: rewrites up to 150 pseudo-random 4 KiB blocks of DEVICE (bounded, so that the thin
@@ -104,26 +111,39 @@ for v in thin classic; do
   sync_step $v ${{v}}_catchup
   scatter $dev
   # The classic tracker's real exception store now lists the 8 chunks (lvmctl's parser fixture was captured here).
-  [ $v = classic ] && dd if=/dev/mapper/vg0-cdata_blockrep_base-cow of=$W/classic_store.bin bs=4K count=16 \
+  [ $v = classic ] && dd if=/dev/mapper/vg0-$(tracker_of cdata)-cow of=$W/classic_store.bin bs=4K count=16 \
     iflag=direct status=none
+  LOG=debug
   sync_step $v ${{v}}_scatter
+  LOG=info
+  # The lvm commands of a tracked sync (the debug log names each).
+  result ${{v}}_scatter_lvm "$(grep -o 'running a tool command=/usr/sbin/lvm [a-z]*' $W/${{v}}_scatter.err | cut -d' ' -f5 | tr '\n' ' ')"
   # Fallback: the tracker was removed.
-  check lvremove -q -y vg0/$(basename $dev)_blockrep_base
+  check lvremove -q -y vg0/$(tracker_of $(basename $dev))
   scatter $dev
   sync_step $v ${{v}}_removed
 done
 
-# Thin fallback: the tracker records no generation (as after a crash between its rename and its tags).
-tag=$(lvs --noheadings -o lv_tags vg0/tdata_blockrep_base | tr ',' '\n' | tr -d ' ' | grep '^blockrep_gen_')
-check lvchange -q --deltag "$tag" vg0/tdata_blockrep_base
+# A tracker as blockrep kept it before the two names alternated (named <lv>_blockrep_base, no blockrep_snapshot tag)
+# still tracks.
+t=$(tracker_of tdata)
+check lvchange -q --deltag blockrep_snapshot vg0/$t
+[ $t = tdata_blockrep_base ] || check lvrename -q vg0 $t tdata_blockrep_base
+scatter /dev/vg0/tdata
+sync_step thin thin_oldformat
+# Thin fallback: the tracker records no generation (its tag was removed).
+t=$(tracker_of tdata)
+tag=$(lvs --noheadings -o lv_tags vg0/$t | tr ',' '\n' | tr -d ' ' | grep '^blockrep_gen_')
+check lvchange -q --deltag "$tag" vg0/$t
 scatter /dev/vg0/tdata
 sync_step thin thin_invalid
 # Thin fallback: base generation mismatch (an older tracker put back after a sync that made a newer one).
-check lvrename -q vg0 tdata_blockrep_base tdata_old
+t=$(tracker_of tdata)
+check lvrename -q vg0 $t tdata_old
 scatter /dev/vg0/tdata
 sync_step thin thin_gap
-check lvremove -q -y vg0/tdata_blockrep_base
-check lvrename -q vg0 tdata_old tdata_blockrep_base
+check lvremove -q -y vg0/$(tracker_of tdata)
+check lvrename -q vg0 tdata_old $t
 scatter /dev/vg0/tdata
 sync_step thin thin_mismatch
 # Fallback: this node lost its manifest, so the standby is not known to be at the tracker's base: compare.
@@ -156,7 +176,7 @@ kill -9 $(cat $W/td.pid)
 wait $BPID 2>/dev/null
 for _i in $(seq 1 50); do umount /usr/sbin/pdata_tools 2>/dev/null && break; sleep 0.2; done
 if mountpoint -q /usr/sbin/pdata_tools; then check umount -l /usr/sbin/pdata_tools; fi
-result crash_snap_left "$(lvs --noheadings -o lv_name vg0 | grep -c tdata_blockrep_snap)"
+result crash_snap_left "$(lvs --noheadings -o lv_name vg0 | grep -c tdata_blockrep_)"
 sync_step thin thin_leftover
 result held_after "$(dmsetup status vg0-pool-tpool | cut -d' ' -f7)"
 # Periodic full scan.
@@ -167,14 +187,14 @@ sed -i 's/full_scan_every = 1/full_scan_every = 0/' $W/blockrep.toml
 
 # Classic fallback: the tracker overflowed (24 MiB rewritten, its store holds 12 MiB).
 sync_step classic classic_settle
-result classic_store "$(dd if=/dev/mapper/vg0-cdata_blockrep_base-cow bs=4K count=2 status=none | od -A n -t x4 -N 16 | tr -s ' ')"
+result classic_store "$(dd if=/dev/mapper/vg0-$(tracker_of cdata)-cow bs=4K count=2 status=none | od -A n -t x4 -N 16 | tr -s ' ')"
 check dd if=/dev/urandom of=/dev/vg0/cdata bs=1M count=24 oflag=direct status=none
-result classic_tracker_attr "$(lvs --noheadings -o lv_attr vg0/cdata_blockrep_base | tr -d ' ')"
+result classic_tracker_attr "$(lvs --noheadings -o lv_attr vg0/$(tracker_of cdata) | tr -d ' ')"
 sync_step classic classic_full
 scatter /dev/vg0/cdata
 sync_step classic classic_after_full
 result trackers "$(lvs --noheadings -o lv_name,lv_tags vg0 | grep -c blockrep_tracker)"
-result snaps_left "$(lvs --noheadings -o lv_name vg0 | grep -c blockrep_snap)"
+result blockrep_lvs "$(lvs --noheadings -o lv_name vg0 | grep -c _blockrep_)"
 # track = "none" on a thin LV: its snapshot is a thin one, so a VG whose free space is all taken still syncs
 # (a classic snapshot needs snapshot_size of free space), and the tracker it no longer uses is removed.
 sed -i 's/track = "thin"/track = "none"/' $W/blockrep.toml
@@ -249,6 +269,20 @@ fn tracked_thin_and_classic_syncs_read_only_the_changes_and_fall_back_with_the_r
         assert!(s["fallback_reason"].as_str().unwrap().contains("no tracker"), "{s}");
         assert_eq!(s["bytes_scanned"].as_u64(), Some(size), "{s}");
     }
+    for v in ["thin", "classic"] {
+        // Keeping the snapshot as the tracker costs one lvm command after the sync, the old tracker's removal.
+        let lvm = r.result(&format!("{v}_scatter_lvm")).unwrap_or_default();
+        let count = |c: &str| lvm.split_whitespace().filter(|w| *w == c).count();
+        assert_eq!(
+            (count("lvcreate"), count("lvremove"), count("lvrename"), count("lvchange")),
+            (1, 1, 0, 0),
+            "{v}: {lvm}"
+        );
+    }
+    // Thin: the listing that finds the source's LV, lvcreate, the listing that gives thin_delta the thin ids, and
+    // the old tracker's removal after the sync.
+    assert_eq!(r.result("thin_scatter_lvm").map(str::trim), Some("lvs lvcreate lvs lvremove"));
+    assert_eq!(json("thin_oldformat")["tracker"], "thin_delta", "a tracker kept by an earlier version tracks");
     let s = json("thin_invalid");
     assert!(s["fallback_reason"].as_str().unwrap().contains("records no generation"), "{s}");
     let s = json("thin_mismatch");
@@ -263,7 +297,7 @@ fn tracked_thin_and_classic_syncs_read_only_the_changes_and_fall_back_with_the_r
     assert_eq!(s["mode"], "compare", "{s}");
     assert_eq!(json("thin_settle")["tracker"], "thin_delta", "tracking resumes after the compare syncs");
     assert_ne!(r.result("held_before"), Some("-"), "the killed sync held a metadata snapshot");
-    assert_eq!(r.result("crash_snap_left"), Some("1"), "the killed sync left its snapshot");
+    assert_eq!(r.result("crash_snap_left"), Some("2"), "the killed sync left its snapshot beside the tracker");
     let s = json("thin_leftover");
     assert_eq!(s["tracker"], "thin_delta", "a leftover reservation is released and the tracked sync runs: {s}");
     assert_eq!(r.result("held_after"), Some("-"), "no metadata snapshot stays reserved");
@@ -277,7 +311,7 @@ fn tracked_thin_and_classic_syncs_read_only_the_changes_and_fall_back_with_the_r
     assert_eq!(s["bytes_scanned"].as_u64(), Some(CLASSIC_SIZE));
     assert_eq!(json("classic_after_full")["tracker"], "exception store", "the replaced tracker tracks again");
     assert_eq!(r.result("trackers"), Some("2"), "one tracker per volume");
-    assert_eq!(r.result("snaps_left"), Some("0"));
+    assert_eq!(r.result("blockrep_lvs"), Some("2"), "the trackers and no leftover snapshot");
     assert_eq!(r.result("vg_free"), Some("0"), "the VG had no room for a classic snapshot");
     let s = json("thin_untracked");
     assert_eq!((s["tracker"].as_str(), s["mode"].as_str()), (Some("full scan"), Some("incremental")), "{s}");
@@ -286,8 +320,9 @@ fn tracked_thin_and_classic_syncs_read_only_the_changes_and_fall_back_with_the_r
     assert_eq!(r.result("trackers_before_deconfigure"), Some("2"), "{:?}", r.results);
     let out = r.result("deconfigure_out").unwrap_or_default();
     assert_eq!(r.result("deconfigure_rc"), Some("0"), "{out}");
-    for tracker in ["vg0/tdata_blockrep_base removed", "vg0/cdata_blockrep_base removed"] {
-        assert!(out.contains(tracker), "deconfigure names the removed tracker {tracker}: {out}");
+    for lv in ["tdata", "cdata"] {
+        let removed = |l: &&str| l.contains(&format!("vg0/{lv}_blockrep_")) && l.ends_with(" removed");
+        assert!(out.split('|').any(|l| removed(&l)), "deconfigure names {lv}'s removed tracker: {out}");
     }
     assert_eq!(r.result("deconfigure_left"), Some("0"), "deconfigure left a snapshot or a tracker: {out}");
 }

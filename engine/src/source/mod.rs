@@ -54,6 +54,10 @@ pub struct SyncOptions {
     pub discard_standby_changes: bool,
     /// Handle the writes of this side's generation records go through (unarmed in production; tests crash them).
     pub durable: crate::durable::Durable,
+    /// The identifier of the generation this sync proposes, chosen by the caller beforehand (who names something
+    /// after it, e.g. the snapshot the sync reads); `None`: a random one, or the one an interrupted sync of the
+    /// same generation proposed. The generations file beside the manifest records the one committed.
+    pub generation_id: Option<link::GenId>,
 }
 
 impl SyncOptions {
@@ -67,6 +71,7 @@ impl SyncOptions {
             force_compare: false,
             discard_standby_changes: false,
             durable: crate::durable::Durable::new(),
+            generation_id: None,
         }
     }
 }
@@ -363,8 +368,10 @@ pub fn sync_changes(
     // Propose the new generation's identifier durably before the target can commit it, so that a commit this
     // side fails to record is still known here (never mistaken for the standby's own changes).
     let node = if opts.node.is_empty() { "local" } else { opts.node.as_str() };
-    let proposed = match &gens.proposed {
-        Some(p) if p.generation == generation && !info.history.iter().any(|r| r.id == p.id) => p.clone(),
+    // An earlier proposal the standby never committed means nothing there: a caller's identifier replaces it.
+    let proposed = match (&gens.proposed, opts.generation_id) {
+        (_, Some(id)) => generations::record(generation, id, node),
+        (Some(p), None) if p.generation == generation && !info.history.iter().any(|r| r.id == p.id) => p.clone(),
         _ => generations::record(generation, generations::new_id(), node),
     };
     gens.proposed = Some(proposed.clone());

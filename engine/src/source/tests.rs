@@ -312,3 +312,36 @@ fn pipelined_requests_stay_bounded_and_the_shadow_equals_the_source() {
     assert_eq!((r.mode, r.bytes_sent), (SyncMode::Compare, 4096));
     assert_eq!(std::fs::read(&shadow).unwrap(), v2);
 }
+
+#[test]
+fn a_caller_chosen_generation_id_is_committed_and_replaces_an_interrupted_proposal() {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
+    let mut v0 = vec![0u8; SIZE];
+    rng.fill(&mut v0[..]);
+    let mut side = Side::new();
+    let src = side.dir.path().join("source");
+    std::fs::write(&src, &v0).unwrap();
+    let vol = Volume::open(&src, Access::Read, &IoOptions::default()).unwrap();
+    let manifest = side.manifest();
+    let gens_path = generations::source_path(&manifest);
+    let current = || generations::read_source(&gens_path).history.current.map(|c| (c.generation, c.id));
+    let sync = |side: &mut Side, id: Option<link::GenId>| {
+        let opts = SyncOptions { generation_id: id, ..SyncOptions::new(BS) };
+        sync_volume("v", &vol, &manifest, &mut side.target, &opts, &mut |_, _| {}).unwrap()
+    };
+    sync(&mut side, Some([7; 16]));
+    assert_eq!(current(), Some((1, [7; 16])), "the caller's identifier names the generation");
+    // A proposal of generation 2 that never reached the standby (the sync died before its commit).
+    let interrupted = |generation, id| {
+        let mut g = generations::read_source(&gens_path);
+        g.proposed = Some(generations::record(generation, id, "local"));
+        generations::write_source(&crate::durable::Durable::new(), &gens_path, &g).unwrap();
+    };
+    interrupted(2, [9; 16]);
+    sync(&mut side, Some([8; 16]));
+    assert_eq!(current(), Some((2, [8; 16])), "the caller's identifier, not the stale proposal");
+    interrupted(3, [5; 16]);
+    sync(&mut side, None);
+    assert_eq!(current(), Some((3, [5; 16])), "without one, the interrupted proposal is committed as before");
+    assert_eq!(side.shadow(), v0);
+}
