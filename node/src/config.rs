@@ -830,7 +830,16 @@ fn parse_volumes(raws: Vec<RawVolume>, text: &str, path: &Path) -> Result<Vec<Vo
                     }
                     None => SnapshotSize::Percent(lvmctl::DEFAULT_SNAPSHOT_PERCENT),
                 },
-                name: v.snapshot_name.clone(),
+                name: match &v.snapshot_name {
+                    // A tracked volume's snapshots alternate between this name and `<lv>_blockrep_base`.
+                    Some(n) if n.ends_with("_blockrep_base") => {
+                        return Err(bad(format!(
+                            "volume {name}: snapshot_name {n:?} ends in _blockrep_base, the name a tracked \
+                             volume's snapshots alternate with: choose another name"
+                        )))
+                    }
+                    n => n.clone(),
+                },
             },
             other => {
                 let key = v.snapshot.as_ref().map(|s| key_at("snapshot", s.span())).unwrap_or_default();
@@ -1020,6 +1029,9 @@ mod tests {
         assert!(e.contains("track (line 6)") && e.contains("needs snapshot = \"lvm\""), "{e}");
         let e = link::error_chain(&parse("snapshot = \"lvm\"\ntrack = \"zfs\"\n").unwrap_err());
         assert!(e.contains("track (line 7)") && e.contains("\"auto\", \"thin\""), "{e}");
+        let e = link::error_chain(&parse("snapshot = \"lvm\"\nsnapshot_name = \"x_blockrep_base\"\n").unwrap_err());
+        assert!(e.contains("snapshot_name \"x_blockrep_base\" ends in _blockrep_base"), "{e}");
+        assert!(parse("snapshot = \"lvm\"\nsnapshot_name = \"x_blockrep_snap2\"\n").is_ok());
     }
 
     #[test]
