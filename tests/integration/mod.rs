@@ -18,6 +18,7 @@ mod local_sync;
 mod maint_lock;
 mod network;
 mod operations;
+mod pacemaker;
 mod protect;
 mod retain;
 mod role_cli;
