@@ -9,7 +9,8 @@
 //! unplanned failover: A's writer, its sync and `serve` are SIGKILLed mid-write and mid-sync, B is promoted, A
 //! comes back and is demoted,
 //! and the reverse sync B→A compares A's actual content; A ends up byte-identical to B's volume (hashed in the
-//! guest with sha256sum, independently of blockrep).
+//! guest with sha256sum, independently of blockrep). A's volume is tracked by its previous snapshot
+//! (`track = "snapshot"`), B's is not: a demote of A removes its tracker, and A's first sync as primary again scans.
 
 use std::time::Duration;
 
@@ -27,7 +28,7 @@ for n in a b; do
 done
 state_fs
 mkdir -p /mnt/brstate/a /mnt/brstate/b
-# conf NODE LISTEN_PORT PEER_PORT VG
+# conf NODE LISTEN_PORT PEER_PORT VG TRACK
 conf() {
   cat > $W/$1.toml <<CONF
 node = "$1"
@@ -44,6 +45,7 @@ source = "/dev/$4/data"
 shadow = "/dev/$4/data"
 snapshot = "lvm"
 snapshot_size = "8M"
+track = "$5"
 [role]
 interface = "vip$1"
 vip = "10.77.9.50/24"
@@ -59,8 +61,8 @@ wait_ms = 20
 primary_only = [{ hook = "echo \$BLOCKREP_ACTION >> $W/app-$1.log" }]
 CONF
 }
-conf a 7701 7702 vg0
-conf b 7702 7701 vg1
+conf a 7701 7702 vg0 snapshot
+conf b 7702 7701 vg1 none
 A="--config $W/a.toml"
 B="--config $W/b.toml"
 VA=/dev/vg0/data
@@ -137,6 +139,7 @@ result switchover1 "$(cat $W/so1.json)"
 result same_after_switchover "$(same)"
 result mark_on_b "$(read_mark $VB 5000 41)"
 result roles_after_switchover "$(role_of a) $(role_of b)"
+result trackers_on_a_after_switchover "$(lvs --noheadings -o lv_name vg0 | grep -c _blockrep_)"
 result vips_after_switchover "$(has_vip a) $(has_vip b)"
 result app_a "$(tr '\n' ' ' < $W/app-a.log)"
 result log_a "$($BR $A log | grep -c 'final-sync: switchover requested by b')"
@@ -177,7 +180,7 @@ kill -9 -$WRITER || fail "cannot kill the writer's process group"
 kill -9 $SYNC_a $SERVE_a
 wait $WRITER $SYNC_a $SERVE_a 2>/dev/null
 result spool_at_kill "$(stat -c %s $SPOOL 2>/dev/null || echo 0)"
-result snapshots_on_a_at_kill "$(lvs --noheadings -o lv_name vg0 | grep -c blockrep_snap)"
+result snapshots_on_a_at_kill "$(lvs --noheadings -o lv_name vg0 | grep -c _blockrep_)"
 check ip link set vipa down
 result same_after_kill "$(same)"
 BLOCKREP_LOG=info $BR $B promote --reason "a died" --json > $W/promote.json 2> $W/promote.err
@@ -192,7 +195,7 @@ check ip link set vipa up
 check $BR $A demote --reason "back after a failure"
 result roles_after_demote "$(role_of a) $(role_of b)"
 result vipa_after_demote "$(has_vip a)"
-result snapshots_on_a_after_demote "$(lvs --noheadings -o lv_name vg0 | grep -c blockrep_snap)"
+result snapshots_on_a_after_demote "$(lvs --noheadings -o lv_name vg0 | grep -c _blockrep_)"
 start_serve a
 sync_json b failover_sync
 result failover_sync_err "$(grep -v '^ *$' $W/failover_sync.err | tail -n 5 | tr '\n' ' ')"
@@ -200,7 +203,7 @@ HA=$(hash_dev $VA)
 HB=$(hash_dev $VB)
 result failover_hashes "$HA $HB"
 result mark_on_a_after_failover "$(read_mark $VA 3600 31)"
-result snapshots_on_a_at_end "$(lvs --noheadings -o lv_name vg0 | grep -c blockrep_snap)"
+result snapshots_on_a_at_end "$(lvs --noheadings -o lv_name vg0 | grep -c _blockrep_)"
 kill $SERVE_a $SERVE_b
 wait $SERVE_a $SERVE_b
 "#;
@@ -246,6 +249,7 @@ fn lvm_lifecycle_switchover_switchback_and_unplanned_failover() {
     assert_eq!(json(&r, "sync_full")["mode"], "full");
     assert_eq!(json(&r, "sync_full")["bytes_changed"], VOLUME_MIB << 20);
     assert_incremental(&r, "sync_inc", 4 * 4096);
+    assert_eq!(json(&r, "sync_inc")["tracker"], "exception store", "A's second sync reads its tracker's changes");
     assert_eq!(res("same_after_sync"), "yes");
 
     // 2. Planned switchover: A's last write is on B, both volumes byte-identical; roles and VIP moved; A's
@@ -254,6 +258,7 @@ fn lvm_lifecycle_switchover_switchback_and_unplanned_failover() {
     assert_eq!(res("same_after_switchover"), "yes", "the final sync shipped every write A made");
     assert_eq!(res("mark_on_b"), "the last write on a before the switchover");
     assert_eq!(res("roles_after_switchover"), "standby primary");
+    assert_eq!(res("trackers_on_a_after_switchover"), "0", "A's demote removed its tracker");
     assert_eq!(res("vips_after_switchover"), "0 1");
     assert_eq!(res("app_a").split_whitespace().collect::<Vec<_>>(), ["start", "stop", "stop"]);
     assert_eq!(res("log_a"), "1");
@@ -270,6 +275,10 @@ fn lvm_lifecycle_switchover_switchback_and_unplanned_failover() {
     assert_eq!(res("roles_after_switchback"), "primary standby");
     assert_eq!(res("vips_after_switchback"), "1 0");
     assert_incremental(&r, "forward_inc", 4 * 4096);
+    // Its tracker went with the demote: A's first sync as primary again scans (incremental all the same).
+    let f = json(&r, "forward_inc");
+    assert_eq!(f["tracker"], "full scan", "{f}");
+    assert!(f["fallback_reason"].as_str().is_some_and(|w| w.starts_with("no tracker")), "{f}");
     assert_eq!(res("same_after_forward"), "yes");
 
     // 5. Unplanned failover. A's writer changed A's volume after its last sync; B's promote (the peer does not
@@ -277,9 +286,9 @@ fn lvm_lifecycle_switchover_switchback_and_unplanned_failover() {
     assert_eq!(res("same_after_kill"), "no", "A's writer wrote after A's last sync");
     let spool: u64 = res("spool_at_kill").parse().unwrap();
     assert!(spool >= 1 << 20, "A's sync was killed in the middle of its transfer: spool of {spool} bytes on B");
-    // The killed sync left its snapshot on A; A's demote removes it (a standby's volume must not keep copying
-    // every write the new primary's syncs make into a snapshot of itself).
-    assert_eq!(res("snapshots_on_a_at_kill"), "1");
+    // The killed sync left its snapshot on A beside A's tracker; A's demote removes both (a standby's volume must
+    // not keep copying every write the new primary's syncs make into a snapshot of itself).
+    assert_eq!(res("snapshots_on_a_at_kill"), "2", "the killed sync's snapshot beside A's tracker");
     assert_eq!(res("snapshots_on_a_after_demote"), "0");
     assert_eq!(res("snapshots_on_a_at_end"), "0");
     assert_eq!(res("promote_rc"), "0");
