@@ -403,21 +403,29 @@ fn with_lvm_snapshot<T>(
         Some(t) if t.name == snap_slot => base_slot.clone(),
         _ => snap_slot.clone(),
     };
-    // Anything else of blockrep's under the two names is left over: a snapshot of an interrupted sync (removed with
-    // a log line; an LV of that name that is not ours is refused), a tracker of another generation, or one that
-    // tracking no longer uses.
-    if at_snap.is_some() && tracker.as_ref().is_none_or(|t| t.name != snap_slot) {
-        lvm.remove_leftover_snapshot(&lv.vg, &lv.name, &snap_slot).map_err(leftover)?;
-    }
-    if let Some(b) = at_base.as_ref().filter(|b| is_ours(b) && tracker.as_ref().is_none_or(|t| t.name != b.name)) {
-        let why = if tracked { "a tracker left over (not the one this sync uses)" } else { "tracking is off" };
-        match lvm.remove_lv(&b.vg, &b.name) {
-            Ok(()) => info!(volume, tracker = %b.full_name(), "{why}: removed"),
+    // Anything else of blockrep's under the two names is left over: a tracker (or a snapshot tagged as one) of an
+    // earlier sync that this sync does not use, one that tracking no longer uses, or a plain snapshot of an
+    // interrupted sync (removed with lvmctl's checks and log line; an LV of that name that is not ours is refused).
+    let why =
+        if tracked { "left over from an earlier sync (not the tracker this sync uses)" } else { "tracking is off" };
+    for l in [at_snap.as_ref(), at_base.as_ref()].into_iter().flatten() {
+        if tracker.as_ref().is_some_and(|t| t.name == l.name) {
+            continue;
+        }
+        if l.name == snap_slot && !(is_ours(l) && l.has_tag(TRACKER_TAG)) {
+            lvm.remove_leftover_snapshot(&lv.vg, &lv.name, &snap_slot).map_err(leftover)?;
+            continue;
+        }
+        if !is_ours(l) {
+            continue; // under the tracker's name: `foreign` says why nothing is tracked
+        }
+        match lvm.remove_lv(&l.vg, &l.name) {
+            Ok(()) => info!(volume, snapshot = %l.full_name(), "{why}: removed"),
             // The new snapshot is to take its name: the sync cannot go on.
-            Err(e) if new_slot == b.name => {
+            Err(e) if new_slot == l.name => {
                 return Err(FreezeError::Leftover { volume: volume.into(), source: e }.into())
             }
-            Err(e) => warn!(volume, "cannot remove {} ({why}): {e}", b.full_name()),
+            Err(e) => warn!(volume, "cannot remove {} ({why}): {e}", l.full_name()),
         }
     }
     if let Kind::Thin(thin) = &kind {
