@@ -7,7 +7,8 @@
 //! shadow equal to the snapshot: tracker removed, tracker invalid (no generation tag) or full (an overflowed
 //! classic snapshot), base generation mismatch (an older tracker put back, or this node's manifest lost), a sync
 //! that compares (`--verify`), a sync killed while the pool's metadata snapshot is reserved (the next one
-//! releases it first and still tracks), and the periodic full scan. At the end `blockrep deconfigure` must
+//! releases it first and still tracks), the periodic full scan, and an LV named like the tracker that is not
+//! blockrep's (left alone, full scans with the reason). At the end `blockrep deconfigure` must
 //! remove both trackers.
 
 use std::time::Duration;
@@ -184,6 +185,19 @@ sed -i 's/full_scan_every = 0/full_scan_every = 1/' $W/blockrep.toml
 scatter /dev/vg0/tdata
 sync_step thin thin_periodic
 sed -i 's/full_scan_every = 1/full_scan_every = 0/' $W/blockrep.toml
+# An LV named like the tracker that is not blockrep's (a thin LV of the pool, untagged) blocks tracking: it is
+# left alone, the sync scans in full and says why, and its snapshot is not kept.
+check lvremove -q -y vg0/$(tracker_of tdata)
+check lvcreate -q --yes -V 4M -T vg0/pool -n tdata_blockrep_base
+scatter /dev/vg0/tdata
+BLOCKREP_LOG=info $BR sync --json --config $W/blockrep.toml thin > $W/thin_foreign.json 2>> $W/sync.log \
+  || fail "sync thin_foreign: $(tail -5 $W/sync.log)"
+result thin_foreign "$(cat $W/thin_foreign.json)"
+result thin_foreign_hashes "$(hash_dev /dev/vg1/thin_shadow) $(hash_dev /dev/vg0/tdata)"
+result thin_foreign_lvs "$(lvs --noheadings -o lv_name,lv_tags vg0 | grep tdata_blockrep_ | tr -s ' ' | tr '\n' ';')"
+check lvremove -q -y vg0/tdata_blockrep_base
+scatter /dev/vg0/tdata
+sync_step thin thin_after_foreign
 
 # Classic fallback: the tracker overflowed (24 MiB rewritten, its store holds 12 MiB).
 sync_step classic classic_settle
@@ -303,6 +317,17 @@ fn tracked_thin_and_classic_syncs_read_only_the_changes_and_fall_back_with_the_r
     assert_eq!(r.result("held_after"), Some("-"), "no metadata snapshot stays reserved");
     let s = json("thin_periodic");
     assert!(s["fallback_reason"].as_str().unwrap().starts_with("periodic full scan"), "{s}");
+    let s = json("thin_foreign");
+    let reason = s["fallback_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("vg0/tdata_blockrep_base is not blockrep's") && reason.contains("left alone"), "{s}");
+    assert_eq!(s["tracker"], "full scan", "{s}");
+    let hashes = r.result("thin_foreign_hashes").unwrap_or_default();
+    assert_eq!(hashes.split_once(' ').map(|(a, b)| a == b), Some(true), "shadow != source: {hashes}");
+    let lvs = r.result("thin_foreign_lvs").unwrap_or_default();
+    let lvs: Vec<&str> = lvs.split(';').map(str::trim).filter(|l| !l.is_empty()).collect();
+    assert_eq!(lvs, ["tdata_blockrep_base"], "only the foreign LV, untagged, is left");
+    let s = json("thin_after_foreign");
+    assert!(s["fallback_reason"].as_str().unwrap_or_default().starts_with("no tracker"), "{s}");
     // The real exception store's header: magic "SnAp", valid, version 1, 8 sectors (4 KiB chunks, lvm's default).
     assert_eq!(r.result("classic_store").map(str::trim), Some("70416e53 00000001 00000001 00000008"));
     assert!(r.result("classic_tracker_attr").unwrap().contains('I'), "the tracker overflowed: {:?}", r.results);
