@@ -96,6 +96,13 @@ pub struct LastSuccess {
     pub bytes_sent: u64,
     /// The generation committed.
     pub generation: u64,
+    /// What found the changes: "full scan", or the tracker ("thin_delta", "exception store"); null in a record
+    /// written before this was kept.
+    #[serde(default)]
+    pub tracker: Option<String>,
+    /// Why a tracked volume was scanned in full (as `sync --json` says), or null.
+    #[serde(default)]
+    pub fallback_reason: Option<String>,
 }
 
 /// The last failed (or cancelled) sync of a volume.
@@ -694,6 +701,8 @@ pub fn record_outcome(cfg: &Config, volume: &str, result: &Result<crate::primary
                 bytes_changed: r.sync.bytes_changed,
                 bytes_sent: r.sync.bytes_sent,
                 generation: r.sync.generation,
+                tracker: Some(r.sync.tracker.clone()),
+                fallback_reason: r.sync.fallback_reason.clone(),
             });
         }
         Err(e) => {
@@ -720,4 +729,32 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sync_record_written_before_the_tracker_fields_still_reads() {
+        let l = LastSuccess {
+            time: 1,
+            duration_s: 0.5,
+            bytes_scanned: 2,
+            bytes_changed: 3,
+            bytes_sent: 4,
+            generation: 5,
+            tracker: Some("thin_delta".into()),
+            fallback_reason: None,
+        };
+        let rec = SyncRecord { last_outcome: Some(Outcome::Ok), last_success: Some(l), last_failure: None };
+        let mut v = serde_json::to_value(&rec).unwrap();
+        assert_eq!(v["last_success"]["tracker"], "thin_delta");
+        for k in ["tracker", "fallback_reason"] {
+            v["last_success"].as_object_mut().unwrap().remove(k);
+        }
+        let old: SyncRecord = serde_json::from_value(v).unwrap();
+        let l = old.last_success.unwrap();
+        assert_eq!((l.generation, l.tracker, l.fallback_reason), (5, None, None));
+    }
 }

@@ -115,6 +115,12 @@ impl fmt::Display for NodeStatus {
                     bytes(l.bytes_changed),
                     bytes(l.bytes_sent)
                 )?;
+                // A tracked volume: where its changes came from, or why tracking did not help this time.
+                match (&l.tracker, &l.fallback_reason) {
+                    (_, Some(why)) => writeln!(f, "  tracking not used (full scan): {why}")?,
+                    (Some(t), None) if t != "full scan" => writeln!(f, "  changes listed by the tracker ({t})")?,
+                    _ => {}
+                }
             }
             if let Some(fail) =
                 v.record.last_failure.as_ref().filter(|_| v.record.last_outcome != Some(crate::status::Outcome::Ok))

@@ -132,6 +132,9 @@ check lvchange -q --deltag blockrep_snapshot vg0/$t
 [ $t = tdata_blockrep_base ] || check lvrename -q vg0 $t tdata_blockrep_base
 scatter /dev/vg0/tdata
 sync_step thin thin_oldformat
+# status as the primary shows it (this guest's one configuration is both nodes; without the shadows it is the primary's)
+grep -v '^shadow' $W/blockrep.toml > $W/primary.toml
+result tracked_status_text "$($BR status --config $W/primary.toml | grep -c 'changes listed by the tracker (thin_delta)')"
 # Thin fallback: the tracker records no generation (its tag was removed).
 t=$(tracker_of tdata)
 tag=$(lvs --noheadings -o lv_tags vg0/$t | tr ',' '\n' | tr -d ' ' | grep '^blockrep_gen_')
@@ -193,6 +196,8 @@ scatter /dev/vg0/tdata
 BLOCKREP_LOG=info $BR sync --json --config $W/blockrep.toml thin > $W/thin_foreign.json 2>> $W/sync.log \
   || fail "sync thin_foreign: $(tail -5 $W/sync.log)"
 result thin_foreign "$(cat $W/thin_foreign.json)"
+result thin_foreign_status "$($BR status --json --config $W/primary.toml)"
+result thin_foreign_status_text "$($BR status --config $W/primary.toml | grep 'tracking not used')"
 result thin_foreign_hashes "$(hash_dev /dev/vg1/thin_shadow) $(hash_dev /dev/vg0/tdata)"
 result thin_foreign_lvs "$(lvs --noheadings -o lv_name,lv_tags vg0 | grep tdata_blockrep_ | tr -s ' ' | tr '\n' ';')"
 check lvremove -q -y vg0/tdata_blockrep_base
@@ -326,6 +331,15 @@ fn tracked_thin_and_classic_syncs_read_only_the_changes_and_fall_back_with_the_r
     let lvs = r.result("thin_foreign_lvs").unwrap_or_default();
     let lvs: Vec<&str> = lvs.split(';').map(str::trim).filter(|l| !l.is_empty()).collect();
     assert_eq!(lvs, ["tdata_blockrep_base"], "only the foreign LV, untagged, is left");
+    // status tells it too, in JSON and in text (the last sync of each volume), and after a tracked sync.
+    let st = json("thin_foreign_status");
+    let vols = st["volumes"].as_array().cloned().unwrap_or_default();
+    let thin = vols.iter().find(|v| v["name"] == "thin").unwrap_or_else(|| panic!("{st}"));
+    assert_eq!(thin["last_success"]["tracker"], "full scan", "{thin}");
+    assert_eq!(thin["last_success"]["fallback_reason"], s["fallback_reason"], "{thin}");
+    let text = r.result("thin_foreign_status_text").unwrap_or_default();
+    assert!(text.contains("tracking not used (full scan): vg0/tdata_blockrep_base is not blockrep's"), "{text}");
+    assert_eq!(r.result("tracked_status_text"), Some("1"), "status names the tracker after a tracked sync");
     let s = json("thin_after_foreign");
     assert!(s["fallback_reason"].as_str().unwrap_or_default().starts_with("no tracker"), "{s}");
     // The real exception store's header: magic "SnAp", valid, version 1, 8 sectors (4 KiB chunks, lvm's default).
