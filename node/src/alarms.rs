@@ -3,8 +3,8 @@
 //! `[role] notify` hooks (BLOCKREP_EVENT=alarm-raised|alarm-cleared, BLOCKREP_ALARM, BLOCKREP_VOLUME,
 //! BLOCKREP_REASON, BLOCKREP_NODE) and is recorded in the history.
 //!
-//! Who judges what: the end of a sync run judges [`AlarmKind::SyncFailed`], [`AlarmKind::StandbyUnreachable`]
-//! and [`AlarmKind::SnapshotFull`]; `status` and `serve` (periodically) judge the rest
+//! Who judges what: the end of a sync run judges [`AlarmKind::SyncFailed`], [`AlarmKind::StandbyUnreachable`],
+//! [`AlarmKind::SnapshotFull`] and [`AlarmKind::TrackingLost`]; `status` and `serve` (periodically) judge the rest
 //! ([`judge_standing`]), and `status` also probes the peer. A condition nobody judged keeps its state.
 
 use std::path::PathBuf;
@@ -41,6 +41,9 @@ pub enum AlarmKind {
     /// This node is primary, but a virtual IP of its `[role]` is not on its interface (after a reboot nothing
     /// else brings it back than `blockrep reconcile` or a promote).
     VipMissing,
+    /// A tracked volume's last syncs all scanned in full although nobody asked for it (the tracker keeps being
+    /// missing, invalid or full): every sync reads the whole volume.
+    TrackingLost,
 }
 
 impl AlarmKind {
@@ -56,11 +59,12 @@ impl AlarmKind {
             AlarmKind::RetainedDropped => "retained_dropped",
             AlarmKind::Unprotected => "unprotected",
             AlarmKind::VipMissing => "vip_missing",
+            AlarmKind::TrackingLost => "tracking_lost",
         }
     }
 
     /// Every kind, for metrics.
-    pub const ALL: [AlarmKind; 9] = [
+    pub const ALL: [AlarmKind; 10] = [
         AlarmKind::SyncFailed,
         AlarmKind::StandbyUnreachable,
         AlarmKind::PrimaryOnStandby,
@@ -70,6 +74,7 @@ impl AlarmKind {
         AlarmKind::RetainedDropped,
         AlarmKind::Unprotected,
         AlarmKind::VipMissing,
+        AlarmKind::TrackingLost,
     ];
 }
 

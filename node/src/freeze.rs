@@ -33,6 +33,12 @@ use tracing::{info, warn};
 use crate::config::{Config, SnapshotDriver, SnapshotSize, Track, Volume};
 use crate::{Error, ErrorKind};
 
+/// How the fallback reason of a periodic full scan (`full_scan_every`) starts.
+pub const PERIODIC_FULL_SCAN: &str = "periodic full scan";
+/// How the fallback reason of a sync that compares every block on request (`--verify`, `blockrep verify`,
+/// `--discard-standby-changes`) starts.
+pub const COMPARES_EVERY_BLOCK: &str = "this sync compares every block";
+
 /// Tag of a volume's tracker (the previous sync's snapshot, kept).
 pub const TRACKER_TAG: &str = "blockrep_tracker";
 /// Prefix of the tracker's tag naming the generation it holds (32 hex digits follow).
@@ -600,7 +606,7 @@ fn check_base(vol: &Volume, lv: &Lv, base: Option<&Base>, current: Option<&GenRe
     let since_full = found.since_full;
     if vol.full_scan_every > 0 && since_full + 1 >= u64::from(vol.full_scan_every) {
         return Err(format!(
-            "periodic full scan (full_scan_every = {}, {since_full} tracked syncs since the last one)",
+            "{PERIODIC_FULL_SCAN} (full_scan_every = {}, {since_full} tracked syncs since the last one)",
             vol.full_scan_every
         ));
     }

@@ -280,7 +280,7 @@ pub fn sync_one_planned(
                 true => "--verify or --discard-standby-changes",
                 false => "requested with blockrep verify",
             };
-            fallback = Some(format!("this sync compares every block ({by})"));
+            fallback = Some(format!("{} ({by})", crate::freeze::COMPARES_EVERY_BLOCK));
             None
         }
         TrackPlan::Changes { tracker, base_generation, ranges } => {
@@ -301,7 +301,7 @@ pub fn sync_one_planned(
         TrackPlan::Off => None,
     };
     if let Some(reason) = &fallback {
-        if reason.starts_with("periodic") {
+        if reason.starts_with(crate::freeze::PERIODIC_FULL_SCAN) {
             tracing::info!(volume = %vol.name, %reason, "tracked volume: full scan");
         } else {
             tracing::warn!(volume = %vol.name, %reason, "tracked volume: falling back to a full scan");
@@ -447,7 +447,9 @@ pub fn sync_volumes_with(
         };
         let cancelled = cancel.load(Ordering::SeqCst);
         crate::schedule::after_volume(cfg, &vol.name, &result, cancelled, attempt);
-        crate::alarms::update(cfg, &crate::schedule::snapshot_judgement(&vol.name, &result, fill));
+        let mut judged = crate::schedule::snapshot_judgement(&vol.name, &result, fill);
+        judged.extend(crate::schedule::tracking_judgement(cfg, &vol.name, &result));
+        crate::alarms::update(cfg, &judged);
         let outcome = VolumeOutcome { volume: vol.name.clone(), result };
         observer.finished(&outcome, run.total);
         run.outcomes.push(outcome);

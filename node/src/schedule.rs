@@ -324,6 +324,42 @@ pub fn after_run(cfg: &Config, outcomes: &[crate::primary::VolumeOutcome], cance
 /// A snapshot filled to this percent during a sync raises [`crate::alarms::AlarmKind::SnapshotFull`].
 pub const SNAPSHOT_ALARM_PERCENT: f64 = 80.0;
 
+/// Successful syncs in a row of a tracked volume that scanned in full unasked before `tracking_lost` is raised:
+/// one is normal (the first tracked sync, the first after a demote or a failed sync), three are a tracker that
+/// keeps failing.
+pub const TRACKING_ALARM_SYNCS: u32 = 3;
+
+/// Whether a tracked volume's full scan was asked for (`full_scan_every`, or a sync that compares every block on
+/// request), rather than forced by a tracker that could not be used.
+pub fn fallback_was_asked_for(reason: &str) -> bool {
+    reason.starts_with(crate::freeze::PERIODIC_FULL_SCAN) || reason.starts_with(crate::freeze::COMPARES_EVERY_BLOCK)
+}
+
+/// After a successful sync of a volume (its record written): `tracking_lost` raised when it is the
+/// [`TRACKING_ALARM_SYNCS`]th or later in a row to scan a tracked volume in full unasked, cleared when the tracker's
+/// changes were used (or the volume is not tracked). A failed sync judges nothing.
+pub fn tracking_judgement(
+    cfg: &Config,
+    volume: &str,
+    result: &Result<crate::primary::NetReport, Error>,
+) -> Vec<crate::alarms::Judgement> {
+    use crate::alarms::{AlarmKind, Judgement};
+    let Ok(r) = result else { return Vec::new() };
+    let n = crate::status::read_record(cfg, volume).tracker_fallbacks;
+    let v = Some(volume);
+    match &r.sync.fallback_reason {
+        Some(why) if n >= TRACKING_ALARM_SYNCS => vec![Judgement::raise(
+            AlarmKind::TrackingLost,
+            v,
+            format!(
+                "volume {volume} is tracked, but its last {n} syncs read the whole volume: the tracker could not be                  used ({why}); see docs/config.md, \"Tracked changes\""
+            ),
+        )],
+        Some(_) => Vec::new(),
+        None => vec![Judgement::clear(AlarmKind::TrackingLost, v)],
+    }
+}
+
 /// The snapshot alarm of one volume's sync: raised when the snapshot overflowed (the sync failed for it) or was
 /// at least [`SNAPSHOT_ALARM_PERCENT`] full at its end; cleared by a sync whose snapshot stayed below; nothing
 /// judged otherwise (no snapshot, or another failure).

@@ -125,6 +125,10 @@ pub struct SyncRecord {
     pub last_success: Option<LastSuccess>,
     /// The last failure or cancel.
     pub last_failure: Option<LastFailure>,
+    /// Successful syncs in a row of a tracked volume that scanned in full without being asked to (not a periodic
+    /// full scan, not a sync that compares on request): the tracker keeps failing (alarm `tracking_lost`).
+    #[serde(default)]
+    pub tracker_fallbacks: u32,
 }
 
 /// One volume in the status.
@@ -704,6 +708,11 @@ pub fn record_outcome(cfg: &Config, volume: &str, result: &Result<crate::primary
                 tracker: Some(r.sync.tracker.clone()),
                 fallback_reason: r.sync.fallback_reason.clone(),
             });
+            rec.tracker_fallbacks = match &r.sync.fallback_reason {
+                Some(why) if crate::schedule::fallback_was_asked_for(why) => rec.tracker_fallbacks,
+                Some(_) => rec.tracker_fallbacks.saturating_add(1),
+                None => 0, // the tracker's changes were used, or the volume is not tracked
+            };
         }
         Err(e) => {
             let outcome = if cancelled { Outcome::Cancelled } else { Outcome::Failed };
@@ -737,6 +746,7 @@ mod tests {
 
     #[test]
     fn a_sync_record_written_before_the_tracker_fields_still_reads() {
+        // (tracker, fallback_reason and tracker_fallbacks came in session 10)
         let l = LastSuccess {
             time: 1,
             duration_s: 0.5,
@@ -747,13 +757,20 @@ mod tests {
             tracker: Some("thin_delta".into()),
             fallback_reason: None,
         };
-        let rec = SyncRecord { last_outcome: Some(Outcome::Ok), last_success: Some(l), last_failure: None };
+        let rec = SyncRecord {
+            last_outcome: Some(Outcome::Ok),
+            last_success: Some(l),
+            last_failure: None,
+            tracker_fallbacks: 2,
+        };
         let mut v = serde_json::to_value(&rec).unwrap();
         assert_eq!(v["last_success"]["tracker"], "thin_delta");
         for k in ["tracker", "fallback_reason"] {
             v["last_success"].as_object_mut().unwrap().remove(k);
         }
+        v.as_object_mut().unwrap().remove("tracker_fallbacks");
         let old: SyncRecord = serde_json::from_value(v).unwrap();
+        assert_eq!(old.tracker_fallbacks, 0);
         let l = old.last_success.unwrap();
         assert_eq!((l.generation, l.tracker, l.fallback_reason), (5, None, None));
     }

@@ -200,9 +200,20 @@ result thin_foreign_status "$($BR status --json --config $W/primary.toml)"
 result thin_foreign_status_text "$($BR status --config $W/primary.toml | grep 'tracking not used')"
 result thin_foreign_hashes "$(hash_dev /dev/vg1/thin_shadow) $(hash_dev /dev/vg0/tdata)"
 result thin_foreign_lvs "$(lvs --noheadings -o lv_name,lv_tags vg0 | grep tdata_blockrep_ | tr -s ' ' | tr '\n' ';')"
+# tracking_lost: raised by the third sync in a row that cannot use the tracker, cleared by one that does.
+lost() {{ cat /mnt/brstate/alarms.json 2>/dev/null | grep -c '"tracking_lost"'; }}
+for n in 2 3; do  # (not k: scatter's loop variable)
+  scatter /dev/vg0/tdata
+  $BR sync --config $W/blockrep.toml thin > /dev/null 2>> $W/sync.log || fail "sync thin_foreign $n"
+  result tracking_lost_after_$n "$(lost)"
+done
 check lvremove -q -y vg0/tdata_blockrep_base
 scatter /dev/vg0/tdata
 sync_step thin thin_after_foreign
+result tracking_lost_after_no_tracker "$(lost)"
+scatter /dev/vg0/tdata
+sync_step thin thin_tracks_again
+result tracking_lost_after_tracked "$(lost)"
 
 # Classic fallback: the tracker overflowed (24 MiB rewritten, its store holds 12 MiB).
 sync_step classic classic_settle
@@ -340,6 +351,10 @@ fn tracked_thin_and_classic_syncs_read_only_the_changes_and_fall_back_with_the_r
     let text = r.result("thin_foreign_status_text").unwrap_or_default();
     assert!(text.contains("tracking not used (full scan): vg0/tdata_blockrep_base is not blockrep's"), "{text}");
     assert_eq!(r.result("tracked_status_text"), Some("1"), "status names the tracker after a tracked sync");
+    let lost =
+        ["2", "3", "no_tracker", "tracked"].map(|k| r.result(&format!("tracking_lost_after_{k}")).unwrap_or("?"));
+    assert_eq!(lost, ["0", "1", "1", "0"], "tracking_lost after 2 and 3 fallbacks, a 4th, and a tracked sync");
+    assert_eq!(json("thin_tracks_again")["tracker"], "thin_delta");
     let s = json("thin_after_foreign");
     assert!(s["fallback_reason"].as_str().unwrap_or_default().starts_with("no tracker"), "{s}");
     // The real exception store's header: magic "SnAp", valid, version 1, 8 sectors (4 KiB chunks, lvm's default).
