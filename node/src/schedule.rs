@@ -352,7 +352,8 @@ pub fn tracking_judgement(
             AlarmKind::TrackingLost,
             v,
             format!(
-                "volume {volume} is tracked, but its last {n} syncs read the whole volume: the tracker could not be                  used ({why}); see docs/config.md, \"Tracked changes\""
+                "volume {volume} is tracked, but its last {n} syncs read the whole volume: the tracker could not be \
+                 used ({why}); see docs/config.md, \"Tracked changes\""
             ),
         )],
         Some(_) => Vec::new(),

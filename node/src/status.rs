@@ -611,7 +611,8 @@ fn key_status(
         Some(_) => (
             Rotation::Pending,
             format!(
-                "next key {next} present ({}), not yet confirmed by the peer: copy it to the other node's key_file                  with the suffix .next",
+                "next key {next} present ({}), not yet confirmed by the peer: copy it to the other node's key_file \
+                 with the suffix .next",
                 next_path.display()
             ),
         ),
