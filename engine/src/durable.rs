@@ -95,8 +95,8 @@ pub fn is_injected_crash(err: &(dyn std::error::Error + 'static)) -> bool {
 /// Bytes a [`Writeback`] lets accumulate before it starts their writeback.
 const WRITEBACK_EVERY: u64 = 8 << 20;
 
-/// The range of a file written since its writeback was last started. Every [`WRITEBACK_EVERY`] bytes written,
-/// [`Writeback::wrote`] starts writing that range to the disk without waiting for it ([`start_writeback`]), so
+/// The range of a file written since its writeback was last started. Every `WRITEBACK_EVERY` bytes written,
+/// [`Writeback::wrote`] starts writing that range to the disk without waiting for it (`start_writeback`), so
 /// that the `fdatasync` which later makes it durable finds most of it written and the disk works while the
 /// transfer goes on. Used by the spool writer and both of the shadow's writers.
 #[derive(Debug, Default)]

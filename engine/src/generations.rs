@@ -19,7 +19,7 @@
 //!     34   31  node name (UTF-8), zero padded
 //! ```
 //!
-//! # Layout of the primary's `generations` file (2227 bytes, little-endian, see [`crate::layout`])
+//! # Layout of the primary's `generations` file (2227 bytes, little-endian, see `crate::layout`)
 //!
 //! ```text
 //! offset size  field

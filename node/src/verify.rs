@@ -309,7 +309,7 @@ fn rehash(
 
 /// Verifies the shadow of `vol` against its committed generation and records the result (see the module docs);
 /// `stop` is asked between chunks (`Ok(None)`: stopped, nothing recorded); with `lowest`, the shadow is read at
-/// the lowest CPU and I/O priority ([`LowestPriority`]). A mismatch is returned as
+/// the lowest CPU and I/O priority (`LowestPriority`). A mismatch is returned as
 /// `Ok(Some(LastVerify { ok: false, .. }))`, with the shadow marked untrusted and the alarm raised.
 pub fn verify_shadow(
     cfg: &Config,
