@@ -278,7 +278,7 @@ pub(crate) fn remove_trackers(lvm: &Lvm, origin: &Lv, snap: &str) -> Vec<Tracker
         let full = format!("{}/{name}", origin.vg);
         match lvm.find_lv(&origin.vg, &name) {
             Ok(None) => {}
-            Ok(Some(l)) if name == snap && !(is_ours(&l) && l.has_tag(TRACKER_TAG)) => {}
+            Ok(Some(l)) if name == snap && !l.has_tag(TRACKER_TAG) => {}
             Ok(Some(l)) if !is_ours(&l) => done.push(TrackerRemoval::NotOurs(full)),
             Ok(Some(_)) => done.push(match lvm.remove_lv(&origin.vg, &name) {
                 Ok(()) => TrackerRemoval::Removed(full),
@@ -391,15 +391,14 @@ fn with_lvm_snapshot<T>(
     let current_id = current.as_ref().map(|c| generations::id_hex(&c.id));
     // Something else named like a tracker blocks tracking: it is left alone, and no tracker is kept.
     let foreign = at_base.as_ref().filter(|b| !is_ours(b)).map(Lv::full_name).filter(|_| tracked);
+    // Whether this sync's snapshot is to become the tracker.
+    let keep = tracked && foreign.is_none();
     // The tracker: blockrep's snapshot tagged as one in either name; the one holding this node's current
     // generation when both are (a sync that committed and died before removing the old one).
-    let tracker = match tracked && foreign.is_none() {
+    let tracker = match keep {
         true => {
-            let mut found: Vec<&Lv> = [at_base.as_ref(), at_snap.as_ref()]
-                .into_iter()
-                .flatten()
-                .filter(|l| is_ours(l) && l.has_tag(TRACKER_TAG))
-                .collect();
+            let mut found: Vec<&Lv> =
+                [at_base.as_ref(), at_snap.as_ref()].into_iter().flatten().filter(|l| l.has_tag(TRACKER_TAG)).collect();
             found.sort_by_key(|l| gen_tag(l) != current_id.as_deref());
             found.first().map(|l| (*l).clone())
         }
@@ -418,7 +417,7 @@ fn with_lvm_snapshot<T>(
         if tracker.as_ref().is_some_and(|t| t.name == l.name) {
             continue;
         }
-        if l.name == snap_slot && !(is_ours(l) && l.has_tag(TRACKER_TAG)) {
+        if l.name == snap_slot && !l.has_tag(TRACKER_TAG) {
             lvm.remove_leftover_snapshot(&lv.vg, &lv.name, &snap_slot).map_err(leftover)?;
             continue;
         }
@@ -453,10 +452,9 @@ fn with_lvm_snapshot<T>(
     // is to commit (its identifier chosen here) and the count it will have: keeping it then costs no lvm command
     // but the old tracker's removal. Until that commit no node's current generation has its identifier, so a
     // crash before leaves a snapshot no sync takes for a tracker.
-    let keep = tracked && foreign.is_none();
     let id = keep.then(generations::new_id);
-    let since_full = match (&checked, &base) {
-        (Some(Ok(_)), Some(b)) => b.since_full + 1,
+    let since_full = match &checked {
+        Some(Ok((_, b))) => b.since_full + 1,
         _ => 0,
     };
     let tags: Vec<String> = match id {
@@ -479,14 +477,7 @@ fn with_lvm_snapshot<T>(
     };
     let created = if thin_snapshot {
         // One listing after lvcreate answers both this and thin_delta's question for the thin ids.
-        lvm.create_thin_snapshot_only(&lv.vg, &lv.name, &new_slot, &tag_refs).and_then(|()| {
-            lvm.find_lv(&lv.vg, &new_slot)?.ok_or_else(|| LvmError::LvNotFound {
-                vg: lv.vg.clone(),
-                name: new_slot.clone(),
-                command: format!("lvm lvs {}", lv.vg),
-                stderr: String::new(),
-            })
-        })
+        lvm.create_thin_snapshot_only(&lv.vg, &lv.name, &new_slot, &tag_refs).and_then(|()| lvm.lv(&lv.vg, &new_slot))
     } else {
         lvm.create_snapshot_with_tags(&lv.vg, &lv.name, &new_slot, size, &tag_refs)
     }
@@ -499,10 +490,10 @@ fn with_lvm_snapshot<T>(
     let mut guard = SnapGuard { lvm, vg: lv.vg.clone(), name: new_slot.clone(), kept: false };
     info!(volume, snapshot = %created.full_name(), bytes = created.size, "snapshot created");
     let path = created.path.clone().unwrap_or_else(|| Path::new("/dev").join(&lv.vg).join(&new_slot));
-    let plan = match (checked, &base) {
-        (None, _) => TrackPlan::Off,
-        (Some(Err(reason)), _) => TrackPlan::FullScan { reason },
-        (Some(Ok(base_generation)), Some(b)) => {
+    let plan = match checked {
+        None => TrackPlan::Off,
+        Some(Err(reason)) => TrackPlan::FullScan { reason },
+        Some(Ok((base_generation, b))) => {
             let ranges = match &kind {
                 Kind::Thin(thin) => thin_changes(lvm, thin, &b.lv, &new_slot),
                 Kind::Classic => classic_changes(&lv, &b.lv),
@@ -513,7 +504,6 @@ fn with_lvm_snapshot<T>(
                 Err(reason) => TrackPlan::FullScan { reason },
             }
         }
-        (Some(Ok(_)), None) => TrackPlan::FullScan { reason: "no tracker".into() },
     };
     match &plan {
         TrackPlan::Changes { tracker, base_generation, ranges } => info!(
@@ -578,8 +568,13 @@ fn tag_value(lv: &Lv, prefix: &str) -> Option<u64> {
 }
 
 /// Whether the tracker may give this sync its changes: the generation every unlisted byte still has (its number
-/// in this node's history), or why the sync scans in full.
-fn check_base(vol: &Volume, lv: &Lv, base: Option<&Base>, current: Option<&GenRecord>) -> Result<u64, String> {
+/// in this node's history) and the tracker, or why the sync scans in full.
+fn check_base<'a>(
+    vol: &Volume,
+    lv: &Lv,
+    base: Option<&'a Base>,
+    current: Option<&GenRecord>,
+) -> Result<(u64, &'a Base), String> {
     let Some(found) = base else {
         return Err(format!(
             "no tracker: no snapshot of {} is tagged {TRACKER_TAG} (the first tracked sync, or it was removed)",
@@ -610,7 +605,7 @@ fn check_base(vol: &Volume, lv: &Lv, base: Option<&Base>, current: Option<&GenRe
             vol.full_scan_every
         ));
     }
-    Ok(current.generation)
+    Ok((current.generation, found))
 }
 
 /// A tracker's name and the changed byte ranges it listed.

@@ -446,9 +446,9 @@ pub fn sync_volumes_with(
             }
         };
         let cancelled = cancel.load(Ordering::SeqCst);
-        crate::schedule::after_volume(cfg, &vol.name, &result, cancelled, attempt);
+        let record = crate::schedule::after_volume(cfg, &vol.name, &result, cancelled, attempt);
         let mut judged = crate::schedule::snapshot_judgement(&vol.name, &result, fill);
-        judged.extend(crate::schedule::tracking_judgement(cfg, &vol.name, &result));
+        judged.extend(crate::schedule::tracking_judgement(&vol.name, &result, &record));
         crate::alarms::update(cfg, &judged);
         let outcome = VolumeOutcome { volume: vol.name.clone(), result };
         observer.finished(&outcome, run.total);

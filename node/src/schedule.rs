@@ -252,15 +252,16 @@ pub fn pause(d: Duration, cancel: &std::sync::atomic::AtomicBool) -> bool {
     !cancel.load(std::sync::atomic::Ordering::SeqCst)
 }
 
-/// After one volume's sync (its last attempt): the per-volume record for status and metrics, and the history.
+/// After one volume's sync (its last attempt): the per-volume record for status and metrics (returned), and the
+/// history.
 pub fn after_volume(
     cfg: &Config,
     volume: &str,
     result: &Result<crate::primary::NetReport, Error>,
     cancelled: bool,
     attempt: u32,
-) {
-    crate::status::record_outcome(cfg, volume, result, cancelled);
+) -> crate::status::SyncRecord {
+    let record = crate::status::record_outcome(cfg, volume, result, cancelled);
     let event = match result {
         Ok(r) => crate::history::Event::Sync {
             volume: volume.to_owned(),
@@ -282,6 +283,7 @@ pub fn after_volume(
         },
     };
     crate::history::append(cfg, event);
+    record
 }
 
 /// After a sync run: the alarms it judges (sync failed, standby unreachable, snapshot full), then the metrics.
@@ -335,17 +337,17 @@ pub fn fallback_was_asked_for(reason: &str) -> bool {
     reason.starts_with(crate::freeze::PERIODIC_FULL_SCAN) || reason.starts_with(crate::freeze::COMPARES_EVERY_BLOCK)
 }
 
-/// After a successful sync of a volume (its record written): `tracking_lost` raised when it is the
-/// [`TRACKING_ALARM_SYNCS`]th or later in a row to scan a tracked volume in full unasked, cleared when the tracker's
-/// changes were used (or the volume is not tracked). A failed sync judges nothing.
+/// After a successful sync of a volume, with the record [`after_volume`] wrote: `tracking_lost` raised when it is
+/// the [`TRACKING_ALARM_SYNCS`]th or later in a row to scan a tracked volume in full unasked, cleared when the
+/// tracker's changes were used (or the volume is not tracked). A failed sync judges nothing.
 pub fn tracking_judgement(
-    cfg: &Config,
     volume: &str,
     result: &Result<crate::primary::NetReport, Error>,
+    record: &crate::status::SyncRecord,
 ) -> Vec<crate::alarms::Judgement> {
     use crate::alarms::{AlarmKind, Judgement};
     let Ok(r) = result else { return Vec::new() };
-    let n = crate::status::read_record(cfg, volume).tracker_fallbacks;
+    let n = record.tracker_fallbacks;
     let v = Some(volume);
     match &r.sync.fallback_reason {
         Some(why) if n >= TRACKING_ALARM_SYNCS => vec![Judgement::raise(

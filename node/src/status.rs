@@ -692,8 +692,13 @@ pub fn read_record(cfg: &Config, volume: &str) -> SyncRecord {
     std::fs::read(p).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
 }
 
-/// Records how a volume's sync ended (best effort: a warning when it cannot be written).
-pub fn record_outcome(cfg: &Config, volume: &str, result: &Result<crate::primary::NetReport, Error>, cancelled: bool) {
+/// Records how a volume's sync ended (best effort: a warning when it cannot be written), and returns the record.
+pub fn record_outcome(
+    cfg: &Config,
+    volume: &str,
+    result: &Result<crate::primary::NetReport, Error>,
+    cancelled: bool,
+) -> SyncRecord {
     let mut rec = read_record(cfg, volume);
     let now = crate::history::now();
     match result {
@@ -728,6 +733,7 @@ pub fn record_outcome(cfg: &Config, volume: &str, result: &Result<crate::primary
     {
         tracing::warn!(path = %path.display(), error = %e, "cannot record the sync's outcome");
     }
+    rec
 }
 
 /// Writes a file atomically: a temporary file in the same directory, fsynced, then renamed over `path`.
