@@ -269,6 +269,12 @@ pub trait TargetLink {
     fn sub_hashes_wait(&mut self) -> Result<Vec<BlockHash>, LinkError> {
         Err(LinkError::Unexpected { expected: "an outstanding sub_hashes request", got: "none".into() })
     }
+    /// Whether the answer to the oldest outstanding [`TargetLink::sub_hashes_request`] has arrived, so that
+    /// [`TargetLink::sub_hashes_wait`] returns without waiting. Never blocks. The default, `false`, means "not
+    /// known": the source then collects the answer only when it must.
+    fn sub_hashes_ready(&mut self) -> Result<bool, LinkError> {
+        Ok(false)
+    }
     /// Writes one extent (spooled or in place).
     fn extent(&mut self, extent: Extent) -> Result<(), LinkError>;
     /// Makes the transfer the new committed generation; `root` is the source's root hash, which the target

@@ -390,6 +390,17 @@ impl<S: Duplex> TargetLink for RemoteTarget<S> {
         Ok(None)
     }
 
+    /// Takes every answer the receiving thread has queued (without waiting) and says whether the oldest
+    /// outstanding `sub_hashes` request's is among them.
+    fn sub_hashes_ready(&mut self) -> Result<bool, LinkError> {
+        let Some(p) = self.pipe.as_mut() else { return Ok(false) };
+        while let Ok(r) = p.answers.try_recv() {
+            p.early.push_back(r.map_err(link_error)?);
+        }
+        // Answers come in request order (a `Begin` sent without waiting is the first).
+        Ok(p.outstanding.iter().position(|&k| k == Answer::SubHashes).is_some_and(|pos| p.early.len() > pos))
+    }
+
     fn sub_hashes_wait(&mut self) -> Result<Vec<BlockHash>, LinkError> {
         match self.wait(Answer::SubHashes)? {
             Message::SubHashes(h) => Ok(h),

@@ -227,6 +227,34 @@ fn pipelined_requests_never_block_either_side_and_answers_keep_their_order() {
     assert_eq!(*target.bytes.lock().unwrap(), vec![(rounds - 1) as u8; SIZE as usize]);
 }
 
+/// `sub_hashes_ready` (the source sends refined blocks as soon as their fingerprints are here, holding less): false
+/// with nothing outstanding, true once the oldest sub-hash answer has arrived (behind an earlier block-hash
+/// answer), and the answers are then collected in their order.
+#[test]
+fn sub_hashes_ready_says_when_the_oldest_answer_has_arrived() {
+    let target = MemTarget { bytes: Arc::new(Mutex::new(vec![0; SIZE as usize])), generation: 0 };
+    let (addr, server) = serve(target.clone());
+    let conn = netproto::connect(&addr, &KEY, "primary", TIMEOUT).unwrap();
+    let mut remote = RemoteTarget::open(conn, "data", SIZE, 4096).unwrap();
+    assert!(!remote.sub_hashes_ready().unwrap(), "nothing was asked");
+    let plan = BeginPlan { generation: 1, volume_size: SIZE, block_size: 4096, ..Default::default() };
+    assert_eq!(remote.begin_request(&plan).unwrap(), None);
+    assert_eq!(remote.block_hashes_request(3, 1).unwrap(), None);
+    assert!(!remote.sub_hashes_ready().unwrap(), "no sub_hashes request is outstanding");
+    assert_eq!(remote.sub_hashes_request(&[5, 6]).unwrap(), None);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !remote.sub_hashes_ready().unwrap() {
+        assert!(std::time::Instant::now() < deadline, "the answer never counted as arrived");
+        thread::sleep(std::time::Duration::from_millis(2));
+    }
+    assert_eq!(remote.sub_hashes_wait().unwrap(), vec![[5; 32], [6; 32]]);
+    assert_eq!(remote.block_hashes_wait().unwrap(), vec![*blake3::hash(&[0; 4096]).as_bytes()]);
+    assert!(!remote.sub_hashes_ready().unwrap(), "every answer was collected");
+    assert_eq!(remote.commit([5; 32]).unwrap().generation, 1);
+    drop(remote.close());
+    server.join().unwrap().unwrap();
+}
+
 /// Issue 15 item 4: `OpenVolume` travels behind the handshake's `Auth` (one round trip fewer), and a session whose
 /// keys differ is still refused with the authentication message, not with a broken pipe or a volume error.
 #[test]

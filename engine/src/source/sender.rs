@@ -3,7 +3,9 @@
 //! The target's answers (block hashes in a compare sync, piece fingerprints for refinement) are asked for ahead
 //! and collected later ([`TargetLink::block_hashes_request`], [`TargetLink::sub_hashes_request`]), so the scan does
 //! not wait a round trip per batch: a changed block waiting for its fingerprints is copied out of its chunk (so
-//! the scan's buffer goes back at once), and the blocks in flight are bounded by [`MAX_HELD_BYTES`].
+//! the scan's buffer goes back at once), and the blocks in flight are bounded by [`MAX_HELD_BYTES`]. Once more
+//! than [`EARLY_SEND_HELD`] are held, batches whose answers have already arrived are sent between chunks, so the
+//! hold grows to its bound only while the answers are late (a long round trip, a busy standby).
 
 use std::collections::VecDeque;
 
@@ -34,6 +36,12 @@ pub(super) const BATCH_BYTES: usize = 2 << 20;
 /// latter: the 20 ms round trip cost 1.20x instead of 1.05x (2 GiB, 1 %, one interleaved run:
 /// docs/performance.md, "Round trips per sync"); the primary's anonymous peak is 34 MiB instead of 18 MiB.
 pub(super) const MAX_HELD_BYTES: usize = 32 << 20;
+/// Bytes held above which batches whose answers have arrived ([`TargetLink::sub_hashes_ready`]) are sent before
+/// the pipeline is full. Below it the batches wait, so the standby gets its extents in runs rather than one batch
+/// at a time: sending every answered batch at once cost 8 % more time on the 2 GiB, 1 % scattered case (0.90 s
+/// against 0.83 s, two runs of 7 and 11 repetitions, both sides sharing two cores), while with 8 MiB the time is
+/// the same as without early sending and the primary's allocated peak is 9.5 MiB instead of 33.8 MiB.
+pub(super) const EARLY_SEND_HELD: usize = 8 << 20;
 /// Batches waiting for their answers (fewer than a network link's `MAX_OUTSTANDING` requests).
 pub(super) const MAX_QUEUED: usize = 16;
 
@@ -287,7 +295,8 @@ impl<'a> Sender<'a> {
         let queued = self.queue.len();
         while let Some(front) = self.queue.front_mut() {
             if front.waiting {
-                if !all && self.held_bytes <= MAX_HELD_BYTES && queued <= MAX_QUEUED {
+                let room = !all && self.held_bytes <= MAX_HELD_BYTES && queued <= MAX_QUEUED;
+                if room && (self.held_bytes <= EARLY_SEND_HELD || !self.link.sub_hashes_ready()?) {
                     // Still room in the pipeline: let the answer come while the scan goes on.
                     return Ok(());
                 }

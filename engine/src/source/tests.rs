@@ -201,6 +201,8 @@ struct Deferred<'a> {
     /// Most blocks waiting for their fingerprints at once (the source holds a copy of each).
     most_refining: usize,
     requests: usize,
+    /// Whether `sub_hashes_ready` says an outstanding answer is here (a network link whose answers have arrived).
+    ready: bool,
 }
 
 impl TargetLink for Deferred<'_> {
@@ -238,6 +240,9 @@ impl TargetLink for Deferred<'_> {
         self.sub_blocks.pop_front();
         Ok(self.subs.pop_front().expect("a sub_hashes request is outstanding"))
     }
+    fn sub_hashes_ready(&mut self) -> Result<bool, LinkError> {
+        Ok(self.ready && !self.subs.is_empty())
+    }
     fn extent(&mut self, e: link::Extent) -> Result<(), LinkError> {
         self.inner.extent(e)
     }
@@ -262,7 +267,7 @@ fn pipelined_requests_stay_bounded_and_the_shadow_equals_the_source() {
     std::fs::write(&shadow, vec![0u8; size]).unwrap();
     let mut target =
         Target::open(&shadow, &dir.path().join("standby"), TargetOptions::new("v", IoOptions::default())).unwrap();
-    let sync = |image: &[u8], target: &mut Target, compare: bool| {
+    let sync = |image: &[u8], target: &mut Target, compare: bool, ready: bool| {
         std::fs::write(&src, image).unwrap();
         let vol = Volume::open(&src, Access::Read, &IoOptions::default()).unwrap();
         let mut opts = SyncOptions::new(PBS);
@@ -276,11 +281,12 @@ fn pipelined_requests_stay_bounded_and_the_shadow_equals_the_source() {
             most_subs: 0,
             most_refining: 0,
             requests: 0,
+            ready,
         };
         let r = sync_volume("v", &vol, &manifest, &mut link, &opts, &mut |_, _| {}).unwrap();
         (r, link.most_blocks, link.most_subs, link.most_refining * PBS as usize, link.requests)
     };
-    sync(&v0, &mut target, false);
+    sync(&v0, &mut target, false, false);
     // One 4 KiB piece changed in nine of every ten blocks: about 2700 refinable blocks, many batches.
     let mut v1 = v0.clone();
     let mut changed = 0u64;
@@ -290,7 +296,7 @@ fn pipelined_requests_stay_bounded_and_the_shadow_equals_the_source() {
         changed += 4096;
     }
     for compare in [false, true] {
-        let (r, most_blocks, most_subs, most_held, requests) = sync(&v1, &mut target, compare);
+        let (r, most_blocks, most_subs, most_held, requests) = sync(&v1, &mut target, compare, false);
         assert_eq!(r.mode, if compare { SyncMode::Compare } else { SyncMode::Incremental });
         // The compare sync after the incremental one finds nothing left to send.
         assert_eq!(r.bytes_sent, if compare { 0 } else { changed }, "only the changed pieces are sent");
@@ -308,9 +314,23 @@ fn pipelined_requests_stay_bounded_and_the_shadow_equals_the_source() {
     // A compare sync after a change: only the changed pieces again.
     let mut v2 = v1.clone();
     v2[7 * PBS as usize + 100] ^= 1;
-    let (r, ..) = sync(&v2, &mut target, true);
+    let (r, ..) = sync(&v2, &mut target, true, false);
     assert_eq!((r.mode, r.bytes_sent), (SyncMode::Compare, 4096));
     assert_eq!(std::fs::read(&shadow).unwrap(), v2);
+    // Answers that are already here are used before the pipeline is full: the source holds little more than
+    // EARLY_SEND_HELD, and sends the same pieces.
+    let mut v3 = v2.clone();
+    for b in (0..3000).filter(|b| b % 10 != 3) {
+        v3[b * PBS as usize + 4096 + 9] ^= 0x55;
+    }
+    let (r, _, _, most_held, requests) = sync(&v3, &mut target, false, true);
+    assert_eq!(r.bytes_sent, 2700 * 4096, "only the changed pieces are sent");
+    assert!(requests > 20, "{requests} requests");
+    assert!(
+        most_held <= sender::EARLY_SEND_HELD + sender::BATCH_BYTES,
+        "{most_held} bytes held although the answers were here"
+    );
+    assert_eq!(std::fs::read(&shadow).unwrap(), v3);
 }
 
 #[test]
