@@ -9,7 +9,8 @@
 //! Tracked changes (`track`, docs/config.md): the snapshot a sync read is kept afterwards as the volume's tracker,
 //! tagged `blockrep_tracker`, `blockrep_gen_<id>` (the generation it holds, committed on the standby) and
 //! `blockrep_since_full_<n>` (tracked syncs since the last full scan). The next sync asks it what changed since:
-//! `thin_delta` between it and the new thin snapshot ([`lvmctl::thin`]), or the classic snapshot's exception store
+//! `thin_delta` between it and the new thin snapshot ([`lvmctl::thin`]; the tracker's thin id from the listing
+//! made before the sync, the new snapshot's from `dmsetup table`), or the classic snapshot's exception store
 //! ([`lvmctl::exception_store`]), and reads only that ([`TrackPlan::Changes`]). When the tracker is missing, not
 //! ours, invalidated, unreadable, of another generation than this node's current one, or a periodic full scan is
 //! due, the plan is a full scan with the reason ([`TrackPlan::FullScan`]).
@@ -475,11 +476,12 @@ fn with_lvm_snapshot<T>(
         Kind::Classic => false,
         Kind::None => lv.segtype == "thin",
     };
+    // A thin snapshot is not listed after lvcreate: its device is /dev/VG/NAME, and its thin id (for thin_delta)
+    // comes from the kernel's table (`thin_changes`), a tenth of an lvs's time.
     let created = if thin_snapshot {
-        // One listing after lvcreate answers both this and thin_delta's question for the thin ids.
-        lvm.create_thin_snapshot_only(&lv.vg, &lv.name, &new_slot, &tag_refs).and_then(|()| lvm.lv(&lv.vg, &new_slot))
+        lvm.create_thin_snapshot_only(&lv.vg, &lv.name, &new_slot, &tag_refs).map(|()| None)
     } else {
-        lvm.create_snapshot_with_tags(&lv.vg, &lv.name, &new_slot, size, &tag_refs)
+        lvm.create_snapshot_with_tags(&lv.vg, &lv.name, &new_slot, size, &tag_refs).map(Some)
     }
     .map_err(|e| FreezeError::Create {
         volume: volume.into(),
@@ -488,14 +490,18 @@ fn with_lvm_snapshot<T>(
         source: e,
     })?;
     let mut guard = SnapGuard { lvm, vg: lv.vg.clone(), name: new_slot.clone(), kept: false };
-    info!(volume, snapshot = %created.full_name(), bytes = created.size, "snapshot created");
-    let path = created.path.clone().unwrap_or_else(|| Path::new("/dev").join(&lv.vg).join(&new_slot));
+    let default_path = Path::new("/dev").join(&lv.vg).join(&new_slot);
+    let (path, cow_size) = match &created {
+        Some(c) => (c.path.clone().unwrap_or(default_path), c.size),
+        None => (default_path, 0),
+    };
+    info!(volume, snapshot = %format!("{}/{new_slot}", lv.vg), thin = thin_snapshot, "snapshot created");
     let plan = match checked {
         None => TrackPlan::Off,
         Some(Err(reason)) => TrackPlan::FullScan { reason },
         Some(Ok((base_generation, b))) => {
             let ranges = match &kind {
-                Kind::Thin(thin) => thin_changes(lvm, thin, &b.lv, &new_slot),
+                Kind::Thin(thin) => thin_changes(thin, &b.lv, &lv.name, &new_slot),
                 Kind::Classic => classic_changes(&lv, &b.lv),
                 Kind::None => Err("tracking is off".into()),
             };
@@ -543,7 +549,7 @@ fn with_lvm_snapshot<T>(
             volume: volume.into(),
             vg: lv.vg,
             snapshot: new_slot,
-            size: created.size,
+            size: cow_size,
             source: Box::new(e),
         }
         .into()),
@@ -611,16 +617,26 @@ fn check_base<'a>(
 /// A tracker's name and the changed byte ranges it listed.
 type Changes = (&'static str, Vec<(u64, u64)>);
 
-fn thin_changes(lvm: &Lvm, thin: &lvmctl::thin::ThinLv, base: &Lv, snap: &str) -> Result<Changes, String> {
-    let id = |name: &str| -> Result<u32, String> {
-        match lvm.thin_lv(&thin.vg, name) {
-            Ok(Some(t)) if t.pool == thin.pool => Ok(t.thin_id),
-            Ok(_) => Err(format!("tracker invalid: {}/{name} is not a thin volume of pool {}", thin.vg, thin.pool)),
-            Err(e) => Err(format!("tracker invalid: {}", crate::error_chain(&e))),
-        }
+/// The changes between the tracker `base` (as listed before the sync) and the new thin snapshot `snap` of thin
+/// LV `origin` (`thin`): the tracker's thin id from the listing, the snapshot's from the kernel's table, which
+/// must also put it in the origin's pool.
+fn thin_changes(thin: &lvmctl::thin::ThinLv, base: &Lv, origin: &str, snap: &str) -> Result<Changes, String> {
+    let base_id = match (base.segtype.as_str(), base.thin_id, &base.pool) {
+        ("thin", Some(id), Some(pool)) if *pool == thin.pool => id,
+        _ => return Err(format!("tracker invalid: {} is not a thin volume of pool {}", base.full_name(), thin.pool)),
     };
-    let (base_id, new_id) = (id(&base.name)?, id(snap)?);
     let tools = lvmctl::thin::ThinTools::new().map_err(|e| crate::error_chain(&e))?;
+    let names = [lvmctl::thin::dm_name(&thin.vg, origin), lvmctl::thin::dm_name(&thin.vg, snap)];
+    let tables = tools
+        .thin_tables(&[&names[0], &names[1]])
+        .map_err(|e| format!("cannot read the new snapshot's thin id: {}", crate::error_chain(&e)))?;
+    if tables[1].pool_dev != tables[0].pool_dev {
+        return Err(format!(
+            "tracker invalid: the kernel maps {}/{snap} to pool device {}, its origin to {}",
+            thin.vg, tables[1].pool_dev, tables[0].pool_dev
+        ));
+    }
+    let new_id = tables[1].thin_id;
     let delta = tools
         .changed_between(thin, base_id, new_id)
         .map_err(|e| format!("thin_delta failed: {}", crate::error_chain(&e)))?;
