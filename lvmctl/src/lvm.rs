@@ -622,6 +622,23 @@ impl Lvm {
         size: SnapshotSize,
         tags: &[&str],
     ) -> Result<Lv, LvmError> {
+        self.create_snapshot_only(vg, origin, snap_name, size, tags)?;
+        self.lv(vg, snap_name)
+    }
+
+    /// [`Lvm::create_snapshot_with_tags`] without the report afterwards: returns the size in whole extents of the
+    /// copy-on-write store lvcreate was asked for (lvm makes a store larger than the origin can use smaller). The
+    /// VG's free space and extent size
+    /// come from the origin's row of the LV listing (cached while [`Lvm::cache_reports`] is on), not from a `vgs`.
+    /// The snapshot's device is `/dev/<vg>/<snap_name>`.
+    pub fn create_snapshot_only(
+        &self,
+        vg: &str,
+        origin: &str,
+        snap_name: &str,
+        size: SnapshotSize,
+        tags: &[&str],
+    ) -> Result<u64, LvmError> {
         for tag in tags {
             validate_tag(tag)?;
         }
@@ -640,18 +657,18 @@ impl Lvm {
         if lvs.iter().any(|l| l.name == snap_name) {
             return Err(LvmError::LvExists { vg: vg.into(), name: snap_name.into() });
         }
-        let vg_info = self.vg(vg)?;
-        let needed = size.bytes_for(origin_lv.size, vg_info.extent_size).ok_or_else(|| LvmError::BadSnapshotSize {
+        let (free, extent_size) = (origin_lv.vg_free, origin_lv.vg_extent_size);
+        let needed = size.bytes_for(origin_lv.size, extent_size).ok_or_else(|| LvmError::BadSnapshotSize {
             vg: vg.into(),
             name: snap_name.into(),
             size,
         })?;
-        if needed > vg_info.free {
+        if needed > free {
             return Err(LvmError::InsufficientSpace {
                 vg: vg.into(),
                 name: snap_name.into(),
                 what: "snapshot",
-                free: vg_info.free,
+                free,
                 needed,
                 hint: "snapshot_size",
             });
@@ -665,7 +682,7 @@ impl Lvm {
         }
         args.push(&origin_arg);
         self.run(&args).map_err(|e| classify(e, Some(vg), Some(origin)))?;
-        self.lv(vg, snap_name)
+        Ok(needed)
     }
 
     /// Grows the LV `vg/name` by `add` bytes (rounded up to whole extents by lvm), after checking that the VG has

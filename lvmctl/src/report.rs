@@ -24,7 +24,7 @@ pub const VG_FIELDS: &str = "vg_name,vg_size,vg_free,vg_extent_size";
 
 /// The fields lvmctl asks `lvs` for, in `-o` syntax.
 pub const LV_FIELDS: &str = "vg_name,lv_name,lv_size,lv_attr,origin,data_percent,lv_tags,lv_path,lv_kernel_major,\
-                             lv_kernel_minor,segtype,thin_id,pool_lv";
+                             lv_kernel_minor,segtype,thin_id,pool_lv,vg_free,vg_extent_size";
 
 /// A JSON report that is not what lvmctl asked lvm for.
 #[derive(Debug, Error)]
@@ -110,6 +110,11 @@ pub struct Lv {
     pub thin_id: Option<u32>,
     /// A thin LV's pool (`pool_lv`); `None` for any other LV.
     pub pool: Option<String>,
+    /// Its VG's unallocated space in bytes (`vg_free`) when it was listed: the listing answers what a `vgs`
+    /// would, for a VG that has LVs.
+    pub vg_free: u64,
+    /// Its VG's physical extent size in bytes (`vg_extent_size`).
+    pub vg_extent_size: u64,
 }
 
 /// Fill state of a classic (copy-on-write) snapshot.
@@ -312,6 +317,8 @@ pub fn parse_lvs(json: &str) -> Result<Vec<Lv>, ReportError> {
                 segtype: text(r, i, "segtype")?,
                 thin_id: optional_u32(r, i, "thin_id", &[], "a thin device id")?,
                 pool: non_empty(text(r, i, "pool_lv")?),
+                vg_free: bytes(r, i, "vg_free")?,
+                vg_extent_size: bytes(r, i, "vg_extent_size")?,
             })
         })
         .collect()
@@ -354,6 +361,9 @@ mod tests {
         assert_eq!(snap.tags, ["blockrep_snapshot"]);
         let st = snap.snapshot_status().unwrap();
         assert!(!st.invalid && st.fill_percent < 100.0, "{st:?}");
+        // Every row carries its VG's free space and extent size (what a `vgs` would say).
+        assert_eq!((origin.vg_extent_size, snap.vg_free), (4 << 20, origin.vg_free));
+        assert!(origin.vg_free > 0 && origin.vg_free % origin.vg_extent_size == 0, "{origin:?}");
     }
 
     #[test]
@@ -400,7 +410,7 @@ mod tests {
     fn json_std_numbers_and_nulls() {
         let j = r#"{"report":[{"lv":[{"vg_name":"v","lv_name":"s","lv_size":4194304,"lv_attr":"swi-a-s---",
             "origin":"o","data_percent":12.5,"lv_tags":"","lv_path":null,"lv_kernel_major":254,"lv_kernel_minor":3,
-            "segtype":"snapshot","thin_id":null,"pool_lv":null}]}]}"#;
+            "segtype":"snapshot","thin_id":null,"pool_lv":null,"vg_free":0,"vg_extent_size":4194304}]}]}"#;
         let lv = &parse_lvs(j).unwrap()[0];
         assert_eq!(lv.size, 4194304);
         assert_eq!(lv.path, None);
@@ -412,7 +422,7 @@ mod tests {
     fn inactive_snapshot_has_no_status() {
         let j = r#"{"report":[{"lv":[{"vg_name":"v","lv_name":"s","lv_size":"4194304","lv_attr":"swi---s---",
             "origin":"o","data_percent":"","lv_tags":"","lv_path":"/dev/v/s","lv_kernel_major":"-1","lv_kernel_minor":"-1",
-            "segtype":"linear","thin_id":"","pool_lv":""}]}]}"#;
+            "segtype":"linear","thin_id":"","pool_lv":"","vg_free":"0","vg_extent_size":"4194304"}]}]}"#;
         let lv = &parse_lvs(j).unwrap()[0];
         assert_eq!(lv.snapshot_status(), None);
         assert_eq!(lv.kernel_device, None);

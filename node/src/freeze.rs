@@ -476,12 +476,13 @@ fn with_lvm_snapshot<T>(
         Kind::Classic => false,
         Kind::None => lv.segtype == "thin",
     };
-    // A thin snapshot is not listed after lvcreate: its device is /dev/VG/NAME, and its thin id (for thin_delta)
-    // comes from the kernel's table (`thin_changes`), a tenth of an lvs's time.
-    let created = if thin_snapshot {
-        lvm.create_thin_snapshot_only(&lv.vg, &lv.name, &new_slot, &tag_refs).map(|()| None)
+    // The snapshot is not listed after lvcreate: its device is /dev/VG/NAME, a classic one's store has the size
+    // asked for, and a thin one's thin id (for thin_delta) comes from the kernel's table (`thin_changes`), a tenth
+    // of an lvs's time.
+    let cow_size = if thin_snapshot {
+        lvm.create_thin_snapshot_only(&lv.vg, &lv.name, &new_slot, &tag_refs).map(|()| 0)
     } else {
-        lvm.create_snapshot_with_tags(&lv.vg, &lv.name, &new_slot, size, &tag_refs).map(Some)
+        lvm.create_snapshot_only(&lv.vg, &lv.name, &new_slot, size, &tag_refs)
     }
     .map_err(|e| FreezeError::Create {
         volume: volume.into(),
@@ -490,11 +491,7 @@ fn with_lvm_snapshot<T>(
         source: e,
     })?;
     let mut guard = SnapGuard { lvm, vg: lv.vg.clone(), name: new_slot.clone(), kept: false };
-    let default_path = Path::new("/dev").join(&lv.vg).join(&new_slot);
-    let (path, cow_size) = match &created {
-        Some(c) => (c.path.clone().unwrap_or(default_path), c.size),
-        None => (default_path, 0),
-    };
+    let path = Path::new("/dev").join(&lv.vg).join(&new_slot);
     info!(volume, snapshot = %format!("{}/{new_slot}", lv.vg), thin = thin_snapshot, "snapshot created");
     let plan = match checked {
         None => TrackPlan::Off,

@@ -312,6 +312,9 @@ fn tracked_thin_and_classic_syncs_read_only_the_changes_and_fall_back_with_the_r
     // Thin: the listing that finds the source's LV and the tracker, lvcreate, and the old tracker's removal after
     // the sync (the new snapshot's thin id comes from `dmsetup table`, not from another listing).
     assert_eq!(r.result("thin_scatter_lvm").map(str::trim), Some("lvs lvcreate lvremove"));
+    // Classic: the listing (which also gives the VG's free space: no vgs), lvcreate, the fill check after the sync
+    // (an overflowed snapshot fails the sync), and the old tracker's removal.
+    assert_eq!(r.result("classic_scatter_lvm").map(str::trim), Some("lvs lvcreate lvs lvremove"));
     assert_eq!(json("thin_oldformat")["tracker"], "thin_delta", "a tracker kept by an earlier version tracks");
     let s = json("thin_invalid");
     assert!(s["fallback_reason"].as_str().unwrap().contains("records no generation"), "{s}");
