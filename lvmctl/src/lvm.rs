@@ -609,28 +609,16 @@ impl Lvm {
         size: SnapshotSize,
         tag: &str,
     ) -> Result<Lv, LvmError> {
-        self.create_snapshot_with_tags(vg, origin, snap_name, size, &[tag])
-    }
-
-    /// [`Lvm::create_snapshot`] with the tags `tags` (a sync's snapshot that is to become the volume's tracker is
-    /// created with the tracker's tags, so that keeping it costs no `lvchange`).
-    pub fn create_snapshot_with_tags(
-        &self,
-        vg: &str,
-        origin: &str,
-        snap_name: &str,
-        size: SnapshotSize,
-        tags: &[&str],
-    ) -> Result<Lv, LvmError> {
-        self.create_snapshot_only(vg, origin, snap_name, size, tags)?;
+        self.create_snapshot_only(vg, origin, snap_name, size, &[tag])?;
         self.lv(vg, snap_name)
     }
 
-    /// [`Lvm::create_snapshot_with_tags`] without the report afterwards: returns the size in whole extents of the
-    /// copy-on-write store lvcreate was asked for (lvm makes a store larger than the origin can use smaller). The
-    /// VG's free space and extent size
-    /// come from the origin's row of the LV listing (cached while [`Lvm::cache_reports`] is on), not from a `vgs`.
-    /// The snapshot's device is `/dev/<vg>/<snap_name>`.
+    /// [`Lvm::create_snapshot`] with the tags `tags` (a sync's snapshot that is to become the volume's tracker is
+    /// created with the tracker's tags, so that keeping it costs no `lvchange`) and without the report
+    /// afterwards: returns the size in whole extents of the copy-on-write store lvcreate was asked for (lvm makes
+    /// a store larger than the origin can use smaller). The VG's free space and extent size come from the origin's
+    /// row of the LV listing (cached while [`Lvm::cache_reports`] is on), not from a `vgs`. The snapshot's device
+    /// is `/dev/<vg>/<snap_name>`.
     pub fn create_snapshot_only(
         &self,
         vg: &str,
