@@ -628,8 +628,14 @@ impl ThinTools {
     /// The blocks that differ between thin devices `base` and `new` of `lv`'s pool: releases a leftover metadata
     /// snapshot, reserves one, runs `thin_delta -m`, and releases it again whatever happened.
     pub fn changed_between(&self, lv: &ThinLv, base: u32, new: u32) -> Result<ThinDelta, ThinError> {
+        self.release_leftover(&lv.pool_dm_name())?;
+        self.changed_between_released(lv, base, new)
+    }
+
+    /// [`ThinTools::changed_between`] for a caller that has just released a leftover metadata snapshot itself
+    /// ([`ThinTools::release_leftover`]): one `dmsetup status` less.
+    pub fn changed_between_released(&self, lv: &ThinLv, base: u32, new: u32) -> Result<ThinDelta, ThinError> {
         let pool = lv.pool_dm_name();
-        self.release_leftover(&pool)?;
         self.message(&pool, "reserve_metadata_snap")?;
         let args: Vec<String> = vec![
             "-m".into(),

@@ -434,12 +434,19 @@ fn with_lvm_snapshot<T>(
             Err(e) => warn!(volume, "cannot remove {} ({why}): {e}", l.full_name()),
         }
     }
-    if let Kind::Thin(thin) = &kind {
-        // A metadata snapshot left reserved by a crash (during thin_delta) is released first, whatever the plan.
-        if let Err(e) = lvmctl::thin::ThinTools::new().and_then(|t| t.release_leftover(&thin.pool_dm_name())) {
-            warn!(volume, "{}", crate::error_chain(&e));
+    // A metadata snapshot left reserved by a crash (during thin_delta) is released first, whatever the plan.
+    let released = match &kind {
+        Kind::Thin(thin) => {
+            match lvmctl::thin::ThinTools::new().and_then(|t| t.release_leftover(&thin.pool_dm_name())) {
+                Ok(_) => true,
+                Err(e) => {
+                    warn!(volume, "{}", crate::error_chain(&e));
+                    false
+                }
+            }
         }
-    }
+        _ => false,
+    };
     // What the tracker allows, as far as it can be known before the new snapshot exists (thin_delta needs it).
     let base = tracker.map(|lv| Base { since_full: tag_value(&lv, SINCE_FULL_TAG_PREFIX).unwrap_or(0), lv });
     let checked = match (&kind, &foreign) {
@@ -498,7 +505,7 @@ fn with_lvm_snapshot<T>(
         Some(Err(reason)) => TrackPlan::FullScan { reason },
         Some(Ok((base_generation, b))) => {
             let ranges = match &kind {
-                Kind::Thin(thin) => thin_changes(thin, &b.lv, &lv.name, &new_slot),
+                Kind::Thin(thin) => thin_changes(thin, &b.lv, (&lv.name, &new_slot), released),
                 Kind::Classic => classic_changes(&lv, &b.lv),
                 Kind::None => Err("tracking is off".into()),
             };
@@ -616,8 +623,14 @@ type Changes = (&'static str, Vec<(u64, u64)>);
 
 /// The changes between the tracker `base` (as listed before the sync) and the new thin snapshot `snap` of thin
 /// LV `origin` (`thin`): the tracker's thin id from the listing, the snapshot's from the kernel's table, which
-/// must also put it in the origin's pool.
-fn thin_changes(thin: &lvmctl::thin::ThinLv, base: &Lv, origin: &str, snap: &str) -> Result<Changes, String> {
+/// must also put it in the origin's pool. `released`: the pool holds no leftover metadata snapshot (checked and
+/// released by this sync already).
+fn thin_changes(
+    thin: &lvmctl::thin::ThinLv,
+    base: &Lv,
+    (origin, snap): (&str, &str),
+    released: bool,
+) -> Result<Changes, String> {
     let base_id = match (base.segtype.as_str(), base.thin_id, &base.pool) {
         ("thin", Some(id), Some(pool)) if *pool == thin.pool => id,
         _ => return Err(format!("tracker invalid: {} is not a thin volume of pool {}", base.full_name(), thin.pool)),
@@ -634,9 +647,12 @@ fn thin_changes(thin: &lvmctl::thin::ThinLv, base: &Lv, origin: &str, snap: &str
         ));
     }
     let new_id = tables[1].thin_id;
-    let delta = tools
-        .changed_between(thin, base_id, new_id)
-        .map_err(|e| format!("thin_delta failed: {}", crate::error_chain(&e)))?;
+    let delta = if released {
+        tools.changed_between_released(thin, base_id, new_id)
+    } else {
+        tools.changed_between(thin, base_id, new_id)
+    }
+    .map_err(|e| format!("thin_delta failed: {}", crate::error_chain(&e)))?;
     let ranges = delta.byte_ranges().ok_or("thin_delta listed a range beyond 2^64 bytes")?;
     Ok(("thin_delta", ranges))
 }

@@ -119,6 +119,7 @@ for v in thin classic; do
   LOG=info
   # The lvm commands of a tracked sync (the debug log names each).
   result ${{v}}_scatter_lvm "$(grep -o 'running a tool command=/usr/sbin/lvm [a-z]*' $W/${{v}}_scatter.err | cut -d' ' -f5 | tr '\n' ' ')"
+  result ${{v}}_scatter_dmstatus "$(grep -c 'running a tool command=/usr/sbin/dmsetup status' $W/${{v}}_scatter.err)"
   # Fallback: the tracker was removed.
   check lvremove -q -y vg0/$(tracker_of $(basename $dev))
   scatter $dev
@@ -312,6 +313,8 @@ fn tracked_thin_and_classic_syncs_read_only_the_changes_and_fall_back_with_the_r
     // Thin: the listing that finds the source's LV and the tracker, lvcreate, and the old tracker's removal after
     // the sync (the new snapshot's thin id comes from `dmsetup table`, not from another listing).
     assert_eq!(r.result("thin_scatter_lvm").map(str::trim), Some("lvs lvcreate lvremove"));
+    // The pool's status is read once (for a leftover metadata snapshot), not again before thin_delta.
+    assert_eq!(r.result("thin_scatter_dmstatus"), Some("1"));
     // Classic: the listing (which also gives the VG's free space: no vgs), lvcreate, the fill check after the sync
     // (an overflowed snapshot fails the sync), and the old tracker's removal.
     assert_eq!(r.result("classic_scatter_lvm").map(str::trim), Some("lvs lvcreate lvs lvremove"));
