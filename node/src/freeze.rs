@@ -639,7 +639,7 @@ fn thin_changes(
     let names = [lvmctl::thin::dm_name(&thin.vg, origin), lvmctl::thin::dm_name(&thin.vg, snap)];
     let tables = tools
         .thin_tables(&[&names[0], &names[1]])
-        .map_err(|e| format!("cannot read the new snapshot's thin id: {}", crate::error_chain(&e)))?;
+        .map_err(|e| format!("cannot read the thin ids from the kernel's tables: {}", crate::error_chain(&e)))?;
     if tables[1].pool_dev != tables[0].pool_dev {
         return Err(format!(
             "tracker invalid: the kernel maps {}/{snap} to pool device {}, its origin to {}",
