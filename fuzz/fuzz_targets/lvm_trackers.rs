@@ -1,7 +1,8 @@
 //! Fuzz target: the decoders of tracked changes in lvmctl. A classic snapshot's exception store
-//! (`lvmctl::exception_store::decode`, two-phase check then parse) and `thin_delta`'s XML
-//! (`lvmctl::thin::parse_thin_delta`) must never panic, and what they accept must be sorted, bounded and
-//! convertible to byte ranges.
+//! (`lvmctl::exception_store::decode`, two-phase check then parse), `thin_delta`'s XML
+//! (`lvmctl::thin::parse_thin_delta`) and `dmsetup table`'s output (`lvmctl::thin::thin_table_of`, which gives
+//! thin_delta the new snapshot's thin id) must never panic, and what they accept must be sorted, bounded and
+//! convertible to byte ranges (a thin table: a thin line of one device).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -20,6 +21,10 @@ fuzz_target!(|data: &[u8]| {
             assert!(d.changed.windows(2).all(|w| w[0].begin + w[0].length < w[1].begin), "merged and sorted");
             assert!(d.changed.iter().all(|r| r.length > 0));
             let _ = d.byte_ranges();
+        }
+        if let Ok(t) = thin::thin_table_of(text, "vg--a-th--1_snap") {
+            let line = text.lines().find_map(|l| l.strip_prefix("vg--a-th--1_snap: ")).expect("listed");
+            assert_eq!(thin::parse_thin_table(line), Ok(t), "the device's one line");
         }
     }
 });

@@ -1,12 +1,25 @@
 //! The `lvm_trackers` fuzz target's checks on its seed corpus and on deterministic mutations of it, in the
-//! ordinary test run (cargo-fuzz itself needs nightly; docs/fuzzing.md): the exception-store decoder and the
-//! thin_delta parser never panic, and what they accept is sorted, bounded and convertible to byte ranges.
+//! ordinary test run (cargo-fuzz itself needs nightly; docs/fuzzing.md): the exception-store decoder, the
+//! thin_delta parser and the `dmsetup table` reader never panic, and what they accept is sorted, bounded and
+//! convertible to byte ranges (a thin table: the device's one thin line).
 
 use std::path::Path;
 
 use lvmctl::{exception_store, thin};
 
 const ORIGIN: u64 = 1 << 40;
+
+/// The thin device the `dmsetup-table-real` seed lists (a thin snapshot, thin id 2).
+const DEVICE: &str = "vg--a-th--1_snap";
+
+/// Whether `data` read as `dmsetup table` output gives [`DEVICE`]'s thin table (checked against its line).
+fn table(data: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(data) else { return false };
+    let Ok(t) = thin::thin_table_of(text, DEVICE) else { return false };
+    let line = text.lines().find_map(|l| l.strip_prefix(&format!("{DEVICE}: "))).expect("listed");
+    assert_eq!(thin::parse_thin_table(line), Ok(t));
+    true
+}
 
 fn exercise(data: &[u8]) -> (bool, bool) {
     let mut r: &[u8] = data;
@@ -38,16 +51,20 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
 #[test]
 fn the_seeds_decode_as_intended() {
     let seeds = seeds();
-    assert_eq!(seeds.len(), 5, "{:?}", seeds.iter().map(|s| &s.0).collect::<Vec<_>>());
+    assert_eq!(seeds.len(), 6, "{:?}", seeds.iter().map(|s| &s.0).collect::<Vec<_>>());
     for (name, data) in &seeds {
         let (store, delta) = exercise(data);
+        let table = table(data);
         match name.as_str() {
-            "store-3-exceptions" | "store-empty" | "store-real" => assert!(store && !delta, "{name}"),
-            "store-invalidated" => assert!(!store && !delta, "{name}"),
-            "thin_delta-real.xml" => assert!(!store && delta, "{name}"),
+            "store-3-exceptions" | "store-empty" | "store-real" => assert!(store && !delta && !table, "{name}"),
+            "store-invalidated" => assert!(!store && !delta && !table, "{name}"),
+            "thin_delta-real.xml" => assert!(!store && delta && !table, "{name}"),
+            "dmsetup-table-real" => assert!(!store && !delta && table, "{name}"),
             other => panic!("unexpected seed {other}"),
         }
     }
+    let text = String::from_utf8(seeds.iter().find(|s| s.0 == "dmsetup-table-real").unwrap().1.clone()).unwrap();
+    assert_eq!(thin::thin_table_of(&text, DEVICE).unwrap().thin_id, 2);
     let mut r: &[u8] = &seeds.iter().find(|s| s.0 == "store-3-exceptions").unwrap().1;
     assert_eq!(exception_store::decode(&mut r, ORIGIN).unwrap().old_chunks, vec![3, 4, 100]);
 }
@@ -88,6 +105,7 @@ fn mutations_of_the_seeds_never_panic() {
                 }
             }
             exercise(&d);
+            table(&d);
         }
     }
 }
