@@ -339,7 +339,8 @@ pub fn fallback_was_asked_for(reason: &str) -> bool {
 
 /// After a successful sync of a volume, with the record [`after_volume`] wrote: `tracking_lost` raised when it is
 /// the [`TRACKING_ALARM_SYNCS`]th or later in a row to scan a tracked volume in full unasked, cleared when the
-/// tracker's changes were used (or the volume is not tracked). A failed sync judges nothing.
+/// tracker's changes were used (or the volume is not tracked). A failed sync, and a full scan that was asked for
+/// (which proves nothing about the tracker, and is not why it failed), judge nothing.
 pub fn tracking_judgement(
     volume: &str,
     result: &Result<crate::primary::NetReport, Error>,
@@ -350,7 +351,7 @@ pub fn tracking_judgement(
     let n = record.tracker_fallbacks;
     let v = Some(volume);
     match &r.sync.fallback_reason {
-        Some(why) if n >= TRACKING_ALARM_SYNCS => vec![Judgement::raise(
+        Some(why) if n >= TRACKING_ALARM_SYNCS && !fallback_was_asked_for(why) => vec![Judgement::raise(
             AlarmKind::TrackingLost,
             v,
             format!(
@@ -432,6 +433,44 @@ mod tests {
         assert!(parse_duration("m").is_err());
         assert!(parse_duration("").is_err());
         assert_eq!(format_duration(Duration::from_secs(300)), "5m");
+    }
+
+    #[test]
+    fn tracking_lost_names_the_tracker_failure_not_a_requested_full_scan() {
+        let synced = |fallback: Option<&str>| -> Result<crate::primary::NetReport, Error> {
+            Ok(crate::primary::NetReport {
+                sync: engine::sync::SyncReport {
+                    volume: "v".into(),
+                    generation: 4,
+                    mode: engine::sync::SyncMode::Incremental,
+                    reason: String::new(),
+                    standby_bytes_overwritten: None,
+                    tracker: "full scan".into(),
+                    fallback_reason: fallback.map(str::to_owned),
+                    bytes_scanned: 0,
+                    blocks_changed: 0,
+                    bytes_changed: 0,
+                    bytes_sent: 0,
+                    zero_bytes: 0,
+                    resumed_bytes: 0,
+                    root: String::new(),
+                    duration_s: 0.0,
+                },
+                bytes_on_wire: 0,
+                compression_ratio: 1.0,
+            })
+        };
+        let record = |n| crate::status::SyncRecord { tracker_fallbacks: n, ..Default::default() };
+        let lost = "no tracker: vg0/v_blockrep_base is missing";
+        assert!(tracking_judgement("v", &synced(Some(lost)), &record(2)).is_empty(), "two are not yet an alarm");
+        let j = tracking_judgement("v", &synced(Some(lost)), &record(3));
+        assert!(j[0].raised.as_deref().unwrap().contains(lost), "{j:?}");
+        // A periodic full scan after three failures keeps the count and says nothing: the alarm keeps its reason.
+        let periodic =
+            format!("{} (full_scan_every = 7, 6 tracked syncs since the last one)", crate::freeze::PERIODIC_FULL_SCAN);
+        assert!(tracking_judgement("v", &synced(Some(&periodic)), &record(3)).is_empty());
+        let j = tracking_judgement("v", &synced(None), &record(0));
+        assert_eq!((j[0].kind, j[0].raised.as_deref()), (crate::alarms::AlarmKind::TrackingLost, None));
     }
 
     #[test]
